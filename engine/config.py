@@ -243,10 +243,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key, raw
 
 
-def load_config(preset: str = "demo", overrides: typing.Sequence[str] = ()) -> Config:
-    """Build and validate a config from a preset (name or .toml path) and ``key=value`` overrides."""
-    origin, table = _read_preset(preset)
-    cfg = Config(preset=origin)
+def config_from_dict(table: dict[str, Any], *, origin: str = "dict", overrides: typing.Sequence[str] = ()) -> Config:
+    """Build and validate a config from ``{section: {key: value}}`` (a preset or a checkpoint's copy)."""
+    cfg = Config(preset=str(table.get("preset", origin)))
     for section_name, values in table.items():
         if section_name == "preset":
             continue
@@ -258,6 +257,12 @@ def load_config(preset: str = "demo", overrides: typing.Sequence[str] = ()) -> C
         _apply(cfg, *parse_override(text))
     cfg.validate()
     return cfg
+
+
+def load_config(preset: str = "demo", overrides: typing.Sequence[str] = ()) -> Config:
+    """Build and validate a config from a preset (name or .toml path) and ``key=value`` overrides."""
+    origin, table = _read_preset(preset)
+    return config_from_dict({"preset": origin, **table}, origin=origin, overrides=overrides)
 
 
 def _toml_value(value: Any) -> str:

@@ -1,0 +1,226 @@
+"""Tuple specs as data: the K classes a GALI variant asks D to tell apart (GALI.md §2).
+
+A spec is a TOML file (package data ``engine/tuples/<name>.toml`` or any path) that lists, for
+every class in the authors' index order, the slots of its tuple as chain expressions:
+
+    x, z                  real image, prior sample
+    E(img)                one stochastic encoding mu + exp(log_sigma) * eps, fresh eps per call
+    G(lat)                generator
+    M(img)                the frozen pretrained model's features (GALI-PT)
+    mask<n>(img)          the encoder's masked input, mask n (n = 1..9, one draw per step)
+    mix<n>(img, fill)     img outside mask n, fill inside it (GALI-mix's inpainted image)
+
+Equal expressions denote the same variable, so each distinct E(...) or G(...) is evaluated once
+per step: GALI-4 costs 3 E and 3 G calls. A spec may also name a ``reconstruction = [target,
+output]`` pair whose pixel MSE is added to the G/E loss (ALICE).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from gali.engine.errors import ConfigError
+
+IMAGE, LATENT, EXTRA, MASKED = "image", "latent", "extra", "masked"
+
+_TOKEN = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*|\(|\)|,)")
+_FUNCTIONS: dict[str, tuple[tuple[str, ...], str]] = {
+    # name: (argument kinds, result kind)
+    "E": ((IMAGE,), LATENT),
+    "G": ((LATENT,), IMAGE),
+    "M": ((IMAGE,), EXTRA),
+}
+_INDEXED = re.compile(r"^(mask|mix)([1-9])$")
+
+
+@dataclass(frozen=True)
+class Expr:
+    """One chain variable: a leaf (``x``, ``z``) or a function applied to arguments."""
+
+    op: str
+    args: tuple[Expr, ...] = ()
+
+    def __str__(self) -> str:
+        return self.op if not self.args else f"{self.op}({', '.join(map(str, self.args))})"
+
+    @property
+    def kind(self) -> str:
+        if self.op == "x":
+            return IMAGE
+        if self.op == "z":
+            return LATENT
+        indexed = _INDEXED.match(self.op)
+        if indexed:
+            return MASKED if indexed.group(1) == "mask" else IMAGE
+        return _FUNCTIONS[self.op][1]
+
+    def walk(self) -> list[Expr]:
+        """This expression and every sub-expression, children first."""
+        return [node for arg in self.args for node in arg.walk()] + [self]
+
+
+def parse_expr(text: str, *, where: str = "expression") -> Expr:
+    """Parse and type-check a chain expression such as ``'E(G(E(x)))'``."""
+    tokens: list[str] = []
+    pos = 0
+    while pos < len(text.rstrip()):
+        match = _TOKEN.match(text, pos)
+        if not match:
+            raise ConfigError(where, f"cannot parse {text!r} at character {pos}")
+        tokens.append(match.group(1))
+        pos = match.end()
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError(where, f"{message} in {text!r}")
+
+    def parse(i: int) -> tuple[Expr, int]:
+        if i >= len(tokens) or tokens[i] in "(),":
+            raise fail("expected a name")
+        name = tokens[i]
+        if i + 1 < len(tokens) and tokens[i + 1] == "(":
+            args: list[Expr] = []
+            i += 2
+            while True:
+                arg, i = parse(i)
+                args.append(arg)
+                if i < len(tokens) and tokens[i] == ",":
+                    i += 1
+                    continue
+                if i < len(tokens) and tokens[i] == ")":
+                    return _typed(name, tuple(args), fail), i + 1
+                raise fail("expected ',' or ')'")
+        return _typed(name, (), fail), i + 1
+
+    expr, end = parse(0)
+    if end != len(tokens):
+        raise fail("unexpected trailing text")
+    return expr
+
+
+def _typed(name: str, args: tuple[Expr, ...], fail: Callable[[str], ConfigError]) -> Expr:
+    if name in ("x", "z"):
+        if args:
+            raise fail(f"'{name}' takes no arguments")
+        return Expr(name)
+    indexed = _INDEXED.match(name)
+    if indexed:
+        expected = (IMAGE,) if indexed.group(1) == "mask" else (IMAGE, IMAGE)
+    elif name in _FUNCTIONS:
+        expected = _FUNCTIONS[name][0]
+    else:
+        raise fail(f"unknown name '{name}' (accepted: x, z, E, G, M, mask1..mask9, mix1..mix9)")
+    if len(args) != len(expected):
+        raise fail(f"'{name}' takes {len(expected)} argument(s), got {len(args)}")
+    for arg, kind in zip(args, expected, strict=True):
+        # A masked image is only ever fed to the encoder.
+        ok = arg.kind == kind or (name == "E" and arg.kind == MASKED)
+        if not ok:
+            raise fail(f"'{name}' expects {kind} argument(s), got {arg.kind} '{arg}'")
+    return Expr(name, args)
+
+
+@dataclass(frozen=True)
+class TupleSpec:
+    """K classes of equal slot layout, plus an optional ALICE reconstruction pair."""
+
+    name: str
+    classes: tuple[tuple[Expr, ...], ...]
+    reconstruction: tuple[Expr, Expr] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def slot_kinds(self) -> tuple[str, ...]:
+        return tuple(expr.kind for expr in self.classes[0])
+
+    @property
+    def uses_feature_model(self) -> bool:
+        return any(node.op == "M" for node in self.variables())
+
+    @property
+    def mask_indices(self) -> tuple[int, ...]:
+        found = {int(m.group(2)) for node in self.variables() if (m := _INDEXED.match(node.op))}
+        return tuple(sorted(found))
+
+    def variables(self) -> list[Expr]:
+        """Every distinct chain variable, each after the variables it depends on."""
+        roots = [expr for slots in self.classes for expr in slots]
+        if self.reconstruction:
+            roots += list(self.reconstruction)
+        seen: dict[Expr, None] = {}
+        for root in roots:
+            for node in root.walk():
+                seen.setdefault(node)
+        return list(seen)
+
+    def count_calls(self, op: str) -> int:
+        """How many times the network ``op`` ('E', 'G' or 'M') runs per step."""
+        return sum(node.op == op for node in self.variables())
+
+
+def spec_names() -> list[str]:
+    """Names of the tuple specs shipped as package data."""
+    folder = resources.files("gali.engine") / "tuples"
+    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_spec(name_or_path: str) -> TupleSpec:
+    """Load and validate a tuple spec by name (``'gali4'``) or from a ``.toml`` path."""
+    key = "method.tuples"
+    path = Path(name_or_path)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise ConfigError(key, f"file {path} does not exist")
+        text = path.read_text()
+    else:
+        resource = resources.files("gali.engine") / "tuples" / f"{name_or_path}.toml"
+        if not resource.is_file():
+            raise ConfigError(key, f"got {name_or_path!r}; accepted: {', '.join(spec_names())} or a .toml path")
+        text = resource.read_text()
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(key, f"{name_or_path} is not valid TOML: {exc}") from exc
+    return spec_from_table(table, where=name_or_path)
+
+
+def spec_from_table(table: dict, *, where: str) -> TupleSpec:
+    """Build a :class:`TupleSpec` from a parsed TOML table; every problem names ``where``."""
+    unknown = set(table) - {"name", "classes", "reconstruction", "description"}
+    if unknown:
+        accepted = "name, description, classes, reconstruction"
+        raise ConfigError(where, f"unknown keys {sorted(unknown)}; accepted: {accepted}")
+    raw_classes = table.get("classes")
+    if not isinstance(raw_classes, list) or not 2 <= len(raw_classes) <= 16:
+        raise ConfigError(where, "'classes' must be a list of 2 to 16 tuples (lists of expressions)")
+    classes = []
+    for k, slots in enumerate(raw_classes):
+        if not isinstance(slots, list) or not slots or not all(isinstance(s, str) for s in slots):
+            raise ConfigError(where, f"class {k} must be a non-empty list of expression strings")
+        classes.append(tuple(parse_expr(s, where=f"{where} class {k}") for s in slots))
+    layout = [e.kind for e in classes[0]]
+    for k, slots in enumerate(classes):
+        kinds = [e.kind for e in slots]
+        if MASKED in kinds:
+            raise ConfigError(where, f"class {k}: D never sees a masked image; wrap it in E(...) or use mix<n>")
+        if kinds != layout:
+            raise ConfigError(where, f"class {k} has slot kinds {kinds}, class 0 has {layout}; all must match")
+    if len(set(classes)) != len(classes):
+        raise ConfigError(where, "two classes are the same tuple")
+    reconstruction = None
+    if "reconstruction" in table:
+        pair = table["reconstruction"]
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise ConfigError(where, "'reconstruction' must be [target, output], e.g. [\"x\", \"G(E(x))\"]")
+        target, output = (parse_expr(s, where=f"{where} reconstruction") for s in pair)
+        if target.kind != IMAGE or output.kind != IMAGE:
+            raise ConfigError(where, "'reconstruction' compares two images")
+        reconstruction = (target, output)
+    return TupleSpec(name=str(table.get("name", where)), classes=tuple(classes), reconstruction=reconstruction)
