@@ -1,0 +1,389 @@
+"""The networks of GALI.md §3: generator G, stochastic encoder E and the tuple discriminator D.
+
+Each architecture is one small table (:data:`ARCH_SPECS`) read by three generic classes, so the
+SVHN-32 and CelebA-64 networks differ only in their numbers:
+
+- **G** (:class:`Generator`): bias-free transposed convolutions, each followed by BatchNorm and
+  LeakyReLU, then a bias-free 1×1 convolution to RGB; the output is
+  ``tanh(net(z) + output_bias)`` with a learnable per-pixel ``output_bias`` (GALI.md §3.1).
+- **E** (:class:`Encoder`): bias-free Conv-BN-LReLU blocks (then, for SVHN, a bias-free
+  Linear-BN1d-LReLU block), then a Linear with bias to ``2·d_z`` numbers, split into μ and log σ
+  (no clamp). The convolutions run the image down to 1×1.
+- **D** (:class:`Discriminator`): one branch per slot kind (D(x) for images, D(z) for latents,
+  ``infer_y`` for auxiliary features), each shared by every slot of its kind; the branch outputs
+  are concatenated in slot order and fed to the joint D(x,z) MLP and the K-logit ``head``.
+  Spectral norm (one power iteration) on every Conv and Linear, biases, no BatchNorm, no dropout.
+
+D(x) uses the same kernels, strides and channels as E's convolutions (GALI.md §3.2/§3.3), so the
+table lists them once. ``width`` scales every hidden channel count and hidden Linear width
+(``max(1, round(n·width))``); image channels (3), ``latent_dim``, ``extra_dim`` and K are never
+scaled, and ``width=1.0`` is exactly the paper's network.
+
+Weights start as the authors' ``weights_init`` (GALI.md §3.1): Conv/ConvTranspose/Linear weights
+~ N(0, 0.01²) and biases 0, BatchNorm γ = 1 and β = 0. In D the init runs before spectral norm is
+attached, so it lands on the parametrization's original weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from gali.engine.config import ARCH_RESOLUTION, ModelConfig
+
+SLOT_KINDS = ("image", "latent", "extra")
+INIT_STD = 0.01
+# D's infer_y branch for auxiliary features (GALI.md §3.4): the same widths and the default
+# LeakyReLU slope for both architectures, even where the rest of the network uses 0.02.
+EXTRA_WIDTHS = (512, 512)
+EXTRA_SLOPE = 0.01
+
+
+class Layer(NamedTuple):
+    """One convolution of a table: ``kind`` is 'conv' or 'convT'."""
+
+    kind: str
+    channels: int
+    kernel: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """The numbers of one architecture (width 1.0).
+
+    slope:           LeakyReLU negative slope of G, E, D(x), D(z) and the joint MLP.
+    generator:       G's hidden layers, each + BN + LReLU; a bias-free 1×1 conv to RGB follows.
+    convs:           E's convolutions (+ BN + LReLU) and D(x)'s (+ bias + LReLU), down to 1×1.
+    encoder_linears: widths of E's hidden Linear-BN1d-LReLU blocks after the convolutions.
+    latent_widths:   D(z)'s Linear widths, each + LReLU.
+    joint_widths:    the joint D(x,z) MLP's Linear widths, each + LReLU; the head follows.
+    """
+
+    slope: float
+    generator: tuple[Layer, ...]
+    convs: tuple[Layer, ...]
+    encoder_linears: tuple[int, ...]
+    latent_widths: tuple[int, ...]
+    joint_widths: tuple[int, ...]
+
+
+ARCH_SPECS: dict[str, ArchSpec] = {
+    # GALI.md §3.2, authors' model/SVHN/model_disc_4_SN_bat_linear_tanh.py
+    "svhn32": ArchSpec(
+        slope=0.01,
+        generator=(
+            Layer("convT", 256, 4, 1),  # 1 -> 4
+            Layer("convT", 128, 4, 2),  # 4 -> 10
+            Layer("convT", 64, 4, 1),  # 10 -> 13
+            Layer("convT", 32, 4, 2),  # 13 -> 28
+            Layer("convT", 32, 5, 1),  # 28 -> 32
+            Layer("conv", 32, 1, 1),
+        ),
+        convs=(
+            Layer("conv", 32, 5, 1),  # 32 -> 28
+            Layer("conv", 64, 4, 2),  # 28 -> 13
+            Layer("conv", 128, 4, 1),  # 13 -> 10
+            Layer("conv", 256, 4, 2),  # 10 -> 4
+            Layer("conv", 512, 4, 1),  # 4 -> 1
+        ),
+        encoder_linears=(512,),
+        latent_widths=(512, 512),
+        joint_widths=(1024, 1024),
+    ),
+    # GALI.md §3.3, authors' model/CelebA/model_disc_4_celeb_SN_bat_linear_tanh.py
+    "celeba64": ArchSpec(
+        slope=0.02,
+        generator=(
+            Layer("convT", 512, 4, 1),  # 1 -> 4
+            Layer("convT", 256, 7, 2),  # 4 -> 13
+            Layer("convT", 256, 5, 2),  # 13 -> 29
+            Layer("convT", 128, 7, 2),  # 29 -> 63
+            Layer("convT", 64, 2, 1),  # 63 -> 64
+        ),
+        convs=(
+            Layer("conv", 64, 2, 1),  # 64 -> 63
+            Layer("conv", 128, 7, 2),  # 63 -> 29
+            Layer("conv", 256, 5, 2),  # 29 -> 13
+            Layer("conv", 256, 7, 2),  # 13 -> 4
+            Layer("conv", 512, 4, 1),  # 4 -> 1
+        ),
+        encoder_linears=(),
+        latent_widths=(1024, 1024),
+        joint_widths=(2048, 2048),
+    ),
+}
+
+
+def _spec(arch: str) -> ArchSpec:
+    if arch not in ARCH_SPECS:
+        raise ValueError(f"unknown architecture {arch!r}; accepted: {', '.join(ARCH_SPECS)}")
+    return ARCH_SPECS[arch]
+
+
+def _scaled(n: int, width: float) -> int:
+    """A hidden width scaled by the ``width`` multiplier: rounded, at least 1."""
+    return max(1, round(n * width))
+
+
+def _conv(layer: Layer, in_channels: int, out_channels: int, *, bias: bool) -> nn.Module:
+    cls = nn.ConvTranspose2d if layer.kind == "convT" else nn.Conv2d
+    return cls(in_channels, out_channels, layer.kernel, stride=layer.stride, bias=bias)
+
+
+def init_weights(module: nn.Module) -> None:
+    """The authors' ``weights_init`` on every submodule of ``module`` (GALI.md §3.1)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
+            nn.init.normal_(m.weight, 0.0, INIT_STD)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _check_images(x: Tensor, resolution: int, who: str) -> None:
+    if x.dim() != 4 or tuple(x.shape[1:]) != (3, resolution, resolution):
+        raise ValueError(f"{who} takes images of shape (B, 3, {resolution}, {resolution}), got {tuple(x.shape)}")
+
+
+class Generator(nn.Module):
+    """G: z (B, d_z) -> image (B, 3, R, R) in [-1, 1], ``tanh(net(z) + output_bias)``."""
+
+    def __init__(self, arch: str = "svhn32", latent_dim: int = 256, width: float = 1.0) -> None:
+        super().__init__()
+        spec = _spec(arch)
+        self.arch = arch
+        self.resolution = ARCH_RESOLUTION[arch]
+        self.latent_dim = latent_dim
+        layers: list[nn.Module] = []
+        channels = latent_dim
+        for layer in spec.generator:
+            out = _scaled(layer.channels, width)
+            layers += [_conv(layer, channels, out, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(spec.slope)]
+            channels = out
+        layers.append(nn.Conv2d(channels, 3, 1, bias=False))
+        self.net = nn.Sequential(*layers)
+        self.output_bias = nn.Parameter(torch.zeros(3, self.resolution, self.resolution))
+        init_weights(self)
+
+    def forward(self, z: Tensor) -> Tensor:
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(
+                f"Generator ({self.arch}) takes latents of shape (B, {self.latent_dim}), got {tuple(z.shape)}"
+            )
+        return torch.tanh(self.net(z[:, :, None, None]) + self.output_bias)
+
+    @torch.no_grad()
+    def init_output_bias(self, x: Tensor) -> None:
+        """Set ``output_bias`` so that G initially outputs the per-pixel mean of the batch ``x``.
+
+        ``x`` is a batch of images in [-1, 1]. The bias becomes 0.5·logit(p), with p the batch mean
+        of (x+1)/2 clamped to [1e-7, 1-1e-7]; since tanh(logit(p)/2) = 2p-1, ``tanh(output_bias)``
+        is the mean image in [-1, 1] (the authors do this on the first batch of epoch 1).
+        """
+        _check_images(x, self.resolution, f"Generator.init_output_bias ({self.arch})")
+        p = ((x.float() + 1) / 2).mean(dim=0).clamp(1e-7, 1 - 1e-7)
+        self.output_bias.copy_(0.5 * torch.logit(p))
+
+
+class Encoder(nn.Module):
+    """E: image (B, 3, R, R) in [-1, 1] -> (μ, log σ), each (B, d_z).
+
+    The stochastic encoder's sample is z = μ + exp(log σ)·ε; drawing ε is the caller's job.
+    """
+
+    def __init__(self, arch: str = "svhn32", latent_dim: int = 256, width: float = 1.0) -> None:
+        super().__init__()
+        spec = _spec(arch)
+        self.arch = arch
+        self.resolution = ARCH_RESOLUTION[arch]
+        self.latent_dim = latent_dim
+        channels = 3
+        convs: list[nn.Module] = []
+        for layer in spec.convs:
+            out = _scaled(layer.channels, width)
+            convs.append(
+                nn.Sequential(_conv(layer, channels, out, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(spec.slope))
+            )
+            channels = out
+        linears: list[nn.Module] = []
+        for hidden in spec.encoder_linears:
+            out = _scaled(hidden, width)
+            linears.append(
+                nn.Sequential(nn.Linear(channels, out, bias=False), nn.BatchNorm1d(out), nn.LeakyReLU(spec.slope))
+            )
+            channels = out
+        self.convs = nn.ModuleList(convs)
+        self.linears = nn.ModuleList(linears)
+        self.out = nn.Linear(channels, 2 * latent_dim)
+        init_weights(self)
+
+    def _hidden(self, x: Tensor) -> list[Tensor]:
+        """Every hidden block's output (after its LeakyReLU), first to last."""
+        _check_images(x, self.resolution, f"Encoder ({self.arch})")
+        hidden = []
+        h = x
+        for block in self.convs:
+            h = block(h)
+            hidden.append(h)
+        h = h.flatten(1)  # the convolutions end at 1×1
+        for block in self.linears:
+            h = block(h)
+            hidden.append(h)
+        return hidden
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.out(self._hidden(x)[-1].flatten(1))
+        mu, log_sigma = out.chunk(2, dim=1)
+        return mu, log_sigma
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        """The linear-SVM probe's features (GALI.md §4.1), each flattened to (B, n).
+
+        ``[out, x3, x2, x1]``: the raw 2·d_z output (μ and log σ), then the last three hidden
+        layers, last first. For svhn32 that is 512 + 512 + 512 + 4096 = 5632 numbers, for celeba64
+        512 + 512 + 4096 + 43264 (at width 1, d_z = 256). Hidden layers are taken after their
+        LeakyReLU: the authors' encoder returns the BN outputs, but the next block's
+        ``LeakyReLU(inplace=True)`` overwrites them, so what it hands out is the activation.
+        """
+        hidden = self._hidden(x)
+        out = self.out(hidden[-1].flatten(1))
+        return [out, *(h.flatten(1) for h in reversed(hidden[-3:]))]
+
+
+def _sn_mlp(in_features: int, widths: Sequence[int], slope: float) -> tuple[nn.Sequential, int]:
+    """Linear + LeakyReLU per width (spectral norm is attached later, after the init)."""
+    layers: list[nn.Module] = []
+    for w in widths:
+        layers += [nn.Linear(in_features, w), nn.LeakyReLU(slope)]
+        in_features = w
+    return nn.Sequential(*layers), in_features
+
+
+class Discriminator(nn.Module):
+    """D: a tuple of slots (images, latents, auxiliary features) -> K logits.
+
+    ``slot_kinds`` fixes the tuple layout, e.g. ``('image', 'latent')`` for ALI/GALI-4,
+    ``('image', 'latent', 'image', 'latent')`` for GALI-8 and ``('image', 'latent', 'extra')``
+    for GALI-PT. Slots are (N, 3, R, R) images, (N, d_z) latents or (N, extra_dim) features. Every
+    slot of one kind goes through the same branch (in one call, stacked along the batch); the
+    branch outputs are concatenated in slot order, so the joint MLP's input width follows from
+    the slots (GALI.md §3.4). Branches of kinds that no slot uses are not built.
+
+    ``features(slots)`` is everything before the last Linear; ``head`` is that Linear (F -> K),
+    so ``forward(slots) == head(features(slots))``. Under the spectral-norm parametrization
+    ``head.weight`` is the normalized weight; in training mode each read of it runs one power
+    iteration (so read it once per step, or inside ``torch.nn.utils.parametrize.cached()``).
+    """
+
+    def __init__(
+        self,
+        arch: str = "svhn32",
+        latent_dim: int = 256,
+        width: float = 1.0,
+        *,
+        slot_kinds: Sequence[str],
+        num_classes: int,
+        extra_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        spec = _spec(arch)
+        slot_kinds = tuple(slot_kinds)
+        if not slot_kinds or any(k not in SLOT_KINDS for k in slot_kinds):
+            raise ValueError(f"slot_kinds must be a non-empty sequence of {', '.join(SLOT_KINDS)}; got {slot_kinds!r}")
+        if "extra" in slot_kinds and (extra_dim is None or extra_dim < 1):
+            raise ValueError(f"an 'extra' slot needs extra_dim >= 1 (the feature width); got {extra_dim!r}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1; got {num_classes}")
+        self.arch = arch
+        self.resolution = ARCH_RESOLUTION[arch]
+        self.latent_dim = latent_dim
+        self.slot_kinds = slot_kinds
+        self.num_classes = num_classes
+        self.extra_dim = extra_dim if "extra" in slot_kinds else None
+
+        branches: dict[str, nn.Module] = {}
+        branch_width: dict[str, int] = {}
+        if "image" in slot_kinds:
+            layers: list[nn.Module] = []
+            channels = 3
+            for layer in spec.convs:
+                out = _scaled(layer.channels, width)
+                layers += [_conv(layer, channels, out, bias=True), nn.LeakyReLU(spec.slope)]
+                channels = out
+            branches["image"], branch_width["image"] = nn.Sequential(*layers, nn.Flatten()), channels
+        if "latent" in slot_kinds:
+            widths = [_scaled(w, width) for w in spec.latent_widths]
+            branches["latent"], branch_width["latent"] = _sn_mlp(latent_dim, widths, spec.slope)
+        if self.extra_dim is not None:
+            widths = [_scaled(w, width) for w in EXTRA_WIDTHS]
+            branches["extra"], branch_width["extra"] = _sn_mlp(self.extra_dim, widths, EXTRA_SLOPE)
+        self.branches = nn.ModuleDict(branches)
+        joint_in = sum(branch_width[k] for k in slot_kinds)
+        self.joint, features = _sn_mlp(joint_in, [_scaled(w, width) for w in spec.joint_widths], spec.slope)
+        self.head = nn.Linear(features, num_classes)
+
+        init_weights(self)
+        for m in list(self.modules()):
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                spectral_norm(m, n_power_iterations=1)
+
+    def _check_slots(self, slots: Sequence[Tensor]) -> None:
+        if len(slots) != len(self.slot_kinds):
+            raise ValueError(
+                f"Discriminator was built for {len(self.slot_kinds)} slots {self.slot_kinds}, got {len(slots)}"
+            )
+        rows = slots[0].shape[0]
+        for i, (kind, t) in enumerate(zip(self.slot_kinds, slots, strict=True)):
+            expected = {
+                "image": (rows, 3, self.resolution, self.resolution),
+                "latent": (rows, self.latent_dim),
+                "extra": (rows, self.extra_dim),
+            }[kind]
+            if tuple(t.shape) != expected:
+                raise ValueError(
+                    f"Discriminator ({self.arch}) slot {i} ({kind}) must have shape {expected} "
+                    f"(N={rows} from slot 0), got {tuple(t.shape)}"
+                )
+
+    def features(self, slots: Sequence[Tensor]) -> Tensor:
+        """(N, F): the joint MLP's output, i.e. the input of ``head``."""
+        self._check_slots(slots)
+        parts: dict[int, Tensor] = {}
+        for kind, branch in self.branches.items():
+            idx = [i for i, k in enumerate(self.slot_kinds) if k == kind]
+            stacked = slots[idx[0]] if len(idx) == 1 else torch.cat([slots[i] for i in idx])
+            parts.update(zip(idx, branch(stacked).chunk(len(idx)), strict=True))
+        return self.joint(torch.cat([parts[i] for i in range(len(slots))], dim=1))
+
+    def forward(self, slots: Sequence[Tensor]) -> Tensor:
+        """(N, K) logits."""
+        return self.head(self.features(slots))
+
+
+def build_models(
+    cfg: ModelConfig,
+    *,
+    slot_kinds: Sequence[str],
+    num_classes: int,
+    extra_dim: int | None = None,
+) -> tuple[Generator, Encoder, Discriminator]:
+    """G, E and D for ``cfg`` (arch, latent_dim, width), D laid out for the tuple spec's slots."""
+    generator = Generator(cfg.arch, cfg.latent_dim, cfg.width)
+    encoder = Encoder(cfg.arch, cfg.latent_dim, cfg.width)
+    discriminator = Discriminator(
+        cfg.arch,
+        cfg.latent_dim,
+        cfg.width,
+        slot_kinds=slot_kinds,
+        num_classes=num_classes,
+        extra_dim=extra_dim,
+    )
+    return generator, encoder, discriminator

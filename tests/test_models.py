@@ -1,0 +1,271 @@
+"""G, E and D of GALI.md §3: shapes, exact layer hyperparameters, init, spectral norm, slots."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from gali.engine.config import ModelConfig
+from gali.engine.models import Discriminator, Encoder, Generator, build_models
+
+D_Z = 256
+RES = {"svhn32": 32, "celeba64": 64}
+
+
+def convs(module: nn.Module) -> list[tuple[str, int, int, int, int, bool]]:
+    """(type, in, out, kernel, stride, has bias) of every convolution, in order."""
+    return [
+        (
+            type(m).__name__.removeprefix("Parametrized"),
+            m.in_channels,
+            m.out_channels,
+            m.kernel_size[0],
+            m.stride[0],
+            m.bias is not None,
+        )
+        for m in module.modules()
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)
+    ]
+
+
+def linears(module: nn.Module) -> list[tuple[int, int, bool]]:
+    return [(m.in_features, m.out_features, m.bias is not None) for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("arch", ["svhn32", "celeba64"])
+@pytest.mark.parametrize("width", [1.0, 0.25])
+def test_shapes(arch: str, width: float) -> None:
+    r = RES[arch]
+    g, e, d = build_models(ModelConfig(arch=arch, width=width), slot_kinds=("image", "latent"), num_classes=4)
+    x = g(torch.randn(3, D_Z))
+    assert x.shape == (3, 3, r, r)
+    assert x.abs().max() <= 1
+    mu, log_sigma = e(x)
+    assert mu.shape == log_sigma.shape == (3, D_Z)
+    assert d([x, mu]).shape == (3, 4)
+    assert d.features([x, mu]).shape == (3, d.head.in_features)
+    assert g.resolution == e.resolution == d.resolution == r
+    assert g.latent_dim == e.latent_dim == D_Z
+
+
+def test_svhn32_layers_match_the_paper() -> None:
+    g, e, d = build_models(ModelConfig(arch="svhn32"), slot_kinds=("image", "latent"), num_classes=4)
+    assert convs(g) == [
+        ("ConvTranspose2d", 256, 256, 4, 1, False),
+        ("ConvTranspose2d", 256, 128, 4, 2, False),
+        ("ConvTranspose2d", 128, 64, 4, 1, False),
+        ("ConvTranspose2d", 64, 32, 4, 2, False),
+        ("ConvTranspose2d", 32, 32, 5, 1, False),
+        ("Conv2d", 32, 32, 1, 1, False),
+        ("Conv2d", 32, 3, 1, 1, False),
+    ]
+    assert [type(m).__name__ for m in g.net] == ["ConvTranspose2d", "BatchNorm2d", "LeakyReLU"] * 5 + [
+        "Conv2d",
+        "BatchNorm2d",
+        "LeakyReLU",
+        "Conv2d",
+    ]
+    assert g.output_bias.shape == (3, 32, 32)
+    assert convs(e) == [
+        ("Conv2d", 3, 32, 5, 1, False),
+        ("Conv2d", 32, 64, 4, 2, False),
+        ("Conv2d", 64, 128, 4, 1, False),
+        ("Conv2d", 128, 256, 4, 2, False),
+        ("Conv2d", 256, 512, 4, 1, False),
+    ]
+    assert linears(e) == [(512, 512, False), (512, 512, True)]
+    assert [type(m).__name__ for m in e.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)] == [
+        "BatchNorm2d"
+    ] * 5 + ["BatchNorm1d"]
+    assert convs(d) == [
+        ("Conv2d", 3, 32, 5, 1, True),
+        ("Conv2d", 32, 64, 4, 2, True),
+        ("Conv2d", 64, 128, 4, 1, True),
+        ("Conv2d", 128, 256, 4, 2, True),
+        ("Conv2d", 256, 512, 4, 1, True),
+    ]
+    assert linears(d) == [(256, 512, True), (512, 512, True), (1024, 1024, True), (1024, 1024, True), (1024, 4, True)]
+    for net, slope in ((g, 0.01), (e, 0.01), (d, 0.01)):
+        assert {m.negative_slope for m in net.modules() if isinstance(m, nn.LeakyReLU)} == {slope}
+
+
+def test_celeba64_layers_match_the_paper() -> None:
+    g, e, d = build_models(ModelConfig(arch="celeba64"), slot_kinds=("image", "latent"), num_classes=4)
+    assert convs(g) == [
+        ("ConvTranspose2d", 256, 512, 4, 1, False),
+        ("ConvTranspose2d", 512, 256, 7, 2, False),
+        ("ConvTranspose2d", 256, 256, 5, 2, False),
+        ("ConvTranspose2d", 256, 128, 7, 2, False),
+        ("ConvTranspose2d", 128, 64, 2, 1, False),
+        ("Conv2d", 64, 3, 1, 1, False),
+    ]
+    expected_convs = [(3, 64, 2, 1), (64, 128, 7, 2), (128, 256, 5, 2), (256, 256, 7, 2), (256, 512, 4, 1)]
+    assert convs(e) == [("Conv2d", *c, False) for c in expected_convs]
+    assert linears(e) == [(512, 512, True)]
+    assert convs(d) == [("Conv2d", *c, True) for c in expected_convs]
+    assert linears(d) == [
+        (256, 1024, True),
+        (1024, 1024, True),
+        (1536, 2048, True),
+        (2048, 2048, True),
+        (2048, 4, True),
+    ]
+    for net in (g, e, d):
+        assert {m.negative_slope for m in net.modules() if isinstance(m, nn.LeakyReLU)} == {0.02}
+
+
+@pytest.mark.parametrize(
+    ("arch", "slot_kinds", "extra_dim", "joint_in"),
+    [
+        ("svhn32", ("image", "latent", "image", "latent"), None, 2048),  # GALI-8
+        ("svhn32", ("image", "latent", "extra"), 3072, 1536),  # GALI-PT
+        ("celeba64", ("image", "latent", "extra"), 2048, 2048),  # GALI-PT
+    ],
+)
+def test_discriminator_variants_match_the_paper(
+    arch: str, slot_kinds: tuple, extra_dim: int | None, joint_in: int
+) -> None:
+    d = Discriminator(arch, D_Z, slot_kinds=slot_kinds, num_classes=8, extra_dim=extra_dim)
+    assert d.joint[0].in_features == joint_in
+    if extra_dim is not None:
+        assert linears(d.branches["extra"]) == [(extra_dim, 512, True), (512, 512, True)]
+        # infer_y keeps the default slope even in the CelebA network
+        assert {m.negative_slope for m in d.branches["extra"].modules() if isinstance(m, nn.LeakyReLU)} == {0.01}
+
+
+def test_width_scales_hidden_layers_only() -> None:
+    g, e, d = build_models(
+        ModelConfig(arch="svhn32", width=0.25), slot_kinds=("image", "latent", "extra"), num_classes=5, extra_dim=7
+    )
+    assert [c[2] for c in convs(g)] == [64, 32, 16, 8, 8, 8, 3]
+    assert convs(g)[0][1] == D_Z
+    assert convs(e)[0][1] == 3
+    assert linears(e)[-1] == (128, 2 * D_Z, True)
+    assert linears(d.branches["latent"])[0][0] == D_Z
+    assert linears(d.branches["extra"]) == [(7, 128, True), (128, 128, True)]
+    assert d.head.out_features == 5
+    tiny = Generator("svhn32", 8, width=0.001)
+    assert [c[2] for c in convs(tiny)] == [1, 1, 1, 1, 1, 1, 3]
+
+
+def test_discriminator_is_spectral_normalized_without_bn_or_dropout() -> None:
+    d = Discriminator("svhn32", D_Z, slot_kinds=("image", "latent", "extra"), num_classes=4, extra_dim=10)
+    layers = [m for m in d.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert len(layers) == 5 + 2 + 2 + 2 + 1
+    for m in layers:
+        assert parametrize.is_parametrized(m, "weight")
+        (sn,) = m.parametrizations.weight
+        assert type(sn).__name__ == "_SpectralNorm"
+        assert sn.n_power_iterations == 1
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm | nn.Dropout) for m in d.modules())
+    # the head's weight reads back normalized: largest singular value 1 (up to the power iteration)
+    d.eval()
+    assert torch.linalg.matrix_norm(d.head.weight, ord=2).item() == pytest.approx(1.0, rel=1e-2)
+
+
+def test_init_matches_the_authors() -> None:
+    g, e, d = build_models(ModelConfig(arch="svhn32"), slot_kinds=("image", "latent"), num_classes=4)
+    weights = [
+        m.weight for net in (g, e) for m in net.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear)
+    ]
+    weights += [m.parametrizations.weight.original for m in d.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    for w in weights:
+        if w.numel() >= 10_000:
+            assert w.mean().item() == pytest.approx(0.0, abs=1e-3)
+            assert w.std().item() == pytest.approx(0.01, rel=0.05)
+    for net in (g, e, d):
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear) and m.bias is not None:
+                assert torch.all(m.bias == 0)
+            if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+                assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+    assert torch.all(g.output_bias == 0)
+
+
+@pytest.mark.parametrize("arch", ["svhn32", "celeba64"])
+def test_output_bias_init_gives_the_batch_mean_image(arch: str) -> None:
+    r = RES[arch]
+    g = Generator(arch, 16, width=0.125)
+    x = torch.rand(10, 3, r, r) * 2 - 1
+    x[:, 0, 0, 0] = 1.0  # a saturated pixel: the clamp keeps the bias finite
+    g.init_output_bias(x)
+    assert torch.isfinite(g.output_bias).all()
+    mean = x.mean(dim=0)
+    assert torch.allclose(torch.tanh(g.output_bias), mean.clamp(-1 + 2e-7, 1 - 2e-7), atol=1e-5)
+    # with the network's contribution zeroed, G outputs the mean image for any z
+    nn.init.zeros_(g.net[-1].weight)
+    out = g(torch.randn(4, 16))
+    assert torch.allclose(out, mean.expand_as(out), atol=1e-4)
+
+
+def test_encoder_features_are_the_svm_probe_layers() -> None:
+    e = Encoder("svhn32", D_Z).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    feats = e.features(x)
+    assert [f.shape[1] for f in feats] == [512, 512, 512, 4096]  # out, x3, x2, x1
+    mu, log_sigma = e(x)
+    assert torch.equal(feats[0], torch.cat([mu, log_sigma], dim=1))
+    e64 = Encoder("celeba64", D_Z, width=0.25).eval()
+    assert [f.shape[1] for f in e64.features(torch.zeros(2, 3, 64, 64))] == [512, 128, 64 * 16, 64 * 13 * 13]
+
+
+def test_wrong_resolution_names_the_shapes() -> None:
+    e = Encoder("svhn32", 8, width=0.125)
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\).*\(2, 3, 64, 64\)"):
+        e(torch.zeros(2, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\).*\(2, 1, 32, 32\)"):
+        e.features(torch.zeros(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"\(B, 8\)"):
+        Generator("svhn32", 8, width=0.125)(torch.zeros(2, 9))
+    with pytest.raises(ValueError, match="unknown architecture"):
+        Generator("cifar32")
+
+
+def _slots(d: Discriminator, n: int = 3) -> list[torch.Tensor]:
+    shapes = {"image": (n, 3, d.resolution, d.resolution), "latent": (n, d.latent_dim), "extra": (n, d.extra_dim)}
+    return [torch.randn(*shapes[k], requires_grad=True) for k in d.slot_kinds]
+
+
+def test_discriminator_slot_order_matters() -> None:
+    d = Discriminator("svhn32", 16, 0.125, slot_kinds=("image", "latent", "image", "latent"), num_classes=8)
+    d.eval()  # no power iteration per call, so repeated calls see the same weights
+    x1, z1, x2, z2 = _slots(d)
+    base = d([x1, z1, x2, z2])
+    assert not torch.allclose(base, d([x2, z1, x1, z2]))
+    assert not torch.allclose(base, d([x1, z2, x2, z1]))
+    # shared branches: features are [f(x1), f(z1), f(x2), f(z2)]
+    parts = [d.branches["image"](x1), d.branches["latent"](z1), d.branches["image"](x2), d.branches["latent"](z2)]
+    assert torch.allclose(d.features([x1, z1, x2, z2]), d.joint(torch.cat(parts, dim=1)), atol=1e-6)
+    assert torch.allclose(base, d.head(d.features([x1, z1, x2, z2])))
+
+
+def test_discriminator_gradient_reaches_every_slot() -> None:
+    d = Discriminator("celeba64", 16, 0.125, slot_kinds=("image", "latent", "extra"), num_classes=4, extra_dim=6)
+    slots = _slots(d)
+    d(slots).sum().backward()
+    for s in slots:
+        assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_discriminator_rejects_bad_slots() -> None:
+    d = Discriminator("svhn32", 16, 0.125, slot_kinds=("image", "latent"), num_classes=2)
+    x, z = _slots(d)
+    with pytest.raises(ValueError, match="built for 2 slots"):
+        d([x, z, z])
+    with pytest.raises(ValueError, match=r"slot 1 \(latent\).*\(3, 16\).*\(3, 17\)"):
+        d([x, torch.zeros(3, 17)])
+    with pytest.raises(ValueError, match=r"slot 1 \(latent\).*\(3, 16\).*\(4, 16\)"):
+        d([x, torch.zeros(4, 16)])
+    with pytest.raises(ValueError, match=r"slot 0 \(image\).*\(3, 3, 32, 32\).*\(3, 3, 64, 64\)"):
+        d([torch.zeros(3, 3, 64, 64), z])
+    with pytest.raises(ValueError, match="slot_kinds"):
+        Discriminator("svhn32", 16, slot_kinds=("image", "label"), num_classes=2)
+    with pytest.raises(ValueError, match="extra_dim"):
+        Discriminator("svhn32", 16, slot_kinds=("image", "latent", "extra"), num_classes=2)
