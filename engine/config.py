@@ -67,7 +67,7 @@ class MethodConfig:
     feature_model: path to the frozen model M of M(...) slots (TorchScript, or a state dict whose
                    architecture is named by feature_arch); never downloaded.
     feature_input_size / feature_resize: resize images before M (0 = no resize).
-    head_impl:     'auto' | 'triton' | 'ref' for the fused K-way head and losses.
+    kernel_impl:   'auto' | 'triton' | 'ref' for the fused kernels (K-way head, mask composite).
     """
 
     tuples: str = "gali4"
@@ -82,7 +82,7 @@ class MethodConfig:
     feature_arch: str | None = None
     feature_input_size: int = 0
     feature_resize: str = "nearest"
-    head_impl: str = "auto"
+    kernel_impl: str = "auto"
 
     def validate(self) -> None:
         _choice("method.loss_weights", self.loss_weights, LOSS_WEIGHTS)
@@ -98,7 +98,7 @@ class MethodConfig:
             )
         _positive("method.feature_input_size", self.feature_input_size, allow_zero=True)
         _choice("method.feature_resize", self.feature_resize, RESIZE_MODES)
-        _choice("method.head_impl", self.head_impl, IMPLS)
+        _choice("method.kernel_impl", self.kernel_impl, IMPLS)
 
 
 @dataclass

@@ -1,0 +1,516 @@
+"""kway_head: the discriminator's last linear layer fused with GALI's K-way losses and their gradients.
+
+GALI's discriminator ends in a linear layer that maps each tuple's features h (N, F) to K logits, one per
+tuple class (GALI.md §1.3-1.6). Every step needs, from the same logits:
+
+- the D loss, a weighted K-way cross-entropy to the row's true class y (paper weight w_true = 2/K),
+- the G/E "product of terms" loss, a weighted sum of cross-entropies to every other class
+  (paper weight w_pair = 2/(K(K-1)) off the diagonal, 0 on it),
+
+and their gradients. In the authors' code this is one linear layer plus K + K(K-1) separate
+``F.cross_entropy`` calls, each re-reading the logits, then autograd replaying all of them. Here one
+Triton launch reads each block of rows of h, computes the logits in fp32, both losses, and — in the same
+pass, as Liger-Kernel's fused linear cross-entropy does — the gradients d loss_d / dh, d loss_ge / dh,
+d loss_d / dW and d loss_d / db, which it stores. Backward then only scales the stored gradients by the
+incoming grad_output (one Triton pass over the h gradient, which also sums the two losses' h gradients
+when both are backpropagated together). A second, small forward launch sums the per-program partials of
+dW, db and the two losses (a deterministic reduction: no atomics, so runs are bit-reproducible).
+
+Math (p = softmax(logits), S_y = sum_j w_pair[y, j], 1/B = ``inv_batch``):
+
+    loss_d  = 1/B * sum_rows w_true[y] * (-log p_y)
+    loss_ge = 1/B * sum_rows sum_j w_pair[y, j] * (-log p_j)
+    d loss_d  / d logit_i = 1/B * w_true[y] * (p_i - [i = y])
+    d loss_ge / d logit_i = 1/B * (S_y * p_i - w_pair[y, i])
+    dh = dlogit @ W,   dW = dlogit^T @ h,   db = sum_rows dlogit
+
+Each row's logit gradient sums to zero for both losses.
+
+Gradient semantics: ``loss_d`` is differentiable w.r.t. h, weight and bias. ``loss_ge`` is differentiable
+w.r.t. h only: the G/E update never uses its gradient w.r.t. the discriminator's weight and bias, so none is
+computed, stored or returned (autograd sees None). Backward of ``loss_d`` reads only the stored D gradients
+and backward of ``loss_ge`` only the stored G/E gradient, so the training step's two
+``torch.autograd.grad`` calls each touch only what they need.
+
+Bytes moved (s = bytes per element of h's dtype, G = number of row blocks): the forward launch reads h
+once from memory (its second pass re-reads each block, normally from L2), W and b (K·F·s, cached), the
+labels (8·N) and writes grad_h_d and grad_h_ge (2·N·F·s) and fp32 partials (G·(K·F + K + 2)·4) that the
+reduction launch reads back and turns into grad_W (K·F·s), grad_b and the losses. The minimum, counted by
+the benchmark, is 3·N·F·s + 2·K·F·s + 8·N. Backward reads the stored h gradient(s) and writes one
+(2·N·F·s per loss backpropagated on its own).
+
+Measured on an H100 80GB HBM3 (N = 8192, F = 1536, K = 4 and 8; triton.testing.do_bench_cudagraph and
+bench/test_kway_head.py): bf16/fp16 forward (both launches) 41-43 µs, about 1.8 TB/s of the 3·N·F·s
+minimum; the training step's forward + both backward calls captured in a CUDA graph 85-98 µs, against
+150-170 µs for the graphed reference twin. fp32 forward 188 µs: IEEE fp32 dot products run on CUDA cores,
+not tensor cores. DESIGN.md's target for the forward (<= 30 µs, >= 70% of HBM bandwidth) is not met yet.
+Eager calls add several hundred µs of host overhead (custom-op dispatch, autograd, Triton launches):
+capture the step in a CUDA graph or compile it.
+
+Limits: 2 <= K <= 16 (padded to 16 inside the kernel, the smallest tile ``tl.dot`` takes), any N and F;
+h, weight and bias share one dtype among fp32, bf16 and fp16 (the reference also takes fp64), math and
+accumulation are fp32 (fp32 inputs use IEEE fp32 dot products, not TF32), losses are fp32 and gradients
+come back in the input dtype. Label values are not checked (that would need a host sync): the Triton
+path gives rows whose label lies outside [0, K) zero weight, the reference raises or asserts on them.
+No host synchronisation and no branching on tensor values, so the op is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+except ImportError:  # the reference path works without triton
+    triton = None
+
+__all__ = ["kway_head", "kway_head_ref"]
+
+K_MAX = 16
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_REF_DTYPES = (*_TRITON_DTYPES, torch.float64)
+_IMPLS = ("auto", "triton", "ref")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference twin
+# ----------------------------------------------------------------------------------------------------------
+
+
+def kway_head_ref(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    labels: Tensor,
+    w_true: Tensor,
+    w_pair: Tensor,
+    inv_batch: float,
+) -> tuple[Tensor, Tensor]:
+    """Plain-PyTorch twin of :func:`kway_head`: same arguments (less ``impl``), same gradient semantics.
+
+    Logits come from ``F.linear`` in the input dtype, log-softmax runs in fp32 (fp64 for fp64 inputs), and
+    autograd derives every gradient. ``loss_ge`` is built from logits computed with ``weight.detach()`` and
+    ``bias.detach()``, so it has a gradient w.r.t. h only.
+    """
+    _check_inputs(h, weight, bias, labels, w_true, w_pair, inv_batch, _REF_DTYPES)
+    acc_dtype = torch.promote_types(h.dtype, torch.float32)
+    logp = F.linear(h, weight, bias).to(acc_dtype).log_softmax(dim=1)
+    loss_d = -inv_batch * (w_true[labels] * logp.gather(1, labels[:, None]).squeeze(1)).sum()
+    logp_ge = F.linear(h, weight.detach(), bias.detach()).to(acc_dtype).log_softmax(dim=1)
+    loss_ge = -inv_batch * (w_pair[labels] * logp_ge).sum()
+    return loss_d.float(), loss_ge.float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _round_to(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+        """fp32 -> ``dtype`` with round-to-nearest-even. Triton's CPU interpreter truncates fp32 -> bf16, so
+        there the rounding is done on the bits first (making the final cast exact)."""
+        if INTERPRET and dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(dtype)
+
+    @triton.jit
+    def _kway_head_fwd_kernel(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        labels_ptr,
+        w_true_ptr,
+        w_pair_ptr,
+        grad_h_d_ptr,
+        grad_h_ge_ptr,
+        partial_ptr,
+        n_rows,
+        n_feat,
+        n_cls,
+        inv_batch,
+        stride_partial,
+        BLOCK_N: tl.constexpr,
+        BLOCK_F: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        INTERPRET: tl.constexpr,
+    ):
+        """One program: BLOCK_N rows. Pass 1 over n_feat builds the logits; the softmax, both losses and both
+        logit gradients follow in registers; pass 2 over n_feat writes grad_h_d, grad_h_ge and this program's
+        partial dW. Partial row layout: [dW (n_cls·n_feat) | db (n_cls) | loss_d | loss_ge], all fp32."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        row_off = rows.to(tl.int64) * n_feat
+        ks = tl.arange(0, BLOCK_K)
+        k_ok = ks < n_cls
+        fs = tl.arange(0, BLOCK_F)
+        dtype = h_ptr.dtype.element_ty
+        # Triton's CPU interpreter multiplies bf16 tiles as raw integers, so it feeds tl.dot fp32 copies
+        # (products of 16-bit floats are exact in fp32: the same numbers as the GPU's fp32 accumulation).
+        dot_dtype = tl.float32 if INTERPRET else dtype
+
+        # Pass 1: logits = h @ W^T + b, fp32 accumulation. h is asked to stay in L2 for pass 2, whose
+        # gradient stores stream past it.
+        logits = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for f0 in range(0, n_feat, BLOCK_F):
+            f = f0 + fs
+            f_ok = f < n_feat
+            hmask = row_ok[:, None] & f_ok[None, :]
+            hv = tl.load(h_ptr + row_off[:, None] + f[None, :], mask=hmask, other=0.0, eviction_policy="evict_last")
+            wv = tl.load(w_ptr + ks[:, None] * n_feat + f[None, :], mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+            logits = tl.dot(hv.to(dot_dtype), tl.trans(wv.to(dot_dtype)), logits, input_precision="ieee")
+        logits += tl.load(b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        logits = tl.where(k_ok[None, :], logits, float("-inf"))
+
+        # Softmax and log-sum-exp per row; padded classes get p = 0.
+        m = tl.max(logits, axis=1)
+        e = tl.exp(logits - m[:, None])
+        s = tl.sum(e, axis=1)
+        p = e / s[:, None]
+        lse = m + tl.log(s)
+
+        # Per-row weights. Padded rows and rows with an out-of-range label get zero weight, which zeroes
+        # their losses and gradients.
+        y = tl.load(labels_ptr + rows, mask=row_ok, other=0)
+        y_ok = row_ok & (y >= 0) & (y < n_cls)
+        wt = tl.load(w_true_ptr + y, mask=y_ok, other=0.0)
+        wp = tl.load(w_pair_ptr + y[:, None] * n_cls + ks[None, :], mask=y_ok[:, None] & k_ok[None, :], other=0.0)
+        onehot = ks[None, :] == y[:, None]
+
+        ce = tl.where(k_ok[None, :], lse[:, None] - logits, 0.0)
+        loss_d = tl.sum(wt * tl.sum(tl.where(onehot, ce, 0.0), axis=1), axis=0) * inv_batch
+        loss_ge = tl.sum(tl.sum(wp * ce, axis=1), axis=0) * inv_batch
+
+        # Logit gradients without the 1/B factor (|u| <= the class weights), so that the cast to a 16-bit
+        # dtype for tl.dot keeps them normal numbers; 1/B is applied to the fp32 dot products.
+        u_d = wt[:, None] * (p - tl.where(onehot, 1.0, 0.0))
+        u_ge = tl.sum(wp, axis=1)[:, None] * p - wp
+        u_d_c = _round_to(u_d, dtype, INTERPRET).to(dot_dtype)
+        u_ge_c = _round_to(u_ge, dtype, INTERPRET).to(dot_dtype)
+
+        part = partial_ptr + pid.to(tl.int64) * stride_partial
+        tl.store(part + n_cls * n_feat + ks, tl.sum(u_d, axis=0) * inv_batch, mask=k_ok)
+        tl.store(part + n_cls * n_feat + n_cls, loss_d)
+        tl.store(part + n_cls * n_feat + n_cls + 1, loss_ge)
+
+        # Pass 2: grad_h = u @ W / B for both losses, partial dW = u_d^T @ h / B.
+        for f0 in range(0, n_feat, BLOCK_F):
+            f = f0 + fs
+            f_ok = f < n_feat
+            wv = tl.load(w_ptr + ks[:, None] * n_feat + f[None, :], mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+            wv = wv.to(dot_dtype)
+            hmask = row_ok[:, None] & f_ok[None, :]
+            gh_d = tl.dot(u_d_c, wv, input_precision="ieee") * inv_batch
+            gh_d = _round_to(gh_d, dtype, INTERPRET)
+            tl.store(grad_h_d_ptr + row_off[:, None] + f[None, :], gh_d, mask=hmask, cache_modifier=".cs")
+            gh_ge = tl.dot(u_ge_c, wv, input_precision="ieee") * inv_batch
+            gh_ge = _round_to(gh_ge, dtype, INTERPRET)
+            tl.store(grad_h_ge_ptr + row_off[:, None] + f[None, :], gh_ge, mask=hmask, cache_modifier=".cs")
+            hv = tl.load(h_ptr + row_off[:, None] + f[None, :], mask=hmask, other=0.0, eviction_policy="evict_first")
+            gw = tl.dot(tl.trans(u_d_c), hv.to(dot_dtype), input_precision="ieee") * inv_batch
+            tl.store(part + ks[:, None] * n_feat + f[None, :], gw, mask=k_ok[:, None] & f_ok[None, :])
+
+    @triton.jit
+    def _kway_head_reduce_kernel(
+        partial_ptr,
+        grad_w_ptr,
+        grad_b_ptr,
+        loss_d_ptr,
+        loss_ge_ptr,
+        G,
+        KF,
+        K,
+        stride_partial,
+        BLOCK_G: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        INTERPRET: tl.constexpr,
+    ):
+        """Sum the G per-program partial rows column-wise (fixed order, deterministic) and scatter the
+        sums into grad_W (input dtype), grad_b (input dtype) and the two fp32 losses."""
+        pid = tl.program_id(0)
+        cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = cols < KF + K + 2
+        gs = tl.arange(0, BLOCK_G)
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for g0 in range(0, G, BLOCK_G):
+            g = g0 + gs
+            v = tl.load(
+                partial_ptr + g.to(tl.int64)[:, None] * stride_partial + cols[None, :],
+                mask=(g < G)[:, None] & c_ok[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(v, axis=0)
+        is_w = cols < KF
+        tl.store(
+            grad_w_ptr + tl.where(is_w, cols, 0), _round_to(acc, grad_w_ptr.dtype.element_ty, INTERPRET), mask=is_w
+        )
+        is_b = (cols >= KF) & (cols < KF + K)
+        tl.store(
+            grad_b_ptr + tl.where(is_b, cols - KF, 0), _round_to(acc, grad_b_ptr.dtype.element_ty, INTERPRET), mask=is_b
+        )
+        tl.store(loss_d_ptr + cols * 0, acc, mask=cols == KF + K)
+        tl.store(loss_ge_ptr + cols * 0, acc, mask=cols == KF + K + 1)
+
+    @triton.jit
+    def _scale_sum_kernel(
+        out_ptr,
+        a_ptr,
+        ga_ptr,
+        b_ptr,
+        gb_ptr,
+        numel,
+        HAS_B: tl.constexpr,
+        BLOCK: tl.constexpr,
+        INTERPRET: tl.constexpr,
+    ):
+        """out = ga·a (+ gb·b) in fp32, rounded once to out's dtype; ga and gb are 0-d fp32 device tensors
+        (grad_outputs), read in the kernel so that no host sync is needed."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        acc = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(ga_ptr)
+        if HAS_B:
+            acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(gb_ptr)
+        tl.store(out_ptr + offs, _round_to(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+def _launch_config(n: int, f: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_F, num_warps, num_stages). Small tiles for the CPU interpreter, whose cost grows with
+    tile size. On CUDA the best of a sweep on an H100 (BLOCK_N 32-128, BLOCK_F 128-256, 4-8 warps, 2-4
+    stages; N = 8192, F = 1536, K = 4 and 8, bf16): 64-row blocks, one wave of programs, won. fp32 tiles
+    take half the width, so that four pipeline stages still fit in shared memory."""
+    if device.type == "cpu":
+        block_f_cap, block_n_cap, num_warps, num_stages = 64, 16, 1, 1
+    else:
+        block_f_cap, block_n_cap, num_warps, num_stages = 512 // dtype.itemsize, 64, 8, 4
+    block_f = min(block_f_cap, max(16, triton.next_power_of_2(f)))
+    block_n = min(block_n_cap, max(16, triton.next_power_of_2(n)))
+    return block_n, block_f, num_warps, num_stages
+
+
+def _reduce_config(grid: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_G, BLOCK_C) of the partial reduction: narrow column blocks on CUDA so that enough programs
+    share the read of the (G, K·F + K + 2) partials."""
+    return min(64, triton.next_power_of_2(grid)), (64 if device.type == "cuda" else 1024)
+
+
+def _kway_head_fwd_triton(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    labels: Tensor,
+    w_true: Tensor,
+    w_pair: Tensor,
+    inv_batch: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launch the fused forward (one program per BLOCK_N rows) and the partial reduction."""
+    h, weight, bias = h.contiguous(), weight.contiguous(), bias.contiguous()
+    labels, w_true, w_pair = labels.contiguous(), w_true.contiguous(), w_pair.contiguous()
+    n, f = h.shape
+    k = weight.shape[0]
+    block_n, block_f, num_warps, num_stages = _launch_config(n, f, h.dtype, h.device)
+    grid = triton.cdiv(n, block_n)
+    interpret = h.device.type == "cpu"
+    cols = k * f + k + 2
+    partial = torch.empty((grid, cols), dtype=torch.float32, device=h.device)
+    grad_h_d = torch.empty_like(h)
+    grad_h_ge = torch.empty_like(h)
+    _kway_head_fwd_kernel[(grid,)](
+        h, weight, bias, labels, w_true, w_pair, grad_h_d, grad_h_ge, partial,
+        n, f, k, inv_batch, partial.stride(0),
+        BLOCK_N=block_n, BLOCK_F=block_f, BLOCK_K=K_MAX, INTERPRET=interpret,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    grad_w = torch.empty_like(weight)
+    grad_b = torch.empty_like(bias)
+    loss_d = torch.empty((), dtype=torch.float32, device=h.device)
+    loss_ge = torch.empty((), dtype=torch.float32, device=h.device)
+    block_g, block_c = _reduce_config(grid, h.device)
+    _kway_head_reduce_kernel[(triton.cdiv(cols, block_c),)](
+        partial, grad_w, grad_b, loss_d, loss_ge, grid, k * f, k, partial.stride(0),
+        BLOCK_G=block_g, BLOCK_C=block_c, INTERPRET=interpret,
+    )  # fmt: skip
+    return loss_d, loss_ge, grad_h_d, grad_h_ge, grad_w, grad_b
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile and CUDA graphs; autograd scales the stored gradients
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("gali::kway_head_fwd", mutates_args=())
+def _kway_head_fwd(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    labels: Tensor,
+    w_true: Tensor,
+    w_pair: Tensor,
+    inv_batch: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss_d, loss_ge, grad_h_d, grad_h_ge, grad_w_d, grad_b_d), the gradients those of the losses."""
+    return _kway_head_fwd_triton(h, weight, bias, labels, w_true, w_pair, inv_batch)
+
+
+@_kway_head_fwd.register_fake
+def _(h, weight, bias, labels, w_true, w_pair, inv_batch):
+    loss = h.new_empty((), dtype=torch.float32)
+    grads = torch.empty_like(h), torch.empty_like(h), torch.empty_like(weight), torch.empty_like(bias)
+    return loss, torch.empty_like(loss), *grads
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*output[2:])
+    ctx.mark_non_differentiable(*output[2:])
+    # A loss that is not backpropagated arrives as None rather than a zero tensor, so its stored
+    # gradient is never read.
+    ctx.set_materialize_grads(False)
+
+
+@torch.library.custom_op("gali::kway_head_scale", mutates_args=())
+def _kway_head_scale(a: Tensor, ga: Tensor, b: Tensor | None, gb: Tensor | None) -> Tensor:
+    """ga·a + gb·b (b, gb optional) for the stored h gradients: one pass at copy speed, where eager
+    ``a * ga`` with a 0-d device tensor runs at half of it (stride-0 operand, not vectorised)."""
+    out = torch.empty_like(a)
+    block, num_warps = (1024, 4) if a.is_cuda else (8192, 1)
+    _scale_sum_kernel[(triton.cdiv(a.numel(), block),)](
+        out, a, ga.float(), a if b is None else b, ga.float() if gb is None else gb.float(), a.numel(),
+        HAS_B=b is not None, BLOCK=block, INTERPRET=not a.is_cuda, num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+@_kway_head_scale.register_fake
+def _(a, ga, b, gb):
+    return torch.empty_like(a)
+
+
+def _backward(ctx, g_d: Tensor | None, g_ge: Tensor | None, *_unused: Tensor | None):
+    grad_h_d, grad_h_ge, grad_w_d, grad_b_d = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    grad_h = grad_w = grad_b = None
+    if need_h and g_d is not None:
+        grad_h = _kway_head_scale(grad_h_d, g_d, None if g_ge is None else grad_h_ge, g_ge)
+    elif need_h and g_ge is not None:
+        grad_h = _kway_head_scale(grad_h_ge, g_ge, None, None)
+    if g_d is not None:
+        grad_w = grad_w_d * g_d if need_w else None
+        grad_b = grad_b_d * g_d if need_b else None
+    return grad_h, grad_w, grad_b, None, None, None, None
+
+
+_kway_head_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------------------------------------
+
+
+def kway_head(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    labels: Tensor,
+    w_true: Tensor,
+    w_pair: Tensor,
+    inv_batch: float,
+    impl: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Fused K-way discriminator head: ``(loss_d, loss_ge)`` of GALI (see the module docstring).
+
+    Args:
+        h: (N, F) features from the discriminator trunk, fp32/bf16/fp16.
+        weight: (K, F) head weight, 2 <= K <= 16, same dtype and device as h.
+        bias: (K,) head bias, same dtype as h.
+        labels: (N,) int64, each row's true class in [0, K) (not checked: see the module docstring).
+        w_true: (K,) fp32, weight of the D term of a class-y row (paper: 2/K).
+        w_pair: (K, K) fp32, w_pair[y, j] weighs CE(logits of a class-y row, j) in the G/E loss
+            (paper: 2/(K(K-1)) off the diagonal, 0 on it; the authors' precedence bug is other weights).
+        inv_batch: 1/B, B the rows per class (``nn.CrossEntropyLoss`` averages over the batch); a float.
+        impl: 'auto' (Triton on CUDA tensors, the reference elsewhere), 'triton' or 'ref'.
+
+    Returns:
+        0-d fp32 ``loss_d`` and ``loss_ge``.
+
+    Gradients: ``loss_d`` is differentiable w.r.t. h, weight and bias (the D update). ``loss_ge`` is
+    differentiable w.r.t. h only (the G/E update reaches G and E through h; it never uses a gradient of
+    the G/E loss w.r.t. D's head), so autograd gets None for weight and bias from it. Both losses come
+    from one autograd node: pass ``retain_graph=True`` to the first of two ``torch.autograd.grad`` calls.
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"kway_head: impl must be one of {_IMPLS}, got {impl!r}")
+    if not _use_triton(impl, h):
+        return kway_head_ref(h, weight, bias, labels, w_true, w_pair, inv_batch)
+    _check_inputs(h, weight, bias, labels, w_true, w_pair, inv_batch, _TRITON_DTYPES)
+    loss_d, loss_ge, *_ = _kway_head_fwd(h, weight, bias, labels, w_true, w_pair, float(inv_batch))
+    return loss_d, loss_ge
+
+
+def _use_triton(impl: str, h: Tensor) -> bool:
+    """Resolve ``impl`` for tensors on h's device; 'triton' where Triton cannot run is an error."""
+    if impl == "ref":
+        return False
+    if impl == "auto":
+        return triton is not None and h.is_cuda and h.dtype in _TRITON_DTYPES
+    if triton is None:
+        raise RuntimeError("kway_head: impl='triton' needs the triton package (pip install triton); or use impl='ref'")
+    if h.device.type == "cpu" and not isinstance(_kway_head_fwd_kernel, InterpretedFunction):
+        raise RuntimeError(
+            "kway_head: impl='triton' on a CPU tensor needs Triton's interpreter: set TRITON_INTERPRET=1 before "
+            "gali.kernels.kway_head is first imported; or use impl='ref'"
+        )
+    if h.device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"kway_head: impl='triton' runs on CUDA (or CPU with TRITON_INTERPRET=1), got {h.device}")
+    return True
+
+
+def _check_inputs(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    labels: Tensor,
+    w_true: Tensor,
+    w_pair: Tensor,
+    inv_batch: float,
+    dtypes: tuple[torch.dtype, ...],
+) -> None:
+    """Shape, dtype and device checks on metadata only (no host sync); errors name the argument."""
+
+    def fail(msg: str) -> None:
+        raise ValueError(f"kway_head: {msg}")
+
+    if h.dim() != 2:
+        fail(f"h must be 2-D (N, F), got shape {tuple(h.shape)}")
+    if h.dtype not in dtypes:
+        fail(f"h must have a dtype in {[str(d) for d in dtypes]}, got {h.dtype}")
+    n, f = h.shape
+    if weight.dim() != 2 or weight.shape[1] != f:
+        fail(f"weight must have shape (K, F={f}), got {tuple(weight.shape)}")
+    k = weight.shape[0]
+    if not 2 <= k <= K_MAX:
+        fail(f"K (weight.shape[0]) must be in [2, {K_MAX}], got {k}")
+    expected = {"weight": (weight, (k, f)), "bias": (bias, (k,)), "labels": (labels, (n,)),
+                "w_true": (w_true, (k,)), "w_pair": (w_pair, (k, k))}  # fmt: skip
+    for name, (t, shape) in expected.items():
+        if tuple(t.shape) != shape:
+            fail(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        if t.device != h.device:
+            fail(f"{name} must be on h's device {h.device}, got {t.device}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.dtype != h.dtype:
+            fail(f"{name} must have h's dtype {h.dtype}, got {t.dtype}")
+    if labels.dtype != torch.int64:
+        fail(f"labels must be torch.int64, got {labels.dtype}")
+    for name, t in (("w_true", w_true), ("w_pair", w_pair)):
+        if t.dtype != torch.float32:
+            fail(f"{name} must be torch.float32, got {t.dtype}")
+    if isinstance(inv_batch, Tensor) or not isinstance(inv_batch, int | float) or not inv_batch > 0:
+        fail(f"inv_batch must be a positive Python float (1/B), got {inv_batch!r}")

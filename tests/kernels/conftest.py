@@ -1,0 +1,12 @@
+"""Kernel tests run on CUDA when a device is present, else in Triton's CPU interpreter.
+
+Triton decides interpreted-or-compiled when a kernel is decorated, i.e. when ``gali.kernels.<op>`` is first
+imported, so TRITON_INTERPRET=1 is set here, before any test module of this folder imports a kernel.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -1,0 +1,212 @@
+"""The training step: tuples, call counts, gradient isolation, alternating phases, no host syncs."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from gali.engine import step as step_module
+from gali.engine.config import MethodConfig, ModelConfig, OptimConfig
+from gali.engine.models import build_models
+from gali.engine.step import GaliStep, Networks, instance_noise_std
+from gali.engine.tuples import load_spec
+
+BATCH, LATENT, EXTRA = 4, 8, 16
+
+
+def make_step(spec_name: str, seed: int = 0, **method) -> GaliStep:
+    torch.manual_seed(seed)
+    spec = load_spec(spec_name)
+    extra_dim = EXTRA if spec.uses_feature_model else None
+    G, E, D = build_models(ModelConfig(arch="svhn32", latent_dim=LATENT, width=0.125), slot_kinds=spec.slot_kinds,
+                           num_classes=spec.num_classes, extra_dim=extra_dim)
+    M = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, EXTRA)).requires_grad_(False) if extra_dim else None
+    nets = Networks(G=G, E=E, D=D, M=M, extra_dim=extra_dim)
+    return GaliStep(nets, spec, MethodConfig(tuples=spec_name, kernel_impl="ref", **method), OptimConfig(lr=1e-3),
+                    LATENT)
+
+
+def images(seed: int = 1) -> torch.Tensor:
+    return torch.rand(BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def record_step(step: GaliStep, monkeypatch, noise: float = 0.0) -> dict:
+    """Run one forward and capture the chain values, D's slots and the head's labels."""
+    seen: dict = {}
+    evaluate, features, head = step.chains.evaluate, step.nets.D.features, step_module.kway_head
+
+    def spy_evaluate(spec, x, z):
+        values = evaluate(spec, x, z)
+        seen["values"] = {str(node): value for node, value in values.items()}
+        return values
+
+    def spy_features(slots):
+        seen["slots"] = [s.detach().clone() for s in slots]
+        return features(slots)
+
+    def spy_head(h, w, b, labels, *args, **kwargs):
+        seen["labels"] = labels.clone()
+        return head(h, w, b, labels, *args, **kwargs)
+
+    monkeypatch.setattr(step.chains, "evaluate", spy_evaluate)
+    monkeypatch.setattr(step.nets.D, "features", spy_features)
+    monkeypatch.setattr(step_module, "kway_head", spy_head)
+    seen["out"] = step.discriminate(images(), torch.tensor(noise))
+    return seen
+
+
+@pytest.mark.parametrize("name", ["ali", "alice", "gali4", "gali8", "gali-mix", "gali-pt"])
+def test_each_spec_builds_exactly_its_classes(name, monkeypatch):
+    step = make_step(name)
+    seen = record_step(step, monkeypatch)
+    spec, k = step.spec, step.spec.num_classes
+    assert seen["labels"].tolist() == [c for c in range(k) for _ in range(BATCH)]
+    assert len(seen["slots"]) == len(spec.slot_kinds)
+    for position, kind in enumerate(spec.slot_kinds):
+        slot = seen["slots"][position]
+        width = {"image": (3, 32, 32), "latent": (LATENT,), "extra": (EXTRA,)}[kind]
+        assert slot.shape == (k * BATCH, *width)
+        for cls, exprs in enumerate(spec.classes):  # noise 0: each block of rows is its chain variable
+            torch.testing.assert_close(slot[cls * BATCH:(cls + 1) * BATCH], seen["values"][str(exprs[position])])
+    assert set(seen["out"]) >= {"loss_d", "loss_ge", "p_true"}
+    assert ("recon" in seen["out"]) == (name == "alice")
+
+
+@pytest.mark.parametrize("name", ["ali", "alice", "gali4", "gali8", "gali-mix", "gali-pt"])
+def test_step_calls_each_network_once_per_distinct_variable(name):
+    step = make_step(name)
+    step.step(images(), torch.tensor(0.1))
+    assert step.chains.calls == {op: step.spec.count_calls(op) for op in ("E", "G", "M")}
+
+
+def test_gali4_costs_three_encoder_and_three_generator_calls():
+    step = make_step("gali4")
+    step.step(images(), torch.tensor(0.1))
+    assert step.chains.calls == {"E": 3, "G": 3, "M": 0}
+
+
+def test_each_encoder_call_draws_its_own_noise(monkeypatch):
+    step = make_step("gali-mix")
+    seen = record_step(step, monkeypatch)
+    # E(mask2(...)) and E(mask4(mix1(...))) shared one ε in the authors' code (GALI.md §5 item 14)
+    latents = [v for key, v in seen["values"].items() if key.startswith("E(")]
+    assert len(latents) == 4
+    for i in range(4):
+        for j in range(i + 1, 4):
+            assert not torch.allclose(latents[i], latents[j])
+
+
+def test_instance_noise_only_on_image_slots(monkeypatch):
+    step = make_step("gali8")
+    seen = record_step(step, monkeypatch, noise=0.5)
+    for position, kind in enumerate(step.spec.slot_kinds):
+        cls0 = seen["slots"][position][:BATCH]
+        clean = seen["values"][str(step.spec.classes[0][position])]
+        assert torch.allclose(cls0, clean) == (kind == "latent")
+    diff = seen["slots"][0][:BATCH] - seen["values"]["x"]
+    assert 0.4 < diff.std().item() < 0.6
+
+
+def _grads(params):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+@pytest.mark.parametrize("name", ["gali4", "alice"])
+def test_simultaneous_step_takes_each_gradient_from_its_own_loss(name):
+    """D's gradient equals a separate L_D backward, G/E's a separate L_GE backward, on copies."""
+    reference = make_step(name)
+    stepped = copy.deepcopy(reference)
+    x, noise = images(), torch.tensor(0.1)
+
+    def separate_backward(loss_name):
+        twin = copy.deepcopy(reference)
+        torch.manual_seed(5)
+        out = twin.discriminate(x, noise)
+        out[loss_name].backward()
+        return twin
+
+    d_twin = separate_backward("loss_d")
+    ge_twin = separate_backward("loss_ge")
+    both_twin = copy.deepcopy(reference)
+    torch.manual_seed(5)
+    out = both_twin.discriminate(x, noise)
+    (out["loss_d"] + out["loss_ge"]).backward()
+
+    torch.manual_seed(5)
+    before = [p.detach().clone() for p in stepped.d_params + stepped.ge_params]
+    stepped.step(x, noise)
+    for got, want, mixed in zip(_grads(stepped.d_params), _grads(d_twin.d_params), _grads(both_twin.d_params),
+                                strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    for got, want in zip(_grads(stepped.ge_params), _grads(ge_twin.ge_params), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    # The test can fail: one backward of L_D + L_GE would have mixed G/E's loss into D.
+    assert any(not torch.allclose(g, m) for g, m in zip(_grads(stepped.d_params), _grads(both_twin.d_params),
+                                                         strict=True))
+    after = [p.detach() for p in stepped.d_params + stepped.ge_params]
+    assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True) if b.numel() > 1)
+
+
+@pytest.mark.parametrize(("phase", "moves_d", "moves_ge"), [("d", True, False), ("ge", False, True), ("both", True, True)])
+def test_alternating_phases_step_one_side_only(phase, moves_d, moves_ge):
+    step = make_step("gali4")
+    d_before = [p.detach().clone() for p in step.d_params]
+    ge_before = [p.detach().clone() for p in step.ge_params]
+    step.step(images(), torch.tensor(0.1), phase)
+    d_moved = any(not torch.equal(b, p) for b, p in zip(d_before, step.d_params, strict=True))
+    ge_moved = any(not torch.equal(b, p) for b, p in zip(ge_before, step.ge_params, strict=True))
+    assert (d_moved, ge_moved) == (moves_d, moves_ge)
+
+
+def test_unknown_phase_is_an_error():
+    with pytest.raises(ValueError, match="phase"):
+        make_step("ali").step(images(), torch.tensor(0.0), "g")
+
+
+def test_losses_after_steps_are_finite_for_the_authors_weights():
+    step = make_step("gali4", loss_weights="authors")
+    for _ in range(3):
+        out = step.step(images(), torch.tensor(0.1))
+    assert torch.isfinite(out["loss_d"]) and torch.isfinite(out["loss_ge"])
+
+
+def test_step_makes_no_host_sync(monkeypatch):
+    """No .item(), .tolist(), .cpu(), .numpy() or tensor truth test in the chains, D, head or gradients.
+
+    The optimizers are exempt: non-capturable Adam keeps its step counter as a host tensor, which
+    is no device sync (the graphed step of the CUDA-graph issue uses capturable Adam).
+    """
+    step = make_step("gali-mix")
+    x, noise = images(), torch.tensor(0.1)
+    inside_optimizer = []
+
+    def forbidden(name):
+        original = getattr(torch.Tensor, name)
+
+        def guarded(*args, **kwargs):
+            if not inside_optimizer:
+                raise AssertionError(f"host sync: Tensor.{name} called inside the step")
+            return original(*args, **kwargs)
+        return guarded
+
+    for optimizer in (step.opt_d, step.opt_ge):
+        def exempt(*args, _step=optimizer.step, **kwargs):
+            inside_optimizer.append(True)
+            try:
+                return _step(*args, **kwargs)
+            finally:
+                inside_optimizer.pop()
+        monkeypatch.setattr(optimizer, "step", exempt)
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    out = step.step(x, noise)
+    monkeypatch.undo()
+    assert torch.isfinite(out["loss_d"])
+
+
+def test_linear_instance_noise_schedule_matches_the_code():
+    method = MethodConfig(instance_noise=0.1)
+    assert [round(instance_noise_std(method, e, 4), 6) for e in range(1, 5)] == [0.075, 0.05, 0.025, 0.0]
+    constant = MethodConfig(instance_noise=0.1, noise_schedule="constant")
+    assert instance_noise_std(constant, 3, 4) == 0.1
