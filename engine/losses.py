@@ -1,4 +1,4 @@
-"""GALI's losses on the discriminator's K-way logits (GALI.md §1.3-1.6), the reference twin.
+"""GALI's loss weights and the statistics and extra terms around the K-way losses (GALI.md §1.3-1.6).
 
 Rows of ``logits`` are grouped by class: ``labels[i]`` is the class the i-th row's tuple was drawn
 from, and every class has the same number B of rows (``nn.CrossEntropyLoss`` averages over B).
@@ -8,7 +8,8 @@ from, and every class has the same number B of rows (``nn.CrossEntropyLoss`` ave
 
 with the paper's weights w_true = 2/K and w_pair = 2/(K(K-1)) off the diagonal (§1.6). The
 'authors' scheme reproduces the GALI-4 scripts' operator-precedence bug (§5 item 1): only the
-first term of each sum is scaled. The fused Triton head (gali.kernels.kway_head) must match this.
+first term of each sum is scaled. The math on the logits lives beside the fused kernel that must
+match it (``gali.kernels.kway_head.kway_losses``).
 """
 
 from __future__ import annotations
@@ -32,16 +33,6 @@ def loss_weights(num_classes: int, scheme: str = "paper") -> tuple[Tensor, Tenso
         w_pair[0, 1] = 2.0 / (k * (k - 1))
         return w_true, w_pair
     raise ValueError(f"unknown loss-weight scheme {scheme!r}; accepted: paper, authors")
-
-
-def kway_losses(
-    logits: Tensor, labels: Tensor, w_true: Tensor, w_pair: Tensor, inv_batch: float
-) -> tuple[Tensor, Tensor]:
-    """``(L_D, L_GE)`` from logits (N, K) of class-grouped rows; computed in fp32."""
-    log_p = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
-    loss_d = -(w_true[labels] * log_p.gather(1, labels[:, None]).squeeze(1)).sum() * inv_batch
-    loss_ge = -(w_pair[labels] * log_p).sum() * inv_batch
-    return loss_d, loss_ge
 
 
 def true_class_probability(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:

@@ -68,7 +68,7 @@ try:
 except ImportError:  # the reference path works without triton
     triton = None
 
-__all__ = ["kway_head", "kway_head_ref"]
+__all__ = ["kway_head", "kway_head_ref", "kway_losses"]
 
 K_MAX = 16
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -79,6 +79,19 @@ _IMPLS = ("auto", "triton", "ref")
 # ----------------------------------------------------------------------------------------------------------
 # Reference twin
 # ----------------------------------------------------------------------------------------------------------
+
+
+def kway_losses(
+    logits: Tensor, labels: Tensor, w_true: Tensor, w_pair: Tensor, inv_batch: float
+) -> tuple[Tensor, Tensor]:
+    """``(loss_d, loss_ge)`` from logits (N, K) of class-grouped rows: the math every path must match.
+
+    Log-softmax runs in fp32 (fp64 for fp64 logits); both losses come from the same logits.
+    """
+    logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=1)
+    loss_d = -inv_batch * (w_true[labels] * logp.gather(1, labels[:, None]).squeeze(1)).sum()
+    loss_ge = -inv_batch * (w_pair[labels] * logp).sum()
+    return loss_d, loss_ge
 
 
 def kway_head_ref(
@@ -92,16 +105,13 @@ def kway_head_ref(
 ) -> tuple[Tensor, Tensor]:
     """Plain-PyTorch twin of :func:`kway_head`: same arguments (less ``impl``), same gradient semantics.
 
-    Logits come from ``F.linear`` in the input dtype, log-softmax runs in fp32 (fp64 for fp64 inputs), and
-    autograd derives every gradient. ``loss_ge`` is built from logits computed with ``weight.detach()`` and
+    Logits come from ``F.linear`` in the input dtype, :func:`kway_losses` does the rest, and autograd
+    derives every gradient. ``loss_ge`` is built from logits computed with ``weight.detach()`` and
     ``bias.detach()``, so it has a gradient w.r.t. h only.
     """
     _check_inputs(h, weight, bias, labels, w_true, w_pair, inv_batch, _REF_DTYPES)
-    acc_dtype = torch.promote_types(h.dtype, torch.float32)
-    logp = F.linear(h, weight, bias).to(acc_dtype).log_softmax(dim=1)
-    loss_d = -inv_batch * (w_true[labels] * logp.gather(1, labels[:, None]).squeeze(1)).sum()
-    logp_ge = F.linear(h, weight.detach(), bias.detach()).to(acc_dtype).log_softmax(dim=1)
-    loss_ge = -inv_batch * (w_pair[labels] * logp_ge).sum()
+    loss_d, _ = kway_losses(F.linear(h, weight, bias), labels, w_true, w_pair, inv_batch)
+    _, loss_ge = kway_losses(F.linear(h, weight.detach(), bias.detach()), labels, w_true, w_pair, inv_batch)
     return loss_d.float(), loss_ge.float()
 
 

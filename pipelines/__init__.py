@@ -1,1 +1,70 @@
-"""gali.pipelines: the batch contract and its backends (torch, synthetic), the demo data set."""
+"""gali.pipelines: the batch contract and its backends (torch, synthetic), the demo data set.
+
+``make_pipeline(cfg.data, ...)`` is the entry point of the engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig
+from .contract import Batch, Pipeline, check_batch
+from .digits import default_digits_root, prepare_digits
+from .folder import FolderPipeline
+from .synthetic import SPLIT_IMAGES, SyntheticPipeline
+
+__all__ = ["Batch", "Pipeline", "check_batch", "default_digits_root", "make_pipeline", "prepare_digits"]
+
+
+def make_pipeline(
+    cfg: DataConfig,
+    *,
+    split: str,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Pipeline:
+    """Build the pipeline that ``cfg`` names for ``split`` ('train' or 'test') on this rank.
+
+    source 'digits' writes the demo data set once (``prepare_digits`` into ``cfg.root`` or
+    ``default_digits_root(cfg.resolution)``) and reads it like a folder; source 'folder' reads
+    ``cfg.root``. Backend 'torch' decodes the files in ``cfg.workers`` DataLoader workers; backend
+    'synthetic' reads nothing and draws random batches on the device (10 classes, an epoch as long
+    as CIFAR-10's split). Raises ``ConfigError`` for an invalid ``cfg`` and ``DataError`` for
+    unusable data, before any batch is produced.
+    """
+    cfg.validate()
+    if cfg.backend == "synthetic":
+        if split not in SPLIT_IMAGES:
+            raise ValueError(f"split must be one of {tuple(SPLIT_IMAGES)}, got {split!r}")
+        return SyntheticPipeline(
+            num_images=SPLIT_IMAGES[split],
+            resolution=cfg.resolution,
+            batch_size=batch_size,
+            device=device,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    if cfg.source == "digits":
+        root = prepare_digits(
+            Path(cfg.root).expanduser() if cfg.root else default_digits_root(cfg.resolution), cfg.resolution
+        )
+    else:
+        root = Path(cfg.root).expanduser()
+    return FolderPipeline(
+        root,
+        split=split,
+        resolution=cfg.resolution,
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        workers=cfg.workers,
+    )

@@ -31,6 +31,7 @@ class DataConfig:
     workers: int = 2
 
     def validate(self) -> None:
+        """Raise ``ConfigError`` naming the first invalid key and the accepted values."""
         if self.source not in SOURCES:
             raise ConfigError("data.source", f"got {self.source!r}; accepted: {', '.join(SOURCES)}")
         if self.backend not in BACKENDS:

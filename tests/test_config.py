@@ -56,7 +56,7 @@ def test_overrides_apply_with_toml_literals():
         ("optim.beta1=1.5", "optim.beta1", "[0, 1)"),
         ("run.batch_size=2.5", "run.batch_size", "expected int"),
         ("method.loss_weights=mine", "method.loss_weights", "accepted: paper, authors"),
-        ("method.head_impl=cuda", "method.head_impl", "accepted: auto, triton, ref"),
+        ("method.kernel_impl=cuda", "method.kernel_impl", "accepted: auto, triton, ref"),
         ("data.source=web", "data.source", "accepted: digits, folder"),
         ("data.resolution=64", "data.resolution", "model.arch='svhn32' takes 32x32"),
         ("model.arch=resnet", "model.arch", "accepted: svhn32, celeba64"),

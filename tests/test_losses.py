@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gali.engine.losses import kway_losses, loss_weights, true_class_probability
+from gali.engine.losses import loss_weights, true_class_probability
+from gali.kernels.kway_head import kway_losses
 
 
 def _hand_losses(logits, batch, w_true, w_pair):

@@ -136,8 +136,7 @@ def test_simultaneous_step_takes_each_gradient_from_its_own_loss(name):
     torch.manual_seed(5)
     before = [p.detach().clone() for p in stepped.d_params + stepped.ge_params]
     stepped.step(x, noise)
-    for got, want, mixed in zip(_grads(stepped.d_params), _grads(d_twin.d_params), _grads(both_twin.d_params),
-                                strict=True):
+    for got, want in zip(_grads(stepped.d_params), _grads(d_twin.d_params), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     for got, want in zip(_grads(stepped.ge_params), _grads(ge_twin.ge_params), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
@@ -148,7 +147,9 @@ def test_simultaneous_step_takes_each_gradient_from_its_own_loss(name):
     assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True) if b.numel() > 1)
 
 
-@pytest.mark.parametrize(("phase", "moves_d", "moves_ge"), [("d", True, False), ("ge", False, True), ("both", True, True)])
+@pytest.mark.parametrize(
+    ("phase", "moves_d", "moves_ge"), [("d", True, False), ("ge", False, True), ("both", True, True)]
+)
 def test_alternating_phases_step_one_side_only(phase, moves_d, moves_ge):
     step = make_step("gali4")
     d_before = [p.detach().clone() for p in step.d_params]

@@ -32,17 +32,26 @@ def demo_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_demo_run_lowers_reconstruction_error_below_a_fresh_model(demo_run):
-    cfg, result, _, _ = demo_run
+def test_a_short_run_lowers_reconstruction_error_below_a_fresh_model(tmp_path, monkeypatch):
+    """ALICE's tuples with a strong pixel loss (lambda = 20): the loop must train E and G.
+
+    A few kimg of GALI-4 alone do not beat the fresh model's mean image in pixel MSE on the digits
+    (its reconstructions become sharp digits before they become the right digits; see the note of
+    the core issue), so this test runs the spec whose G/E loss includes the reconstruction.
+    """
+    monkeypatch.setenv("GALI_CACHE", str(tmp_path / "cache"))
+    overrides = ["method.tuples=alice", "method.alice_lambda=20", "run.kimg=4", "run.snapshot_kimg=4"]
+    cfg = load_config("demo", [*SHORT, *overrides, f"run.out_dir={tmp_path}"])
+    result = train(cfg, log=lambda line: None)
     device = torch.device("cpu")
     seed_everything(cfg.run.seed)
     fresh = build_networks(cfg, load_spec(cfg.method.tuples), device)
     train_batch = next(iter(make_pipeline(cfg.data, split="train", batch_size=cfg.run.batch_size, device=device,
                                           seed=cfg.run.seed)))
-    fresh.G.init_output_bias(train_batch.x)  # a fresh model outputs the mean image
+    fresh.G.init_output_bias(train_batch.x)  # what the loop does first: G outputs the mean image
     test = make_pipeline(cfg.data, split="test", batch_size=100, device=device, seed=cfg.run.seed)
     fresh_mse = reconstruction_mse(fresh.G, fresh.E, (b.x for b in test))
-    assert result.recon_mse < 0.9 * fresh_mse, (result.recon_mse, fresh_mse)
+    assert result.recon_mse < 0.8 * fresh_mse, (result.recon_mse, fresh_mse)
 
 
 @pytest.mark.slow

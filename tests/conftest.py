@@ -1,7 +1,7 @@
-"""Kernel tests run on CUDA when a device is present, else in Triton's CPU interpreter.
+"""Kernels run on CUDA when a device is present, else in Triton's CPU interpreter.
 
 Triton decides interpreted-or-compiled when a kernel is decorated, i.e. when ``gali.kernels.<op>`` is first
-imported, so TRITON_INTERPRET=1 is set here, before any test module of this folder imports a kernel.
+imported, so TRITON_INTERPRET=1 is set here, at the root of the tests, before any test module imports a kernel.
 """
 
 import os
