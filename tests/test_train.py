@@ -8,6 +8,7 @@ from PIL import Image
 
 from gali.engine.cli import main
 from gali.engine.config import load_config
+from gali.engine.errors import ConfigError
 from gali.engine.images import reconstruction_mse
 from gali.engine.train import build_networks, load_generator_encoder, seed_everything, train
 from gali.engine.tuples import load_spec
@@ -101,3 +102,30 @@ def test_checkpoint_errors_name_the_file(tmp_path, capsys):
     broken.write_bytes(b"not a checkpoint")
     assert main(["reconstruct", str(broken)]) == 2
     assert "broken.pt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gali_pt_trains_with_a_torchscript_feature_model_from_a_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("GALI_CACHE", str(tmp_path / "cache"))
+    nn = torch.nn
+    feature_net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.Flatten(), nn.Linear(4 * 7 * 7, 12))
+    path = tmp_path / "features.pt"
+    with pytest.warns(DeprecationWarning):  # TorchScript is deprecated in recent torch, still the portable format
+        torch.jit.save(torch.jit.script(feature_net), path)
+    overrides = [*SHORT, "method.tuples=gali-pt", f"method.feature_model={path}", "method.feature_input_size=16",
+                 "method.feature_resize=bilinear", "run.kimg=0.128", "run.snapshot_kimg=1", f"run.out_dir={tmp_path}"]
+    result = train(load_config("demo", overrides), log=lambda line: None)
+    assert len(result.last_stats["p_true"]) == 4 and result.last_stats["loss_ge"] > 0
+    _, nets = load_generator_encoder(next(result.run_dir.glob("checkpoint-*.pt")), torch.device("cpu"))
+    assert nets.extra_dim == 12
+
+
+def test_gali_pt_without_a_feature_model_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("GALI_CACHE", str(tmp_path / "cache"))
+    cfg = load_config("demo", [*SHORT, "method.tuples=gali-pt", f"run.out_dir={tmp_path / 'runs'}"])
+    with pytest.raises(ConfigError, match=r"method\.feature_model"):
+        train(cfg, log=lambda line: None)
+    assert not (tmp_path / "runs").exists()
+    missing = load_config("demo", [*SHORT, "method.tuples=gali-pt", f"method.feature_model={tmp_path / 'no.pt'}"])
+    with pytest.raises(ConfigError, match=r"no\.pt"):
+        train(missing, log=lambda line: None)
