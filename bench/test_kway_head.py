@@ -1,28 +1,33 @@
 """kway_head benchmarks: fused Triton head vs its reference twin vs the authors' per-term cross-entropies.
 
 Run: ``pytest bench/test_kway_head.py`` (bench/ is not in the test suite's testpaths). On a CUDA machine the
-shapes are DESIGN.md's target, 8192 rows (K classes × B rows) × 1536 features, K = 4 and 8, bf16; without
-one the kernels run in Triton's CPU interpreter (bench/conftest.py) on tiny shapes, which checks the
-harness, not the speed.
+shapes are DESIGN.md's target, 8192 rows (K classes × B rows) × 1536 features, K = 4 and 8, bf16, plus the
+grouped form with G = 3 groups of K = 4 logits (BigBiGAN-style unary-x, unary-z and joint scores; 12
+columns of W, :func:`kway_head_grouped`); without one the kernels run in Triton's CPU interpreter
+(bench/conftest.py) on tiny shapes, which checks the harness, not the speed.
 
 Each timed call is what one training step does with the head: the forward, then
 ``autograd.grad(loss_d, (h, W, b))`` and ``autograd.grad(loss_ge, h)``, then a CUDA synchronize.
 
 impl:
-- ``triton``: :func:`kway_head` with impl='triton' (fused forward, backward scales stored gradients).
+- ``triton``: :func:`kway_head` (G = 1) or :func:`kway_head_grouped` with impl='triton' (fused forward,
+  backward scales stored gradients).
 - ``triton-graph`` (CUDA only): the same step captured once in a CUDA graph and replayed, as the engine's
   graphed step runs it (no host overhead).
 - ``triton-fwd-graph`` (CUDA only): the fused forward alone (both launches, no backward), graphed: the
   kernel time DESIGN.md's target is about (<= 30 µs and >= 70% of HBM bandwidth on an H100).
-- ``ref``: :func:`kway_head_ref`, plain PyTorch with autograd; ``ref-graph`` (CUDA only) the same, graphed.
+- ``ref``: :func:`kway_head_ref` / :func:`kway_head_grouped_ref`, plain PyTorch with autograd; ``ref-graph``
+  (CUDA only) the same, graphed.
 - ``eager-16-ce``: the authors' code: logits via ``F.linear``, then K + K(K-1) separate ``F.cross_entropy``
-  calls on the class-major row blocks (16 calls for K = 4, 64 for K = 8), then autograd.
+  calls on the class-major row blocks (16 calls for K = 4, 64 for K = 8), then autograd; for G groups,
+  G times as many, one set per group's columns.
 
 extra_info["GB/s"] divides one byte count by the median time, the same count for every impl: the traffic
 an ideal fused forward + backward cannot avoid, with s the bytes per element of h:
-read h (N·F·s), W (K·F·s), b, labels (8·N) and the weights; write dh_d and dh_ge (2·N·F·s), dW (K·F·s) and
-db. That is 3·N·F·s + 2·K·F·s + small terms. The triton path's backward re-reads and re-writes the stored
-dh's (one scale per loss), which this count leaves out, so its GB/s understates what the memory moves.
+read h (N·F·s), W (C·F·s, C = G·K columns), b, labels (8·N) and the weights; write dh_d and dh_ge
+(2·N·F·s), dW (C·F·s) and db. That is 3·N·F·s + 2·C·F·s + small terms. The triton path's backward re-reads
+and re-writes the stored dh's (one scale per loss), which this count leaves out, so its GB/s understates
+what the memory moves.
 """
 
 from __future__ import annotations
@@ -32,32 +37,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gali.kernels.kway_head import _kway_head_fwd, kway_head, kway_head_ref
+from gali.kernels.kway_head import _kway_head_fwd, kway_head_grouped, kway_head_grouped_ref
 
 triton = pytest.importorskip("triton")
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
-# (K, rows per class B, features F); N = K·B rows.
-SHAPES = [(4, 2048, 1536), (8, 1024, 1536)] if CUDA else [(4, 16, 64), (8, 8, 96)]
+# (K, groups G, rows per class B, features F); N = K·B rows, G·K logit columns.
+SHAPES = (
+    [(4, 1, 2048, 1536), (8, 1, 1024, 1536), (4, 3, 2048, 1536), (8, 3, 1024, 1536)]
+    if CUDA
+    else [(4, 1, 16, 64), (8, 1, 8, 96), (4, 3, 16, 64)]
+)
 IMPLS = ["triton", "ref", "eager-16-ce"]
 if CUDA:
     IMPLS += ["triton-graph", "triton-fwd-graph", "ref-graph"]
 
 
-def eager_per_term_ce(h, weight, bias, labels, w_true, w_pair, inv_batch) -> tuple[Tensor, Tensor]:
-    """The authors' formulation (rows class-major, B = 1/inv_batch rows per class)."""
-    k = weight.shape[0]
+def eager_per_term_ce(h, weight, bias, labels, w_true, w_pair, inv_batch, num_groups) -> tuple[Tensor, Tensor]:
+    """The authors' formulation (rows class-major, B = 1/inv_batch rows per class), once per group."""
+    k = w_true.shape[0]
     batch = h.shape[0] // k
-    logits = F.linear(h, weight, bias).float().split(batch)
     targets = [torch.full((batch,), j, device=h.device) for j in range(k)]
-    loss_d = sum(w_true[i] * F.cross_entropy(logits[i], targets[i]) for i in range(k))
-    loss_ge = sum(w_pair[i, j] * F.cross_entropy(logits[i], targets[j]) for i in range(k) for j in range(k) if i != j)
+    loss_d = loss_ge = 0.0
+    for group in F.linear(h, weight, bias).float().chunk(num_groups, dim=1):
+        logits = group.split(batch)
+        loss_d = loss_d + sum(w_true[i] * F.cross_entropy(logits[i], targets[i]) for i in range(k))
+        loss_ge = loss_ge + sum(
+            w_pair[i, j] * F.cross_entropy(logits[i], targets[j]) for i in range(k) for j in range(k) if i != j
+        )
     return loss_d, loss_ge
 
 
-def make_inputs(k: int, batch: int, f: int) -> dict:
+def make_inputs(k: int, groups: int, batch: int, f: int) -> dict:
     g = torch.Generator().manual_seed(0)
     n = k * batch
     w_true = torch.full((k,), 2.0 / k)
@@ -65,22 +78,26 @@ def make_inputs(k: int, batch: int, f: int) -> dict:
     w_pair.fill_diagonal_(0.0)
     return {
         "h": torch.randn(n, f, generator=g).to(DEVICE, DTYPE).requires_grad_(),
-        "weight": (torch.randn(k, f, generator=g) / f**0.5).to(DEVICE, DTYPE).requires_grad_(),
-        "bias": torch.zeros(k).to(DEVICE, DTYPE).requires_grad_(),
+        "weight": (torch.randn(groups * k, f, generator=g) / f**0.5).to(DEVICE, DTYPE).requires_grad_(),
+        "bias": torch.zeros(groups * k).to(DEVICE, DTYPE).requires_grad_(),
         "labels": torch.arange(k).repeat_interleave(batch).to(DEVICE),
         "w_true": w_true.to(DEVICE),
         "w_pair": w_pair.to(DEVICE),
         "inv_batch": 1.0 / batch,
+        "num_groups": groups,
     }
 
 
-def essential_bytes(k: int, n: int, f: int) -> int:
+def essential_bytes(k: int, groups: int, n: int, f: int) -> int:
     s = torch.finfo(DTYPE).bits // 8
-    return 3 * n * f * s + 2 * k * f * s + 2 * k * s + 8 * n + 4 * (k + k * k)
+    c = groups * k
+    return 3 * n * f * s + 2 * c * f * s + 2 * c * s + 8 * n + 4 * (k + k * k)
 
 
 def make_step(impl: str, inputs: dict):
-    fn = {"triton": lambda **kw: kway_head(**kw, impl="triton"), "ref": kway_head_ref}.get(impl, eager_per_term_ce)
+    fn = {"triton": lambda **kw: kway_head_grouped(**kw, impl="triton"), "ref": kway_head_grouped_ref}.get(
+        impl, eager_per_term_ce
+    )
     h, weight, bias = inputs["h"], inputs["weight"], inputs["bias"]
 
     def step() -> None:
@@ -95,7 +112,7 @@ def make_fwd(inputs: dict):
     args = [inputs[name].detach() for name in ("h", "weight", "bias", "labels", "w_true", "w_pair")]
 
     def fwd() -> None:
-        _kway_head_fwd(*args, inputs["inv_batch"])
+        _kway_head_fwd(*args, inputs["inv_batch"], inputs["num_groups"])
 
     return fwd
 
@@ -114,10 +131,15 @@ def graphed(step):
     return graph.replay
 
 
-@pytest.mark.parametrize(("k", "batch", "f"), SHAPES, ids=[f"K{k}-N{k * b}-F{f}" for k, b, f in SHAPES])
+def shape_id(k: int, groups: int, batch: int, f: int) -> str:
+    """K4-N8192-F1536 for one group (the ids of earlier runs), K4-G3-N8192-F1536 for three."""
+    return f"K{k}-N{k * batch}-F{f}" if groups == 1 else f"K{k}-G{groups}-N{k * batch}-F{f}"
+
+
+@pytest.mark.parametrize(("k", "groups", "batch", "f"), SHAPES, ids=[shape_id(*shape) for shape in SHAPES])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_kway_head(benchmark, impl: str, k: int, batch: int, f: int) -> None:
-    inputs = make_inputs(k, batch, f)
+def test_kway_head(benchmark, impl: str, k: int, groups: int, batch: int, f: int) -> None:
+    inputs = make_inputs(k, groups, batch, f)
     if impl == "triton-fwd-graph":
         work = graphed(make_fwd(inputs))
     elif impl.endswith("-graph"):
@@ -133,11 +155,12 @@ def test_kway_head(benchmark, impl: str, k: int, batch: int, f: int) -> None:
     timed()  # compile / warm up outside the measurement
     benchmark(timed)
     n = k * batch
-    nbytes = essential_bytes(k, n, f)
+    nbytes = essential_bytes(k, groups, n, f)
     benchmark.extra_info.update(
         {
             "device": torch.cuda.get_device_name() if CUDA else "cpu (Triton interpreter)",
             "dtype": str(DTYPE),
+            "groups": groups,
             "torch": torch.__version__,
             "triton": triton.__version__,
             "bytes": nbytes,

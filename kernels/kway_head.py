@@ -26,33 +26,47 @@ Math (p = softmax(logits), S_y = sum_j w_pair[y, j], 1/B = ``inv_batch``):
 
 Each row's logit gradient sums to zero for both losses.
 
+Grouped form (:func:`kway_head_grouped`): a head with G >= 1 groups of K logits each, for example
+BigBiGAN-style unary-x, unary-z and joint scores, in the same one launch. weight is (G·K, F), bias (G·K,),
+and group g's logits are columns [g·K, (g+1)·K) of h @ W^T + b. Each group has its own softmax over its K
+columns; all groups share the labels, w_true and w_pair, and the losses are summed over the groups:
+loss_d = sum_g loss_d(group g), loss_ge = sum_g loss_ge(group g). The formulas above hold per group and
+the logit gradients of all G·K columns feed the same dh = dlogit @ W. Separate feature vectors per group
+(BigBiGAN's unary scores see only x's or only z's features) are expressed by concatenating them into h
+and giving each group's rows of W zeros outside its own block, e.g. ``torch.block_diag(W_x, W_z, W_j)``
+over ``h = torch.cat([h_x, h_z, h_j], 1)``; autograd through ``block_diag`` and ``cat`` then hands each
+block its own gradient. :func:`kway_head` is the G = 1 case of the same kernel and custom op.
+
 Gradient semantics: ``loss_d`` is differentiable w.r.t. h, weight and bias. ``loss_ge`` is differentiable
 w.r.t. h only: the G/E update never uses its gradient w.r.t. the discriminator's weight and bias, so none is
 computed, stored or returned (autograd sees None). Backward of ``loss_d`` reads only the stored D gradients
 and backward of ``loss_ge`` only the stored G/E gradient, so the training step's two
 ``torch.autograd.grad`` calls each touch only what they need.
 
-Bytes moved (s = bytes per element of h's dtype, G = number of row blocks): the forward launch reads h
-once from memory (its second pass re-reads each block, normally from L2), W and b (K·F·s, cached), the
-labels (8·N) and writes grad_h_d and grad_h_ge (2·N·F·s) and fp32 partials (G·(K·F + K + 2)·4) that the
-reduction launch reads back and turns into grad_W (K·F·s), grad_b and the losses. The minimum, counted by
-the benchmark, is 3·N·F·s + 2·K·F·s + 8·N. Backward reads the stored h gradient(s) and writes one
-(2·N·F·s per loss backpropagated on its own).
+Bytes moved (s = bytes per element of h's dtype, C = G·K logit columns, P = number of row blocks): the
+forward launch reads h once from memory (its second pass re-reads each block, normally from L2), W and b
+(C·F·s, cached), the labels (8·N) and writes grad_h_d and grad_h_ge (2·N·F·s) and fp32 partials
+(P·(C·F + C + 2)·4) that the reduction launch reads back and turns into grad_W (C·F·s), grad_b and the
+losses. The minimum, counted by the benchmark, is 3·N·F·s + 2·C·F·s + 8·N. Backward reads the stored h
+gradient(s) and writes one (2·N·F·s per loss backpropagated on its own).
 
-Measured on an H100 80GB HBM3 (N = 8192, F = 1536, K = 4 and 8; triton.testing.do_bench_cudagraph and
-bench/test_kway_head.py): bf16/fp16 forward (both launches) 41-43 µs, about 1.8 TB/s of the 3·N·F·s
+Measured on an H100 80GB HBM3 (N = 8192, F = 1536, K = 4 and 8, G = 1; triton.testing.do_bench_cudagraph
+and bench/test_kway_head.py): bf16/fp16 forward (both launches) 41-43 µs, about 1.8 TB/s of the 3·N·F·s
 minimum; the training step's forward + both backward calls captured in a CUDA graph 85-98 µs, against
 150-170 µs for the graphed reference twin. fp32 forward 188 µs: IEEE fp32 dot products run on CUDA cores,
 not tensor cores. DESIGN.md's target for the forward (<= 30 µs, >= 70% of HBM bandwidth) is not met yet.
+The grouped form (G = 3, K = 4) has not been timed on a GPU yet (bench/test_kway_head.py has the case).
 Eager calls add several hundred µs of host overhead (custom-op dispatch, autograd, Triton launches):
 capture the step in a CUDA graph or compile it.
 
-Limits: 2 <= K <= 16 (padded to 16 inside the kernel, the smallest tile ``tl.dot`` takes), any N and F;
-h, weight and bias share one dtype among fp32, bf16 and fp16 (the reference also takes fp64), math and
-accumulation are fp32 (fp32 inputs use IEEE fp32 dot products, not TF32), losses are fp32 and gradients
-come back in the input dtype. Label values are not checked (that would need a host sync): the Triton
-path gives rows whose label lies outside [0, K) zero weight, the reference raises or asserts on them.
-No host synchronisation and no branching on tensor values, so the op is CUDA-graph capturable.
+Limits: 2 <= K <= 16 classes per group, 1 <= G and G·K <= 32 logit columns in all (padded inside the
+kernel to a power of two >= 16, the smallest tile ``tl.dot`` takes; wider heads raise a ValueError, on
+both paths), any N and F; h, weight and bias share one dtype among fp32, bf16 and fp16 (the reference also
+takes fp64), math and accumulation are fp32 (fp32 inputs use IEEE fp32 dot products, not TF32), losses
+are fp32 and gradients come back in the input dtype. Label values are not checked (that would need a host
+sync): the Triton path gives rows whose label lies outside [0, K) zero weight, the reference raises or
+asserts on them. No host synchronisation and no branching on tensor values, so the op is CUDA-graph
+capturable.
 """
 
 from __future__ import annotations
@@ -68,9 +82,10 @@ try:
 except ImportError:  # the reference path works without triton
     triton = None
 
-__all__ = ["kway_head", "kway_head_ref", "kway_losses"]
+__all__ = ["kway_head", "kway_head_grouped", "kway_head_grouped_ref", "kway_head_ref", "kway_losses"]
 
-K_MAX = 16
+K_MAX = 16  # classes per group
+COLS_MAX = 32  # logit columns in all (G·K)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _REF_DTYPES = (*_TRITON_DTYPES, torch.float64)
 _IMPLS = ("auto", "triton", "ref")
@@ -109,10 +124,48 @@ def kway_head_ref(
     derives every gradient. ``loss_ge`` is built from logits computed with ``weight.detach()`` and
     ``bias.detach()``, so it has a gradient w.r.t. h only.
     """
-    _check_inputs(h, weight, bias, labels, w_true, w_pair, inv_batch, _REF_DTYPES)
-    loss_d, _ = kway_losses(F.linear(h, weight, bias), labels, w_true, w_pair, inv_batch)
-    _, loss_ge = kway_losses(F.linear(h, weight.detach(), bias.detach()), labels, w_true, w_pair, inv_batch)
-    return loss_d.float(), loss_ge.float()
+    _check_inputs("kway_head", h, weight, bias, labels, w_true, w_pair, inv_batch, 1, _REF_DTYPES)
+    return _ref_losses(h, weight, bias, labels, w_true, w_pair, inv_batch, 1)
+
+
+def kway_head_grouped_ref(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    labels: Tensor,
+    w_true: Tensor,
+    w_pair: Tensor,
+    inv_batch: float,
+    num_groups: int,
+) -> tuple[Tensor, Tensor]:
+    """Plain-PyTorch twin of :func:`kway_head_grouped`: :func:`kway_losses` on each group's K columns of
+    the ``F.linear`` logits, summed over the groups; gradients as in :func:`kway_head_ref`."""
+    _check_inputs("kway_head_grouped", h, weight, bias, labels, w_true, w_pair, inv_batch, num_groups, _REF_DTYPES)
+    return _ref_losses(h, weight, bias, labels, w_true, w_pair, inv_batch, num_groups)
+
+
+def _ref_losses(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    labels: Tensor,
+    w_true: Tensor,
+    w_pair: Tensor,
+    inv_batch: float,
+    num_groups: int,
+) -> tuple[Tensor, Tensor]:
+    """(loss_d, loss_ge) summed over the groups, loss_ge through detached weight and bias."""
+
+    def summed(logits: Tensor, which: int) -> Tensor:
+        losses = [kway_losses(group, labels, w_true, w_pair, inv_batch)[which] for group in logits.chunk(num_groups, 1)]
+        total = losses[0]
+        for loss in losses[1:]:
+            total = total + loss
+        return total.float()
+
+    loss_d = summed(F.linear(h, weight, bias), 0)
+    loss_ge = summed(F.linear(h, weight.detach(), bias.detach()), 1)
+    return loss_d, loss_ge
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -147,20 +200,26 @@ if triton is not None:
         n_cls,
         inv_batch,
         stride_partial,
+        NUM_GROUPS: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_F: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        BLOCK_C: tl.constexpr,
         INTERPRET: tl.constexpr,
     ):
-        """One program: BLOCK_N rows. Pass 1 over n_feat builds the logits; the softmax, both losses and both
-        logit gradients follow in registers; pass 2 over n_feat writes grad_h_d, grad_h_ge and this program's
-        partial dW. Partial row layout: [dW (n_cls·n_feat) | db (n_cls) | loss_d | loss_ge], all fp32."""
+        """One program: BLOCK_N rows. Pass 1 over n_feat builds the NUM_GROUPS·n_cls logit columns; the
+        per-group softmax, both losses and both logit gradients follow in registers; pass 2 over n_feat writes
+        grad_h_d, grad_h_ge and this program's partial dW. Column c is class c % n_cls of group c // n_cls.
+        Partial row layout (n_col = NUM_GROUPS·n_cls): [dW (n_col·n_feat) | db (n_col) | loss_d | loss_ge],
+        all fp32."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
         row_off = rows.to(tl.int64) * n_feat
-        ks = tl.arange(0, BLOCK_K)
-        k_ok = ks < n_cls
+        n_col = NUM_GROUPS * n_cls
+        cs = tl.arange(0, BLOCK_C)
+        c_ok = cs < n_col
+        grp = cs // n_cls  # padded columns get a group >= NUM_GROUPS, so no group's masks select them
+        cls = cs % n_cls
         fs = tl.arange(0, BLOCK_F)
         dtype = h_ptr.dtype.element_ty
         # Triton's CPU interpreter multiplies bf16 tiles as raw integers, so it feeds tl.dot fp32 copies
@@ -169,53 +228,62 @@ if triton is not None:
 
         # Pass 1: logits = h @ W^T + b, fp32 accumulation. h is asked to stay in L2 for pass 2, whose
         # gradient stores stream past it.
-        logits = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        logits = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
         for f0 in range(0, n_feat, BLOCK_F):
             f = f0 + fs
             f_ok = f < n_feat
             hmask = row_ok[:, None] & f_ok[None, :]
             hv = tl.load(h_ptr + row_off[:, None] + f[None, :], mask=hmask, other=0.0, eviction_policy="evict_last")
-            wv = tl.load(w_ptr + ks[:, None] * n_feat + f[None, :], mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + cs[:, None] * n_feat + f[None, :], mask=c_ok[:, None] & f_ok[None, :], other=0.0)
             logits = tl.dot(hv.to(dot_dtype), tl.trans(wv.to(dot_dtype)), logits, input_precision="ieee")
-        logits += tl.load(b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-        logits = tl.where(k_ok[None, :], logits, float("-inf"))
+        logits += tl.load(b_ptr + cs, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        logits = tl.where(c_ok[None, :], logits, float("-inf"))
 
-        # Softmax and log-sum-exp per row; padded classes get p = 0.
-        m = tl.max(logits, axis=1)
-        e = tl.exp(logits - m[:, None])
-        s = tl.sum(e, axis=1)
-        p = e / s[:, None]
+        # Segmented softmax and log-sum-exp: each group's row max and sum by a masked reduction, broadcast
+        # back over the group's columns. Padded columns keep m = 0, s = 1, so they get p = 0.
+        m = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+        for g in tl.static_range(NUM_GROUPS):
+            in_g = (grp == g)[None, :]
+            m = tl.where(in_g, tl.max(tl.where(in_g, logits, float("-inf")), axis=1)[:, None], m)
+        e = tl.exp(logits - m)
+        s = tl.full((BLOCK_N, BLOCK_C), 1.0, dtype=tl.float32)
+        for g in tl.static_range(NUM_GROUPS):
+            in_g = (grp == g)[None, :]
+            s = tl.where(in_g, tl.sum(tl.where(in_g, e, 0.0), axis=1)[:, None], s)
+        p = e / s
         lse = m + tl.log(s)
 
-        # Per-row weights. Padded rows and rows with an out-of-range label get zero weight, which zeroes
-        # their losses and gradients.
+        # Per-row weights, the same for every group. Padded rows and rows with an out-of-range label get zero
+        # weight, which zeroes their losses and gradients.
         y = tl.load(labels_ptr + rows, mask=row_ok, other=0)
         y_ok = row_ok & (y >= 0) & (y < n_cls)
         wt = tl.load(w_true_ptr + y, mask=y_ok, other=0.0)
-        wp = tl.load(w_pair_ptr + y[:, None] * n_cls + ks[None, :], mask=y_ok[:, None] & k_ok[None, :], other=0.0)
-        onehot = ks[None, :] == y[:, None]
+        wp = tl.load(w_pair_ptr + y[:, None] * n_cls + cls[None, :], mask=y_ok[:, None] & c_ok[None, :], other=0.0)
+        s_y = tl.sum(tl.where((grp == 0)[None, :], wp, 0.0), axis=1)  # one group's row sum of w_pair
+        onehot = (cls[None, :] == y[:, None]) & c_ok[None, :]
 
-        ce = tl.where(k_ok[None, :], lse[:, None] - logits, 0.0)
+        ce = tl.where(c_ok[None, :], lse - logits, 0.0)
         loss_d = tl.sum(wt * tl.sum(tl.where(onehot, ce, 0.0), axis=1), axis=0) * inv_batch
         loss_ge = tl.sum(tl.sum(wp * ce, axis=1), axis=0) * inv_batch
 
         # Logit gradients without the 1/B factor (|u| <= the class weights), so that the cast to a 16-bit
         # dtype for tl.dot keeps them normal numbers; 1/B is applied to the fp32 dot products.
         u_d = wt[:, None] * (p - tl.where(onehot, 1.0, 0.0))
-        u_ge = tl.sum(wp, axis=1)[:, None] * p - wp
+        u_ge = s_y[:, None] * p - wp
         u_d_c = _round_to(u_d, dtype, INTERPRET).to(dot_dtype)
         u_ge_c = _round_to(u_ge, dtype, INTERPRET).to(dot_dtype)
 
         part = partial_ptr + pid.to(tl.int64) * stride_partial
-        tl.store(part + n_cls * n_feat + ks, tl.sum(u_d, axis=0) * inv_batch, mask=k_ok)
-        tl.store(part + n_cls * n_feat + n_cls, loss_d)
-        tl.store(part + n_cls * n_feat + n_cls + 1, loss_ge)
+        tl.store(part + n_col * n_feat + cs, tl.sum(u_d, axis=0) * inv_batch, mask=c_ok)
+        tl.store(part + n_col * n_feat + n_col, loss_d)
+        tl.store(part + n_col * n_feat + n_col + 1, loss_ge)
 
-        # Pass 2: grad_h = u @ W / B for both losses, partial dW = u_d^T @ h / B.
+        # Pass 2: grad_h = u @ W / B for both losses (summing over all groups' columns), partial
+        # dW = u_d^T @ h / B.
         for f0 in range(0, n_feat, BLOCK_F):
             f = f0 + fs
             f_ok = f < n_feat
-            wv = tl.load(w_ptr + ks[:, None] * n_feat + f[None, :], mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + cs[:, None] * n_feat + f[None, :], mask=c_ok[:, None] & f_ok[None, :], other=0.0)
             wv = wv.to(dot_dtype)
             hmask = row_ok[:, None] & f_ok[None, :]
             gh_d = tl.dot(u_d_c, wv, input_precision="ieee") * inv_batch
@@ -226,7 +294,7 @@ if triton is not None:
             tl.store(grad_h_ge_ptr + row_off[:, None] + f[None, :], gh_ge, mask=hmask, cache_modifier=".cs")
             hv = tl.load(h_ptr + row_off[:, None] + f[None, :], mask=hmask, other=0.0, eviction_policy="evict_first")
             gw = tl.dot(tl.trans(u_d_c), hv.to(dot_dtype), input_precision="ieee") * inv_batch
-            tl.store(part + ks[:, None] * n_feat + f[None, :], gw, mask=k_ok[:, None] & f_ok[None, :])
+            tl.store(part + cs[:, None] * n_feat + f[None, :], gw, mask=c_ok[:, None] & f_ok[None, :])
 
     @triton.jit
     def _kway_head_reduce_kernel(
@@ -235,39 +303,37 @@ if triton is not None:
         grad_b_ptr,
         loss_d_ptr,
         loss_ge_ptr,
-        G,
-        KF,
-        K,
+        n_part,
+        n_wf,
+        n_col,
         stride_partial,
-        BLOCK_G: tl.constexpr,
+        BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
         INTERPRET: tl.constexpr,
     ):
-        """Sum the G per-program partial rows column-wise (fixed order, deterministic) and scatter the
+        """Sum the n_part per-program partial rows column-wise (fixed order, deterministic) and scatter the
         sums into grad_W (input dtype), grad_b (input dtype) and the two fp32 losses."""
         pid = tl.program_id(0)
         cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = cols < KF + K + 2
-        gs = tl.arange(0, BLOCK_G)
+        c_ok = cols < n_wf + n_col + 2
+        ps = tl.arange(0, BLOCK_P)
         acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for g0 in range(0, G, BLOCK_G):
-            g = g0 + gs
+        for p0 in range(0, n_part, BLOCK_P):
+            p = p0 + ps
             v = tl.load(
-                partial_ptr + g.to(tl.int64)[:, None] * stride_partial + cols[None, :],
-                mask=(g < G)[:, None] & c_ok[None, :],
+                partial_ptr + p.to(tl.int64)[:, None] * stride_partial + cols[None, :],
+                mask=(p < n_part)[:, None] & c_ok[None, :],
                 other=0.0,
             )
             acc += tl.sum(v, axis=0)
-        is_w = cols < KF
-        tl.store(
-            grad_w_ptr + tl.where(is_w, cols, 0), _round_to(acc, grad_w_ptr.dtype.element_ty, INTERPRET), mask=is_w
-        )
-        is_b = (cols >= KF) & (cols < KF + K)
-        tl.store(
-            grad_b_ptr + tl.where(is_b, cols - KF, 0), _round_to(acc, grad_b_ptr.dtype.element_ty, INTERPRET), mask=is_b
-        )
-        tl.store(loss_d_ptr + cols * 0, acc, mask=cols == KF + K)
-        tl.store(loss_ge_ptr + cols * 0, acc, mask=cols == KF + K + 1)
+        is_w = cols < n_wf
+        w_val = _round_to(acc, grad_w_ptr.dtype.element_ty, INTERPRET)
+        tl.store(grad_w_ptr + tl.where(is_w, cols, 0), w_val, mask=is_w)
+        is_b = (cols >= n_wf) & (cols < n_wf + n_col)
+        b_val = _round_to(acc, grad_b_ptr.dtype.element_ty, INTERPRET)
+        tl.store(grad_b_ptr + tl.where(is_b, cols - n_wf, 0), b_val, mask=is_b)
+        tl.store(loss_d_ptr + cols * 0, acc, mask=cols == n_wf + n_col)
+        tl.store(loss_ge_ptr + cols * 0, acc, mask=cols == n_wf + n_col + 1)
 
     @triton.jit
     def _scale_sum_kernel(
@@ -291,23 +357,27 @@ if triton is not None:
         tl.store(out_ptr + offs, _round_to(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-def _launch_config(n: int, f: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_F, num_warps, num_stages). Small tiles for the CPU interpreter, whose cost grows with
-    tile size. On CUDA the best of a sweep on an H100 (BLOCK_N 32-128, BLOCK_F 128-256, 4-8 warps, 2-4
-    stages; N = 8192, F = 1536, K = 4 and 8, bf16): 64-row blocks, one wave of programs, won. fp32 tiles
-    take half the width, so that four pipeline stages still fit in shared memory."""
+def _launch_config(
+    n: int, f: int, n_col: int, dtype: torch.dtype, device: torch.device
+) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_F, BLOCK_C, num_warps, num_stages). Small tiles for the CPU interpreter, whose cost
+    grows with tile size. On CUDA the best of a sweep on an H100 (BLOCK_N 32-128, BLOCK_F 128-256, 4-8 warps,
+    2-4 stages; N = 8192, F = 1536, K = 4 and 8, G = 1, bf16): 64-row blocks, one wave of programs, won. fp32
+    tiles take half the width, so that four pipeline stages still fit in shared memory; a 32-column W tile
+    (G·K > 16) adds a quarter to each stage, so it gets three (not swept yet)."""
+    block_c = max(16, triton.next_power_of_2(n_col))
     if device.type == "cpu":
         block_f_cap, block_n_cap, num_warps, num_stages = 64, 16, 1, 1
     else:
-        block_f_cap, block_n_cap, num_warps, num_stages = 512 // dtype.itemsize, 64, 8, 4
+        block_f_cap, block_n_cap, num_warps, num_stages = 512 // dtype.itemsize, 64, 8, (4 if block_c <= 16 else 3)
     block_f = min(block_f_cap, max(16, triton.next_power_of_2(f)))
     block_n = min(block_n_cap, max(16, triton.next_power_of_2(n)))
-    return block_n, block_f, num_warps, num_stages
+    return block_n, block_f, block_c, num_warps, num_stages
 
 
 def _reduce_config(grid: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_G, BLOCK_C) of the partial reduction: narrow column blocks on CUDA so that enough programs
-    share the read of the (G, K·F + K + 2) partials."""
+    """(BLOCK_P, BLOCK_C) of the partial reduction over ``grid`` partial rows: narrow column blocks on CUDA
+    so that enough programs share the read of the (grid, C·F + C + 2) partials."""
     return min(64, triton.next_power_of_2(grid)), (64 if device.type == "cuda" else 1024)
 
 
@@ -319,33 +389,34 @@ def _kway_head_fwd_triton(
     w_true: Tensor,
     w_pair: Tensor,
     inv_batch: float,
+    num_groups: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the fused forward (one program per BLOCK_N rows) and the partial reduction."""
     h, weight, bias = h.contiguous(), weight.contiguous(), bias.contiguous()
     labels, w_true, w_pair = labels.contiguous(), w_true.contiguous(), w_pair.contiguous()
     n, f = h.shape
-    k = weight.shape[0]
-    block_n, block_f, num_warps, num_stages = _launch_config(n, f, h.dtype, h.device)
+    n_col = weight.shape[0]
+    block_n, block_f, block_c, num_warps, num_stages = _launch_config(n, f, n_col, h.dtype, h.device)
     grid = triton.cdiv(n, block_n)
     interpret = h.device.type == "cpu"
-    cols = k * f + k + 2
+    cols = n_col * f + n_col + 2
     partial = torch.empty((grid, cols), dtype=torch.float32, device=h.device)
     grad_h_d = torch.empty_like(h)
     grad_h_ge = torch.empty_like(h)
     _kway_head_fwd_kernel[(grid,)](
         h, weight, bias, labels, w_true, w_pair, grad_h_d, grad_h_ge, partial,
-        n, f, k, inv_batch, partial.stride(0),
-        BLOCK_N=block_n, BLOCK_F=block_f, BLOCK_K=K_MAX, INTERPRET=interpret,
+        n, f, n_col // num_groups, inv_batch, partial.stride(0),
+        NUM_GROUPS=num_groups, BLOCK_N=block_n, BLOCK_F=block_f, BLOCK_C=block_c, INTERPRET=interpret,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     grad_w = torch.empty_like(weight)
     grad_b = torch.empty_like(bias)
     loss_d = torch.empty((), dtype=torch.float32, device=h.device)
     loss_ge = torch.empty((), dtype=torch.float32, device=h.device)
-    block_g, block_c = _reduce_config(grid, h.device)
+    block_p, block_c = _reduce_config(grid, h.device)
     _kway_head_reduce_kernel[(triton.cdiv(cols, block_c),)](
-        partial, grad_w, grad_b, loss_d, loss_ge, grid, k * f, k, partial.stride(0),
-        BLOCK_G=block_g, BLOCK_C=block_c, INTERPRET=interpret,
+        partial, grad_w, grad_b, loss_d, loss_ge, grid, n_col * f, n_col, partial.stride(0),
+        BLOCK_P=block_p, BLOCK_C=block_c, INTERPRET=interpret,
     )  # fmt: skip
     return loss_d, loss_ge, grad_h_d, grad_h_ge, grad_w, grad_b
 
@@ -364,13 +435,15 @@ def _kway_head_fwd(
     w_true: Tensor,
     w_pair: Tensor,
     inv_batch: float,
+    num_groups: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss_d, loss_ge, grad_h_d, grad_h_ge, grad_w_d, grad_b_d), the gradients those of the losses."""
-    return _kway_head_fwd_triton(h, weight, bias, labels, w_true, w_pair, inv_batch)
+    """(loss_d, loss_ge, grad_h_d, grad_h_ge, grad_w_d, grad_b_d), the gradients those of the losses;
+    ``num_groups`` groups of weight.shape[0] / num_groups classes (1: :func:`kway_head`)."""
+    return _kway_head_fwd_triton(h, weight, bias, labels, w_true, w_pair, inv_batch, num_groups)
 
 
 @_kway_head_fwd.register_fake
-def _(h, weight, bias, labels, w_true, w_pair, inv_batch):
+def _(h, weight, bias, labels, w_true, w_pair, inv_batch, num_groups=1):
     loss = h.new_empty((), dtype=torch.float32)
     grads = torch.empty_like(h), torch.empty_like(h), torch.empty_like(weight), torch.empty_like(bias)
     return loss, torch.empty_like(loss), *grads
@@ -413,7 +486,7 @@ def _backward(ctx, g_d: Tensor | None, g_ge: Tensor | None, *_unused: Tensor | N
     if g_d is not None:
         grad_w = grad_w_d * g_d if need_w else None
         grad_b = grad_b_d * g_d if need_b else None
-    return grad_h, grad_w, grad_b, None, None, None, None
+    return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 _kway_head_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -455,34 +528,10 @@ def kway_head(
     the G/E loss w.r.t. D's head), so autograd gets None for weight and bias from it. Both losses come
     from one autograd node: pass ``retain_graph=True`` to the first of two ``torch.autograd.grad`` calls.
     """
-    if impl not in _IMPLS:
-        raise ValueError(f"kway_head: impl must be one of {_IMPLS}, got {impl!r}")
-    if not _use_triton(impl, h):
-        return kway_head_ref(h, weight, bias, labels, w_true, w_pair, inv_batch)
-    _check_inputs(h, weight, bias, labels, w_true, w_pair, inv_batch, _TRITON_DTYPES)
-    loss_d, loss_ge, *_ = _kway_head_fwd(h, weight, bias, labels, w_true, w_pair, float(inv_batch))
-    return loss_d, loss_ge
+    return _head("kway_head", h, weight, bias, labels, w_true, w_pair, inv_batch, 1, impl)
 
 
-def _use_triton(impl: str, h: Tensor) -> bool:
-    """Resolve ``impl`` for tensors on h's device; 'triton' where Triton cannot run is an error."""
-    if impl == "ref":
-        return False
-    if impl == "auto":
-        return triton is not None and h.is_cuda and h.dtype in _TRITON_DTYPES
-    if triton is None:
-        raise RuntimeError("kway_head: impl='triton' needs the triton package (pip install triton); or use impl='ref'")
-    if h.device.type == "cpu" and not isinstance(_kway_head_fwd_kernel, InterpretedFunction):
-        raise RuntimeError(
-            "kway_head: impl='triton' on a CPU tensor needs Triton's interpreter: set TRITON_INTERPRET=1 before "
-            "gali.kernels.kway_head is first imported; or use impl='ref'"
-        )
-    if h.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"kway_head: impl='triton' runs on CUDA (or CPU with TRITON_INTERPRET=1), got {h.device}")
-    return True
-
-
-def _check_inputs(
+def kway_head_grouped(
     h: Tensor,
     weight: Tensor,
     bias: Tensor,
@@ -490,37 +539,127 @@ def _check_inputs(
     w_true: Tensor,
     w_pair: Tensor,
     inv_batch: float,
+    num_groups: int,
+    impl: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Fused K-way head with ``num_groups`` groups of K logits, in one launch (see the module docstring).
+
+    Group g's logits are columns [g·K, (g+1)·K) of ``h @ weight.T + bias``, each group with its own
+    softmax over its K classes. All groups share ``labels``, ``w_true`` and ``w_pair``, and the losses are
+    summed over the groups: ``loss_d = sum_g loss_d(group g)``, ``loss_ge = sum_g loss_ge(group g)``, each
+    term as :func:`kway_head` computes it. ``num_groups = 1`` is :func:`kway_head`.
+
+    BigBiGAN-style heads (unary-x, unary-z and joint scores, each from its own features) are this op over
+    ``h = torch.cat([h_x, h_z, h_j], 1)`` with ``weight = torch.block_diag(W_x, W_z, W_j)`` (each group's
+    rows zero outside its own block of features) and ``bias = torch.cat([b_x, b_z, b_j])``; autograd through
+    ``cat`` and ``block_diag`` gives each block its own gradient, the same as three :func:`kway_head` calls
+    summed.
+
+    Args:
+        h: (N, F) features, fp32/bf16/fp16.
+        weight: (G·K, F), G = num_groups, 2 <= K <= 16 and G·K <= 32; same dtype and device as h.
+        bias: (G·K,), same dtype as h.
+        labels, w_true (K,), w_pair (K, K), inv_batch, impl: as in :func:`kway_head`, shared by all groups.
+        num_groups: G >= 1, a Python int.
+
+    Returns and gradients: as in :func:`kway_head` (``loss_d`` w.r.t. h, weight and bias; ``loss_ge``
+    w.r.t. h only).
+    """
+    return _head("kway_head_grouped", h, weight, bias, labels, w_true, w_pair, inv_batch, num_groups, impl)
+
+
+def _head(
+    name: str,
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    labels: Tensor,
+    w_true: Tensor,
+    w_pair: Tensor,
+    inv_batch: float,
+    num_groups: int,
+    impl: str,
+) -> tuple[Tensor, Tensor]:
+    """The one path behind :func:`kway_head` (num_groups = 1) and :func:`kway_head_grouped`."""
+    if impl not in _IMPLS:
+        raise ValueError(f"{name}: impl must be one of {_IMPLS}, got {impl!r}")
+    if not _use_triton(name, impl, h):
+        _check_inputs(name, h, weight, bias, labels, w_true, w_pair, inv_batch, num_groups, _REF_DTYPES)
+        return _ref_losses(h, weight, bias, labels, w_true, w_pair, inv_batch, num_groups)
+    _check_inputs(name, h, weight, bias, labels, w_true, w_pair, inv_batch, num_groups, _TRITON_DTYPES)
+    loss_d, loss_ge, *_ = _kway_head_fwd(h, weight, bias, labels, w_true, w_pair, float(inv_batch), num_groups)
+    return loss_d, loss_ge
+
+
+def _use_triton(name: str, impl: str, h: Tensor) -> bool:
+    """Resolve ``impl`` for tensors on h's device; 'triton' where Triton cannot run is an error."""
+    if impl == "ref":
+        return False
+    if impl == "auto":
+        return triton is not None and h.is_cuda and h.dtype in _TRITON_DTYPES
+    if triton is None:
+        raise RuntimeError(f"{name}: impl='triton' needs the triton package (pip install triton); or use impl='ref'")
+    if h.device.type == "cpu" and not isinstance(_kway_head_fwd_kernel, InterpretedFunction):
+        raise RuntimeError(
+            f"{name}: impl='triton' on a CPU tensor needs Triton's interpreter: set TRITON_INTERPRET=1 before "
+            "gali.kernels.kway_head is first imported; or use impl='ref'"
+        )
+    if h.device.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"{name}: impl='triton' runs on CUDA (or CPU with TRITON_INTERPRET=1), got {h.device}")
+    return True
+
+
+def _check_inputs(
+    name: str,
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    labels: Tensor,
+    w_true: Tensor,
+    w_pair: Tensor,
+    inv_batch: float,
+    num_groups: int,
     dtypes: tuple[torch.dtype, ...],
 ) -> None:
-    """Shape, dtype and device checks on metadata only (no host sync); errors name the argument."""
+    """Shape, dtype and device checks on metadata only (no host sync); errors name the op and the argument.
+    num_groups = 1 (:func:`kway_head`) words the weight's shape as (K, F), more groups as (G·K, F)."""
 
     def fail(msg: str) -> None:
-        raise ValueError(f"kway_head: {msg}")
+        raise ValueError(f"{name}: {msg}")
 
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        fail(f"num_groups must be a Python int >= 1, got {num_groups!r}")
     if h.dim() != 2:
         fail(f"h must be 2-D (N, F), got shape {tuple(h.shape)}")
     if h.dtype not in dtypes:
         fail(f"h must have a dtype in {[str(d) for d in dtypes]}, got {h.dtype}")
     n, f = h.shape
+    rows = "K" if num_groups == 1 else f"num_groups·K = {num_groups}·K"
     if weight.dim() != 2 or weight.shape[1] != f:
-        fail(f"weight must have shape (K, F={f}), got {tuple(weight.shape)}")
-    k = weight.shape[0]
+        fail(f"weight must have shape ({rows}, F={f}), got {tuple(weight.shape)}")
+    n_col = weight.shape[0]
+    if n_col % num_groups:
+        fail(f"weight.shape[0] = {n_col} must be a multiple of num_groups = {num_groups}")
+    k = n_col // num_groups
     if not 2 <= k <= K_MAX:
-        fail(f"K (weight.shape[0]) must be in [2, {K_MAX}], got {k}")
-    expected = {"weight": (weight, (k, f)), "bias": (bias, (k,)), "labels": (labels, (n,)),
+        where = "weight.shape[0]" if num_groups == 1 else "weight.shape[0] / num_groups"
+        fail(f"K ({where}) must be in [2, {K_MAX}], got {k}")
+    if n_col > COLS_MAX:
+        fail(f"num_groups·K = {num_groups}·{k} = {n_col} logit columns exceed the supported maximum {COLS_MAX}")
+    expected = {"weight": (weight, (n_col, f)), "bias": (bias, (n_col,)), "labels": (labels, (n,)),
                 "w_true": (w_true, (k,)), "w_pair": (w_pair, (k, k))}  # fmt: skip
-    for name, (t, shape) in expected.items():
+    for arg, (t, shape) in expected.items():
         if tuple(t.shape) != shape:
-            fail(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+            fail(f"{arg} must have shape {shape}, got {tuple(t.shape)}")
         if t.device != h.device:
-            fail(f"{name} must be on h's device {h.device}, got {t.device}")
-    for name, t in (("weight", weight), ("bias", bias)):
+            fail(f"{arg} must be on h's device {h.device}, got {t.device}")
+    for arg, t in (("weight", weight), ("bias", bias)):
         if t.dtype != h.dtype:
-            fail(f"{name} must have h's dtype {h.dtype}, got {t.dtype}")
+            fail(f"{arg} must have h's dtype {h.dtype}, got {t.dtype}")
     if labels.dtype != torch.int64:
         fail(f"labels must be torch.int64, got {labels.dtype}")
-    for name, t in (("w_true", w_true), ("w_pair", w_pair)):
+    for arg, t in (("w_true", w_true), ("w_pair", w_pair)):
         if t.dtype != torch.float32:
-            fail(f"{name} must be torch.float32, got {t.dtype}")
+            fail(f"{arg} must be torch.float32, got {t.dtype}")
     if isinstance(inv_batch, Tensor) or not isinstance(inv_batch, int | float) or not inv_batch > 0:
         fail(f"inv_batch must be a positive Python float (1/B), got {inv_batch!r}")

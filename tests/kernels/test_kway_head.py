@@ -1,4 +1,5 @@
-"""kway_head: Triton kernel vs its reference twin, forward and every gradient, plus hand-checked values.
+"""kway_head and kway_head_grouped: Triton kernel vs its reference twin, forward and every gradient, plus
+hand-checked values.
 
 Runs on CUDA when a device is present, else in Triton's CPU interpreter (conftest.py sets
 TRITON_INTERPRET=1 before this module imports the kernel). Shapes are small so the interpreter stays fast.
@@ -11,6 +12,8 @@ Tolerances:
   the low-precision reference's own error against fp64, plus an atol of LOWP_ATOL times the largest
   magnitude. The atol covers quantities where the reference happens to be almost exact (its error can be
   ~0 on a tiny case by luck) while the kernel still rounds its 16-bit inputs to the dot products.
+
+The grouped form is held to the same two rules.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gali.kernels import kway_head as kh
-from gali.kernels.kway_head import kway_head, kway_head_ref
+from gali.kernels.kway_head import kway_head, kway_head_grouped, kway_head_grouped_ref, kway_head_ref
 
 pytest.importorskip("triton")
 
@@ -114,6 +117,17 @@ def assert_fp32_close(out: dict[str, Tensor], ref: dict[str, Tensor]) -> None:
         torch.testing.assert_close(out[name], expected, rtol=FP32_RTOL, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def assert_lowp_within_rule(out: dict[str, Tensor], ref: dict[str, Tensor], exact: dict[str, Tensor], dtype) -> None:
+    """The bf16/fp16 rule of the module docstring: error vs fp64 <= 2 × the reference's + LOWP_ATOL · max."""
+    for name in NAMES:
+        assert out[name].dtype == ref[name].dtype, name
+        truth = exact[name].double()
+        ref_err = (ref[name].double() - truth).abs().max().item()
+        err = (out[name].double() - truth).abs().max().item()
+        bound = 2 * ref_err + LOWP_ATOL[dtype] * truth.abs().max().item()
+        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (reference error {ref_err:.3g})"
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Triton vs reference
 # ----------------------------------------------------------------------------------------------------------
@@ -142,14 +156,7 @@ def test_low_precision_within_twice_ref_error(batch: int, k: int, f: int, dtype:
     case = make_case(batch, k, f, dtype=dtype)
     exact = run(kway_head_ref, as_dtype(case, torch.float64))
     ref = run(kway_head_ref, case)
-    out = run(triton_fn, case)
-    for name in NAMES:
-        assert out[name].dtype == ref[name].dtype, name
-        truth = exact[name].double()
-        ref_err = (ref[name].double() - truth).abs().max().item()
-        err = (out[name].double() - truth).abs().max().item()
-        bound = 2 * ref_err + LOWP_ATOL[dtype] * truth.abs().max().item()
-        assert err <= bound, f"{name}: error {err:.3g} > bound {bound:.3g} (reference error {ref_err:.3g})"
+    assert_lowp_within_rule(run(triton_fn, case), ref, exact, dtype)
 
 
 def test_output_dtypes_and_shapes() -> None:
@@ -159,6 +166,177 @@ def test_output_dtypes_and_shapes() -> None:
     assert out["loss_d"].dtype == out["loss_ge"].dtype == torch.float32
     for name in ("dh_d", "dw_d", "db_d", "dh_ge"):
         assert out[name].dtype == torch.bfloat16, name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Grouped form: G groups of K logits, one softmax per group, losses summed over the groups
+# ----------------------------------------------------------------------------------------------------------
+
+
+def make_grouped_case(
+    batch: int, k: int, groups: int, f: int, dtype: torch.dtype = torch.float32, weights: str = "paper"
+) -> dict:
+    """make_case's rows, labels and class weights with a (G·K, F) weight and (G·K,) bias."""
+    case = make_case(batch, k, f, dtype=dtype, weights=weights)
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(groups * k, f, generator=g) * (2.0 / math.sqrt(f))
+    bias = 0.5 * torch.randn(groups * k, generator=g)
+    return {**case, "weight": weight.to(DEVICE, dtype), "bias": bias.to(DEVICE, dtype), "num_groups": groups}
+
+
+def triton_grouped_fn(**kw) -> tuple[Tensor, Tensor]:
+    return kway_head_grouped(**kw, impl="triton")
+
+
+# (rows per class, K, G, F): BigBiGAN's three groups with K = 4 and 8 (24 columns) at batch 1 per class and
+# prime F; several row blocks and F tiles; 10 columns padded to 16; the 32-column maximum; G = 1.
+GROUPED_SHAPES = [(1, 4, 3, 13), (1, 8, 3, 29), (5, 4, 3, 67), (2, 2, 5, 17), (1, 16, 2, 11), (3, 3, 1, 7)]
+
+
+@pytest.mark.parametrize(("batch", "k", "groups", "f"), GROUPED_SHAPES)
+def test_grouped_fp32_matches_ref(batch: int, k: int, groups: int, f: int) -> None:
+    case = make_grouped_case(batch, k, groups, f)
+    assert_fp32_close(run(triton_grouped_fn, case), run(kway_head_grouped_ref, case))
+
+
+@pytest.mark.parametrize("weights", ["bug", "random"])
+def test_grouped_non_uniform_weights_match_ref(weights: str) -> None:
+    case = make_grouped_case(2, 4, 3, 23, weights=weights)
+    assert_fp32_close(run(triton_grouped_fn, case), run(kway_head_grouped_ref, case))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("batch", "k", "groups", "f"), [(1, 4, 3, 13), (1, 8, 3, 29), (5, 4, 3, 67)])
+def test_grouped_low_precision_within_twice_ref_error(batch: int, k: int, groups: int, f: int, dtype) -> None:
+    case = make_grouped_case(batch, k, groups, f, dtype=dtype)
+    exact = run(kway_head_grouped_ref, as_dtype(case, torch.float64))
+    assert_lowp_within_rule(run(triton_grouped_fn, case), run(kway_head_grouped_ref, case), exact, dtype)
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_grouped_with_one_group_is_kway_head(impl: str) -> None:
+    case = make_case(3, 5, 19)
+    out = run(lambda **kw: kway_head_grouped(**kw, num_groups=1, impl=impl), case)
+    ref = run(lambda **kw: kway_head(**kw, impl=impl), case)
+    for name in NAMES:
+        assert torch.equal(out[name], ref[name]), name
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_grouped_is_the_sum_over_groups_of_kway_head(impl: str) -> None:
+    """The definition: group g is kway_head on all of h with rows [g·K, (g+1)·K) of weight and bias."""
+    k, groups = 4, 3
+    case = make_grouped_case(2, k, groups, 11)
+    out = run(lambda **kw: kway_head_grouped(**kw, impl=impl), case)
+
+    def summed(h, weight, bias, num_groups, **kw):
+        terms = [kway_head_ref(h, w, b, **kw) for w, b in zip(weight.split(k), bias.split(k), strict=True)]
+        return sum(t[0] for t in terms), sum(t[1] for t in terms)
+
+    assert_fp32_close(out, run(summed, case))
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_grouped_block_diagonal_weight_is_three_separate_heads(impl: str) -> None:
+    """BigBiGAN-style unary-x, unary-z and joint scores: h = [h_x | h_z | h_j], weight = block_diag(W_x, W_z,
+    W_j). Losses and every gradient of the leaves equal those of three kway_head calls on the blocks."""
+    k, batch, widths = 4, 2, (7, 5, 11)
+    base = make_case(batch, k, 1)
+    g = torch.Generator().manual_seed(2)
+    blocks = [
+        (
+            torch.randn(k * batch, f, generator=g),
+            torch.randn(k, f, generator=g) / math.sqrt(f),
+            torch.randn(k, generator=g),
+        )
+        for f in widths
+    ]
+    leaves = [t.to(DEVICE).requires_grad_() for block in blocks for t in block]
+    hs, ws, bs = leaves[0::3], leaves[1::3], leaves[2::3]
+    shared = {name: base[name] for name in ("labels", "w_true", "w_pair", "inv_batch")}
+
+    def grads(loss_d: Tensor, loss_ge: Tensor) -> list[Tensor]:
+        d = torch.autograd.grad(loss_d, leaves, retain_graph=True)
+        ge = torch.autograd.grad(loss_ge, hs, retain_graph=True)
+        ge_wb = torch.autograd.grad(loss_ge, ws + bs, allow_unused=True)
+        assert all(t is None or not t.any() for t in ge_wb)
+        return [loss_d.detach(), loss_ge.detach(), *d, *ge]
+
+    grouped = kway_head_grouped(
+        torch.cat(hs, 1), torch.block_diag(*ws), torch.cat(bs), **shared, num_groups=3, impl=impl
+    )
+    separate = [kway_head(h, w, b, **shared, impl=impl) for h, w, b in zip(hs, ws, bs, strict=True)]
+    want = grads(sum(t[0] for t in separate), sum(t[1] for t in separate))
+    for i, (got, expected) in enumerate(zip(grads(*grouped), want, strict=True)):
+        atol = 1e-6 * expected.abs().max().item()
+        torch.testing.assert_close(got, expected, rtol=FP32_RTOL, atol=atol, msg=lambda m, i=i: f"output {i}: {m}")
+
+
+def test_grouped_logit_gradients_are_per_group_softmax() -> None:
+    """F = G·K, W = I, b = 0: dh is the logit gradient, each group's K columns that of its own softmax."""
+    k, groups, batch = 3, 3, 2
+    case = make_grouped_case(batch, k, groups, k * groups, weights="random")
+    case["weight"] = torch.eye(k * groups, device=DEVICE)
+    case["bias"] = torch.zeros(k * groups, device=DEVICE)
+    out = run(triton_grouped_fn, case)
+    y = case["labels"]
+    w_pair = case["w_pair"][y]
+    for g, cols in enumerate(case["h"].split(k, dim=1)):
+        p = cols.softmax(dim=1)
+        expected_d = case["inv_batch"] * case["w_true"][y, None] * (p - F.one_hot(y, k))
+        expected_ge = case["inv_batch"] * (w_pair.sum(dim=1, keepdim=True) * p - w_pair)
+        torch.testing.assert_close(out["dh_d"][:, g * k : (g + 1) * k], expected_d, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(out["dh_ge"][:, g * k : (g + 1) * k], expected_ge, rtol=1e-5, atol=1e-7)
+
+
+def _with(case: dict, **changes) -> dict:
+    return {**case, **changes}
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda c: _with(c, num_groups=0), "num_groups must be a Python int >= 1, got 0"),
+        (lambda c: _with(c, num_groups=-3), "num_groups must be a Python int >= 1, got -3"),
+        (lambda c: _with(c, num_groups=3.0), "num_groups must be a Python int >= 1, got 3.0"),
+        (lambda c: _with(c, num_groups=True), "num_groups must be a Python int >= 1, got True"),
+        (lambda c: _with(c, num_groups=torch.tensor(3)), "num_groups must be a Python int >= 1"),
+        (lambda c: _with(c, num_groups=4), r"weight.shape\[0\] = 9 must be a multiple of num_groups = 4"),
+        (lambda c: _with(c, num_groups=9), r"K \(weight.shape\[0\] / num_groups\) must be in \[2, 16\], got 1"),
+        (lambda c: _with(c, weight=c["weight"][:, :-1]), r"weight must have shape \(num_groups·K = 3·K, F=5\)"),
+        (
+            lambda c: _with(c, weight=c["weight"].repeat(4, 1), bias=c["bias"].repeat(4)),
+            r"num_groups·K = 3·12 = 36 logit columns exceed the supported maximum 32",
+        ),
+        (lambda c: _with(c, bias=c["bias"][:3]), r"bias must have shape \(9,\), got \(3,\)"),
+        (lambda c: _with(c, w_true=c["w_true"].repeat(3)), r"w_true must have shape \(3,\), got \(9,\)"),
+        (lambda c: _with(c, w_pair=torch.zeros(9, 9, device=DEVICE)), r"w_pair must have shape \(3, 3\)"),
+    ],
+)
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_grouped_bad_inputs_name_the_argument(change, match: str, impl: str) -> None:
+    case = change(make_grouped_case(1, 3, 3, 5))
+    with pytest.raises(ValueError, match=f"^kway_head_grouped: {match}"):
+        kway_head_grouped(**case, impl=impl)
+    if impl == "ref":
+        with pytest.raises(ValueError, match=f"^kway_head_grouped: {match}"):
+            kway_head_grouped_ref(**case)
+
+
+def test_grouped_opcheck_and_compile() -> None:
+    case = make_grouped_case(1, 4, 3, 9)
+    args = (case["h"].requires_grad_(), case["weight"].requires_grad_(), case["bias"].requires_grad_(),
+            case["labels"], case["w_true"], case["w_pair"], case["inv_batch"], 3)  # fmt: skip
+    torch.library.opcheck(torch.ops.gali.kway_head_fwd.default, args)
+
+    def step(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        loss_d, loss_ge = kway_head_grouped(torch.tanh(h), weight, bias, *args[3:], impl="triton")
+        return 2.0 * loss_d + loss_ge
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    grads = torch.autograd.grad(compiled(*args[:3]), args[:3])
+    for got, want in zip(grads, torch.autograd.grad(step(*args[:3]), args[:3]), strict=True):
+        torch.testing.assert_close(got, want, rtol=FP32_RTOL, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------------------
