@@ -55,7 +55,9 @@ and bench/test_kway_head.py): bf16/fp16 forward (both launches) 41-43 µs, about
 minimum; the training step's forward + both backward calls captured in a CUDA graph 85-98 µs, against
 150-170 µs for the graphed reference twin. fp32 forward 188 µs: IEEE fp32 dot products run on CUDA cores,
 not tensor cores. DESIGN.md's target for the forward (<= 30 µs, >= 70% of HBM bandwidth) is not met yet.
-The grouped form (G = 3, K = 4) has not been timed on a GPU yet (bench/test_kway_head.py has the case).
+The grouped form (G = 3; pytest-benchmark medians, bench/reports/2026-11-24-h100-kway-head-grouped.json):
+forward 56 µs (K = 4) and 66 µs (K = 8), graphed step 100 and 110 µs, against 392 µs for the graphed
+reference twin in the same run.
 Eager calls add several hundred µs of host overhead (custom-op dispatch, autograd, Triton launches):
 capture the step in a CUDA graph or compile it.
 
