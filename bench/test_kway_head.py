@@ -35,11 +35,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from torch import Tensor
 
 from gali.kernels.kway_head import _kway_head_fwd, kway_head_grouped, kway_head_grouped_ref
-
-triton = pytest.importorskip("triton")
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -28,14 +28,8 @@ ratio between impls is their speed ratio); ``extra_info["bytes"]`` records the c
 synchronises CUDA before returning.
 """
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 
 from gali.kernels.mask_composite import (
     MaskComposite,
@@ -44,8 +38,6 @@ from gali.kernels.mask_composite import (
     sample_box_params,
     sample_stroke_params,
 )
-
-pytest.importorskip("triton")
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

@@ -1,6 +1,6 @@
 """mask_composite: Triton kernel vs its reference twin (forward and every gradient), and the samplers.
 
-On a CPU-only machine the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below
+On a CPU-only machine the Triton kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
 before anything imports triton); with a CUDA device the same tests run there.
 
 Tolerances: masks and the selections x / y / fill are exact in every dtype. Arithmetic (the noise add,
@@ -9,17 +9,11 @@ paths agree to fp32 rounding in fp32 (1e-6) and to one unit in the last place of
 contraction may round differently from the reference's separate multiply and add).
 """
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import math
 
 import numpy as np
 import pytest
+import torch
 
 from gali.kernels import mask_composite as mc
 from gali.kernels.mask_composite import (
@@ -29,8 +23,6 @@ from gali.kernels.mask_composite import (
     sample_box_params,
     sample_stroke_params,
 )
-
-pytest.importorskip("triton")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
