@@ -57,6 +57,12 @@ def make_pipeline(
         )
     else:
         root = Path(cfg.root).expanduser()
+    if cfg.backend == "dali":
+        from .dali import DaliPipeline  # nvidia-dali is an optional dependency
+
+        return DaliPipeline(
+            cfg, root, split=split, batch_size=batch_size, device=device, seed=seed, rank=rank, world_size=world_size
+        )
     return FolderPipeline(
         root,
         split=split,

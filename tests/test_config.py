@@ -57,7 +57,7 @@ def test_overrides_apply_with_toml_literals():
         ("run.batch_size=2.5", "run.batch_size", "expected int"),
         ("method.loss_weights=mine", "method.loss_weights", "accepted: paper, authors"),
         ("method.kernel_impl=cuda", "method.kernel_impl", "accepted: auto, triton, ref"),
-        ("data.source=web", "data.source", "accepted: digits, folder"),
+        ("data.source=web", "data.source", "accepted: digits, folder, filelist, webdataset"),
         ("data.resolution=64", "data.resolution", "model.arch='svhn32' takes 32x32"),
         ("model.arch=resnet", "model.arch", "accepted: svhn32, celeba64"),
         ("run.device=tpu", "run.device", "accepted: auto, cpu, cuda"),
