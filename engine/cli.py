@@ -1,9 +1,12 @@
-"""The ``gali`` command: train, sample, reconstruct, presets.
+"""The ``gali`` command: train, sample, reconstruct, presets, data tools.
 
     gali train [--preset NAME|FILE.toml] [--dry-run] [section.key=value ...]
     gali sample CHECKPOINT [--out FILE.png] [--n 64] [--seed 0]
     gali reconstruct CHECKPOINT [--out FILE.png] [--n 16] [--split test]
     gali presets
+    gali data check ROOT [--workers N]
+    gali data prepare SRC DST --resolution R --shards N [--format jpeg|png] [--workers N] [--seed 0]
+    gali data stats ROOT [--workers N]
 """
 
 from __future__ import annotations
@@ -62,6 +65,81 @@ def _presets(args: argparse.Namespace) -> None:
     print("tuple specs: " + ", ".join(spec_names()))
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from gali.pipelines.tools import check_images
+
+    report = check_images(args.root, args.workers)
+    for name, reason in report.bad:
+        print(f"bad: {name}: {reason}")
+    print(f"checked {report.checked} files, {len(report.bad)} bad")
+    return 1 if report.bad else 0
+
+
+def _data_prepare(args: argparse.Namespace) -> None:
+    from gali.pipelines.tools import prepare_shards
+
+    written = prepare_shards(
+        args.src,
+        args.dst,
+        resolution=args.resolution,
+        shards=args.shards,
+        workers=args.workers,
+        image_format=args.format,
+        seed=args.seed,
+    )
+    for split, done in written.items():
+        print(f"{split}: {done.images} images in {len(done.shards)} shards under {Path(args.dst) / split}")
+
+
+def _data_stats(args: argparse.Namespace) -> None:
+    from gali.pipelines.tools import dataset_stats
+
+    source, stats = dataset_stats(args.root, args.workers)
+    print(f"{args.root}: source layout '{source}'")
+    for split, s in stats.items():
+        total = sum(s.class_counts.values())
+        print(f"{split}: {total} images, {len(s.class_counts)} classes")
+        width = max(len(name) for name in s.class_counts)
+        for name, count in s.class_counts.items():
+            print(f"  {name:<{width}}  {count}")
+        print(f"  image sizes (width x height), {s.unreadable} unreadable:")
+        for (w, h), count in sorted(s.sizes.items()):
+            print(f"    {w}-{2 * w - 1} x {h}-{2 * h - 1}: {count}")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser("data", help="check, prepare and describe data sets (any source layout)")
+    tools = data.add_subparsers(dest="data_command", required=True)
+    workers = {"type": _positive, "default": None, "help": "decoding threads (default: one per CPU core)"}
+
+    check = tools.add_parser("check", help="decode every image fully; list the unreadable ones (exit 1 if any)")
+    check.add_argument("root", help="image folder, filelist folder or .txt, or shard folder")
+    check.add_argument("--workers", **workers)
+    check.set_defaults(func=_data_check)
+
+    prepare = tools.add_parser("prepare", help="resize once and write WebDataset tar shards")
+    prepare.add_argument("src", help="image folder (or any source layout) to read")
+    prepare.add_argument("dst", help="new or empty folder for train/*.tar, test/*.tar and classes.txt")
+    prepare.add_argument("--resolution", type=_positive, required=True, help="shorter side to R, center crop R×R")
+    prepare.add_argument("--shards", type=_positive, required=True, help="shards per split")
+    prepare.add_argument("--format", choices=("jpeg", "png"), default="jpeg", help="JPEG (quality 95) or PNG")
+    prepare.add_argument("--seed", type=int, default=0, help="seed of the order of images in the shards")
+    prepare.add_argument("--workers", **workers)
+    prepare.set_defaults(func=_data_prepare)
+
+    stats = tools.add_parser("stats", help="images per class and a histogram of image sizes")
+    stats.add_argument("root", help="image folder, filelist folder or .txt, or shard folder")
+    stats.add_argument("--workers", **workers)
+    stats.set_defaults(func=_data_stats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gali", description="Train and use GALI models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -89,17 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = commands.add_parser("presets", help="list presets and tuple specs")
     presets.set_defaults(func=_presets)
+
+    _add_data_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except GaliError as exc:
         print(f"gali: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ def make_pipeline(
     """Build the pipeline that ``cfg`` names for ``split`` ('train' or 'test') on this rank.
 
     source 'digits' writes the demo data set once (``prepare_digits`` into ``cfg.root`` or
-    ``default_digits_root(cfg.resolution)``) and reads it like a folder; source 'folder' reads
-    ``cfg.root``. Backend 'torch' decodes the files in ``cfg.workers`` DataLoader workers; backend
+    ``default_digits_root(cfg.resolution)``) and reads it like a folder; sources 'folder', 'filelist'
+    and 'webdataset' read ``cfg.root`` (layouts in ``gali.pipelines.sources``). Backend 'torch' decodes
+    the files in ``cfg.workers`` DataLoader workers (augment and channels_last as ``cfg`` says); backend
     'synthetic' reads nothing and draws random batches on the device (10 classes, an epoch as long
     as CIFAR-10's split). Raises ``ConfigError`` for an invalid ``cfg`` and ``DataError`` for
     unusable data, before any batch is produced.
@@ -73,4 +74,8 @@ def make_pipeline(
         rank=rank,
         world_size=world_size,
         workers=cfg.workers,
+        prefetch=cfg.prefetch,
+        source="folder" if cfg.source == "digits" else cfg.source,
+        augment=cfg.augment,
+        channels_last=cfg.channels_last,
     )

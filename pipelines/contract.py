@@ -1,9 +1,10 @@
-"""The batch contract every pipeline backend (torch, synthetic, later DALI) keeps.
+"""The batch contract every pipeline backend (torch, DALI, synthetic) keeps.
 
 A pipeline yields, for one epoch, ``len(pipeline)`` batches of exactly ``batch_size`` images (the
 incomplete last batch is dropped, so shapes are static and a captured step can replay them):
 
-- ``x``: float32, shape (B, 3, R, R), contiguous, values in [-1, 1], already on the training device;
+- ``x``: float32, shape (B, 3, R, R), contiguous or channels-last (``data.channels_last``), values in [-1, 1],
+  already on the training device;
 - ``labels``: int64, shape (B,), on the same device, in ``[0, len(class_names))``; ``None`` where
   the data has no labels.
 
@@ -89,8 +90,8 @@ def check_batch(
         raise DataError(f"{where}: x has dtype {x.dtype}, expected torch.float32")
     if not _same_device(x.device, device):
         raise DataError(f"{where}: x is on {x.device}, expected the training device {device}")
-    if not x.is_contiguous():
-        raise DataError(f"{where}: x is not contiguous (strides {x.stride()})")
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        raise DataError(f"{where}: x is neither contiguous nor channels-last (strides {x.stride()})")
     if not bool(torch.isfinite(x).all()):
         raise DataError(f"{where}: x holds NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())

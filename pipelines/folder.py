@@ -1,28 +1,28 @@
-"""The torch backend: an image-folder tree read with Pillow in ``DataLoader`` workers.
+"""The torch backend: any source (image folder, file list, WebDataset shards) read with Pillow in
+``DataLoader`` workers, one sampler and batching path for all of them.
 
-Layout: class folders (the immediate, non-hidden subfolders of the split folder, sorted by name)
-give the labels and are searched recursively; a folder without subfolders is one class (label 0)
-of the images directly inside. Files count as images by extension (jpg, jpeg, png, bmp, webp, in
-any case); hidden files and folders (names starting with '.') are skipped.
+A source (``sources.open_split``) supplies the split as an indexable list of (image, label); the
+rest is shared: a seeded (seed, epoch) order dealt to ranks (``ShardedEpochSampler``), static
+batches (drop_last), ``cfg.workers`` DataLoader workers with ``cfg.prefetch`` batches each in flight,
+pinned memory when the device is CUDA.
 
-Splits: if ``root/train`` exists, split 'train' reads ``root/train`` and split 'test' reads
-``root/test`` (its class folders must be among those of ``root/train``, and take the same labels);
-otherwise all of ``root`` is split 'train' and there is no 'test'.
-
-Each image is decoded to RGB, its centered square crop resized to R×R (Pillow bilinear, which
-antialiases when shrinking and takes its filter support from beyond the crop's edges: the same as
-resizing the shorter side to R and then center-cropping, with the crop centered exactly), and
-handed over as uint8 (3, R, R): 4× less to copy between processes and to the device than float.
-The main process moves each uint8 batch to the device (from pinned memory when the device is
-CUDA, non-blocking) and converts it there to float32 in [-1, 1].
+Each image is decoded to RGB. Eval (and train without augment): its centered square crop resized to
+R×R (Pillow bilinear, which antialiases when shrinking and takes its filter support from beyond the
+crop's edges: the same as resizing the shorter side to R and then center-cropping, with the crop
+centered exactly). Train with augment: a random-resized crop (area scale (0.08, 1), aspect ratio
+(3/4, 4/3), torchvision's RandomResizedCrop algorithm) resized to R×R, then a horizontal flip with
+probability 1/2, drawn from numpy's PCG64 seeded by (seed, epoch, item index): reproducible, and the
+same with any number of workers. Images travel as uint8 (3, R, R): 4× less to copy between processes
+and to the device than float. The main process moves each uint8 batch to the device (non-blocking)
+and converts it there to float32 in [-1, 1], in the channels-last memory format if asked.
 """
 
 from __future__ import annotations
 
-import os
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -32,116 +32,64 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from gali.engine.errors import DataError
 
 from .contract import Batch
+from .sources import SPLITS, SplitIndex, open_split
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-SPLITS = ("train", "test")
-
-
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def list_classes(folder: Path) -> list[str]:
-    """The class folder names of ``folder``: its non-hidden immediate subfolders, sorted."""
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """A (left, top, right, bottom) crop of a width×height image, as torchvision's RandomResizedCrop draws it.
 
-
-@dataclass(frozen=True)
-class ImageIndex:
-    """The images of one folder: paths relative to ``folder`` (bytes, one numpy array, so forked
-    workers do not copy a Python list entry by entry), their int64 labels, and the class folder
-    names in label order (empty for a folder without class folders)."""
-
-    folder: Path
-    paths: np.ndarray
-    labels: np.ndarray
-    class_folders: list[str]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def _require_folder(folder: Path) -> None:
-    if not folder.is_dir():
-        raise DataError(
-            f"data folder {folder} does not exist or is not a folder; set data.root to a folder "
-            "of images (class subfolders give labels), or use data.source=digits for the demo"
-        )
-
-
-def _walk_images(top: Path) -> list[str]:
-    """Image files under ``top`` (recursive, following links, hidden entries skipped), relative to
-    ``top``'s parent, sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = os.path.relpath(dirpath, top.parent)
-        found.extend(os.path.join(rel, f) for f in filenames if _is_image(f))
-    return sorted(found)
-
-
-def _describe(classes: list[str]) -> str:
-    if not classes:
-        return "no class folders (images directly inside)"
-    return "class folders " + ", ".join(classes[:5]) + (f", ... ({len(classes)} in all)" if len(classes) > 5 else "")
-
-
-def scan_image_folder(folder: Path, class_folders: list[str] | None = None) -> ImageIndex:
-    """Index the images under ``folder``; raise ``DataError`` if there are none or the layout is unclear.
-
-    ``class_folders`` fixes the label order (label i = ``class_folders[i]``) so that a test folder
-    labels its images like its train folder; ``None`` takes ``folder``'s own class folders, and
-    ``[]`` expects a folder without subfolders (one class).
+    Up to 10 tries of an area fraction in ``CROP_SCALE`` and a log-uniform aspect ratio in ``CROP_RATIO``
+    that fit the image, else the largest central crop with its ratio clamped into ``CROP_RATIO``.
     """
-    folder = Path(folder)
-    _require_folder(folder)
-    classes = list_classes(folder)
-    loose = sorted(e.name for e in os.scandir(folder) if e.is_file() and _is_image(e.name))
-    if classes and loose:
-        raise DataError(
-            f"{folder} holds both {_describe(classes)} and {len(loose)} images directly inside "
-            f"(e.g. {loose[0]}); move those images into a class folder, or into one folder of their own, "
-            "so that every image has a label"
-        )
-    if class_folders is None:
-        class_folders = classes
-    elif bool(classes) != bool(class_folders) or not set(classes) <= set(class_folders):
-        raise DataError(
-            f"{folder} has {_describe(classes)}, which do not match the train split's "
-            f"{_describe(class_folders)}; give the test split the class folders of the train split"
-        )
-    paths: list[str] = []
-    labels: list[int] = []
-    for label, name in enumerate(class_folders):
-        if name in classes:
-            found = _walk_images(folder / name)
-            paths.extend(found)
-            labels.extend([label] * len(found))
-    if not class_folders:
-        paths, labels = loose, [0] * len(loose)
-    if not paths:
-        raise DataError(
-            f"{folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)}; searched recursively); "
-            "point data.root at a folder of images (class subfolders give labels)"
-        )
-    return ImageIndex(
-        folder=folder,
-        paths=np.array([os.fsencode(p) for p in paths], dtype=np.bytes_),
-        labels=np.array(labels, dtype=np.int64),
-        class_folders=list(class_folders),
-    )
+    area = width * height
+    log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
+    for _ in range(10):
+        target = area * rng.uniform(*CROP_SCALE)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left = int(rng.integers(0, width - w + 1))
+            top = int(rng.integers(0, height - h + 1))
+            return left, top, left + w, top + h
+    ratio = width / height
+    if ratio < CROP_RATIO[0]:
+        w, h = width, round(width / CROP_RATIO[0])
+    elif ratio > CROP_RATIO[1]:
+        w, h = round(height * CROP_RATIO[1]), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
 
 
-def load_image(path: str | Path, resolution: int, *, data_root: str | Path | None = None) -> np.ndarray:
-    """Decode ``path`` to uint8 RGB (3, R, R): centered square crop, Pillow bilinear resize to R×R.
+def load_image(
+    file: str | Path | BinaryIO,
+    resolution: int,
+    *,
+    name: str | None = None,
+    data_root: str | Path | None = None,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """Decode ``file`` (a path or a file object) to uint8 RGB (3, R, R).
 
-    Raises ``DataError`` naming the file for anything unreadable (truncated, corrupt, not an image).
+    Without ``rng``: centered square crop, Pillow bilinear resize to R×R. With ``rng``: random-resized
+    crop and horizontal flip drawn from it (see the module doc). Raises ``DataError`` naming the image
+    (``name``, default ``file``) for anything unreadable (truncated, corrupt, not an image).
     """
     try:
-        with Image.open(path) as opened:
+        with Image.open(file) as opened:
             image = opened.convert("RGB")  # decodes the whole file: truncation fails here
         w, h = image.size
-        if (w, h) != (resolution, resolution):
+        if rng is not None:
+            box = random_resized_crop_box(w, h, rng)
+            image = image.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box)
+            if rng.random() < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        elif (w, h) != (resolution, resolution):
             s = min(w, h)
             box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
             image = image.resize((resolution, resolution), Image.Resampling.BILINEAR, box=box)
@@ -149,29 +97,35 @@ def load_image(path: str | Path, resolution: int, *, data_root: str | Path | Non
     except Exception as e:  # any failure to decode an input file is a data problem: name the file
         check = f"`gali data check {data_root}`" if data_root is not None else "`gali data check ROOT`"
         raise DataError(
-            f"cannot read image {path}: {type(e).__name__}: {e}. Remove or replace the file; "
+            f"cannot read image {name or file}: {type(e).__name__}: {e}. Remove or replace the file; "
             f"{check} lists every unreadable image"
         ) from e
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
-class ImageFolderDataset(Dataset):
-    """Map-style dataset over an ``ImageIndex``: item i is (uint8 (3, R, R) tensor, int label)."""
+class SourceDataset(Dataset):
+    """Map-style dataset over a ``SplitIndex``; item (epoch, i) is (uint8 (3, R, R) tensor, int label).
 
-    def __init__(self, index: ImageIndex, resolution: int, data_root: Path) -> None:
-        self.folder = str(index.folder)
-        self.paths = index.paths
-        self.labels = index.labels
+    ``augment_seed`` None gives the eval transform; an int draws the augmentation of item i in
+    ``epoch`` from (augment_seed, epoch, i).
+    """
+
+    def __init__(self, index: SplitIndex, resolution: int, data_root: Path, augment_seed: int | None) -> None:
+        self.index = index
         self.resolution = resolution
         self.data_root = str(data_root)
+        self.augment_seed = augment_seed
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.index)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path = os.path.join(self.folder, os.fsdecode(self.paths[i]))
-        pixels = load_image(path, self.resolution, data_root=self.data_root)
-        return torch.from_numpy(pixels), int(self.labels[i])
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, i = key
+        rng = None if self.augment_seed is None else np.random.default_rng([self.augment_seed, epoch, i])
+        pixels = load_image(
+            self.index.image_file(i), self.resolution, name=self.index.name(i), data_root=self.data_root, rng=rng
+        )
+        return torch.from_numpy(pixels), int(self.index.labels[i])
 
 
 class ShardedEpochSampler(Sampler[int]):
@@ -205,8 +159,28 @@ class ShardedEpochSampler(Sampler[int]):
         return iter(mine.tolist())
 
 
+class _EpochKeys(Sampler[tuple[int, int]]):
+    """The indices of ``sampler`` paired with its epoch, so that persistent workers (which hold a copy
+    of the dataset made when they started) still know the epoch an item is drawn for."""
+
+    def __init__(self, sampler: ShardedEpochSampler) -> None:
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.sampler.epoch
+        return ((epoch, i) for i in self.sampler)
+
+
 class FolderPipeline:
-    """The torch backend of the batch contract over an image-folder tree (see the module doc)."""
+    """The torch backend of the batch contract over any on-disk source (see the module doc).
+
+    ``source`` is 'folder', 'filelist' or 'webdataset' (the layouts of ``gali.pipelines.sources``);
+    ``augment`` applies to split 'train' only; ``prefetch`` is the DataLoader's prefetch_factor (used
+    with workers); ``channels_last`` delivers ``x`` in ``torch.channels_last`` memory format.
+    """
 
     def __init__(
         self,
@@ -220,44 +194,31 @@ class FolderPipeline:
         rank: int = 0,
         world_size: int = 1,
         workers: int = 0,
+        prefetch: int = 2,
+        source: str = "folder",
+        augment: bool = False,
+        channels_last: bool = False,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if resolution < 1 or batch_size < 1 or workers < 0 or seed < 0:
+        if resolution < 1 or batch_size < 1 or workers < 0 or seed < 0 or prefetch < 1:
             raise ValueError(
-                "need resolution >= 1, batch_size >= 1, workers >= 0, seed >= 0; got "
-                f"{resolution}, {batch_size}, {workers}, {seed}"
+                "need resolution >= 1, batch_size >= 1, workers >= 0, seed >= 0, prefetch >= 1; got "
+                f"{resolution}, {batch_size}, {workers}, {seed}, {prefetch}"
             )
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
         root = Path(root).expanduser()
-        _require_folder(root)
-        if (root / "train").is_dir():
-            folder = root / split
-            class_folders = list_classes(root / "train")
-            if not folder.is_dir():
-                raise DataError(
-                    f"split '{split}' needs the folder {folder}, which does not exist; add it "
-                    f"(same class folders as {root / 'train'}) or use split 'train'"
-                )
-        elif split == "test":
-            raise DataError(
-                f"{root} has no train/ subfolder, so all of it is split 'train' and there is no "
-                f"split 'test'; for a held-out split arrange it as {root}/train/<class>/... and "
-                f"{root}/test/<class>/..."
-            )
-        else:
-            folder, class_folders = root, None
-        index = scan_image_folder(folder, class_folders)
+        index = open_split(source, root, split)
         n = len(index)
         if n < batch_size:
             raise DataError(
-                f"{folder} (split '{split}') holds {n} images, fewer than one batch of {batch_size}; "
+                f"{index.where} (split '{split}') holds {n} images, fewer than one batch of {batch_size}; "
                 "lower the batch size or add images"
             )
         if n // world_size < batch_size:
             raise DataError(
-                f"{folder} (split '{split}') holds {n} images: {n // world_size} per rank over "
+                f"{index.where} (split '{split}') holds {n} images: {n // world_size} per rank over "
                 f"{world_size} ranks, fewer than one batch of {batch_size}; lower the batch size, "
                 "use fewer ranks, or add images"
             )
@@ -266,16 +227,19 @@ class FolderPipeline:
         self.resolution = resolution
         self.batch_size = batch_size
         self.num_images = n
-        self.class_names = index.class_folders or [root.name]
+        self.class_names = index.class_names
+        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._sampler = ShardedEpochSampler(n, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+        augment_seed = seed if augment and split == "train" else None
         self._loader = DataLoader(
-            ImageFolderDataset(index, resolution, root),
+            SourceDataset(index, resolution, root, augment_seed),
             batch_size=batch_size,
-            sampler=self._sampler,
+            sampler=_EpochKeys(self._sampler),
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
             persistent_workers=workers > 0,
+            prefetch_factor=prefetch if workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),  # keeps the global torch RNG untouched
         )
 
@@ -283,7 +247,7 @@ class FolderPipeline:
         return self._sampler.batches_per_rank
 
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle: the next iteration's order depends on (seed, epoch) only."""
+        """Reshuffle: the next iteration's order (and augmentation) depends on (seed, epoch) only."""
         self._sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -291,11 +255,16 @@ class FolderPipeline:
             for images, labels in self._loader:
                 # A multiply, not a divide: CUDA divides by a scalar through its reciprocal, so this keeps CPU
                 # and CUDA batches bit-identical; 0 and 255 still map exactly to -1 and 1.
-                x = images.to(self.device, non_blocking=True).to(torch.float32).mul_(1 / 127.5).sub_(1.0)
+                x = images.to(self.device, non_blocking=True)
+                x = x.to(torch.float32, memory_format=self._memory_format).mul_(1 / 127.5).sub_(1.0)
                 yield Batch(x=x, labels=labels.to(self.device, non_blocking=True))
         except DataError as e:
             # A worker's error comes back with a traceback through the DataLoader's frames that forms
             # a reference cycle with the exception and pins the loader's iterator until a later
             # garbage collection, which then tears the worker queues down out of order (noisy
-            # "Bad file descriptor" thread errors). The message (and the cause) already name the file.
-            raise e.with_traceback(None) from e.__cause__
+            # "Bad file descriptor" thread errors). The message (and the cause) already name the file. The
+            # traceback still holds this frame: drop ``self`` from it, so that a pipeline nobody else holds is
+            # freed (and its workers shut down in order) now rather than by a later garbage collection.
+            error = e.with_traceback(None)
+            del self
+            raise error from error.__cause__

@@ -29,7 +29,7 @@ def test_accepts_a_good_batch_with_or_without_labels() -> None:
         (lambda b: Batch(x=b.x[..., :4, :4], labels=b.labels), r"shape"),
         (lambda b: Batch(x=b.x.double(), labels=b.labels), r"dtype torch.float64"),
         (lambda b: Batch(x=b.x.to("meta"), labels=b.labels), r"on meta, expected the training device cpu"),
-        (lambda b: Batch(x=b.x.transpose(2, 3), labels=b.labels), r"not contiguous"),
+        (lambda b: Batch(x=b.x.transpose(2, 3), labels=b.labels), r"neither contiguous nor channels-last"),
         (lambda b: Batch(x=b.x * 3, labels=b.labels), r"expected values within \[-1, 1\]"),
         (lambda b: Batch(x=b.x + float("nan"), labels=b.labels), r"NaN"),
         (lambda b: Batch(x=b.x.numpy(), labels=b.labels), r"torch.Tensor"),

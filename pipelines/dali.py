@@ -1,0 +1,265 @@
+"""The DALI backend: the batch contract decoded by NVIDIA DALI (nvJPEG on the GPU, DALI's CPU operators without one).
+
+Sources and splits are indexed by ``sources.open_split``, the torch backend's indexer, so both backends read the
+same images with the same labels and class names and refuse the same bad layouts ('digits' is read as a
+'folder'). Image files ('folder', 'filelist') are read by ``fn.readers.file`` from a list this module builds;
+webdataset shards by ``fn.readers.webdataset``, the labels parsed from each sample's ``.cls`` text.
+
+Order, sharding and epochs: for image files, epoch e's order is numpy's PCG64 permutation seeded by (seed, e),
+cut to ``len(self) * world_size`` images and laid out so that DALI's contiguous shard ``rank`` is entries rank,
+rank + world_size, ... of it: the torch backend's ``ShardedEpochSampler`` exactly, so both backends deal the
+same images to the same rank in the same order. Shards are streamed in tar order (as webdataset readers do):
+DALI's contiguous part ``(rank + epoch) % world_size`` of all samples goes to ``rank``, mixed by DALI's buffered
+shuffle seeded from (seed, epoch, rank); members that belong to no sample (no image and no .cls) are skipped,
+which can leave a rank short of ``len(self)`` batches if a part holds many of them. A fresh DALI pipeline is
+built for every pass (a reader cannot change its list), so an epoch's order and augmentation are a function of
+(seed, epoch, rank) alone. Every rank yields ``num_images // (batch_size * world_size)`` full batches; the rest
+of an epoch is dropped (``LastBatchPolicy.DROP``: one static shape, for CUDA graphs).
+
+Transforms: split 'test', and training without ``augment``: the centered square of the image resized to R×R
+(antialiased linear; ``fn.resize`` with a per-image ROI, so the filter reads beyond the square's edges as
+Pillow's box resize in the torch backend does: resizing the shorter side to R and center-cropping, without
+rounding the longer side); EXIF orientation is ignored, as in the torch backend. Training with ``augment``:
+``fn.decoders.image_random_crop`` (area 8–100 %, aspect 3/4–4/3), resize to R×R, horizontal flip by
+``fn.random.coin_flip``. Decoding runs on the GPU (``device='mixed'``: nvJPEG, its hardware decoder where
+present) when the training device is CUDA, else on DALI's CPU threads (``device_id=None``).
+
+DALI hands over uint8 (4× less to copy than float); the conversion to float32 in [-1, 1] runs on the training
+device with the torch backend's arithmetic (×(1/127.5) − 1), so both backends give bit-identical values for
+equal pixels and 0/255 map exactly to −1/1. With ``channels_last`` DALI writes HWC and the batch is its NCHW
+view (channels-last strides, no extra copy).
+
+An image that cannot be read stops the pass with a ``DataError`` naming it (found in DALI's message, else by
+re-reading the files of the batches in flight with Pillow, else the root is named).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gali.engine.errors import ConfigError, DataError
+
+from .config import DataConfig
+from .contract import Batch
+from .sources import IMAGE_EXTENSIONS, FileIndex, ShardIndex, open_split
+
+try:
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+except ImportError as e:  # nvidia-dali is an optional dependency
+    raise ConfigError(
+        "data.backend",
+        "'dali' needs NVIDIA DALI, which is not installed: pip install nvidia-dali-cuda130 (or, for CUDA 12, "
+        "nvidia-dali-cuda120); or use data.backend=torch",
+    ) from e
+
+READER = "Reader"
+WDS_IMAGE_EXT = ";".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
+
+@pipeline_def
+def _graph(
+    index: FileIndex | ShardIndex,
+    *,
+    files: list[str],
+    labels: list[int],
+    shard_id: int,
+    num_shards: int,
+    resolution: int,
+    augment: bool,
+    decode_device: str,
+    layout: str,
+):
+    """The DALI graph: read, decode, crop/resize to R×R, (flip), uint8 in ``layout``; plus the labels."""
+    if isinstance(index, FileIndex):
+        encoded, labels = fn.readers.file(
+            file_root=str(index.base), files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
+            random_shuffle=False, name=READER,
+        )
+    else:
+        encoded, cls = fn.readers.webdataset(
+            paths=index.shards, ext=[WDS_IMAGE_EXT, "cls"], case_sensitive_extensions=False,
+            missing_component_behavior="skip", shard_id=shard_id, num_shards=num_shards, random_shuffle=True,
+            name=READER,
+        )
+        labels = fn.pad(cls, fill_value=0)  # the .cls text, zero-padded to the longest in the batch
+    size = [resolution, resolution]
+    if augment:
+        images = fn.decoders.image_random_crop(
+            encoded, device=decode_device, output_type=types.RGB, adjust_orientation=False,
+            random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+        )
+        images = fn.resize(images, size=size, antialias=True, interp_type=types.INTERP_LINEAR)
+        mirror = fn.random.coin_flip(probability=0.5)
+    else:
+        shape = fn.peek_image_shape(encoded, adjust_orientation=False)
+        images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, adjust_orientation=False)
+        h, w = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
+        side = dmath.min(h, w)
+        top, left = (h - side) * 0.5, (w - side) * 0.5
+        images = fn.resize(
+            images, size=size, roi_start=fn.stack(top, left), roi_end=fn.stack(top + side, left + side),
+            antialias=True, interp_type=types.INTERP_LINEAR,
+        )
+        mirror = 0
+    images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout=layout, mirror=mirror)
+    return images, labels
+
+
+def _digits_to_int(text: torch.Tensor) -> torch.Tensor:
+    """Parse (B, L) uint8 ASCII rows (digits, whitespace, zero padding) to int64 values."""
+    value = torch.zeros(text.shape[0], dtype=torch.int64)
+    for column in text.to(torch.int64).unbind(1):
+        digit = (column >= 48) & (column <= 57)
+        value = torch.where(digit, value * 10 + (column - 48), value)
+    return value
+
+
+def _dali_reason(message: str) -> str:
+    """The line of a DALI error that says what went wrong (after 'encountered:'), else its last line."""
+    lines = [line.strip() for line in message.split("encountered:")[-1].splitlines()]
+    lines = [line for line in lines if line and not line.startswith(("Current pipeline", "C++ context"))]
+    return lines[0] if lines else message.strip().splitlines()[-1]
+
+
+def _unreadable(path: str) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.convert("RGB")
+    except Exception:  # anything Pillow cannot decode is a candidate for the file DALI failed on
+        return True
+    return False
+
+
+class DaliPipeline:
+    """The DALI backend of the batch contract (see the module doc)."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        root: str | Path,
+        *,
+        split: str,
+        batch_size: int,
+        device: torch.device | str,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1 or seed < 0:
+            raise ValueError(f"need batch_size >= 1 and seed >= 0; got {batch_size}, {seed}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        self.root = Path(root).expanduser()
+        self.index = open_split("folder" if cfg.source == "digits" else cfg.source, self.root, split)
+        n = len(self.index)
+        where = f"{self.index.where} (split '{split}')"
+        if n < batch_size:
+            raise DataError(
+                f"{where} holds {n} images, fewer than one batch of {batch_size}; lower the batch size or add images"
+            )
+        if n // world_size < batch_size:
+            raise DataError(
+                f"{where} holds {n} images: {n // world_size} per rank over {world_size} ranks, fewer than one "
+                f"batch of {batch_size}; lower the batch size, use fewer ranks, or add images"
+            )
+        self.device = torch.device(device)
+        self.resolution = cfg.resolution
+        self.batch_size = batch_size
+        self.num_images = n
+        self.class_names = self.index.class_names
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.augment = cfg.augment and split == "train"
+        self.channels_last = cfg.channels_last
+        self.num_threads = max(1, cfg.workers)
+        self.prefetch = cfg.prefetch
+        self.batches_per_rank = n // (batch_size * world_size)
+        self.epoch = 0
+        self._iterator: DALIGenericIterator | None = None
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the next pass's order (and augmentation): a function of (seed, epoch, rank) only."""
+        self.epoch = epoch
+
+    def epoch_order(self) -> np.ndarray:
+        """Image-file indices of this epoch for all ranks: DALI's contiguous shard r is the torch backend's rank r."""
+        per_rank = self.batches_per_rank * self.batch_size
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_images)
+        return order[: per_rank * self.world_size].reshape(per_rank, self.world_size).T.reshape(-1)
+
+    def _build(self) -> DALIGenericIterator:
+        files: list[str] = []
+        labels: list[int] = []
+        if isinstance(self.index, FileIndex):
+            order = self.epoch_order()
+            files = [os.fsdecode(p) for p in self.index.paths[order]]
+            labels = self.index.labels[order].tolist()
+        cuda = self.device.type == "cuda"
+        device_id = None
+        if cuda:
+            device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        pipe = _graph(
+            self.index,
+            files=files,
+            labels=labels,
+            shard_id=self.rank if files else (self.rank + self.epoch) % self.world_size,
+            num_shards=self.world_size,
+            resolution=self.resolution,
+            augment=self.augment,
+            decode_device="mixed" if cuda else "cpu",
+            layout="HWC" if self.channels_last else "CHW",
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=device_id,
+            seed=int(np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1)[0] >> 1),
+            prefetch_queue_depth=self.prefetch,
+        )
+        return DALIGenericIterator(
+            [pipe], ["x", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=False
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._iterator = None  # free the previous pass's pipeline before building the next
+        done = 0
+        try:
+            self._iterator = self._build()
+            for (out,) in self._iterator:
+                x = out["x"].permute(0, 3, 1, 2) if self.channels_last else out["x"]
+                x = x.to(self.device, non_blocking=True).to(torch.float32).mul_(1 / 127.5).sub_(1.0)
+                yield Batch(x=x, labels=self._labels(out["labels"]).to(self.device, non_blocking=True))
+                done += 1
+                if done == self.batches_per_rank:
+                    break
+        except RuntimeError as e:
+            self._iterator = None  # DALI invalidates a pipeline that failed
+            raise self._data_error(str(e), done) from e
+
+    def _labels(self, raw: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.index, FileIndex):
+            return raw.reshape(-1).to(torch.int64)
+        return _digits_to_int(raw.reshape(raw.shape[0], -1).cpu())
+
+    def _data_error(self, message: str, done: int) -> DataError:
+        """A ``DataError`` naming the file DALI failed on where it can be found."""
+        culprit = None
+        if isinstance(self.index, FileIndex):
+            start = (self.rank * self.batches_per_rank + done) * self.batch_size
+            stop = start + (self.prefetch + 2) * self.batch_size  # the batches DALI may have been decoding
+            in_flight = [self.index.name(i) for i in self.epoch_order()[start:stop]]
+            culprit = next((p for p in in_flight if p in message), None) or next(filter(_unreadable, in_flight), None)
+        else:
+            culprit = next((p for p in self.index.shards if p in message), None)
+        what = f"cannot read image {culprit}" if culprit else f"cannot read an image under {self.root}"
+        return DataError(
+            f"{what} (DALI: {_dali_reason(message)}). Remove or replace the file; `gali data check {self.root}` "
+            "lists every unreadable image"
+        )
