@@ -116,20 +116,6 @@ def make_fwd(inputs: dict):
     return fwd
 
 
-def graphed(step):
-    """Capture ``step`` in a CUDA graph (after warm-up on a side stream) and return its replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def shape_id(k: int, groups: int, batch: int, f: int) -> str:
     """K4-N8192-F1536 for one group (the ids of earlier runs), K4-G3-N8192-F1536 for three."""
     return f"K{k}-N{k * batch}-F{f}" if groups == 1 else f"K{k}-G{groups}-N{k * batch}-F{f}"
@@ -137,12 +123,12 @@ def shape_id(k: int, groups: int, batch: int, f: int) -> str:
 
 @pytest.mark.parametrize(("k", "groups", "batch", "f"), SHAPES, ids=[shape_id(*shape) for shape in SHAPES])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_kway_head(benchmark, impl: str, k: int, groups: int, batch: int, f: int) -> None:
+def test_kway_head(benchmark, cuda_graphed, impl: str, k: int, groups: int, batch: int, f: int) -> None:
     inputs = make_inputs(k, groups, batch, f)
     if impl == "triton-fwd-graph":
-        work = graphed(make_fwd(inputs))
+        work = cuda_graphed(make_fwd(inputs))
     elif impl.endswith("-graph"):
-        work = graphed(make_step(impl.removesuffix("-graph"), inputs))
+        work = cuda_graphed(make_step(impl.removesuffix("-graph"), inputs))
     else:
         work = make_step(impl, inputs)
 

@@ -75,7 +75,7 @@ def _bytes(shape: tuple[int, ...], dtype: torch.dtype, params: torch.Tensor) -> 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("kind", ["box", "stroke"])
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_mask_composite(benchmark, impl, kind, dtype, shape, mode):
+def test_mask_composite(benchmark, cuda_graphed, impl, kind, dtype, shape, mode):
     if impl == "loop" and kind == "stroke":
         pytest.skip("the authors' code has box masks only")
     if impl == "loop" and mode == "graph":
@@ -97,16 +97,7 @@ def test_mask_composite(benchmark, impl, kind, dtype, shape, mode):
 
     run = forward_backward
     if mode == "graph":
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # compile and warm up outside the capture
-            for _ in range(3):
-                forward_backward()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            forward_backward()
-        run = graph.replay
+        run = cuda_graphed(forward_backward)
 
     def step():
         run()
