@@ -1,7 +1,7 @@
 """Typed config, split by owner, loaded from a preset TOML plus ``section.key=value`` overrides.
 
 Each section is a dataclass owned by the subsystem that reads it (``data`` by gali.pipelines,
-``model`` by the models, ``method`` by the tuple spec and losses, ``optim`` by the step, ``run`` by
+``model`` by the models, ``method`` by the tuple spec and losses, ``optim`` and ``compute`` by the step, ``run`` by
 the training loop). Every value is validated before any work starts; an unknown key or an invalid
 value raises :class:`ConfigError` naming the key and what is accepted.
 """
@@ -25,6 +25,8 @@ NOISE_SCHEDULES = ("linear", "constant")
 RESIZE_MODES = ("nearest", "bilinear")
 IMPLS = ("auto", "triton", "ref")
 DEVICES = ("auto", "cpu", "cuda")
+TENSORBOARD_MODES = ("auto", "on", "off")
+PROGRESS_MODES = ("auto", "bar", "lines")
 
 
 def _choice(key: str, value: str, accepted: tuple[str, ...]) -> None:
@@ -120,7 +122,16 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    """The training loop: duration in kimg (thousands of real images seen), intervals, output."""
+    """The training loop: duration in kimg (thousands of real images seen), intervals, output.
+
+    tick_kimg:     how often the step statistics are read (one host sync), logged and shown.
+    snapshot_kimg: how often a checkpoint, the PNG grids and the held-out metrics are written.
+    grid_size:     the sample grid is grid_size x grid_size; reconstruction and inpainting grids
+                   have grid_size columns.
+    tensorboard:   'auto' (write TensorBoard events when the tensorboard package is installed),
+                   'on' (require it: pip install 'gali[tensorboard]') or 'off'.
+    progress:      'auto' (a one-line bar on a terminal, plain lines otherwise), 'bar' or 'lines'.
+    """
 
     out_dir: str = "runs"
     seed: int = 0
@@ -130,6 +141,8 @@ class RunConfig:
     tick_kimg: float = 1.0
     snapshot_kimg: float = 5.0
     grid_size: int = 8
+    tensorboard: str = "auto"
+    progress: str = "auto"
 
     def validate(self) -> None:
         _choice("run.device", self.device, DEVICES)
@@ -138,6 +151,35 @@ class RunConfig:
         _positive("run.tick_kimg", self.tick_kimg)
         _positive("run.snapshot_kimg", self.snapshot_kimg)
         _positive("run.grid_size", self.grid_size)
+        _choice("run.tensorboard", self.tensorboard, TENSORBOARD_MODES)
+        _choice("run.progress", self.progress, PROGRESS_MODES)
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class ComputeConfig:
+    """How the step runs (owned by the step): precision, CUDA graphs, torch.compile, layout, NVTX.
+
+    precision:     'auto' (bf16 autocast on a CUDA device that supports it, else fp32), 'fp32',
+                   'bf16' (autocast) or 'fp16' (autocast with one GradScaler per side, D and G/E).
+                   Spectral-norm power iterations, the losses and the optimizer state stay fp32.
+    cuda_graph:    capture the whole step in a CUDA graph after warm-up and replay it; on a CPU
+                   device the eager twin runs instead (the same function, not captured).
+    compile:       torch.compile G, E and D's feature trunk (the kernels stay opaque custom ops).
+    channels_last: keep G, E, D and the step's input in channels-last memory format.
+    nvtx:          named NVTX ranges (gali/step, gali/chains, gali/D, ...) for Nsight Systems.
+    """
+
+    precision: str = "auto"
+    cuda_graph: bool = False
+    compile: bool = False
+    channels_last: bool = False
+    nvtx: bool = False
+
+    def validate(self) -> None:
+        _choice("compute.precision", self.precision, PRECISIONS)
 
 
 @dataclass
@@ -150,6 +192,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def validate(self) -> None:
         for name in SECTIONS:
@@ -172,6 +215,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "method": MethodConfig,
     "optim": OptimConfig,
+    "compute": ComputeConfig,
 }
 
 

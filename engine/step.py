@@ -2,8 +2,15 @@
 
 The step is small and capturable: static shapes, noise drawn on the device, no ``.item()``, no
 host sync and no Python branching on tensor values. The instance-noise std arrives as a 0-d
-tensor so a schedule can change it between CUDA-graph replays. Statistics come back as detached
-device tensors; the training loop reads them once per tick.
+tensor so a schedule can change it between CUDA-graph replays. Statistics (losses, per-class
+p_true, gradient norms, fp16 skipped updates) come back as detached device tensors; the training
+loop reads them once per tick.
+
+Two runners share one update function, :meth:`GaliStep.update`:
+  * :class:`GaliStep` calls it eagerly on whatever batch it gets (the twin, and the CPU path);
+  * :class:`GraphedStep` copies each batch into static buffers and, on CUDA, replays a CUDA graph
+    of it captured after warm-up (one graph per phase); on a CPU it runs the same function on the
+    same static buffers without capture, so tests compare the graph-ready path with the twin.
 
 Update rules (GALI.md §3.6, §5 item 10):
   * n_dis = 1, phase 'both': the simultaneous update. One forward; ∂L_D/∂θ_D and ∂L_GE/∂θ_GE
@@ -18,13 +25,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gali.engine.config import MethodConfig, OptimConfig
+from gali.engine.config import ComputeConfig, MethodConfig, OptimConfig
+from gali.engine.errors import GaliError
 from gali.engine.losses import loss_weights, reconstruction_loss, true_class_probability
+from gali.engine.precision import fp32_spectral_norm, resolve_precision
+from gali.engine.profiling import annotate
 from gali.engine.tuples import IMAGE, Expr, TupleSpec
 from gali.kernels.kway_head import kway_head
 from gali.kernels.mask_composite import mask_composite, sample_box_params
@@ -85,9 +96,12 @@ class ChainEvaluator:
             return self.nets.M(self._feature_input(args[0])).flatten(1)
         impl = self.method.kernel_impl
         params = masks[int(op[-1])]
-        if op.startswith("mask"):
-            return mask_composite(args[0], params, fill=self.method.mask_fill, impl=impl).masked
-        return mask_composite(args[0], params, y=args[1], fill=self.method.mask_fill, impl=impl).mix
+        with annotate("gali/mask_composite"):
+            if op.startswith("mask"):
+                return mask_composite(args[0], params, fill=self.method.mask_fill, impl=impl).masked
+            # Under autocast G's output may be bf16 while x is fp32: the composite takes x's dtype.
+            y = args[1].to(args[0].dtype)
+            return mask_composite(args[0], params, y=y, fill=self.method.mask_fill, impl=impl).mix
 
     def _feature_input(self, image: Tensor) -> Tensor:
         size = self.method.feature_input_size
@@ -98,48 +112,62 @@ class ChainEvaluator:
 
 
 class GaliStep:
-    """One GALI training step for a tuple spec; owns both optimizers.
+    """One GALI training step for a tuple spec, run eagerly; owns both optimizers (and scalers).
 
     ``step(x, noise_std, phase)`` returns detached device tensors: ``loss_d``, ``loss_ge``,
-    ``p_true`` (K,) (D's mean probability for each class's own class) and, for ALICE specs,
-    ``recon``.
+    ``p_true`` (K,) (D's mean probability for each class's own class), ``grad_norm_d`` /
+    ``grad_norm_ge`` (unscaled, for the side(s) the phase updates), for ALICE specs ``recon``,
+    and under fp16 ``skipped_d`` / ``skipped_ge`` (1.0 when the GradScaler skipped that update).
+
+    Adam is the fused implementation; ``capturable`` (optimizer step counters on the device) is
+    set with ``compute.cuda_graph``, on CPU as well, so the CPU twin runs the graph's optimizer.
     """
 
     def __init__(self, nets: Networks, spec: TupleSpec, method: MethodConfig, optim: OptimConfig,
-                 latent_dim: int) -> None:
+                 latent_dim: int, compute: ComputeConfig | None = None) -> None:
         self.nets = nets
         self.spec = spec
         self.method = method
+        self.compute = compute or ComputeConfig()
         self.latent_dim = latent_dim
         self.chains = ChainEvaluator(nets, method)
+        self.device = next(nets.D.parameters()).device
+        self.precision = resolve_precision(self.compute.precision, self.device)
         self.d_params = [p for p in nets.D.parameters() if p.requires_grad]
         self.ge_params = [p for m in (nets.G, nets.E) for p in m.parameters() if p.requires_grad]
         betas = (optim.beta1, optim.beta2)
-        self.opt_d = torch.optim.Adam(self.d_params, lr=optim.lr, betas=betas)
-        self.opt_ge = torch.optim.Adam(self.ge_params, lr=optim.lr, betas=betas)
-        device = next(nets.D.parameters()).device
+        capturable = self.compute.cuda_graph  # fused Adam is capturable on CPU too: the twin matches the graph
+        self.opt_d = torch.optim.Adam(self.d_params, lr=optim.lr, betas=betas, fused=True, capturable=capturable)
+        self.opt_ge = torch.optim.Adam(self.ge_params, lr=optim.lr, betas=betas, fused=True, capturable=capturable)
+        scaled = self.precision.uses_scaler
+        self.scaler_d = torch.amp.GradScaler(self.device.type) if scaled else None
+        self.scaler_ge = torch.amp.GradScaler(self.device.type) if scaled else None
         w_true, w_pair = loss_weights(spec.num_classes, method.loss_weights)
-        self.w_true, self.w_pair = w_true.to(device), w_pair.to(device)
+        self.w_true, self.w_pair = w_true.to(self.device), w_pair.to(self.device)
 
     def discriminate(self, x: Tensor, noise_std: Tensor, *, chains_grad: bool = True) -> dict[str, Tensor]:
         """Forward only: chains, tuples, one D call, both losses (graph kept for the updates)."""
         batch = x.shape[0]
         k = self.spec.num_classes
-        z = torch.randn(batch, self.latent_dim, device=x.device)
-        with torch.set_grad_enabled(chains_grad and torch.is_grad_enabled()):
-            values = self.chains.evaluate(self.spec, x, z)
-        slots = []
-        for position, kind in enumerate(self.spec.slot_kinds):
-            slot = torch.cat([values[cls[position]] for cls in self.spec.classes])
-            if kind == IMAGE:  # instance noise on every image D sees, fresh per row
-                slot = slot + noise_std * torch.randn_like(slot)
-            slots.append(slot)
+        with fp32_spectral_norm(self.nets.D, self.device.type), self.precision.autocast():
+            z = torch.randn(batch, self.latent_dim, device=x.device)
+            with torch.set_grad_enabled(chains_grad and torch.is_grad_enabled()), annotate("gali/chains"):
+                values = self.chains.evaluate(self.spec, x, z)
+            slots = []
+            for position, kind in enumerate(self.spec.slot_kinds):
+                slot = torch.cat([values[cls[position]] for cls in self.spec.classes])
+                if kind == IMAGE:  # instance noise on every image D sees, fresh per row
+                    slot = slot + noise_std * torch.randn_like(slot)
+                slots.append(slot)
+            with annotate("gali/D"):
+                features = self.nets.D.features(slots)
+            # The head's weight is the cached fp32 spectral-normalised one, cast to h's dtype.
+            weight = self.nets.D.head.weight.to(features.dtype)
+            bias = self.nets.D.head.bias.to(features.dtype)
         labels = torch.arange(k, device=x.device).repeat_interleave(batch)
-        features = self.nets.D.features(slots)
-        # Read the spectral-normalised weight once: each read runs a power iteration.
-        weight, bias = self.nets.D.head.weight, self.nets.D.head.bias
-        loss_d, loss_ge = kway_head(features, weight, bias, labels, self.w_true, self.w_pair, 1.0 / batch,
-                                    impl=self.method.kernel_impl)
+        with annotate("gali/head"):
+            loss_d, loss_ge = kway_head(features, weight, bias, labels, self.w_true, self.w_pair, 1.0 / batch,
+                                        impl=self.method.kernel_impl)
         with torch.no_grad():
             logits = F.linear(features, weight, bias)
         out = {"loss_d": loss_d, "loss_ge": loss_ge, "p_true": true_class_probability(logits, labels, k)}
@@ -152,20 +180,172 @@ class GaliStep:
 
     def step(self, x: Tensor, noise_std: Tensor, phase: str = "both") -> dict[str, Tensor]:
         """One update; ``phase`` is 'both' (simultaneous), 'd' or 'ge' (alternating)."""
-        if phase not in PHASES:
-            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        check_phase(phase)
+        if self.compute.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with annotate("gali/step"):
+            return self.update(x, noise_std, phase)
+
+    def update(self, x: Tensor, noise_std: Tensor, phase: str) -> dict[str, Tensor]:
+        """The capturable body: forward, both gradients, both optimizer steps; no host sync."""
         out = self.discriminate(x, noise_std, chains_grad=phase != "d")
-        if phase in ("both", "d"):
-            grads = torch.autograd.grad(out["loss_d"], self.d_params, retain_graph=phase == "both")
-            _set_grads(self.d_params, grads)
-        if phase in ("both", "ge"):
-            grads = torch.autograd.grad(out["loss_ge"], self.ge_params)
-            _set_grads(self.ge_params, grads)
-        if phase in ("both", "d"):
-            self.opt_d.step()
-        if phase in ("both", "ge"):
-            self.opt_ge.step()
+        steps_d, steps_ge = phase in ("both", "d"), phase in ("both", "ge")
+        if steps_d:
+            with annotate("gali/backward_D"):
+                out.update(self._gradients("d", out["loss_d"], retain_graph=phase == "both"))
+        if steps_ge:
+            with annotate("gali/backward_GE"):
+                out.update(self._gradients("ge", out["loss_ge"], retain_graph=False))
+        with annotate("gali/optim"):
+            if steps_d:
+                _optimizer_step(self.opt_d, self.scaler_d)
+            if steps_ge:
+                _optimizer_step(self.opt_ge, self.scaler_ge)
         return {name: value.detach() for name, value in out.items()}
+
+    def _gradients(self, side: str, loss: Tensor, *, retain_graph: bool) -> dict[str, Tensor]:
+        """∂loss/∂θ_side into ``.grad`` (scaled under fp16) and that side's statistics."""
+        params, scaler = (self.d_params, self.scaler_d) if side == "d" else (self.ge_params, self.scaler_ge)
+        if scaler is not None:
+            loss = scaler.scale(loss)
+        grads = torch.autograd.grad(loss, params, retain_graph=retain_graph)
+        _set_grads(params, grads)
+        norm = torch.nn.utils.get_total_norm(grads)
+        stats = {}
+        if scaler is not None:
+            # scale(1) is the current scale as a device tensor (get_scale() would sync).
+            norm = norm / scaler.scale(torch.ones((), device=norm.device))
+            stats[f"skipped_{side}"] = (~torch.isfinite(norm)).float()  # what GradScaler.step will skip
+        stats[f"grad_norm_{side}"] = norm
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer (and GradScaler) state, for checkpoints."""
+        state = {"opt_d": self.opt_d.state_dict(), "opt_ge": self.opt_ge.state_dict()}
+        if self.scaler_d is not None and self.scaler_ge is not None:
+            state |= {"scaler_d": self.scaler_d.state_dict(), "scaler_ge": self.scaler_ge.state_dict()}
+        return state
+
+
+class GraphedStep:
+    """The graph-ready runner: static input buffers, one CUDA graph per phase, the eager twin on CPU.
+
+    Each call checks the batch's shape, dtype and device against the first batch (a CUDA graph
+    replays fixed addresses and shapes) and copies it into the static buffer. On CUDA the first
+    ``warmup`` calls of a phase run eagerly on a side stream (they are real training steps that
+    also create the optimizer state), the next one captures :meth:`GaliStep.update` and replays
+    it, and every later call only replays. Random draws (z, ε, masks, instance noise) use the
+    default CUDA generator, whose philox offset advances on every replay, so each replay draws
+    fresh noise. The returned tensors are the graph's static outputs: read or accumulate them
+    before the next call, which overwrites them.
+
+    On a CPU there is nothing to capture: the same update runs on the same static buffers, which
+    makes this class the testable twin of the graphed path.
+    """
+
+    def __init__(self, inner: GaliStep, *, warmup: int = 3) -> None:
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (the optimizer state is created eagerly), got {warmup}")
+        self.inner = inner
+        self.warmup = warmup
+        self.captures = inner.device.type == "cuda"
+        self._x: Tensor | None = None
+        self._noise_std: Tensor | None = None
+        self._eager_calls: dict[str, int] = dict.fromkeys(PHASES, 0)
+        self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[str, dict[str, Tensor]] = {}
+
+    def step(self, x: Tensor, noise_std: Tensor, phase: str = "both") -> dict[str, Tensor]:
+        check_phase(phase)
+        self._load(x, noise_std)
+        assert self._x is not None and self._noise_std is not None
+        with annotate("gali/step"):
+            if phase in self._graphs:
+                self._graphs[phase].replay()
+                return self._outputs[phase]
+            if not self.captures:
+                return self.inner.update(self._x, self._noise_std, phase)
+            if self._eager_calls[phase] < self.warmup:
+                self._eager_calls[phase] += 1
+                side = torch.cuda.Stream(self.inner.device)
+                side.wait_stream(torch.cuda.current_stream(self.inner.device))
+                with torch.cuda.stream(side):
+                    out = self.inner.update(self._x, self._noise_std, phase)
+                torch.cuda.current_stream(self.inner.device).wait_stream(side)
+                return out
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._outputs[phase] = self.inner.update(self._x, self._noise_std, phase)
+            self._graphs[phase] = graph
+            graph.replay()  # capture records without running: this replay is the step itself
+            return self._outputs[phase]
+
+    def _load(self, x: Tensor, noise_std: Tensor) -> None:
+        if self._x is None:
+            layout = torch.channels_last if self.inner.compute.channels_last else torch.contiguous_format
+            self._x = torch.empty_like(x, device=self.inner.device, memory_format=layout)
+            self._noise_std = torch.zeros((), device=self.inner.device)
+        want = (tuple(self._x.shape), self._x.dtype, self._x.device)
+        got = (tuple(x.shape), x.dtype, x.device)
+        if got != want:
+            raise GaliError(
+                f"graphed step: batch x is {_describe(*got)} but the step was built for {_describe(*want)}; "
+                "a CUDA graph replays one static shape, so every batch must have it (pipelines drop the last "
+                "partial batch; keep run.batch_size and data.resolution fixed), or set compute.cuda_graph=false"
+            )
+        if noise_std.dim() != 0 or not noise_std.dtype.is_floating_point:
+            raise GaliError(f"graphed step: noise_std must be a 0-d float tensor, got shape "
+                            f"{tuple(noise_std.shape)} {noise_std.dtype}")
+        self._x.copy_(x)
+        self._noise_std.copy_(noise_std)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+
+def check_phase(phase: str) -> None:
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+
+
+def compile_networks(nets: Networks) -> None:
+    """torch.compile G, E and D's feature trunk in place (state-dict keys unchanged).
+
+    D is called through ``features`` (the head is the fused kernel), so that method is what is
+    compiled; the kernels are custom ops, opaque to the compiler.
+    """
+    nets.G.compile()
+    nets.E.compile()
+    nets.D.features = torch.compile(nets.D.features)
+
+
+def build_step(nets: Networks, spec: TupleSpec, method: MethodConfig, optim: OptimConfig, latent_dim: int,
+               compute: ComputeConfig) -> GaliStep | GraphedStep:
+    """The step runner ``compute`` asks for: channels-last and compiled networks, graphed or eager.
+
+    ``compute.cuda_graph`` on a CPU device gives the eager twin (there is nothing to capture).
+    """
+    if compute.channels_last:
+        for net in (nets.G, nets.E, nets.D):
+            net.to(memory_format=torch.channels_last)
+    if compute.compile:
+        compile_networks(nets)
+    step = GaliStep(nets, spec, method, optim, latent_dim, compute)
+    if compute.cuda_graph and step.device.type == "cuda":
+        return GraphedStep(step)
+    return step
+
+
+def _describe(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> str:
+    return f"shape {shape} {str(dtype).removeprefix('torch.')} on {device}"
+
+
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    if scaler is None:
+        optimizer.step()
+        return
+    scaler.step(optimizer)  # fused Adam takes the scale and found-inf on the device: no sync
+    scaler.update()
 
 
 def _set_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
