@@ -1,0 +1,152 @@
+"""Benchmark the full training step per preset and mode against the paper-structured baseline, in one run.
+
+Run: ``pytest bench/test_step.py --benchmark-json=FILE`` (``-k svhn32`` for one preset). Case names read
+``test_step[<preset>-<mode>]``:
+
+preset  ``svhn32-gali4`` (GALI.md §3.2 networks, 32², K = 4) and ``celeba64-gali4`` / ``celeba64-gali-mix``
+        (§3.3 networks, 64²); the paper's widths (model.width = 1), d_z = 256, batch 100.
+mode    ``baseline``    :class:`gali.engine.paper_step.PaperStep`: K D calls, K² cross-entropies, per-sample
+                        Python masks, two full backward passes, fp32, unfused Adam, no graph (the authors'
+                        structure; the reference every other mode is divided by);
+        ``fp32``        the engine's eager step (one D call, fused head, autograd.grad into each side only,
+                        fused Adam);
+        ``fp32-cl``     the same with channels-last networks and input;
+        ``bf16``        eager with bf16 autocast;
+        ``compiled``    fp32 with torch.compile (Inductor) on G, E and D's trunk;
+        ``graph`` / ``bf16-graph``   the whole step captured in a CUDA graph and replayed (CUDA only).
+
+Each round is one training step (CUDA synchronised inside the timed call) after warm-up steps that are not
+timed (compilation, graph capture, optimizer state). ``extra_info`` holds images/s, the speed-up over the
+baseline of the same preset measured earlier in this run, the model FLOPs of one step (counted once per
+preset with ``torch.utils.flop_counter``: convolutions and matmuls of the forward and one full backward),
+the achieved TFLOP/s, the fraction of the device's dense peak where the device is known, and peak memory
+(CUDA: ``max_memory_allocated``; CPU: the process's peak RSS so far).
+"""
+
+import resource
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from gali.engine.config import ComputeConfig, MethodConfig, ModelConfig, OptimConfig
+from gali.engine.models import build_models
+from gali.engine.paper_step import PaperStep
+from gali.engine.step import GaliStep, Networks, build_step
+from gali.engine.tuples import load_spec
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BATCH, LATENT = 100, 256
+# Dense tensor-core peaks (TFLOP/s) by device name and autocast dtype; fp32 is the non-tensor-core rate.
+PEAK_TFLOPS = {("H100", torch.bfloat16): 989.0, ("H100", torch.float32): 67.0,
+               ("H200", torch.bfloat16): 989.0, ("H200", torch.float32): 67.0}
+
+
+@dataclass(frozen=True)
+class Preset:
+    arch: str
+    resolution: int
+    tuples: str
+
+
+PRESETS = {
+    "svhn32-gali4": Preset("svhn32", 32, "gali4"),
+    "celeba64-gali4": Preset("celeba64", 64, "gali4"),
+    "celeba64-gali-mix": Preset("celeba64", 64, "gali-mix"),
+}
+MODES = {  # mode -> (compute settings, warm-up steps)
+    "baseline": (None, 1),
+    "fp32": (ComputeConfig(precision="fp32"), 1),
+    "fp32-cl": (ComputeConfig(precision="fp32", channels_last=True), 1),
+    "bf16": (ComputeConfig(precision="bf16"), 1),
+    "compiled": (ComputeConfig(precision="fp32", compile=True), 2),
+    "graph": (ComputeConfig(precision="fp32", cuda_graph=True), 5),
+    "bf16-graph": (ComputeConfig(precision="bf16", cuda_graph=True), 5),
+}
+CASES = [pytest.param(preset, mode, id=f"{preset}-{mode}") for preset in PRESETS for mode in MODES]
+_baseline_seconds: dict[str, float] = {}
+_model_flops: dict[str, int] = {}
+
+
+def _networks(preset: Preset) -> tuple[Networks, object]:
+    torch.manual_seed(0)
+    spec = load_spec(preset.tuples)
+    G, E, D = build_models(ModelConfig(arch=preset.arch, latent_dim=LATENT), slot_kinds=spec.slot_kinds,
+                           num_classes=spec.num_classes)
+    return Networks(G=G.to(DEVICE), E=E.to(DEVICE), D=D.to(DEVICE)), spec
+
+
+def _runner(preset: Preset, compute: ComputeConfig | None):
+    nets, spec = _networks(preset)
+    method, optim = MethodConfig(tuples=preset.tuples), OptimConfig()
+    if compute is None:
+        runner = PaperStep(nets, spec, method, optim, LATENT)
+        return lambda x, noise: runner.step(x, noise)
+    runner = build_step(nets, spec, method, optim, LATENT, compute)
+    return lambda x, noise: runner.step(x, noise)
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _count_model_flops(preset: Preset) -> int:
+    """Forward plus one full backward of the step's losses: the work any implementation must do.
+
+    (Counted through ``.backward()``: the counter's module hooks do not support ``autograd.grad``.)
+    """
+    nets, spec = _networks(preset)
+    step = GaliStep(nets, spec, MethodConfig(tuples=preset.tuples), OptimConfig(), LATENT)
+    x = torch.rand(BATCH, 3, preset.resolution, preset.resolution, device=DEVICE) * 2 - 1
+    with FlopCounterMode(display=False) as counter:
+        out = step.discriminate(x, torch.tensor(0.1, device=DEVICE))
+        (out["loss_d"] + out["loss_ge"]).backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize(("preset_name", "mode"), CASES)
+def test_step(benchmark, preset_name: str, mode: str) -> None:
+    compute, warmup = MODES[mode]
+    if compute is not None and compute.cuda_graph and DEVICE.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    if compute is not None and compute.compile and DEVICE.type == "cpu" and preset_name != "svhn32-gali4":
+        pytest.skip("Inductor's CPU compile of the 64² networks takes many minutes on 2 cores; GPU only")
+    preset = PRESETS[preset_name]
+    if preset_name not in _model_flops:
+        _model_flops[preset_name] = _count_model_flops(preset)
+    step = _runner(preset, compute)
+    x = torch.rand(BATCH, 3, preset.resolution, preset.resolution, device=DEVICE,
+                   generator=torch.Generator(DEVICE).manual_seed(1)) * 2 - 1
+    noise = torch.tensor(0.1, device=DEVICE)
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def one_step() -> None:
+        step(x, noise)
+        _sync()
+
+    rounds = 20 if DEVICE.type == "cuda" else 3
+    benchmark.pedantic(one_step, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    seconds = benchmark.stats.stats.median
+    if mode == "baseline":
+        _baseline_seconds[preset_name] = seconds
+    flops = _model_flops[preset_name]
+    dtype = torch.bfloat16 if compute is not None and compute.precision == "bf16" else torch.float32
+    device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+    peak = next((tflops for (name, kind), tflops in PEAK_TFLOPS.items() if name in device_name and kind == dtype),
+                None)
+    achieved = flops / seconds / 1e12
+    benchmark.extra_info.update({
+        "device": device_name,
+        "images/s": BATCH / seconds,
+        "ms/step": seconds * 1e3,
+        "speedup_vs_baseline": (_baseline_seconds[preset_name] / seconds) if preset_name in _baseline_seconds
+        else None,
+        "model_flops/step": flops,
+        "achieved_tflops": achieved,
+        "fraction_of_peak": achieved / peak if peak else None,
+        "peak_memory_mb": (torch.cuda.max_memory_allocated() if DEVICE.type == "cuda"
+                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+    })

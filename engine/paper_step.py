@@ -1,0 +1,101 @@
+"""The paper-structured step: the authors' code's structure, the baseline every step benchmark beats.
+
+Same tuples, same losses, same update rule as :class:`gali.engine.step.GaliStep`, built the way
+the authors' scripts build them (GALI.md §3.6):
+
+* one D call per tuple class (K calls, each running its own spectral-norm power iterations);
+* the losses as K + K(K−1) separate ``F.cross_entropy`` calls on D's logits;
+* masks drawn as box parameters, then painted one sample at a time in a Python loop (each
+  sample's box read back to the host, as the scripts' ``random.randint`` loop does);
+* fp32, no CUDA graph, the default (unfused) Adam;
+* two full backward passes: ``loss_d.backward(retain_graph=True)`` into D, G and E, then
+  ``loss_ge.backward()`` into all three again, keeping D's gradient from the first and G/E's
+  from the second (the simultaneous update, without the authors' in-place error).
+
+It is a measuring stick, not a training path: ``bench/test_step.py`` times it beside the fast
+step in the same run, and ``tests/test_paper_step.py`` checks that both compute the same update.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gali.engine.config import MethodConfig, OptimConfig
+from gali.engine.losses import loss_weights
+from gali.engine.step import ChainEvaluator, Networks
+from gali.engine.tuples import IMAGE, TupleSpec
+
+
+class _PerSampleMaskChains(ChainEvaluator):
+    """Chains whose mask and mix ops paint each sample's box in a Python loop."""
+
+    def _apply(self, node, args, x, z, masks):  # type: ignore[no-untyped-def]
+        if not node.op.startswith(("mask", "mix")):
+            return super()._apply(node, args, x, z, masks)
+        image = args[0]
+        mask = torch.zeros_like(image[:, :1])
+        for i, (top, left, box_h, box_w) in enumerate(masks[int(node.op[-1])].tolist()):
+            mask[i, :, top:top + box_h, left:left + box_w] = 1.0
+        if node.op.startswith("mask"):
+            return image * (1 - mask) + self.method.mask_fill * mask
+        return image * (1 - mask) + args[1] * mask
+
+
+class PaperStep:
+    """The authors' step structure for any tuple spec; ``step(x, noise_std)`` returns the losses."""
+
+    def __init__(self, nets: Networks, spec: TupleSpec, method: MethodConfig, optim: OptimConfig,
+                 latent_dim: int) -> None:
+        self.nets = nets
+        self.spec = spec
+        self.latent_dim = latent_dim
+        self.chains = _PerSampleMaskChains(nets, method)
+        self.d_params = [p for p in nets.D.parameters() if p.requires_grad]
+        self.ge_params = [p for m in (nets.G, nets.E) for p in m.parameters() if p.requires_grad]
+        betas = (optim.beta1, optim.beta2)
+        self.opt_d = torch.optim.Adam(self.d_params, lr=optim.lr, betas=betas)
+        self.opt_ge = torch.optim.Adam(self.ge_params, lr=optim.lr, betas=betas)
+        self.w_true, self.w_pair = loss_weights(spec.num_classes, method.loss_weights)
+        self.w_true, self.w_pair = self.w_true.tolist(), self.w_pair.tolist()
+        self.alice_lambda = method.alice_lambda
+
+    def losses(self, x: Tensor, noise_std: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loss_d, loss_ge)`` from K separate D calls and K·K cross-entropy calls."""
+        batch = x.shape[0]
+        z = torch.randn(batch, self.latent_dim, device=x.device)
+        values = self.chains.evaluate(self.spec, x, z)
+        loss_d = loss_ge = torch.zeros((), device=x.device)
+        for k, cls in enumerate(self.spec.classes):
+            slots = []
+            for expr, kind in zip(cls, self.spec.slot_kinds, strict=True):
+                slot = values[expr]
+                slots.append(slot + noise_std * torch.randn_like(slot) if kind == IMAGE else slot)
+            logits = self.nets.D(slots)
+            for j in range(self.spec.num_classes):
+                target = torch.full((batch,), j, dtype=torch.long, device=x.device)
+                if j == k:
+                    loss_d = loss_d + self.w_true[k] * F.cross_entropy(logits, target)
+                else:
+                    loss_ge = loss_ge + self.w_pair[k][j] * F.cross_entropy(logits, target)
+        if self.spec.reconstruction is not None:
+            target_expr, output_expr = self.spec.reconstruction
+            loss_ge = loss_ge + self.alice_lambda * F.mse_loss(values[output_expr], values[target_expr])
+        return loss_d, loss_ge
+
+    def step(self, x: Tensor, noise_std: Tensor) -> dict[str, Tensor]:
+        """One simultaneous update with two full backward passes."""
+        loss_d, loss_ge = self.losses(x, noise_std)
+        self.opt_d.zero_grad()
+        self.opt_ge.zero_grad()
+        loss_d.backward(retain_graph=True)
+        d_grads = [p.grad.clone() for p in self.d_params]
+        self.opt_d.zero_grad()
+        self.opt_ge.zero_grad()
+        loss_ge.backward()
+        for param, grad in zip(self.d_params, d_grads, strict=True):
+            param.grad = grad
+        self.opt_d.step()
+        self.opt_ge.step()
+        return {"loss_d": loss_d.detach(), "loss_ge": loss_ge.detach()}
