@@ -1,12 +1,17 @@
-"""The ``gali`` command: train, sample, reconstruct, presets, data tools.
+"""The ``gali`` command: train, sample, reconstruct, presets, data tools, eval, reproduce.
 
     gali train [--preset NAME|FILE.toml] [--dry-run] [section.key=value ...]
+    gali profile [--preset NAME|FILE.toml] [--steps 20] [section.key=value ...]
     gali sample CHECKPOINT [--out FILE.png] [--n 64] [--seed 0]
     gali reconstruct CHECKPOINT [--out FILE.png] [--n 16] [--split test]
     gali presets
     gali data check ROOT [--workers N]
     gali data prepare SRC DST --resolution R --shards N [--format jpeg|png] [--workers N] [--seed 0]
     gali data stats ROOT [--workers N]
+    gali eval CHECKPOINT [data.key=value ...] [--metrics pixel-mse,feature-mse,probe,fid,kid,inpaint]
+              [--split test] [options]
+    gali reproduce [--preset demo] [--kimg K] [--methods ali,alice,gali4,gali8,gali-mix] [--inception FILE]
+                   [options] [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -32,6 +37,19 @@ def _train(args: argparse.Namespace) -> None:
     from gali.engine.train import train
 
     train(cfg)
+
+
+def _profile(args: argparse.Namespace) -> None:
+    from gali.engine.profiling import nsys_command, profile_training
+
+    cfg = load_config(args.preset, args.overrides)
+    images = args.steps * cfg.run.batch_size
+    cfg.run.kimg = cfg.run.tick_kimg = cfg.run.snapshot_kimg = images / 1000
+    trace = profile_training(cfg)
+    print(f"wrote the torch.profiler trace of {args.steps} steps to {trace} (open it in https://ui.perfetto.dev)")
+    overrides = [*args.overrides, f"run.kimg={images / 1000:g}"]
+    print("on a GPU machine, record the same run in Nsight Systems with:")
+    print("  " + nsys_command(args.preset, overrides, str(trace.parent / "gali")))
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -140,6 +158,100 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     stats.set_defaults(func=_data_stats)
 
 
+def _eval_options(args: argparse.Namespace, data_overrides: Sequence[str] = ()):
+    """The evaluation settings shared by ``gali eval`` and ``gali reproduce``."""
+    from gali.engine.evaluate import EvalOptions
+
+    return EvalOptions(
+        batch_size=args.batch_size, seed=args.seed, data_overrides=tuple(data_overrides),
+        probe_labelled=args.probe_labelled, probe_validation=args.probe_validation, probe_draws=args.probe_draws,
+        probe_pool=args.probe_pool, inception=args.inception, inception_input_size=args.inception_input_size,
+        fid_samples=args.fid_samples, fid_reference_images=args.fid_reference_images, cache_dir=args.fid_cache,
+    )
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from gali.engine.evaluate import evaluate
+
+    options = replace(
+        _eval_options(args, args.overrides), split=args.split, feature_model=args.feature_model,
+        feature_arch=args.feature_arch, feature_input_size=args.feature_input_size,
+        feature_resize=args.feature_resize, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+    )
+    report = evaluate(args.checkpoint, args.metrics, options)
+    print(report.table)
+    print(f"wrote {report.json_path}")
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from gali.engine.reproduce import ReproduceOptions, reproduce
+
+    budget = {} if args.kimg is None else {"kimg": args.kimg}
+    options = ReproduceOptions(
+        **budget, preset=args.preset, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        seed=args.seed, out_dir=args.out_dir, overrides=tuple(args.overrides), evaluation=_eval_options(args),
+    )
+    report = reproduce(options)
+    print(report.table)
+    print(f"wrote {report.markdown_path} and {report.json_path}")
+
+
+def _add_eval_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the evaluation protocol (GALI.md §4.1) common to eval and reproduce."""
+    parser.add_argument("--batch-size", type=_positive, default=100, help="images per batch; the ± is over batches")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data order, masks, probe draws and z (reproduce: and of training)")
+    parser.add_argument("--probe-labelled", type=_positive, default=1000, help="labelled images per SVM")
+    parser.add_argument("--probe-validation", type=_positive, default=None,
+                        help="validation images for choosing C (default min(10000, (N - labelled) / 2))")
+    parser.add_argument("--probe-draws", type=_positive, default=100, help="random labelled sets (SVMs) averaged")
+    parser.add_argument("--probe-pool", type=_positive, default=20_000, help="most training images read for the probe")
+    parser.add_argument("--inception", help="local TorchScript Inception for FID/KID (clean-fid/StyleGAN3 "
+                        "inception-2015-12-05.pt, or forward(x) -> (N, D)); never downloaded")
+    parser.add_argument("--inception-input-size", type=_positive, default=299, help="side images are resized to")
+    parser.add_argument("--fid-samples", type=_positive, default=10_000, help="generated images for FID/KID")
+    parser.add_argument("--fid-reference-images", type=_positive, default=50_000,
+                        help="most real images of the split for FID/KID")
+    parser.add_argument("--fid-cache", help="folder of cached reference features (default $GALI_CACHE/fid)")
+
+
+def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
+    from gali.engine.metrics import METRICS  # light (torch, numpy); scikit-learn and torchmetrics load when used
+
+    evaluation = commands.add_parser(
+        "eval", help="evaluate a checkpoint: table on stdout, JSON next to it",
+        epilog="metrics: " + "; ".join(f"{name}: {what}" for name, what in METRICS.items()),
+    )
+    evaluation.add_argument("checkpoint")
+    evaluation.add_argument("--metrics", default="pixel-mse", help=f"comma-separated, of {', '.join(METRICS)}")
+    evaluation.add_argument("--split", default="test", choices=("train", "test"))
+    evaluation.add_argument("--feature-model", help="frozen feature network for feature-MSE (TorchScript or "
+                            "state dict); never downloaded")
+    evaluation.add_argument("--feature-arch", help="architecture of a state-dict --feature-model: svhn-multidigit")
+    evaluation.add_argument("--feature-input-size", type=int, default=0, help="resize before it (0 = data resolution)")
+    evaluation.add_argument("--feature-resize", choices=("nearest", "bilinear"), default="nearest")
+    evaluation.add_argument("--kid-subsets", type=_positive, default=100)
+    evaluation.add_argument("--kid-subset-size", type=_positive, default=1000)
+    _add_eval_options(evaluation)
+    evaluation.add_argument("overrides", nargs="*", metavar="data.key=value",
+                            help="right after CHECKPOINT, before the options: e.g. a moved data.root")
+    evaluation.set_defaults(func=_eval)
+
+    repro = commands.add_parser("reproduce", help="train ALI, ALICE, GALI-4, GALI-8, GALI-mix at one budget; one table")
+    repro.add_argument("--preset", default="demo", help="preset every method starts from")
+    repro.add_argument("--kimg", type=float, default=None,
+                       help="training budget per method (default: gali.engine.reproduce.DEFAULT_KIMG, sized so "
+                       "that the five demo runs take about 30 minutes on 2 CPU cores)")
+    repro.add_argument("--methods", default="ali,alice,gali4,gali8,gali-mix", help="comma-separated tuple specs")
+    repro.add_argument("--out-dir", default="runs/reproduce", help="run folders and reproduce.md/.json go here")
+    _add_eval_options(repro)
+    repro.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="applied to every method, e.g. data.source=folder data.root=DIR")
+    repro.set_defaults(func=_reproduce)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gali", description="Train and use GALI models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -149,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
     train.set_defaults(func=_train)
+
+    profile = commands.add_parser("profile", help="a short run with NVTX ranges under torch.profiler; "
+                                  "writes trace.json and prints the nsys command")
+    profile.add_argument("--preset", default="demo", help="preset name or .toml path (default: demo)")
+    profile.add_argument("--steps", type=_positive, default=20, help="training steps to record (default: 20)")
+    profile.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    profile.set_defaults(func=_profile)
 
     sample = commands.add_parser("sample", help="a grid of G(z) from a checkpoint")
     sample.add_argument("checkpoint")
@@ -169,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(func=_presets)
 
     _add_data_commands(commands)
+    _add_eval_commands(commands)
     return parser
 
 

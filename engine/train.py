@@ -1,14 +1,14 @@
 """The training loop (host side): clock, progress, logs, snapshots. The step does the math.
 
 Progress is counted in kimg (thousands of real images seen), as in StyleGAN and EDM2. Step
-statistics stay on the device and are read once per tick (``run.tick_kimg``); every
-``run.snapshot_kimg`` the loop writes a checkpoint, sample and reconstruction grids, and the
-held-out reconstruction error.
+statistics stay on the device and are read once per tick (``run.tick_kimg``), then handed to the
+run's :class:`RunLog` (metrics.jsonl, TensorBoard, the progress bar or lines); every
+``run.snapshot_kimg`` the loop writes a checkpoint, sample, reconstruction and (for specs with
+masks) inpainting grids, and the held-out reconstruction error.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -24,9 +24,18 @@ from gali.engine.checkpoint import load_checkpoint, save_checkpoint
 from gali.engine.config import Config, dump_config
 from gali.engine.errors import ConfigError, DataError
 from gali.engine.feature_models import feature_dim, load_feature_model
-from gali.engine.images import reconstruction_mse, sample_images, save_grid, save_reconstruction_grid
+from gali.engine.images import (
+    evaluation_box_params,
+    inpainting_grid,
+    reconstruction_grid,
+    reconstruction_mse,
+    sample_images,
+    tile,
+)
 from gali.engine.models import build_models
-from gali.engine.step import GaliStep, Networks, instance_noise_std
+from gali.engine.profiling import annotate, enable_ranges, ranges_enabled
+from gali.engine.run_log import RunLog, resolve_tensorboard
+from gali.engine.step import Networks, build_step, instance_noise_std
 from gali.engine.tuples import TupleSpec, load_spec
 from gali.pipelines import Pipeline, make_pipeline
 
@@ -83,6 +92,38 @@ class TrainResult:
     last_stats: dict[str, Any]
 
 
+class TickStats:
+    """The step's device statistics summed since the last tick; read back with one host sync.
+
+    Each statistic keeps its own count (under n_dis > 1 a side's gradient norm exists only in the
+    phases that update it). Summing clones the step's tensors first, so a CUDA graph's static
+    outputs can be overwritten by the next replay.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for name, value in stats.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def read_means(self) -> dict[str, float | list[float]]:
+        """Means since the last call (scalars as floats, vectors as lists), then reset."""
+        if not self.sums:
+            return {}
+        means = [(value / self.counts[name]).float().reshape(-1) for name, value in self.sums.items()]
+        flat = torch.cat(means).tolist()  # one device-to-host copy for every statistic
+        out: dict[str, float | list[float]] = {}
+        offset = 0
+        for (name, value), mean in zip(self.sums.items(), means, strict=True):
+            out[name] = flat[offset] if value.dim() == 0 else flat[offset:offset + mean.numel()]
+            offset += mean.numel()
+        self.sums, self.counts = {}, {}
+        return out
+
+
 def _phase(iteration: int, n_dis: int) -> str:
     if n_dis == 1:
         return "both"
@@ -98,26 +139,33 @@ def _eval_images(cfg: Config, device: torch.device, batch_size: int) -> tuple[st
 
 
 def train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
-    """Train from ``cfg``; returns where the run folder is and the final figures."""
+    """Train from ``cfg``; returns where the run folder is and the final figures.
+
+    ``log`` receives the lines meant for people; a progress bar, when drawn, goes to stdout.
+    """
     device = resolve_device(cfg.run.device)
+    tensorboard = resolve_tensorboard(cfg.run.tensorboard)  # run.tensorboard=on without the package stops here
     seed_everything(cfg.run.seed)
     spec = load_spec(cfg.method.tuples)
     batch_size = cfg.run.batch_size
     pipeline = make_pipeline(cfg.data, split="train", batch_size=batch_size, device=device, seed=cfg.run.seed)
     eval_split, eval_pipeline = _eval_images(cfg, device, min(batch_size, 100))
     nets = build_networks(cfg, spec, device)
-    step = GaliStep(nets, spec, cfg.method, cfg.optim, cfg.model.latent_dim)
+    step = build_step(nets, spec, cfg.method, cfg.optim, cfg.model.latent_dim, cfg.compute)
 
     run_dir = create_run_dir(cfg.run.out_dir, cfg.preset)
     (run_dir / "config.toml").write_text(dump_config(cfg))
-    metrics_file = (run_dir / "metrics.jsonl").open("a")
-    log(f"run folder {run_dir}  preset {cfg.preset}  tuples {spec.name} (K={spec.num_classes})  device {device}")
-    log(f"data: {pipeline.num_images} training images, {len(pipeline)} batches of {batch_size} per epoch")
+    run_log = RunLog(run_dir, total_kimg=cfg.run.kimg, progress=cfg.run.progress, tensorboard=tensorboard, log=log)
+    run_log.message(f"run folder {run_dir}  preset {cfg.preset}  tuples {spec.name} (K={spec.num_classes})  "
+                    f"device {device}  tensorboard {'on' if tensorboard else 'off'}")
+    run_log.message(f"data: {pipeline.num_images} training images, {len(pipeline)} batches of {batch_size} per epoch")
 
     grid_n = cfg.run.grid_size
     grid_z = torch.randn(grid_n * grid_n, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.run.seed))
     grid_z = grid_z.to(device)
     grid_x = next(iter(eval_pipeline)).x[:grid_n]
+    grid_masks = (evaluation_box_params(grid_x.shape[0], grid_x.shape[-1], seed=cfg.run.seed, device=device)
+                  if spec.mask_indices else None)
 
     total_images = int(cfg.run.kimg * 1000)
     images_per_epoch = len(pipeline) * batch_size
@@ -129,68 +177,72 @@ def train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
     def snapshot(images_seen: int, epoch: int) -> float:
         kimg = images_seen / 1000
         mse = reconstruction_mse(nets.G, nets.E, (b.x for b in eval_pipeline))
-        save_grid(sample_images(nets.G, grid_z), run_dir / "samples.png", columns=grid_n)
-        save_reconstruction_grid(nets.G, nets.E, grid_x, run_dir / "reconstructions.png")
+        grids = {"samples": tile(sample_images(nets.G, grid_z), columns=grid_n),
+                 "reconstructions": reconstruction_grid(nets.G, nets.E, grid_x)}
+        if grid_masks is not None:
+            grids["inpainting"] = inpainting_grid(nets.G, nets.E, grid_x, grid_masks, fill=cfg.method.mask_fill,
+                                                  impl=cfg.method.kernel_impl)
+        run_log.images(grids, images_seen)
         save_checkpoint(run_dir / f"checkpoint-{images_seen:010d}.pt", {
             "config": cfg.to_dict(), "kimg": kimg, "epoch": epoch, "extra_dim": nets.extra_dim,
             "G": nets.G.state_dict(), "E": nets.E.state_dict(), "D": nets.D.state_dict(),
-            "opt_d": step.opt_d.state_dict(), "opt_ge": step.opt_ge.state_dict(),
+            **step.state_dict(),
         })
-        record = {"event": "snapshot", "kimg": kimg, f"recon_mse_{eval_split}": mse}
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        log(f"snapshot at {kimg:.1f} kimg: reconstruction MSE on {eval_split} split {mse:.5f}")
+        run_log.record({"event": "snapshot", "kimg": kimg, f"recon_mse_{eval_split}": mse})
+        run_log.message(f"snapshot at {kimg:.1f} kimg: reconstruction MSE on {eval_split} split {mse:.5f}")
         return mse
 
-    images_seen, iteration, epoch = 0, 0, 0
-    sums: dict[str, torch.Tensor] = {}
-    count = 0
-    train_seconds = tick_seconds = 0.0  # wall time of steps only; snapshots are not counted
-    tick_images_start = 0
-    next_tick, next_snapshot = tick_images, snapshot_images
-    last: dict[str, Any] = {}
-    mse = float("nan")
-    segment_start = time.perf_counter()
-    while images_seen < total_images:
-        epoch += 1
-        noise_std.fill_(instance_noise_std(cfg.method, epoch, num_epochs))
-        pipeline.set_epoch(epoch)
-        for batch in pipeline:
-            if iteration == 0:
-                nets.G.init_output_bias(batch.x)
-            stats = step.step(batch.x, noise_std, _phase(iteration, cfg.optim.n_dis))
-            for name, value in stats.items():
-                sums[name] = sums[name] + value if name in sums else value.clone()
-            count += 1
-            iteration += 1
-            images_seen += batch_size
-            done = images_seen >= total_images
-            if images_seen >= next_tick or done:
-                means = {name: (value / count).tolist() for name, value in sums.items()}  # the one sync
-                tick_seconds += time.perf_counter() - segment_start
-                speed = (images_seen - tick_images_start) / tick_seconds
-                train_seconds += tick_seconds
-                last = {"kimg": images_seen / 1000, "epoch": epoch, "iteration": iteration,
-                        "images_per_s": speed, "noise_std": float(noise_std), **means}
-                metrics_file.write(json.dumps(last) + "\n")
-                metrics_file.flush()
-                eta = (total_images - images_seen) / max(speed, 1e-9)
-                p_true = "/".join(f"{p:.2f}" for p in means["p_true"])
-                log(f"kimg {images_seen / 1000:7.1f}/{cfg.run.kimg:g}  epoch {epoch}  loss_d {means['loss_d']:.4f}  "
-                    f"loss_ge {means['loss_ge']:.4f}  p_true {p_true}  {speed:6.1f} img/s  eta {eta:5.0f}s")
-                sums, count, tick_seconds, tick_images_start = {}, 0, 0.0, images_seen
-                next_tick += tick_images
-                segment_start = time.perf_counter()
-            if images_seen >= next_snapshot or done:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                tick_seconds += time.perf_counter() - segment_start
-                mse = snapshot(images_seen, epoch)
-                next_snapshot += snapshot_images
-                segment_start = time.perf_counter()
-            if done:
-                break
-    metrics_file.close()
+    ranges_were_on = ranges_enabled()
+    enable_ranges(cfg.compute.nvtx)
+    try:
+        images_seen, iteration, epoch = 0, 0, 0
+        tick_stats = TickStats()
+        train_seconds = tick_seconds = 0.0  # wall time of steps only; snapshots are not counted
+        tick_images_start = 0
+        next_tick, next_snapshot = tick_images, snapshot_images
+        last: dict[str, Any] = {}
+        mse = float("nan")
+        segment_start = time.perf_counter()
+        while images_seen < total_images:
+            epoch += 1
+            noise_value = instance_noise_std(cfg.method, epoch, num_epochs)  # kept on the host for the log
+            noise_std.fill_(noise_value)
+            pipeline.set_epoch(epoch)
+            batches = iter(pipeline)
+            while True:
+                with annotate("gali/data"):
+                    batch = next(batches, None)
+                if batch is None:
+                    break
+                if iteration == 0:
+                    nets.G.init_output_bias(batch.x)
+                tick_stats.add(step.step(batch.x, noise_std, _phase(iteration, cfg.optim.n_dis)))
+                iteration += 1
+                images_seen += batch_size
+                done = images_seen >= total_images
+                if images_seen >= next_tick or done:
+                    means = tick_stats.read_means()  # the one host sync of the tick
+                    tick_seconds += time.perf_counter() - segment_start
+                    speed = (images_seen - tick_images_start) / tick_seconds
+                    train_seconds += tick_seconds
+                    last = {"kimg": images_seen / 1000, "epoch": epoch, "iteration": iteration,
+                            "images_per_s": speed, "noise_std": noise_value, **means}
+                    run_log.tick(last)
+                    tick_seconds, tick_images_start = 0.0, images_seen
+                    next_tick += tick_images
+                    segment_start = time.perf_counter()
+                if images_seen >= next_snapshot or done:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    tick_seconds += time.perf_counter() - segment_start
+                    mse = snapshot(images_seen, epoch)
+                    next_snapshot += snapshot_images
+                    segment_start = time.perf_counter()
+                if done:
+                    break
+    finally:
+        run_log.close()
+        enable_ranges(ranges_were_on)
     speed = images_seen / max(train_seconds, 1e-9)
     log(f"done: {images_seen / 1000:.1f} kimg in {train_seconds:.1f} s of training ({speed:.1f} img/s); "
         f"reconstruction MSE {mse:.5f}; run folder {run_dir}")

@@ -1,6 +1,7 @@
 """End to end on the demo digits: the loop trains, logs, snapshots, and the CLI reads its checkpoint."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from gali.engine.cli import main
 from gali.engine.config import load_config
 from gali.engine.errors import ConfigError
 from gali.engine.images import reconstruction_mse
+from gali.engine.run_log import tensorboard_available
 from gali.engine.train import build_networks, load_generator_encoder, seed_everything, train
 from gali.engine.tuples import load_spec
 from gali.pipelines import make_pipeline
@@ -20,15 +22,20 @@ SHORT = ["model.width=0.25", "model.latent_dim=32", "run.batch_size=32", "data.w
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
+def digits_cache(tmp_path_factory):
+    """One GALI_CACHE for the module's runs, so the digits are written as PNG files once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, digits_cache):
     out = tmp_path_factory.mktemp("runs")
     mp = pytest.MonkeyPatch()
-    mp.setenv("GALI_CACHE", str(cache))
+    mp.setenv("GALI_CACHE", str(digits_cache))
     cfg = load_config("demo", [*SHORT, "run.kimg=6", "run.snapshot_kimg=3", f"run.out_dir={out}"])
     lines: list[str] = []
     result = train(cfg, log=lines.append)
-    yield cfg, result, lines, cache
+    yield cfg, result, lines, digits_cache
     mp.undo()
 
 
@@ -76,7 +83,42 @@ def test_demo_run_folder_holds_config_metrics_checkpoints_and_grids(demo_run):
         assert im.size == (4 * 32, 4 * 32)
     with Image.open(run / "reconstructions.png") as im:
         assert im.size == (4 * 32, 3 * 32)
-    assert any("img/s" in line for line in lines) and "done:" in lines[-1]
+    for name in ("samples", "reconstructions"):
+        assert sorted(p.name for p in run.glob(f"{name}-*.png")) == [f"{name}-0000003008.png",
+                                                                     f"{name}-0000006016.png"]
+    assert not list(run.glob("inpainting*.png"))  # gali4 masks nothing
+    assert bool(list(run.glob("events.out.tfevents.*"))) == tensorboard_available()  # run.tensorboard=auto
+    assert any("img/s" in line and "eta" in line for line in lines) and "done:" in lines[-1]
+
+
+@pytest.mark.slow
+def test_gali_mix_run_writes_inpainting_grids(tmp_path, monkeypatch, digits_cache):
+    monkeypatch.setenv("GALI_CACHE", str(digits_cache))
+    overrides = [*SHORT, "method.tuples=gali-mix", "run.grid_size=3", "run.batch_size=8", "run.kimg=0.016",
+                 "run.tick_kimg=0.008", "run.snapshot_kimg=1", "run.tensorboard=off", "run.progress=lines",
+                 f"run.out_dir={tmp_path}"]
+    lines: list[str] = []
+    result = train(load_config("demo", overrides), log=lines.append)
+    run = result.run_dir
+    for name, rows in (("samples", 3), ("reconstructions", 3), ("inpainting", 4)):
+        for path in (run / f"{name}.png", run / f"{name}-0000000016.png"):
+            with Image.open(path) as im:
+                assert im.size == (3 * 32, rows * 32), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ticks = [r for r in records if "loss_d" in r]
+    assert [r["kimg"] for r in ticks] == [0.008, 0.016] and all(len(r["p_true"]) == 8 for r in ticks)
+    assert records[-1] == {"event": "snapshot", "kimg": 0.016, "recon_mse_test": result.recon_mse}
+    assert not list(run.glob("events.out.tfevents.*"))  # run.tensorboard=off
+    assert sum(line.startswith("kimg ") and "img/s" in line and "eta" in line for line in lines) == 2
+
+
+def test_tensorboard_on_without_the_package_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("GALI_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    cfg = load_config("demo", [*SHORT, "run.tensorboard=on", f"run.out_dir={tmp_path / 'runs'}"])
+    with pytest.raises(ConfigError, match=r"run\.tensorboard.*pip install 'gali\[tensorboard\]'"):
+        train(cfg, log=lambda line: None)
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow

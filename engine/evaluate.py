@@ -1,0 +1,496 @@
+"""``gali eval``: load a checkpoint and a data split, run the selected metrics, print a table, write JSON.
+
+The metrics themselves are pure functions in :mod:`gali.engine.metrics`; this module feeds them.
+Protocol (GALI.md §4.1; every choice is recorded in the JSON):
+
+- The evaluation split is read once, every image of it (including the last partial batch), in an
+  order shuffled from the seed, in batches of ``batch_size`` (100, as the paper's ± is the std over
+  batches of 100). E and G run in eval mode and reconstructions use z = μ_E(x).
+- ``inpaint`` masks one fixed box per image (:func:`gali.engine.images.evaluation_box_params`: sides
+  8..54 on 64² scaled to the resolution, fully inside the image, drawn from the seed), feeds the
+  encoder the masked image (masked pixels hold the checkpoint's ``method.mask_fill``) and scores
+  the composite x·(1−m) + G(μ_E(masked x))·m (GALI.md §4.1, §5 items 5-7).
+- ``probe`` draws its labelled sets from the training split (at most ``probe_pool`` images, seeded)
+  and reports the error on the evaluation split.
+- ``fid``/``kid`` compare ``fid_samples`` samples G(z), z ~ N(0, I) from the seed, with the first
+  ``fid_reference_images`` images of the evaluation split. The reference set's features are cached
+  in a file keyed by the data set, split, resolution, image count, seed and the network file's
+  SHA-256, and reused when present.
+
+The JSON goes next to the checkpoint (``checkpoint-N.eval.json``); a later evaluation of other
+metrics is merged into it, each metric keeping the settings it was measured with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gali.engine import metrics as M
+from gali.engine.config import config_from_dict
+from gali.engine.errors import DataError, GaliError
+from gali.engine.feature_models import load_feature_model
+from gali.engine.images import (
+    EVAL_MASK_MAX,
+    EVAL_MASK_MIN,
+    EVAL_MASK_RESOLUTION,
+    evaluation_box_params,
+    reconstruction_chain,
+)
+from gali.engine.metrics import METRICS
+from gali.engine.train import load_generator_encoder, resolve_device
+from gali.kernels.mask_composite import mask_composite
+from gali.pipelines import Batch, default_digits_root, make_pipeline
+from gali.pipelines.config import DataConfig
+
+LOADER_BATCH_MAX = 256
+
+
+@dataclass
+class EvalOptions:
+    """Settings of one evaluation (the CLI's options; defaults follow GALI.md §4.1).
+
+    data_overrides: ``data.key=value`` strings applied to the checkpoint's data config (e.g. a
+                    moved ``data.root``); keys of other sections are rejected.
+    feature_*:      the frozen feature network of feature-MSE (TorchScript, or a state dict with
+                    ``feature_arch``), its input size (0 = the data resolution) and resize mode.
+                    'nearest' matches the authors' SVHN evaluation code, the paper says bilinear
+                    (GALI.md §5 item 4).
+    probe_*:        labelled images per draw, validation images (None = min(10000, (N − labelled)/2)),
+                    number of draws, and the most training images read for the probe.
+    inception*:     the FID/KID network file (see :func:`gali.engine.metrics.load_inception`) and its input size.
+    fid_samples:    generated images; ``fid_reference_images``: the most real images of the split.
+    kid_*:          KID subsets and subset size (capped at the smaller set).
+    cache_dir:      where reference features are cached (default ``$GALI_CACHE/fid``, ``~/.cache/gali/fid``).
+    """
+
+    split: str = "test"
+    batch_size: int = 100
+    seed: int = 0
+    device: str = "auto"
+    data_overrides: Sequence[str] = ()
+    feature_model: str | None = None
+    feature_arch: str | None = None
+    feature_input_size: int = 0
+    feature_resize: str = "nearest"
+    probe_labelled: int = 1000
+    probe_validation: int | None = None
+    probe_draws: int = 100
+    probe_pool: int = 20_000
+    inception: str | None = None
+    inception_input_size: int = M.INCEPTION_INPUT_SIZE
+    fid_samples: int = 10_000
+    fid_reference_images: int = 50_000
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    cache_dir: str | None = None
+
+
+@dataclass
+class EvalReport:
+    """What one evaluation produced: the results by metric name, the table, and where the JSON went."""
+
+    checkpoint: Path
+    results: dict[str, dict[str, Any]]
+    table: str
+    json_path: Path
+
+
+def parse_metrics(names: str | Sequence[str]) -> tuple[str, ...]:
+    """``'pixel-mse,probe'`` or a list of names -> the names, checked against :data:`METRICS`."""
+    if isinstance(names, str):
+        names = names.split(",")
+    parsed = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+    unknown = [n for n in parsed if n not in METRICS]
+    if unknown or not parsed:
+        raise GaliError(f"unknown metric {', '.join(map(repr, unknown)) or '(none given)'} in --metrics; "
+                        f"accepted (comma-separated): {', '.join(METRICS)}")
+    return parsed
+
+
+def _check_options(metrics: tuple[str, ...], options: EvalOptions) -> None:
+    """Reject contradictory or missing options before any work, naming the option."""
+    for name in ("batch_size", "probe_labelled", "probe_draws", "probe_pool", "inception_input_size",
+                 "fid_samples", "fid_reference_images", "kid_subsets", "kid_subset_size"):
+        value = getattr(options, name)
+        if value < 1:
+            raise GaliError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
+    if options.split not in ("train", "test"):
+        raise GaliError(f"--split must be 'train' or 'test'; got {options.split!r}")
+    if "feature-mse" in metrics and not options.feature_model:
+        raise GaliError("metric 'feature-mse' needs --feature-model PATH (a TorchScript file, or a state dict "
+                        "with --feature-arch); nothing is downloaded")
+    if {"fid", "kid"} & set(metrics) and not options.inception:
+        raise GaliError("metrics 'fid' and 'kid' need --inception PATH, a local TorchScript Inception "
+                        "(clean-fid/StyleGAN3 inception-2015-12-05.pt); nothing is downloaded")
+    if "probe" in metrics and options.split == "train":
+        raise GaliError("metric 'probe' fits its SVMs on the training split and tests on --split; "
+                        "use --split test (a held-out split) for it")
+    if options.feature_resize not in ("nearest", "bilinear"):
+        raise GaliError(f"--feature-resize must be 'nearest' or 'bilinear'; got {options.feature_resize!r}")
+
+
+def data_config(data: DataConfig, overrides: Sequence[str]) -> DataConfig:
+    """``data`` with ``data.key=value`` overrides applied and validated."""
+    bad = [o for o in overrides if not o.strip().startswith("data.")]
+    if bad:
+        raise GaliError(f"only data.* overrides apply to an evaluation; got {', '.join(bad)}")
+    return config_from_dict({"data": asdict(data)}, origin="checkpoint data", overrides=overrides).data
+
+
+class SplitBatches:
+    """Every image of a split once (the first ``limit`` if given), in batches of ``batch_size``.
+
+    Pipelines deliver static batches and drop the last incomplete one, so the split is read with
+    the largest loader batch (at most :data:`LOADER_BATCH_MAX`) that divides its size, which drops
+    nothing, and re-cut here into ``batch_size`` with a partial last batch. The order is the
+    pipeline's seeded shuffle of epoch 0, the same for any loader batch. ``num_images`` is the
+    number of images an iteration yields.
+    """
+
+    def __init__(self, data: DataConfig, split: str, *, batch_size: int, device: torch.device, seed: int,
+                 limit: int | None = None) -> None:
+        pipeline = make_pipeline(data, split=split, batch_size=1, device=device, seed=seed)
+        n = pipeline.num_images
+        loader_batch = max(d for d in range(1, min(n, LOADER_BATCH_MAX) + 1) if n % d == 0)
+        if loader_batch > 1:
+            pipeline = make_pipeline(data, split=split, batch_size=loader_batch, device=device, seed=seed)
+        pipeline.set_epoch(0)
+        self.pipeline = pipeline
+        self.batch_size = batch_size
+        self.num_images = n if limit is None else min(n, limit)
+
+    def __iter__(self) -> Iterator[Batch]:
+        xs: list[Tensor] = []
+        labels: list[Tensor] = []
+        held = seen = 0
+        for batch in self.pipeline:
+            xs.append(batch.x)
+            if batch.labels is not None:
+                labels.append(batch.labels)
+            held += batch.x.shape[0]
+            while held >= self.batch_size or (held and seen + held >= self.num_images):
+                x = torch.cat(xs)
+                y = torch.cat(labels) if labels else None
+                take = min(self.batch_size, held, self.num_images - seen)
+                yield Batch(x=x[:take], labels=None if y is None else y[:take])
+                seen += take
+                if seen >= self.num_images:
+                    return
+                xs, labels = [x[take:]], ([] if y is None else [y[take:]])
+                held -= take
+
+
+def _dataset_identity(data: DataConfig) -> dict[str, Any]:
+    """What names a data set in the reference cache key: its source, resolved root and backend."""
+    if data.root:
+        root = str(Path(data.root).expanduser().resolve())
+    elif data.source == "digits":
+        root = str(default_digits_root(data.resolution).resolve())
+    else:
+        root = None
+    return {"source": data.source, "root": root, "backend": data.backend, "resolution": data.resolution}
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks): names the network in the reference cache key."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$GALI_CACHE/fid`` (``~/.cache/gali/fid`` by default), beside the digits' cache."""
+    return Path(os.environ.get("GALI_CACHE") or "~/.cache/gali").expanduser() / "fid"
+
+
+class _Evaluation:
+    """One run of :func:`evaluate`: the loaded networks, the data config and the options."""
+
+    def __init__(self, checkpoint: Path, metrics: tuple[str, ...], options: EvalOptions,
+                 log: Callable[[str], None]) -> None:
+        self.metrics = metrics
+        self.options = options
+        self.log = log
+        # Load every user-supplied file first, so a wrong path fails before any work.
+        self.feature_model = None
+        if options.feature_model:
+            path = Path(options.feature_model).expanduser()
+            if not path.is_file():
+                raise GaliError(f"--feature-model {path} does not exist; give a TorchScript file or a state dict "
+                                "(with --feature-arch); nothing is downloaded")
+            self.feature_model = load_feature_model(path, options.feature_arch)
+        self.inception = None
+        if options.inception:
+            self.inception = M.load_inception(options.inception, input_size=options.inception_input_size)
+            self.inception_sha256 = file_sha256(self.inception.path)
+        self.device = resolve_device(options.device)
+        self.cfg, nets = load_generator_encoder(checkpoint, self.device)
+        self.G, self.E = nets.G.eval(), nets.E.eval()
+        self.data = data_config(self.cfg.data, options.data_overrides)
+        self.probe_train = None
+        if "probe" in metrics:  # size the probe's sets before reading any image
+            self.probe_train = self._batches("train", limit=options.probe_pool)
+            M.probe_validation_size(self.probe_train.num_images, options.probe_labelled, options.probe_validation)
+        if self.feature_model is not None:
+            self.feature_model.to(self.device)
+        if self.inception is not None:
+            self.inception.to(self.device)
+
+    def _batches(self, split: str, limit: int | None = None) -> SplitBatches:
+        o = self.options
+        return SplitBatches(self.data, split, batch_size=o.batch_size, device=self.device, seed=o.seed, limit=limit)
+
+    def _feature_mse(self, x: Tensor, y: Tensor) -> float:
+        o = self.options
+        return M.feature_mse(self.feature_model, x, y, input_size=o.feature_input_size, resize=o.feature_resize,
+                             name=f"the feature network {o.feature_model}")
+
+    @torch.no_grad()
+    def _probe_features(self, x: Tensor) -> np.ndarray:
+        return torch.cat(self.E.features(x), dim=1).float().cpu().numpy()
+
+    @torch.no_grad()
+    def run(self) -> dict[str, dict[str, Any]]:
+        o, wanted = self.options, set(self.metrics)
+        per_batch: dict[str, list[float]] = {k: [] for k in ("pixel", "feature", "inpaint", "inpaint_feature")}
+        probe_x: list[np.ndarray] = []
+        probe_y: list[np.ndarray] = []
+        real_features: list[Tensor] = []
+        reference = self._cached_reference() if wanted & {"fid", "kid"} else None
+        need_real = wanted & {"fid", "kid"} and reference is None
+        resolution = self.data.resolution
+        fill = self.cfg.method.mask_fill
+        images = 0
+        boxes = None
+        if wanted & {"pixel-mse", "feature-mse", "inpaint", "probe"} or need_real:
+            only_reference = not wanted & {"pixel-mse", "feature-mse", "inpaint", "probe"}
+            batches = self._batches(o.split, limit=o.fid_reference_images if only_reference else None)
+            if "inpaint" in wanted:
+                boxes = evaluation_box_params(batches.num_images, resolution, seed=o.seed, device=self.device)
+            for batch in batches:
+                x = batch.x
+                if wanted & {"pixel-mse", "feature-mse"}:
+                    x_hat = reconstruction_chain(self.G, self.E, x, depth=1)[1]
+                    if "pixel-mse" in wanted:
+                        per_batch["pixel"].append(M.pixel_mse(x, x_hat))
+                    if "feature-mse" in wanted:
+                        per_batch["feature"].append(self._feature_mse(x, x_hat))
+                if boxes is not None:
+                    params = boxes[images:images + x.shape[0]]
+                    masked = mask_composite(x, params, fill=fill)
+                    inpainted = reconstruction_chain(self.G, self.E, masked.masked, depth=1)[1]
+                    composite = mask_composite(x, params, y=inpainted, fill=fill).mix
+                    per_batch["inpaint"].append(M.masked_pixel_mse(x, composite, masked.mask))
+                    if self.feature_model is not None:
+                        per_batch["inpaint_feature"].append(self._feature_mse(x, composite))
+                if "probe" in wanted:
+                    if batch.labels is None:
+                        raise DataError(f"metric 'probe' needs labelled images; the {o.split} split of data source "
+                                        f"{self.data.source!r} has no labels")
+                    probe_x.append(self._probe_features(x))
+                    probe_y.append(batch.labels.cpu().numpy())
+                if need_real and images < o.fid_reference_images:
+                    take = x[: o.fid_reference_images - images]
+                    real_features.append(self.inception(M.to_uint8_range(take)).cpu())
+                images += x.shape[0]
+        if need_real:
+            reference = self._store_reference(torch.cat(real_features))
+
+        results: dict[str, dict[str, Any]] = {}
+        common = {"split": o.split, "images": images, "batch_size": o.batch_size, "seed": o.seed}
+        if "pixel-mse" in wanted:
+            results["pixel-mse"] = {**M.summarize(per_batch["pixel"]).to_dict(), **common,
+                                    "space": "[0, 1]", "z": "mu"}
+        if "feature-mse" in wanted:
+            results["feature-mse"] = {**M.summarize(per_batch["feature"]).to_dict(), **common,
+                                      **self._feature_settings()}
+        if boxes is not None:
+            sides = boxes[:, 2:].cpu()
+            results["inpaint"] = {
+                "pixel_mse": M.summarize(per_batch["inpaint"]).to_dict(),
+                "feature_mse": (M.summarize(per_batch["inpaint_feature"]).to_dict()
+                                if self.feature_model is not None else None),
+                **common,
+                "mask": {"kind": "box", "sides": f"{EVAL_MASK_MIN}..{EVAL_MASK_MAX} on {EVAL_MASK_RESOLUTION}^2, "
+                                                 f"scaled to {resolution}^2, fully inside the image",
+                         "drawn_sides": [int(sides.min()), int(sides.max())], "seed": o.seed, "fill": fill},
+                **(self._feature_settings() if self.feature_model is not None else {}),
+            }
+        if "probe" in wanted:
+            results["probe"] = self._probe(np.concatenate(probe_x), np.concatenate(probe_y))
+        if wanted & {"fid", "kid"}:
+            results.update(self._fid_kid(reference))
+        return results
+
+    def _feature_settings(self) -> dict[str, Any]:
+        o = self.options
+        return {"feature_model": str(o.feature_model), "feature_arch": o.feature_arch,
+                "feature_input_size": o.feature_input_size or self.data.resolution, "feature_resize": o.feature_resize}
+
+    def _probe(self, test_x: np.ndarray, test_y: np.ndarray) -> dict[str, Any]:
+        o = self.options
+        train_x: list[np.ndarray] = []
+        train_y: list[np.ndarray] = []
+        for batch in self.probe_train:
+            if batch.labels is None:
+                raise DataError(f"metric 'probe' needs labelled images; the train split of data source "
+                                f"{self.data.source!r} has no labels")
+            train_x.append(self._probe_features(batch.x))
+            train_y.append(batch.labels.cpu().numpy())
+        self.log(f"probe: {o.probe_draws} draws of {o.probe_labelled} labelled images, features of width "
+                 f"{test_x.shape[1]}")
+        result = M.linear_probe(np.concatenate(train_x), np.concatenate(train_y), test_x, test_y,
+                                labelled=o.probe_labelled, validation=o.probe_validation, draws=o.probe_draws,
+                                seed=o.seed)
+        return {**result.to_dict(), "split": o.split, "train_images_read": sum(len(y) for y in train_y),
+                "features": "E.features(x): [out (mu, log sigma), last three hidden layers], concatenated"}
+
+    # -- FID / KID -----------------------------------------------------------------------------
+
+    def _reference_key(self) -> dict[str, Any]:
+        o = self.options
+        assert self.inception is not None
+        return {"data": _dataset_identity(self.data), "split": o.split, "images": o.fid_reference_images,
+                "seed": o.seed, "network_sha256": self.inception_sha256,
+                "input_size": self.inception.input_size, "format": 1}
+
+    def _reference_path(self, key: dict[str, Any]) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        folder = Path(self.options.cache_dir).expanduser() if self.options.cache_dir else default_cache_dir()
+        return folder / f"reference-{digest}.pt"
+
+    def _cached_reference(self) -> tuple[Tensor, Path, bool] | None:
+        key = self._reference_key()
+        path = self._reference_path(key)
+        if not path.is_file():
+            return None
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged cache file is rebuilt, not fatal
+            self.log(f"reference cache {path} unreadable ({exc}); recomputing it")
+            return None
+        if not isinstance(stored, dict) or stored.get("key") != key:
+            self.log(f"reference cache {path} has another key; recomputing it")
+            return None
+        self.log(f"reference features from cache {path}")
+        return stored["features"], path, True
+
+    def _store_reference(self, features: Tensor) -> tuple[Tensor, Path, bool]:
+        key = self._reference_key()
+        path = self._reference_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"key": key, "features": features}, tmp)
+        os.replace(tmp, path)
+        self.log(f"reference features of {len(features)} images cached in {path}")
+        return features, path, False
+
+    @torch.no_grad()
+    def _generated_features(self) -> Tensor:
+        o = self.options
+        generator = torch.Generator().manual_seed(o.seed)
+        features = []
+        for start in range(0, o.fid_samples, o.batch_size):
+            n = min(o.batch_size, o.fid_samples - start)
+            z = torch.randn(n, self.cfg.model.latent_dim, generator=generator).to(self.device)
+            features.append(self.inception(M.to_uint8_range(self.G(z))).cpu())
+        return torch.cat(features)
+
+    def _fid_kid(self, reference: tuple[Tensor, Path, bool]) -> dict[str, dict[str, Any]]:
+        o = self.options
+        assert self.inception is not None
+        real, cache, reused = reference
+        fake = self._generated_features()
+        settings = {
+            "implementation": M.fid_implementation(),
+            "network": str(self.inception.path), "network_sha256": self.inception_sha256,
+            "network_input": self.inception.describe(), "num_features": self.inception.num_features,
+            "generated": len(fake), "reference": {"split": o.split, "images": len(real), "seed": o.seed,
+                                                  "cache": str(cache), "cache_reused": reused},
+            "z_seed": o.seed,
+        }
+        results: dict[str, dict[str, Any]] = {}
+        if "fid" in self.metrics:
+            results["fid"] = {"value": M.frechet_distance(real, fake), **settings}
+        if "kid" in self.metrics:
+            mean, std, size = M.kernel_inception_distance(real, fake, subsets=o.kid_subsets,
+                                                          subset_size=o.kid_subset_size, seed=o.seed)
+            results["kid"] = {"mean": mean, "std": std, "subsets": o.kid_subsets, "subset_size": size, **settings}
+        return results
+
+
+def _value(name: str, r: dict[str, Any]) -> tuple[str, str]:
+    """(value, details) cells of one metric's table row."""
+    if name in ("pixel-mse", "feature-mse"):
+        return f"{r['mean']:.5f} ± {r['std']:.5f}", f"{r['n']} batches, {r['images']} {r['split']} images"
+    if name == "inpaint":
+        pixel = r["pixel_mse"]
+        cell = f"{pixel['mean']:.5f} ± {pixel['std']:.5f}"
+        feature = r["feature_mse"]
+        extra = f"; feature-MSE {feature['mean']:.5f} ± {feature['std']:.5f}" if feature else ""
+        mask = r["mask"]
+        low, high = mask["drawn_sides"]
+        return cell, (f"masked pixels only; box sides {low}-{high} px, seed {mask['seed']}, "
+                      f"{r['images']} {r['split']} images{extra}")
+    if name == "probe":
+        return (f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} %",
+                f"{r['n']} draws of {r['labelled']} labelled, {r['validation']} validation, {r['test']} test images")
+    ref = r["reference"]
+    details = f"{r['generated']} generated vs {ref['images']} {ref['split']} images; {r['implementation']}"
+    if name == "fid":
+        return f"{r['value']:.3f}", details
+    return f"{r['mean']:.5f} ± {r['std']:.5f}", f"{r['subsets']} subsets of {r['subset_size']}; {details}"
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table, one row per metric: name, value (mean ± std where there is one), details."""
+    rows = [("metric", "value", "details")] + [(name, *_value(name, r)) for name, r in results.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows)
+
+
+def _write_json(path: Path, checkpoint: Path, config: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
+    """Merge ``results`` into the JSON at ``path`` (same checkpoint), written atomically."""
+    previous: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text()).get("metrics", {})
+        except ValueError:
+            previous = {}
+    document = {"checkpoint": str(checkpoint), "config": config, "metrics": {**previous, **results}}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def evaluate(checkpoint: str | Path, metrics: str | Sequence[str] = ("pixel-mse",),
+             options: EvalOptions | None = None, *, log: Callable[[str], None] = print) -> EvalReport:
+    """Run ``metrics`` on ``checkpoint``; print nothing but ``log`` lines, return the results and table.
+
+    The JSON is written next to the checkpoint as ``<checkpoint stem>.eval.json``. Raises
+    :class:`GaliError` (or a subclass) naming the path, option or value for every bad input:
+    a missing checkpoint, feature network or Inception file, an unknown metric, a feature network
+    with the wrong output shape, too few labelled images for the probe.
+    """
+    options = options or EvalOptions()
+    names = parse_metrics(metrics)
+    _check_options(names, options)
+    checkpoint = Path(checkpoint)
+    evaluation = _Evaluation(checkpoint, names, options, log)
+    results = evaluation.run()
+    results = {name: results[name] for name in names}
+    json_path = checkpoint.with_name(checkpoint.name.removesuffix(".pt") + ".eval.json")
+    _write_json(json_path, checkpoint, evaluation.cfg.to_dict(), results)
+    return EvalReport(checkpoint=checkpoint, results=results, table=format_table(results), json_path=json_path)

@@ -1,0 +1,226 @@
+"""What a training run tells people: metrics.jsonl, TensorBoard, a progress bar or lines, PNG grids.
+
+:class:`RunLog` is the one place the loop sends what it has measured, so the loop never formats
+or writes anything itself:
+
+- every record (a tick's means, a snapshot's metrics) is one JSON line of ``metrics.jsonl``, always;
+- the same numbers become TensorBoard scalars when ``run.tensorboard`` allows it and the optional
+  ``tensorboard`` package is installed (``pip install 'gali[tensorboard]'``); the event files lie in
+  the run folder, the x axis is images seen (kimg·1000), as in StyleGAN;
+- each tick is shown as a single carriage-return progress bar on a terminal, or as one plain line
+  per tick otherwise (``run.progress``): kimg, images/s, the losses and the time left;
+- image grids are written as PNG under a stable name (``samples.png``) and as a per-snapshot copy
+  named with the image count (``samples-0000040000.png``), and sent to TensorBoard.
+
+Records arrive as host values: the loop reads the step statistics once per tick and hands them
+over, so nothing here touches the device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from gali.engine.config import PROGRESS_MODES, TENSORBOARD_MODES
+from gali.engine.errors import ConfigError
+from gali.engine.images import save_png
+
+# Record fields that describe where the run is rather than how it is doing: shown in their own
+# places on the progress line (or not at all), never in the list of losses.
+_PROGRESS_FIELDS = frozenset({"kimg", "epoch", "iteration", "images_per_s", "noise_std", "event"})
+_BAR_WIDTH = 20
+
+
+def tensorboard_available() -> bool:
+    """Whether ``torch.utils.tensorboard`` imports (it needs the ``tensorboard`` package)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_tensorboard(mode: str) -> bool:
+    """Whether a run with ``run.tensorboard=mode`` writes TensorBoard events.
+
+    'auto' writes them when the package is installed, 'off' never; 'on' without the package raises
+    :class:`ConfigError`, so a run that was asked for TensorBoard fails before any work, not after.
+    """
+    if mode not in TENSORBOARD_MODES:
+        raise ConfigError("run.tensorboard", f"got {mode!r}; accepted: {', '.join(TENSORBOARD_MODES)}")
+    if mode == "off":
+        return False
+    available = tensorboard_available()
+    if mode == "on" and not available:
+        raise ConfigError("run.tensorboard", "got 'on' but the tensorboard package is not installed; "
+                          "pip install 'gali[tensorboard]', or set run.tensorboard=auto or off")
+    return available
+
+
+def resolve_progress(mode: str, stream: TextIO) -> str:
+    """'bar' or 'lines' for ``run.progress=mode``: 'auto' draws a bar only when ``stream`` is a terminal."""
+    if mode not in PROGRESS_MODES:
+        raise ConfigError("run.progress", f"got {mode!r}; accepted: {', '.join(PROGRESS_MODES)}")
+    if mode == "auto":
+        return "bar" if stream.isatty() else "lines"
+    return mode
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``'1h02m'``, ``65`` -> ``'1m05s'``, ``7`` -> ``'7s'``; '?' when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return "/".join(f"{v:.2f}" for v in value)
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def format_tick(record: Mapping[str, Any], total_kimg: float) -> str:
+    """One tick for people: kimg done of total, images/s, time left, epoch, then every statistic.
+
+    ``record`` holds ``kimg`` and ``images_per_s`` and any statistics (floats, or lists such as
+    ``p_true``, shown as ``0.25/0.24/...``); the time left assumes the last tick's speed. Progress
+    comes first so that a bar cut to a narrow terminal still shows it.
+    """
+    kimg, speed = record["kimg"], record["images_per_s"]
+    percent = 100 * min(kimg / total_kimg, 1.0)
+    digits = 1 if total_kimg >= 1 else 3  # a run shorter than 1 kimg still shows its progress
+    eta = (total_kimg - kimg) * 1000 / speed if speed > 0 else math.inf
+    parts = [f"kimg {kimg:.{digits}f}/{total_kimg:g} ({percent:3.0f}%)", f"{speed:.1f} img/s",
+             f"eta {format_duration(max(eta, 0.0))}"]
+    if "epoch" in record:
+        parts.append(f"epoch {record['epoch']}")
+    parts += [f"{name} {_format_value(value)}" for name, value in record.items() if name not in _PROGRESS_FIELDS]
+    return "  ".join(parts)
+
+
+def render_bar(record: Mapping[str, Any], total_kimg: float, columns: int) -> str:
+    """``[#####---------------] `` followed by :func:`format_tick`, cut to ``columns`` characters."""
+    filled = round(_BAR_WIDTH * min(record["kimg"] / total_kimg, 1.0))
+    bar = f"[{'#' * filled}{'-' * (_BAR_WIDTH - filled)}] {format_tick(record, total_kimg)}"
+    return bar[:columns]
+
+
+class RunLog:
+    """The run folder's logs and what the terminal shows, for one training run.
+
+    ``log`` receives whole lines (messages, and ticks in 'lines' mode); the bar is drawn on
+    ``stream`` (default stdout). Messages printed while a bar is drawn clear it first and redraw it
+    after, so the bar stays the last line. Call :meth:`close` at the end of the run.
+    """
+
+    def __init__(self, run_dir: str | Path, *, total_kimg: float, progress: str = "auto", tensorboard: bool = False,
+                 log: Callable[[str], None] = print, stream: TextIO | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        self.total_kimg = total_kimg
+        self._log = log
+        self._stream = sys.stdout if stream is None else stream
+        self.progress = resolve_progress(progress, self._stream)
+        self._metrics = (self.run_dir / "metrics.jsonl").open("a")
+        self._writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.run_dir))
+        self._bar = ""  # the bar as last drawn; "" while none is on screen
+
+    @property
+    def tensorboard(self) -> bool:
+        """Whether TensorBoard events are being written."""
+        return self._writer is not None
+
+    def message(self, text: str) -> None:
+        """A line for people (run folder, snapshots), printed above the bar when one is drawn."""
+        bar = self._bar
+        if bar:
+            self._draw("")
+        self._log(text)
+        if bar:
+            self._draw(bar)
+
+    def record(self, record: Mapping[str, Any]) -> None:
+        """Append ``record`` to metrics.jsonl and send its numbers to TensorBoard.
+
+        Numbers become scalars tagged with their field name, lists one scalar per element
+        (``p_true/0``, ``p_true/1``, ...), at step round(kimg·1000); other fields go to JSONL only.
+        """
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self._writer is None:
+            return
+        step = round(record["kimg"] * 1000)
+        for name, value in record.items():
+            if name == "kimg":
+                continue
+            if isinstance(value, list | tuple):
+                for i, element in enumerate(value):
+                    self._writer.add_scalar(f"{name}/{i}", element, global_step=step)
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                self._writer.add_scalar(name, value, global_step=step)
+        self._writer.flush()
+
+    def tick(self, record: Mapping[str, Any]) -> None:
+        """A tick's means: :meth:`record` it, then show it as the bar or as one line."""
+        self.record(record)
+        if self.progress == "bar":
+            columns = shutil.get_terminal_size(fallback=(120, 24)).columns - 1
+            self._draw(render_bar(record, self.total_kimg, columns))
+        else:
+            self._log(format_tick(record, self.total_kimg))
+
+    def images(self, grids: Mapping[str, np.ndarray], images_seen: int) -> dict[str, Path]:
+        """Write each (H, W, 3) uint8 grid as ``<name>.png`` and ``<name>-<images_seen:010d>.png``.
+
+        The stable name always holds the latest grid; the numbered copies keep the history. Returns
+        the stable paths by name. Grids also go to TensorBoard as images at step ``images_seen``.
+        """
+        written = {}
+        for name, canvas in grids.items():
+            numbered = save_png(canvas, self.run_dir / f"{name}-{images_seen:010d}.png")
+            latest = self.run_dir / f"{name}.png"
+            tmp = latest.with_suffix(".tmp.png")
+            shutil.copyfile(numbered, tmp)
+            tmp.replace(latest)
+            written[name] = latest
+            if self._writer is not None:
+                self._writer.add_image(name, canvas, global_step=images_seen, dataformats="HWC")
+        if self._writer is not None:
+            self._writer.flush()
+        return written
+
+    def close(self) -> None:
+        """End the bar's line and close metrics.jsonl and the TensorBoard writer; safe to call twice."""
+        if self._bar:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._bar = ""
+        self._metrics.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _draw(self, text: str) -> None:
+        """Overwrite the bar's line with ``text`` (blank it when ``text`` is empty)."""
+        self._stream.write("\r" + text.ljust(len(self._bar)) + ("\r" if not text else ""))
+        self._stream.flush()
+        self._bar = text

@@ -1,0 +1,190 @@
+"""gali eval: a checkpoint and a data split in, the metrics' table and JSON out; every bad input named.
+
+The checkpoint is an untrained quarter-width demo model on the digits (the metrics' arithmetic is
+tested in test_metrics.py; here the wiring is). A small randomly initialised conv net with the
+clean-fid/StyleGAN Inception's call signature stands in for Inception-v3: torchvision does not
+import beside this torch build and nothing may be downloaded.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from gali.engine.checkpoint import save_checkpoint
+from gali.engine.cli import main
+from gali.engine.config import load_config
+from gali.engine.errors import DataError, GaliError
+from gali.engine.evaluate import EvalOptions, SplitBatches, evaluate, parse_metrics
+from gali.engine.images import reconstruction_mse
+from gali.engine.train import build_networks, seed_everything
+from gali.engine.tuples import load_spec
+from gali.pipelines import make_pipeline
+
+TINY = ["model.width=0.25", "model.latent_dim=32", "data.workers=0"]
+CPU = torch.device("cpu")
+
+
+class InceptionLike(nn.Module):
+    """Random conv features, called as model(images in [0, 255], return_features=True) -> (N, 16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, kernel_size=8, stride=8)
+
+    def forward(self, img: Tensor, return_features: bool = False) -> Tensor:
+        return torch.relu(self.conv(img / 128 - 1)).mean(dim=(2, 3))
+
+
+class Vector(nn.Module):
+    """A feature network with the wrong output: one number per batch instead of one row per image."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean()
+
+
+class Features(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, kernel_size=4, stride=4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x).flatten(1)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(checkpoint path, config, folder for networks) with GALI_CACHE in a temporary folder."""
+    root = tmp_path_factory.mktemp("eval")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GALI_CACHE", str(root / "cache"))
+    cfg = load_config("demo", TINY)
+    seed_everything(0)
+    nets = build_networks(cfg, load_spec(cfg.method.tuples), CPU)
+    x = next(iter(make_pipeline(cfg.data, split="train", batch_size=32, device=CPU, seed=0))).x
+    nets.G.init_output_bias(x)
+    (root / "run").mkdir()
+    checkpoint = save_checkpoint(root / "run" / "checkpoint-0000000032.pt",
+                                 {"config": cfg.to_dict(), "kimg": 0.032, "epoch": 1, "extra_dim": None,
+                                  "G": nets.G.state_dict(), "E": nets.E.state_dict(), "D": nets.D.state_dict()})
+    torch.jit.save(torch.jit.script(InceptionLike()), str(root / "inception.pt"))
+    torch.jit.save(torch.jit.script(Features()), str(root / "features.pt"))
+    torch.jit.save(torch.jit.script(Vector()), str(root / "vector.pt"))
+    yield checkpoint, cfg, root, nets
+    mp.undo()
+
+
+def test_split_batches_yield_every_image_once_with_a_partial_last_batch(setup):
+    _, cfg, _, _ = setup
+    batches = SplitBatches(cfg.data, "test", batch_size=100, device=CPU, seed=0)
+    sizes, labels = [], []
+    for batch in batches:
+        sizes.append(batch.x.shape[0])
+        labels.append(batch.labels)
+    n = batches.num_images
+    assert sizes == [100] * (n // 100) + ([n % 100] if n % 100 else []) and n % 100  # the digits' split is not whole
+    everything = next(iter(make_pipeline(cfg.data, split="test", batch_size=n, device=CPU, seed=0)))
+    assert torch.equal(torch.cat(labels).sort().values, everything.labels.sort().values)
+    limited = [b.x.shape[0] for b in SplitBatches(cfg.data, "test", batch_size=100, device=CPU, seed=0, limit=150)]
+    assert limited == [100, 50]
+
+
+def test_pixel_mse_matches_the_reconstruction_error_of_every_image(setup):
+    checkpoint, cfg, _, nets = setup
+    n = SplitBatches(cfg.data, "test", batch_size=1, device=CPU, seed=0).num_images
+    report = evaluate(checkpoint, "pixel-mse", EvalOptions(batch_size=n), log=lambda line: None)
+    one_batch = report.results["pixel-mse"]
+    pipeline = make_pipeline(cfg.data, split="test", batch_size=n, device=CPU, seed=0)  # one batch of all
+    expected = reconstruction_mse(nets.G.eval(), nets.E.eval(), (b.x for b in pipeline))
+    assert one_batch["n"] == 1 and one_batch["images"] == n
+    assert one_batch["mean"] == pytest.approx(expected, rel=1e-5) and one_batch["std"] == 0.0
+    batched = evaluate(checkpoint, "pixel-mse", EvalOptions(), log=lambda line: None).results["pixel-mse"]
+    assert batched["n"] == -(-n // 100) and batched["std"] > 0
+    assert batched["mean"] == pytest.approx(expected, rel=0.05)  # the mean over batches weights the last one more
+
+
+def test_fid_kid_run_end_to_end_offline_with_a_cached_reference(setup):
+    checkpoint, _, root, _ = setup
+    options = EvalOptions(inception=str(root / "inception.pt"), inception_input_size=64, fid_samples=300,
+                          kid_subsets=5, kid_subset_size=200, cache_dir=str(root / "fid"))
+    lines: list[str] = []
+    first = evaluate(checkpoint, "fid,kid", options, log=lines.append).results
+    assert np.isfinite(first["fid"]["value"]) and first["fid"]["value"] > 0
+    assert first["kid"]["subset_size"] == 200 and first["kid"]["subsets"] == 5
+    assert "torchmetrics" in first["fid"]["implementation"] and "return_features=True" in first["fid"]["network_input"]
+    assert first["fid"]["reference"]["cache_reused"] is False and any("cached in" in line for line in lines)
+    assert len(list((root / "fid").glob("reference-*.pt"))) == 1
+    again = evaluate(checkpoint, "fid,kid", options, log=lines.append).results
+    assert again["fid"]["reference"]["cache_reused"] is True
+    assert again["fid"]["value"] == pytest.approx(first["fid"]["value"], rel=1e-9)
+    assert again["kid"]["mean"] == pytest.approx(first["kid"]["mean"], rel=1e-9)
+    other_seed = evaluate(checkpoint, "fid", EvalOptions(**{**options.__dict__, "seed": 1}), log=lines.append)
+    assert other_seed.results["fid"]["reference"]["cache_reused"] is False  # the seed is part of the key
+
+
+def test_json_is_written_next_to_the_checkpoint_and_merged(setup, tmp_path):
+    _, _, root, _ = setup
+    checkpoint = tmp_path / "checkpoint-0000000032.pt"
+    checkpoint.write_bytes(setup[0].read_bytes())
+    evaluate(checkpoint, "pixel-mse", EvalOptions(), log=lambda line: None)
+    report = evaluate(checkpoint, "inpaint,feature-mse", EvalOptions(feature_model=str(root / "features.pt")),
+                      log=lambda line: None)
+    assert report.json_path == checkpoint.with_name("checkpoint-0000000032.eval.json")
+    document = json.loads(report.json_path.read_text())
+    assert document["checkpoint"] == str(checkpoint) and document["config"]["method"]["tuples"] == "gali4"
+    assert set(document["metrics"]) == {"pixel-mse", "inpaint", "feature-mse"}
+    inpaint = document["metrics"]["inpaint"]
+    low, high = inpaint["mask"]["drawn_sides"]
+    assert 4 <= low <= high <= 27  # 8..54 on 64x64, scaled to 32x32
+    assert inpaint["pixel_mse"]["mean"] > 0 and inpaint["feature_mse"]["mean"] > 0
+    assert "inpaint" in report.table and "feature-mse" in report.table
+
+
+def test_probe_reports_test_error_over_draws(setup):
+    checkpoint, _, _, _ = setup
+    result = evaluate(checkpoint, "probe", EvalOptions(probe_labelled=200, probe_draws=2, probe_pool=500),
+                      log=lambda line: None).results["probe"]
+    assert result["n"] == 2 and result["labelled"] == 200 and result["validation"] == 150
+    assert result["train_images_read"] == 500 and 0 <= result["mean"] < 0.9  # ten classes: chance is 0.9
+
+
+@pytest.mark.parametrize(("metrics", "options", "error", "message"), [
+    ("pixel-mse,psnr", {}, GaliError, r"unknown metric 'psnr' in --metrics; accepted .*pixel-mse.*inpaint"),
+    ("fid", {}, GaliError, r"need --inception PATH"),
+    ("feature-mse", {}, GaliError, r"needs --feature-model PATH"),
+    ("fid", {"inception": "/nowhere/inception-2015-12-05.pt"}, DataError,
+     r"/nowhere/inception-2015-12-05.pt do not exist.*--inception"),
+    ("feature-mse", {"feature_model": "/nowhere/net.pt"}, GaliError, r"--feature-model /nowhere/net.pt does not exist"),
+    ("probe", {"probe_labelled": 5000}, DataError, r"5000 labelled training images.*--probe-labelled"),
+    ("probe", {"split": "train"}, GaliError, r"use --split test"),
+    ("pixel-mse", {"data_overrides": ("run.kimg=3",)}, GaliError, r"only data\.\* overrides.*run\.kimg=3"),
+])
+def test_bad_inputs_raise_errors_that_name_them(setup, metrics, options, error, message):
+    checkpoint, _, _, _ = setup
+    with pytest.raises(error, match=message):
+        evaluate(checkpoint, metrics, EvalOptions(**options), log=lambda line: None)
+
+
+def test_a_feature_network_with_the_wrong_output_shape_is_named(setup):
+    checkpoint, _, root, _ = setup
+    path = root / "vector.pt"
+    with pytest.raises(GaliError, match=rf"feature network {path} must return one \(B, D\).*returned \(\)"):
+        evaluate(checkpoint, "feature-mse", EvalOptions(feature_model=str(path)), log=lambda line: None)
+
+
+def test_parse_metrics_keeps_order_and_drops_repeats():
+    assert parse_metrics("probe, pixel-mse,probe") == ("probe", "pixel-mse")
+    with pytest.raises(GaliError, match="none given"):
+        parse_metrics(" , ")
+
+
+def test_cli_eval_prints_the_table_and_reports_errors(setup, capsys, tmp_path):
+    checkpoint, _, _, _ = setup
+    assert main(["eval", str(checkpoint), "data.workers=0", "--metrics", "pixel-mse"]) == 0
+    out = capsys.readouterr().out
+    assert "pixel-mse" in out and "±" in out and "eval.json" in out
+    missing = tmp_path / "checkpoint-9.pt"
+    assert main(["eval", str(missing)]) == 2
+    assert f"checkpoint {missing} does not exist" in capsys.readouterr().err

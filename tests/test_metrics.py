@@ -1,0 +1,191 @@
+"""Each metric of gali.engine.metrics against an independent computation on small synthetic cases."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import Tensor, nn
+
+from gali.engine import metrics as M
+from gali.engine.errors import DataError, GaliError
+
+
+def test_pixel_mse_is_measured_in_unit_space():
+    x = torch.full((2, 3, 4, 4), -1.0)  # black in [-1, 1], 0 in [0, 1]
+    x_hat = torch.zeros_like(x)  # grey, 0.5 in [0, 1]
+    assert M.pixel_mse(x, x_hat) == pytest.approx(0.25)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(5, 3, 8, 8, generator=g) * 2 - 1, torch.rand(5, 3, 8, 8, generator=g) * 2 - 1
+    expected = np.mean((((a.numpy() + 1) / 2) - ((b.numpy() + 1) / 2)) ** 2)
+    assert M.pixel_mse(a, b) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_summarize_is_mean_and_population_std_over_batches():
+    values = [0.1, 0.2, 0.4]
+    s = M.summarize(values)
+    assert (s.mean, s.std, s.n) == (pytest.approx(np.mean(values)), pytest.approx(np.std(values)), 3)
+
+
+def test_masked_pixel_mse_counts_only_masked_pixels():
+    x = torch.zeros(2, 3, 6, 6)
+    y = torch.full_like(x, 1.0)  # everything off by 1 in [-1, 1] (0.5 in [0, 1]) ...
+    mask = torch.zeros(2, 1, 6, 6)
+    mask[0, :, 1:3, 2:5] = 1
+    mask[1, :, 0:1, 0:2] = 1
+    y = torch.where(mask.bool(), torch.full_like(x, 0.2), y)  # ... except inside the mask: off by 0.2 (0.1)
+    assert M.masked_pixel_mse(x, y, mask) == pytest.approx(0.01)
+    # an explicit loop over the masked pixels, with a per-pixel error that varies
+    g = torch.Generator().manual_seed(1)
+    y = torch.rand(x.shape, generator=g) * 2 - 1
+    errors = [((x[b, c, i, j] - y[b, c, i, j]) / 2) ** 2 for b, i, j in mask[:, 0].nonzero().tolist() for c in range(3)]
+    assert M.masked_pixel_mse(x, y, mask) == pytest.approx(float(sum(errors) / len(errors)), rel=1e-6)
+    with pytest.raises(ValueError, match="covers no pixel"):
+        M.masked_pixel_mse(x, y, torch.zeros_like(mask))
+
+
+def test_feature_mse_compares_network_outputs_after_resizing():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(3, 3, 8, 8, generator=g), torch.rand(3, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        small = [torch.nn.functional.interpolate(t, size=(4, 4), mode="nearest") for t in (x, y)]
+        expected = float(((net(small[0]) - net(small[1])) ** 2).mean())
+    assert M.feature_mse(net, x, y, input_size=4) == pytest.approx(expected, rel=1e-6)
+
+
+def test_feature_mse_names_a_network_whose_output_has_no_batch_dimension():
+    with pytest.raises(GaliError, match=r"the feature network /m\.pt must return one \(B, D\).*returned \(5,\)"):
+        M.feature_mse(lambda t: t.sum(dim=(0, 2, 3)).repeat(5)[:5], torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4),
+                      name="the feature network /m.pt")
+
+
+def _blobs(n: int, classes: int, dim: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    centres = rng.normal(size=(classes, dim)) * 10
+    return centres[labels] + rng.normal(size=(n, dim)) * spread, labels
+
+
+def test_linear_probe_is_perfect_on_linearly_separable_features():
+    x, y = _blobs(300, 3, 20, 0.5, seed=0)
+    tx, ty = x[:80], y[:80]
+    result = M.linear_probe(x[80:], y[80:], tx, ty, labelled=100, draws=4, seed=0)
+    assert result.mean == 0.0 and result.std == 0.0 and len(result.errors) == 4
+    assert result.validation == (220 - 100) // 2 and result.test == 80
+
+
+def test_linear_probe_is_at_chance_on_labels_unrelated_to_the_features():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(400, 30)), rng.integers(0, 2, 400)
+    result = M.linear_probe(x[100:], y[100:], x[:100], y[:100], labelled=100, draws=5, seed=0)
+    assert 0.3 < result.mean < 0.7
+    assert all(c in M.PROBE_C_GRID for c in result.chosen_c)
+
+
+def test_linear_probe_says_when_there_are_too_few_training_images():
+    x, y = _blobs(50, 2, 4, 0.5, seed=0)
+    with pytest.raises(DataError, match=r"1000 labelled training images.*holds 50.*--probe-labelled"):
+        M.linear_probe(x, y, x, y)
+
+
+def _gaussian(n: int, mean: np.ndarray, cov: np.ndarray, seed: int) -> Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).multivariate_normal(mean, cov, size=n))
+
+
+def _fid_scipy(a: np.ndarray, b: np.ndarray) -> float:
+    """The Fréchet distance of the two samples' Gaussians, with scipy's matrix square root."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def test_fid_of_identical_sets_is_zero():
+    real = _gaussian(500, np.zeros(6), np.eye(6), seed=0)
+    assert M.frechet_distance(real, real.clone()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fid_matches_the_gaussian_closed_form_computed_with_scipy():
+    dim = 4
+    rng = np.random.default_rng(3)
+    m = rng.normal(size=(dim, dim))
+    cov_a, cov_b = m @ m.T + np.eye(dim), np.diag([1.0, 2.0, 0.5, 3.0])
+    mean_a, mean_b = np.zeros(dim), np.array([1.0, -0.5, 0.0, 2.0])
+    real, fake = _gaussian(20000, mean_a, cov_a, seed=4), _gaussian(20000, mean_b, cov_b, seed=5)
+    fid = M.frechet_distance(real, fake)
+    # the same statistic from the same samples, computed independently
+    assert fid == pytest.approx(_fid_scipy(real.numpy(), fake.numpy()), rel=1e-6)
+    # and close to the population value of the two Gaussians
+    root = scipy.linalg.sqrtm(cov_a @ cov_b).real
+    closed = float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+    assert fid == pytest.approx(closed, rel=0.05)
+
+
+def test_kid_is_the_unbiased_polynomial_mmd():
+    real, fake = _gaussian(40, np.zeros(5), np.eye(5), seed=6), _gaussian(40, np.full(5, 0.5), np.eye(5), seed=7)
+    mean, std, size = M.kernel_inception_distance(real, fake, subsets=3, subset_size=1000, seed=0)
+    assert size == 40  # capped at the sets' size, so every subset is the whole set
+    a, b = real.numpy(), fake.numpy()
+    k = lambda u, v: (u @ v.T / u.shape[1] + 1) ** 3  # noqa: E731
+    n = len(a)
+    kxx, kyy, kxy = k(a, a), k(b, b), k(a, b)
+    mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (n * (n - 1)) - 2 * kxy.sum() / n**2
+    assert mean == pytest.approx(mmd, rel=1e-6) and std == pytest.approx(0.0, abs=1e-9)
+    assert M.kernel_inception_distance(real, real, subsets=2, subset_size=40)[0] < 1e-3 < mean
+
+
+def test_to_uint8_range_rounds_to_the_png_grid():
+    x = torch.tensor([-1.0, -0.999, 0.0, 1.0, 1.5])
+    assert M.to_uint8_range(x).tolist() == [0.0, 0.0, 128.0, 255.0, 255.0]
+
+
+class InceptionLike(nn.Module):
+    """A small random conv net with the clean-fid/StyleGAN Inception's call signature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, kernel_size=4, stride=4)
+
+    def forward(self, img: Tensor, return_features: bool = False) -> Tensor:
+        h = torch.relu(self.conv(img / 128 - 1)).mean(dim=(2, 3))
+        return h if return_features else h[:, :3]
+
+
+class PlainFeatures(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 7, kernel_size=4, stride=4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x).mean(dim=(2, 3))
+
+
+class NoBatch(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean()
+
+
+@pytest.mark.parametrize(("cls", "dim", "call"),
+                         [(InceptionLike, 12, "return_features=True"), (PlainFeatures, 7, "model(x) on")])
+def test_load_inception_accepts_both_torchscript_forms(tmp_path, cls, dim, call):
+    path = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(cls()), str(path))
+    net = M.load_inception(path, input_size=32)
+    assert net.num_features == dim and call in net.describe()
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    features = net(images)
+    assert features.shape == (3, dim) and features.dtype == torch.float64
+
+
+def test_load_inception_errors_name_the_path_and_what_to_do(tmp_path):
+    missing = tmp_path / "inception-2015-12-05.pt"
+    with pytest.raises(DataError, match=rf"{missing} do not exist.*--inception.*nothing is downloaded"):
+        M.load_inception(missing)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(DataError, match=rf"cannot load {junk} as a TorchScript file"):
+        M.load_inception(junk)
+    bad = tmp_path / "bad.pt"
+    torch.jit.save(torch.jit.script(NoBatch()), str(bad))
+    with pytest.raises(GaliError, match=rf"{bad} must return \(N, D\) features.*returned \(\)"):
+        M.load_inception(bad, input_size=8)
