@@ -49,7 +49,7 @@ from gali.engine.images import (
 from gali.engine.metrics import METRICS
 from gali.engine.train import load_generator_encoder, resolve_device
 from gali.kernels.mask_composite import mask_composite
-from gali.pipelines import Batch, default_digits_root, make_pipeline
+from gali.pipelines import Batch, cache_root, default_digits_root, make_pipeline
 from gali.pipelines.config import DataConfig
 
 LOADER_BATCH_MAX = 256
@@ -212,7 +212,7 @@ def file_sha256(path: Path) -> str:
 
 def default_cache_dir() -> Path:
     """``$GALI_CACHE/fid`` (``~/.cache/gali/fid`` by default), beside the digits' cache."""
-    return Path(os.environ.get("GALI_CACHE") or "~/.cache/gali").expanduser() / "fid"
+    return cache_root() / "fid"
 
 
 class _Evaluation:

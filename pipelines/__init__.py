@@ -11,11 +11,11 @@ import torch
 
 from .config import DataConfig
 from .contract import Batch, Pipeline, check_batch
-from .digits import default_digits_root, prepare_digits
+from .digits import cache_root, default_digits_root, prepare_digits
 from .folder import FolderPipeline
 from .synthetic import SPLIT_IMAGES, SyntheticPipeline
 
-__all__ = ["Batch", "Pipeline", "check_batch", "default_digits_root", "make_pipeline", "prepare_digits"]
+__all__ = ["Batch", "Pipeline", "cache_root", "check_batch", "default_digits_root", "make_pipeline", "prepare_digits"]
 
 
 def make_pipeline(

@@ -27,13 +27,14 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 
 
-def default_digits_root(resolution: int) -> Path:
-    """The default cache folder of the digits at ``resolution``: ``$GALI_CACHE/digits-<res>``.
+def cache_root() -> Path:
+    """gali's cache folder: ``$GALI_CACHE``, by default ``~/.cache/gali``."""
+    return Path(os.environ.get("GALI_CACHE") or "~/.cache/gali").expanduser()
 
-    ``$GALI_CACHE`` defaults to ``~/.cache/gali``.
-    """
-    cache = os.environ.get("GALI_CACHE") or "~/.cache/gali"
-    return Path(cache).expanduser() / f"digits-{resolution}"
+
+def default_digits_root(resolution: int) -> Path:
+    """The default cache folder of the digits at ``resolution``: ``$GALI_CACHE/digits-<res>``."""
+    return cache_root() / f"digits-{resolution}"
 
 
 def _stratified_test_mask(targets: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:

@@ -63,7 +63,7 @@ def test_graph_ready_step_equals_the_eager_twin_in_fp32(phases):
     assert any(not torch.equal(a, b) for a, b in zip(parameters(eager), parameters(other.inner), strict=True))
 
 
-def test_graphed_step_returns_its_static_outputs_per_phase():
+def test_graphed_step_keeps_its_own_copy_of_the_batch():
     graphed = GraphedStep(make_step(cuda_graph=True))
     x = images()
     graphed.step(x, torch.tensor(0.0))
