@@ -44,11 +44,11 @@ from gali.engine.images import (
     EVAL_MASK_MIN,
     EVAL_MASK_RESOLUTION,
     evaluation_box_params,
+    inpaint,
     reconstruction_chain,
 )
 from gali.engine.metrics import METRICS
 from gali.engine.train import load_generator_encoder, resolve_device
-from gali.kernels.mask_composite import mask_composite
 from gali.pipelines import Batch, cache_root, default_digits_root, make_pipeline
 from gali.pipelines.config import DataConfig
 
@@ -289,9 +289,7 @@ class _Evaluation:
                         per_batch["feature"].append(self._feature_mse(x, x_hat))
                 if boxes is not None:
                     params = boxes[images:images + x.shape[0]]
-                    masked = mask_composite(x, params, fill=fill)
-                    inpainted = reconstruction_chain(self.G, self.E, masked.masked, depth=1)[1]
-                    composite = mask_composite(x, params, y=inpainted, fill=fill).mix
+                    masked, _, composite = inpaint(self.G, self.E, x, params, fill=fill)
                     per_batch["inpaint"].append(M.masked_pixel_mse(x, composite, masked.mask))
                     if self.feature_model is not None:
                         per_batch["inpaint_feature"].append(self._feature_mse(x, composite))

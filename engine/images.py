@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from gali.kernels.mask_composite import mask_composite, sample_box_params
+from gali.engine.metrics import pixel_mse
+from gali.kernels.mask_composite import MaskComposite, mask_composite, sample_box_params
 
 # Evaluation boxes of GALI.md §5 item 6: sides 8..54 on 64x64 images, fully inside the image.
 EVAL_MASK_MIN, EVAL_MASK_MAX, EVAL_MASK_RESOLUTION = 8, 54, 64
@@ -93,10 +94,19 @@ def inpainting_grid(G: nn.Module, E: nn.Module, x: Tensor, params: Tensor, *, fi
     the value the encoder sees in masked pixels (shown black in the grid). The composite is the
     inpainted image that GALI.md §4 evaluates.
     """
-    masked = mask_composite(x, params, fill=fill, impl=impl).masked
-    inpainted = reconstruction_chain(G, E, masked, depth=1)[1]
-    composite = mask_composite(x, params, y=inpainted, fill=fill, impl=impl).mix
-    return tile(torch.cat([x, masked, inpainted, composite]), columns=x.shape[0])
+    masked, inpainted, composite = inpaint(G, E, x, params, fill=fill, impl=impl)
+    return tile(torch.cat([x, masked.masked, inpainted, composite]), columns=x.shape[0])
+
+
+def inpaint(G: nn.Module, E: nn.Module, x: Tensor, params: Tensor, *, fill: float = -2.0,
+            impl: str = "auto") -> tuple[MaskComposite, Tensor, Tensor]:
+    """The inpainting chain: (the masked input with its mask, G(μ_E(masked x)), the composite).
+
+    The composite keeps x outside each box and takes the inpainting inside it.
+    """
+    masked = mask_composite(x, params, fill=fill, impl=impl)
+    inpainted = reconstruction_chain(G, E, masked.masked, depth=1)[1]
+    return masked, inpainted, mask_composite(x, params, y=inpainted, fill=fill, impl=impl).mix
 
 
 @torch.no_grad()
@@ -114,7 +124,6 @@ def reconstruction_mse(G: nn.Module, E: nn.Module, batches: Iterable[Tensor]) ->
     total, count = 0.0, 0
     for x in batches:
         x_hat = reconstruction_chain(G, E, x, depth=1)[1]
-        # [-1,1] -> [0,1] scales differences by 1/2, squared errors by 1/4
-        total += ((x_hat.float() - x.float()) ** 2).mean(dim=(1, 2, 3)).sum().item() / 4
+        total += pixel_mse(x, x_hat) * x.shape[0]  # the batch's mean, weighted by its images
         count += x.shape[0]
     return total / count
