@@ -31,12 +31,14 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from gali.engine.config import ARCH_RESOLUTION, ModelConfig
 
 SLOT_KINDS = ("image", "latent", "extra")
+Slot = Tensor | Sequence[Tensor]  # one slot of D's tuple: a tensor, or row blocks that stack to it
 INIT_STD = 0.01
 # D's infer_y branch for auxiliary features (GALI.md §3.4): the same widths and the default
 # LeakyReLU slope for both architectures, even where the rest of the network uses 0.02.
@@ -131,9 +133,69 @@ def _scaled(n: int, width: float) -> int:
     return max(1, round(n * width))
 
 
-def _conv(layer: Layer, in_channels: int, out_channels: int, *, bias: bool) -> nn.Module:
-    cls = nn.ConvTranspose2d if layer.kind == "convT" else nn.Conv2d
-    return cls(in_channels, out_channels, layer.kernel, stride=layer.stride, bias=bias)
+LAYER_IMPLS = ("gemm", "ref")
+
+
+class FullKernelConv2d(nn.Conv2d):
+    """A convolution whose kernel covers its whole input (E's and D's last 4×4 → 1×1 layer), run as one GEMM.
+
+    With one output pixel the convolution is a Linear on the flattened input, and a plain matrix
+    product runs several times faster than the convolution primitives for this shape, backward
+    included (oneDNN on CPU). ``impl='ref'`` runs ``nn.Conv2d``'s own forward: the reference twin,
+    used by the paper-structured baseline. Same parameters, same state-dict keys.
+    """
+
+    impl = "gemm"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.impl == "ref" or tuple(x.shape[-2:]) != self.kernel_size:
+            return super().forward(x)
+        weight = self.weight
+        if not x.is_contiguous():  # channels-last: flatten both in (H, W, C) order, a view of x
+            x, weight = x.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1)
+        return F.linear(x.flatten(1), weight.flatten(1), self.bias)[:, :, None, None]
+
+
+class PointInputConvTranspose2d(nn.ConvTranspose2d):
+    """A transposed convolution of a 1×1 input (G's first layer, z → k×k), run as one GEMM.
+
+    Each input pixel paints one copy of the kernel, so the output is ``z @ W`` reshaped to
+    (N, C_out, k, k). ``impl='ref'`` runs ``nn.ConvTranspose2d``'s own forward (the reference twin).
+    The output is channels-last when the weight is (``compute.channels_last``), like the layers after it.
+    """
+
+    impl = "gemm"
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if self.impl == "ref" or output_size is not None or tuple(x.shape[-2:]) != (1, 1):
+            return super().forward(x, output_size)
+        n, (kh, kw) = x.shape[0], self.kernel_size
+        weight = self.weight  # (C_in, C_out, kh, kw)
+        if weight.is_contiguous():
+            out = (x.flatten(1) @ weight.flatten(1)).view(n, -1, kh, kw)
+        else:  # channels-last weight: a (kh, kw, C_out) product, viewed back as a channels-last output
+            out = (x.flatten(1) @ weight.permute(0, 2, 3, 1).flatten(1)).view(n, kh, kw, -1).permute(0, 3, 1, 2)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+def set_layer_impl(module: nn.Module, impl: str) -> None:
+    """Run every full-kernel layer of ``module`` as a GEMM (``'gemm'``, the default) or as ``nn.Conv`` (``'ref'``)."""
+    if impl not in LAYER_IMPLS:
+        raise ValueError(f"layer impl must be one of {LAYER_IMPLS}, got {impl!r}")
+    for m in module.modules():
+        if isinstance(m, FullKernelConv2d | PointInputConvTranspose2d):
+            m.impl = impl
+
+
+def _conv(layer: Layer, in_channels: int, out_channels: int, in_size: int, *, bias: bool) -> tuple[nn.Module, int]:
+    """The layer and its output size for a square input of side ``in_size``."""
+    if layer.kind == "convT":
+        cls = PointInputConvTranspose2d if in_size == 1 else nn.ConvTranspose2d
+        out_size = (in_size - 1) * layer.stride + layer.kernel
+    else:
+        cls = FullKernelConv2d if in_size == layer.kernel else nn.Conv2d
+        out_size = (in_size - layer.kernel) // layer.stride + 1
+    return cls(in_channels, out_channels, layer.kernel, stride=layer.stride, bias=bias), out_size
 
 
 def init_weights(module: nn.Module) -> None:
@@ -163,10 +225,11 @@ class Generator(nn.Module):
         self.resolution = ARCH_RESOLUTION[arch]
         self.latent_dim = latent_dim
         layers: list[nn.Module] = []
-        channels = latent_dim
+        channels, size = latent_dim, 1
         for layer in spec.generator:
             out = _scaled(layer.channels, width)
-            layers += [_conv(layer, channels, out, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(spec.slope)]
+            conv, size = _conv(layer, channels, out, size, bias=False)
+            layers += [conv, nn.BatchNorm2d(out), nn.LeakyReLU(spec.slope)]
             channels = out
         layers.append(nn.Conv2d(channels, 3, 1, bias=False))
         self.net = nn.Sequential(*layers)
@@ -205,13 +268,12 @@ class Encoder(nn.Module):
         self.arch = arch
         self.resolution = ARCH_RESOLUTION[arch]
         self.latent_dim = latent_dim
-        channels = 3
+        channels, size = 3, self.resolution
         convs: list[nn.Module] = []
         for layer in spec.convs:
             out = _scaled(layer.channels, width)
-            convs.append(
-                nn.Sequential(_conv(layer, channels, out, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(spec.slope))
-            )
+            conv, size = _conv(layer, channels, out, size, bias=False)
+            convs.append(nn.Sequential(conv, nn.BatchNorm2d(out), nn.LeakyReLU(spec.slope)))
             channels = out
         linears: list[nn.Module] = []
         for hidden in spec.encoder_linears:
@@ -313,10 +375,11 @@ class Discriminator(nn.Module):
         branch_width: dict[str, int] = {}
         if "image" in slot_kinds:
             layers: list[nn.Module] = []
-            channels = 3
+            channels, size = 3, self.resolution
             for layer in spec.convs:
                 out = _scaled(layer.channels, width)
-                layers += [_conv(layer, channels, out, bias=True), nn.LeakyReLU(spec.slope)]
+                conv, size = _conv(layer, channels, out, size, bias=True)
+                layers += [conv, nn.LeakyReLU(spec.slope)]
                 channels = out
             branches["image"], branch_width["image"] = nn.Sequential(*layers, nn.Flatten()), channels
         if "latent" in slot_kinds:
@@ -335,35 +398,55 @@ class Discriminator(nn.Module):
             if isinstance(m, nn.Conv2d | nn.Linear):
                 spectral_norm(m, n_power_iterations=1)
 
-    def _check_slots(self, slots: Sequence[Tensor]) -> None:
-        if len(slots) != len(self.slot_kinds):
+    def _check_slots(self, blocks: Sequence[Sequence[Tensor]]) -> None:
+        if len(blocks) != len(self.slot_kinds):
             raise ValueError(
-                f"Discriminator was built for {len(self.slot_kinds)} slots {self.slot_kinds}, got {len(slots)}"
+                f"Discriminator was built for {len(self.slot_kinds)} slots {self.slot_kinds}, got {len(blocks)}"
             )
-        rows = slots[0].shape[0]
-        for i, (kind, t) in enumerate(zip(self.slot_kinds, slots, strict=True)):
+        rows = sum(b.shape[0] for b in blocks[0])
+        for i, (kind, slot) in enumerate(zip(self.slot_kinds, blocks, strict=True)):
             expected = {
-                "image": (rows, 3, self.resolution, self.resolution),
-                "latent": (rows, self.latent_dim),
-                "extra": (rows, self.extra_dim),
+                "image": (3, self.resolution, self.resolution),
+                "latent": (self.latent_dim,),
+                "extra": (self.extra_dim,),
             }[kind]
-            if tuple(t.shape) != expected:
+            got = [tuple(b.shape) for b in slot]
+            if any(shape[1:] != expected for shape in got) or sum(shape[0] for shape in got) != rows:
                 raise ValueError(
-                    f"Discriminator ({self.arch}) slot {i} ({kind}) must have shape {expected} "
-                    f"(N={rows} from slot 0), got {tuple(t.shape)}"
+                    f"Discriminator ({self.arch}) slot {i} ({kind}) must have shape {(rows, *expected)} "
+                    f"(N={rows} from slot 0), got {got[0] if len(got) == 1 else f'row blocks {got}'}"
                 )
 
-    def features(self, slots: Sequence[Tensor]) -> Tensor:
-        """(N, F): the joint MLP's output, i.e. the input of ``head``."""
-        self._check_slots(slots)
+    def features(self, slots: Sequence[Slot]) -> Tensor:
+        """(N, F): the joint MLP's output, i.e. the input of ``head``.
+
+        A slot is one (N, ...) tensor or a sequence of row blocks that stack to it (the step passes
+        one block per tuple class). Each branch runs at most twice: once over the blocks, of all its
+        slots, that require a gradient and once over the rest. A backward into the inputs (the G/E
+        update) then skips the rows that have no gradient (real images, prior z: half of GALI-4's
+        image rows) instead of computing their input gradients inside one batched call. D has no
+        batch statistics, so the grouping changes no value.
+        """
+        blocks = [list(s) if isinstance(s, list | tuple) else [s] for s in slots]
+        self._check_slots(blocks)
         parts: dict[int, Tensor] = {}
         for kind, branch in self.branches.items():
             idx = [i for i, k in enumerate(self.slot_kinds) if k == kind]
-            stacked = slots[idx[0]] if len(idx) == 1 else torch.cat([slots[i] for i in idx])
-            parts.update(zip(idx, branch(stacked).chunk(len(idx)), strict=True))
+            kind_blocks = [b for i in idx for b in blocks[i]]
+            outputs: list[Tensor] = [kind_blocks[0]] * len(kind_blocks)  # each entry is replaced below
+            for needs_grad in (True, False):
+                group = [j for j, b in enumerate(kind_blocks) if b.requires_grad == needs_grad]
+                if group:
+                    out = branch(torch.cat([kind_blocks[j] for j in group]))
+                    for j, piece in zip(group, out.split([kind_blocks[j].shape[0] for j in group]), strict=True):
+                        outputs[j] = piece
+            start = 0
+            for i in idx:
+                parts[i] = torch.cat(outputs[start:start + len(blocks[i])])
+                start += len(blocks[i])
         return self.joint(torch.cat([parts[i] for i in range(len(slots))], dim=1))
 
-    def forward(self, slots: Sequence[Tensor]) -> Tensor:
+    def forward(self, slots: Sequence[Slot]) -> Tensor:
         """(N, K) logits."""
         return self.head(self.features(slots))
 

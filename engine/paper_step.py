@@ -8,6 +8,8 @@ the authors' scripts build them (GALI.md §3.6):
 * masks drawn as box parameters, then painted one sample at a time in a Python loop (each
   sample's box read back to the host, as the scripts' ``random.randint`` loop does);
 * fp32, no CUDA graph, the default (unfused) Adam;
+* the reference twins of the networks' layers (``set_layer_impl(..., 'ref')``: every layer an
+  ``nn.Conv2d``/``nn.ConvTranspose2d`` call, as the authors' networks are), set on the networks it is given;
 * two full backward passes: ``loss_d.backward(retain_graph=True)`` into D, G and E, then
   ``loss_ge.backward()`` into all three again, keeping D's gradient from the first and G/E's
   from the second (the simultaneous update, without the authors' in-place error).
@@ -24,6 +26,7 @@ from torch import Tensor
 
 from gali.engine.config import MethodConfig, OptimConfig
 from gali.engine.losses import loss_weights
+from gali.engine.models import set_layer_impl
 from gali.engine.step import ChainEvaluator, Networks
 from gali.engine.tuples import IMAGE, TupleSpec
 
@@ -49,6 +52,8 @@ class PaperStep:
     def __init__(self, nets: Networks, spec: TupleSpec, method: MethodConfig, optim: OptimConfig,
                  latent_dim: int) -> None:
         self.nets = nets
+        for net in (nets.G, nets.E, nets.D):
+            set_layer_impl(net, "ref")
         self.spec = spec
         self.latent_dim = latent_dim
         self.chains = _PerSampleMaskChains(nets, method)

@@ -153,12 +153,12 @@ class GaliStep:
             z = torch.randn(batch, self.latent_dim, device=x.device)
             with torch.set_grad_enabled(chains_grad and torch.is_grad_enabled()), annotate("gali/chains"):
                 values = self.chains.evaluate(self.spec, x, z)
-            slots = []
+            slots = []  # each slot as K row blocks, one per class: D groups them by whether they need a gradient
             for position, kind in enumerate(self.spec.slot_kinds):
-                slot = torch.cat([values[cls[position]] for cls in self.spec.classes])
+                blocks = [values[cls[position]] for cls in self.spec.classes]
                 if kind == IMAGE:  # instance noise on every image D sees, fresh per row
-                    slot = slot + noise_std * torch.randn_like(slot)
-                slots.append(slot)
+                    blocks = [block + noise_std * torch.randn_like(block) for block in blocks]
+                slots.append(blocks)
             with annotate("gali/D"):
                 features = self.nets.D.features(slots)
             # The head's weight is the cached fp32 spectral-normalised one, cast to h's dtype.

@@ -42,7 +42,7 @@ def record_step(step: GaliStep, monkeypatch, noise: float = 0.0) -> dict:
         return values
 
     def spy_features(slots):
-        seen["slots"] = [s.detach().clone() for s in slots]
+        seen["slots"] = [torch.cat(blocks).detach().clone() for blocks in slots]  # K row blocks per slot
         return features(slots)
 
     def spy_head(h, w, b, labels, *args, **kwargs):
