@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from gali.engine.config import ModelConfig
-from gali.engine.models import Discriminator, Encoder, Generator, build_models
+from gali.engine.models import (
+    Discriminator,
+    Encoder,
+    FullKernelConv2d,
+    Generator,
+    PointInputConvTranspose2d,
+    build_models,
+    set_layer_impl,
+)
 
 D_Z = 256
 RES = {"svhn32": 32, "celeba64": 64}
@@ -274,3 +284,78 @@ def test_discriminator_rejects_bad_slots() -> None:
         Discriminator("svhn32", 16, slot_kinds=("image", "label"), num_classes=2)
     with pytest.raises(ValueError, match="extra_dim"):
         Discriminator("svhn32", 16, slot_kinds=("image", "latent", "extra"), num_classes=2)
+    with pytest.raises(ValueError, match=r"slot 1 \(latent\).*\(3, 16\).*row blocks \[\(2, 16\), \(2, 16\)\]"):
+        d([[x[:2], x[2:]], [torch.zeros(2, 16), torch.zeros(2, 16)]])
+
+
+def _layer_pair(kind: str, layout: torch.memory_format) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A full-kernel layer as built by the models (gemm) and its deep copy on the reference path, plus an input."""
+    if kind == "conv":  # D's last layer: spectral norm, bias, 4×4 → 1×1
+        layer = spectral_norm_layer(FullKernelConv2d(16, 24, 4, stride=1, bias=True))
+        x = torch.randn(5, 16, 4, 4)
+    else:  # G's first layer: bias-free, 1×1 → 4×4
+        layer = PointInputConvTranspose2d(16, 24, 4, stride=1, bias=False)
+        x = torch.randn(5, 16, 1, 1)
+    layer.eval()  # one fixed spectral-norm weight for both paths
+    layer.to(memory_format=layout)
+    ref = copy.deepcopy(layer)
+    set_layer_impl(ref, "ref")
+    return layer, ref, x.contiguous(memory_format=layout)
+
+
+def spectral_norm_layer(m: nn.Module) -> nn.Module:
+    nn.init.normal_(m.weight, 0.0, 0.1)
+    return torch.nn.utils.parametrizations.spectral_norm(m)
+
+
+@pytest.mark.parametrize("kind", ["conv", "convT"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_full_kernel_layers_match_their_reference_twin(kind: str, layout: torch.memory_format) -> None:
+    layer, ref, x = _layer_pair(kind, layout)
+    assert layer.impl == "gemm" and ref.impl == "ref"
+    x_gemm, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, want = layer(x_gemm), ref(x_ref)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)  # fp32: only the summation order differs
+    if kind == "convT" and layout == torch.channels_last:  # the layers after it get the layout they were set to
+        assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    upstream = torch.randn_like(want)
+    (out * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    torch.testing.assert_close(x_gemm.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(layer.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_models_use_the_gemm_layers_exactly_where_the_kernel_covers_the_input() -> None:
+    for arch in ("svhn32", "celeba64"):
+        g, e, d = build_models(ModelConfig(arch=arch, width=0.125), slot_kinds=("image", "latent"), num_classes=4)
+        assert [isinstance(m, PointInputConvTranspose2d) for m in g.modules() if isinstance(m, nn.ConvTranspose2d)] \
+            == [True] + [False] * 4
+        for net in (e, d):
+            assert [isinstance(m, FullKernelConv2d) for m in net.modules() if isinstance(m, nn.Conv2d)] \
+                == [False] * 4 + [True]
+    with pytest.raises(ValueError, match=r"layer impl must be one of \('gemm', 'ref'\), got 'cuda'"):
+        set_layer_impl(g, "cuda")
+
+
+def test_discriminator_runs_each_branch_once_per_gradient_group() -> None:
+    """Row blocks give the same features and gradients as stacked slots; real rows skip the input-gradient work."""
+    d = Discriminator("svhn32", 16, 0.125, slot_kinds=("image", "latent"), num_classes=4)
+    d.eval()
+    n = 3
+    real, fake = torch.randn(n, 3, 32, 32), torch.randn(n, 3, 32, 32, requires_grad=True)
+    prior, encoded = torch.randn(n, 16), torch.randn(n, 16, requires_grad=True)
+    images, latents = [real, fake, real * 0.5, fake * 2], [encoded, prior, encoded * 3, prior]
+    calls: list[tuple[int, bool]] = []
+    d.branches["image"].register_forward_pre_hook(lambda _, a: calls.append((a[0].shape[0], a[0].requires_grad)))
+    grouped = d.features([images, latents])
+    assert calls == [(2 * n, True), (2 * n, False)]  # the fake rows in one call, the real rows in another
+    stacked = d.features([torch.cat(images), torch.cat(latents)])
+    assert calls[2:] == [(4 * n, True)]
+    torch.testing.assert_close(grouped, stacked, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn_like(stacked)
+    wrt = [fake, encoded, *d.branches.parameters(), *d.joint.parameters()]
+    want = torch.autograd.grad((stacked * upstream).sum(), wrt, retain_graph=True)  # the blocks are shared
+    got = torch.autograd.grad((grouped * upstream).sum(), wrt)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -86,6 +86,18 @@ def test_gali4_costs_three_encoder_and_three_generator_calls():
     assert step.chains.calls == {"E": 3, "G": 3, "M": 0}
 
 
+@pytest.mark.parametrize(("phase", "want"), [("both", [(2 * BATCH, True), (2 * BATCH, False)]),
+                                             ("d", [(4 * BATCH, False)])])
+def test_gali4_image_rows_without_a_gradient_get_their_own_d_call(phase, want):
+    """G's rows (G(z), G(E(G(z)))) and the real rows (x twice) reach D's image branch in separate calls."""
+    step = make_step("gali4")
+    calls = []
+    branch = step.nets.D.branches["image"]
+    branch.register_forward_pre_hook(lambda _, a: calls.append((a[0].shape[0], a[0].requires_grad)))
+    step.step(images(), torch.tensor(0.1), phase)
+    assert calls == want
+
+
 def test_each_encoder_call_draws_its_own_noise(monkeypatch):
     step = make_step("gali-mix")
     seen = record_step(step, monkeypatch)
