@@ -127,7 +127,7 @@ def test_step(benchmark, preset_name: str, mode: str) -> None:
         step(x, noise)
         _sync()
 
-    rounds = 20 if DEVICE.type == "cuda" else 3
+    rounds = 20 if DEVICE.type == "cuda" else 5
     benchmark.pedantic(one_step, rounds=rounds, warmup_rounds=warmup, iterations=1)
     seconds = benchmark.stats.stats.median
     if mode == "baseline":
