@@ -157,7 +157,7 @@ class GaliStep:
             for position, kind in enumerate(self.spec.slot_kinds):
                 blocks = [values[cls[position]] for cls in self.spec.classes]
                 if kind == IMAGE:  # instance noise on every image D sees, fresh per row
-                    blocks = [block + noise_std * torch.randn_like(block) for block in blocks]
+                    blocks = [block + noise_std * _randn_in_layout(block) for block in blocks]
                 slots.append(blocks)
             with annotate("gali/D"):
                 features = self.nets.D.features(slots)
@@ -346,6 +346,18 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
         return
     scaler.step(optimizer)  # fused Adam takes the scale and found-inf on the device: no sync
     scaler.update()
+
+
+def _randn_in_layout(t: Tensor) -> Tensor:
+    """``randn_like(t)`` drawn as one flat buffer viewed in t's layout.
+
+    The CPU generator fills channels-last tensors element by element, 10× slower than a flat
+    buffer (measured on the 2-core development machine); a dense layout of either kind is the
+    same numbers however they are laid out.
+    """
+    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        return torch.randn_like(t)
+    return torch.randn(t.numel(), device=t.device, dtype=t.dtype).as_strided(t.shape, t.stride())
 
 
 def _set_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:

@@ -120,6 +120,19 @@ def test_instance_noise_only_on_image_slots(monkeypatch):
     assert 0.4 < diff.std().item() < 0.6
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_instance_noise_keeps_the_layout_and_is_standard_normal(layout):
+    x = torch.zeros(64, 3, 32, 32)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # neither dense layout: the plain randn_like path
+        x = torch.zeros(64, 3, 32, 64)[..., ::2]
+    noise = step_module._randn_in_layout(x)
+    assert noise.shape == x.shape and (noise.stride() == x.stride()) == (layout != "strided")
+    assert abs(noise.mean().item()) < 0.02 and abs(noise.std().item() - 1) < 0.02
+    assert not torch.equal(noise, step_module._randn_in_layout(x))  # fresh draws
+
+
 def _grads(params):
     return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
