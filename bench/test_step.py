@@ -6,11 +6,13 @@ Run: ``pytest bench/test_step.py --benchmark-json=FILE`` (``-k svhn32`` for one 
 preset  ``svhn32-gali4`` (GALI.md §3.2 networks, 32², K = 4) and ``celeba64-gali4`` / ``celeba64-gali-mix``
         (§3.3 networks, 64²); the paper's widths (model.width = 1), d_z = 256, batch 100.
 mode    ``baseline``    :class:`gali.engine.paper_step.PaperStep`: K D calls, K² cross-entropies, per-sample
-                        Python masks, two full backward passes, fp32, unfused Adam, no graph (the authors'
-                        structure; the reference every other mode is divided by);
-        ``fp32``        the engine's eager step (one D call, fused head, autograd.grad into each side only,
+                        Python masks, two full backward passes, fp32, unfused Adam, no graph, every layer an
+                        ``nn.Conv`` call (the authors' structure on the reference twins; what every other
+                        mode is divided by);
+        ``fp32``        the engine's eager step with its defaults (one D call with gradient-grouped rows, fused
+                        head, autograd.grad into each side only, full-kernel layers as GEMMs, channels-last,
                         fused Adam);
-        ``fp32-cl``     the same with channels-last networks and input;
+        ``fp32-nchw``   the same in the contiguous (NCHW) layout;
         ``bf16``        eager with bf16 autocast;
         ``compiled``    fp32 with torch.compile (Inductor) on G, E and D's trunk;
         ``graph`` / ``bf16-graph``   the whole step captured in a CUDA graph and replayed (CUDA only).
@@ -58,7 +60,7 @@ PRESETS = {
 MODES = {  # mode -> (compute settings, warm-up steps)
     "baseline": (None, 1),
     "fp32": (ComputeConfig(precision="fp32"), 1),
-    "fp32-cl": (ComputeConfig(precision="fp32", channels_last=True), 1),
+    "fp32-nchw": (ComputeConfig(precision="fp32", channels_last=False), 1),
     "bf16": (ComputeConfig(precision="bf16"), 1),
     "compiled": (ComputeConfig(precision="fp32", compile=True), 2),
     "graph": (ComputeConfig(precision="fp32", cuda_graph=True), 5),

@@ -168,14 +168,16 @@ class ComputeConfig:
     cuda_graph:    capture the whole step in a CUDA graph after warm-up and replay it; on a CPU
                    device the eager twin runs instead (the same function, not captured).
     compile:       torch.compile G, E and D's feature trunk (the kernels stay opaque custom ops).
-    channels_last: keep G, E, D and the step's input in channels-last memory format.
+    channels_last: keep G, E, D and the step's input in channels-last memory format (default on:
+                   1.2× faster per step than NCHW on the CPU benchmark, and the layout PyTorch
+                   recommends for convolutions under autocast on NVIDIA GPUs).
     nvtx:          named NVTX ranges (gali/step, gali/chains, gali/D, ...) for Nsight Systems.
     """
 
     precision: str = "auto"
     cuda_graph: bool = False
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool = True
     nvtx: bool = False
 
     def validate(self) -> None:

@@ -89,7 +89,7 @@ def test_graphed_step_rejects_a_batch_that_differs_from_the_captured_one(x, nois
 
 
 def test_channels_last_step_matches_contiguous():
-    contiguous = make_step()
+    contiguous = make_step(channels_last=False)
     channels_last = copy.deepcopy(contiguous)
     channels_last.compute = ComputeConfig(channels_last=True)
     for net in (channels_last.nets.G, channels_last.nets.E, channels_last.nets.D):
