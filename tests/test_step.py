@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from gali.engine import step as step_module
-from gali.engine.config import MethodConfig, ModelConfig, OptimConfig
+from gali.engine.config import ComputeConfig, MethodConfig, ModelConfig, OptimConfig
 from gali.engine.models import build_models
 from gali.engine.step import GaliStep, Networks, instance_noise_std
 from gali.engine.tuples import load_spec
@@ -23,8 +23,9 @@ def make_step(spec_name: str, seed: int = 0, **method) -> GaliStep:
                            num_classes=spec.num_classes, extra_dim=extra_dim)
     M = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, EXTRA)).requires_grad_(False) if extra_dim else None
     nets = Networks(G=G, E=E, D=D, M=M, extra_dim=extra_dim)
+    # NCHW: tests call discriminate() on the same batch as step(), and the layout decides where each noise draw lands
     return GaliStep(nets, spec, MethodConfig(tuples=spec_name, kernel_impl="ref", **method), OptimConfig(lr=1e-3),
-                    LATENT)
+                    LATENT, ComputeConfig(channels_last=False))
 
 
 def images(seed: int = 1) -> torch.Tensor:
