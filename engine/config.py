@@ -167,7 +167,8 @@ class ComputeConfig:
                    Spectral-norm power iterations, the losses and the optimizer state stay fp32.
     cuda_graph:    capture the whole step in a CUDA graph after warm-up and replay it; on a CPU
                    device the eager twin runs instead (the same function, not captured).
-    compile:       torch.compile G, E and D's feature trunk (the kernels stay opaque custom ops).
+    compile:       torch.compile G, E and D's feature trunk (the kernels stay opaque custom ops);
+                   slower than eager on CPU, see ``engine.step.compile_networks``.
     channels_last: keep G, E, D and the step's input in channels-last memory format (default on:
                    1.2× faster per step than NCHW on the CPU benchmark, and the layout PyTorch
                    recommends for convolutions under autocast on NVIDIA GPUs).

@@ -312,7 +312,11 @@ def compile_networks(nets: Networks) -> None:
     """torch.compile G, E and D's feature trunk in place (state-dict keys unchanged).
 
     D is called through ``features`` (the head is the fused kernel), so that method is what is
-    compiled; the kernels are custom ops, opaque to the compiler.
+    compiled; the kernels are custom ops, opaque to the compiler. AOTAutograd's compiled backward
+    computes the gradient of every input that requires one, whatever ``autograd.grad`` asked for
+    (checked on a two-conv function: two convolution backwards for one weight's gradient, against
+    one in eager), so each of the step's two gradient passes runs all of D's backward: on the
+    2-core CPU the compiled step is slower than eager (bench/reports/2026-11-30-cpu-step-2.md).
     """
     nets.G.compile()
     nets.E.compile()
