@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,28 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     torch.save({"format_version": FORMAT_VERSION, **state}, tmp)
     os.replace(tmp, path)
     return path
+
+
+def latest_checkpoint(path: str | Path, *, log: Callable[[str], None] = print) -> tuple[Path, Config, dict[str, Any]]:
+    """The checkpoint a resumed run continues from, read: ``path`` itself, or a run folder's newest readable one.
+
+    In a folder, ``checkpoint-<images>.pt`` files are tried newest first; one that cannot be read
+    (cut short by a full disk, say: the rename makes a crash mid-write leave only a ``.tmp``) is
+    named through ``log`` and the one before it is taken.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path, *load_checkpoint(path)
+    if not path.is_dir():
+        raise GaliError(f"resume: {path} does not exist; pass a run folder or one of its checkpoint-*.pt files")
+    candidates = sorted(path.glob("checkpoint-*.pt"), reverse=True)  # zero-padded image counts sort in time order
+    for candidate in candidates:
+        try:
+            return candidate, *load_checkpoint(candidate)
+        except GaliError as exc:
+            log(f"resume: skipping {candidate.name}: {exc}")
+    what = "no readable checkpoint-*.pt" if candidates else "no checkpoint-*.pt"
+    raise GaliError(f"resume: run folder {path} holds {what}; a run writes one every run.snapshot_kimg")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Config, dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The ``gali`` command: train, sample, reconstruct, presets, data tools, eval, reproduce.
 
     gali train [--preset NAME|FILE.toml] [--dry-run] [section.key=value ...]
+    gali train --resume RUN_DIR|CHECKPOINT [section.key=value ...]
     gali profile [--preset NAME|FILE.toml] [--steps 20] [section.key=value ...]
     gali sample CHECKPOINT [--out FILE.png] [--n 64] [--seed 0]
     gali reconstruct CHECKPOINT [--out FILE.png] [--n 16] [--split test]
@@ -30,7 +31,15 @@ from gali.engine.tuples import spec_names
 
 
 def _train(args: argparse.Namespace) -> None:
-    cfg = load_config(args.preset, args.overrides)
+    if args.resume is not None:
+        if args.preset is not None or args.dry_run:
+            raise GaliError("gali train --resume takes the config from the checkpoint: drop --preset/--dry-run "
+                            "and give section.key=value overrides only (e.g. run.kimg=200 to train longer)")
+        from gali.engine.train import resume
+
+        resume(args.resume, args.overrides)
+        return
+    cfg = load_config(args.preset or "demo", args.overrides)
     if args.dry_run:
         print(dump_config(cfg), end="")
         return
@@ -257,8 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train from a preset plus section.key=value overrides")
-    train.add_argument("--preset", default="demo", help="preset name (see `gali presets`) or a .toml file")
+    train.add_argument("--preset", help="preset name (see `gali presets`) or a .toml file (default: demo)")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--resume", metavar="RUN_DIR|CHECKPOINT",
+                       help="continue an interrupted run from its newest readable checkpoint, in its run folder")
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
     train.set_defaults(func=_train)
 

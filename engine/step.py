@@ -226,6 +226,14 @@ class GaliStep:
             state |= {"scaler_d": self.scaler_d.state_dict(), "scaler_ge": self.scaler_ge.state_dict()}
         return state
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` wrote (a resumed run); the scalers' state only under fp16."""
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.opt_ge.load_state_dict(state["opt_ge"])
+        if self.scaler_d is not None and self.scaler_ge is not None and "scaler_d" in state:
+            self.scaler_d.load_state_dict(state["scaler_d"])
+            self.scaler_ge.load_state_dict(state["scaler_ge"])
+
 
 class GraphedStep:
     """The graph-ready runner: static input buffers, one CUDA graph per phase, the eager twin on CPU.
@@ -301,6 +309,9 @@ class GraphedStep:
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
 
 
 def check_phase(phase: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gali.engine.checkpoint import load_checkpoint, save_checkpoint
-from gali.engine.config import Config, dump_config
-from gali.engine.errors import ConfigError, DataError
+from gali.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gali.engine.config import Config, config_from_dict, dump_config
+from gali.engine.errors import ConfigError, DataError, GaliError
 from gali.engine.feature_models import feature_dim, load_feature_model
 from gali.engine.images import (
     evaluation_box_params,
@@ -84,6 +84,14 @@ def create_run_dir(out_dir: str | Path, name: str) -> Path:
 
 
 @dataclass
+class ResumePoint:
+    """A read checkpoint that :func:`train` continues from, in the checkpoint's run folder."""
+
+    checkpoint: Path
+    state: dict[str, Any]
+
+
+@dataclass
 class TrainResult:
     run_dir: Path
     kimg: float
@@ -138,10 +146,33 @@ def _eval_images(cfg: Config, device: torch.device, batch_size: int) -> tuple[st
         return "train", make_pipeline(cfg.data, split="train", batch_size=batch_size, device=device, seed=cfg.run.seed)
 
 
-def train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
+def resume(path: str | Path, overrides: Sequence[str] = (), *, log: Callable[[str], None] = print) -> TrainResult:
+    """Continue an interrupted run from a checkpoint, in its run folder (DESIGN.md principle 5).
+
+    ``path`` is a run folder (its newest readable checkpoint is taken) or one checkpoint file.
+    The config is the checkpoint's, with ``overrides`` on top (``run.kimg=...`` trains longer).
+    Networks, both optimizers and GradScalers, the image count, the position in the epoch's data
+    order and the torch RNG state are restored, so on one device the resumed run computes the
+    same steps as an uninterrupted one.
+    """
+    checkpoint, cfg, state = latest_checkpoint(path, log=log)
+    if overrides:
+        cfg = config_from_dict(cfg.to_dict(), origin=str(checkpoint), overrides=overrides)
+    missing = [key for key in ("images_seen", "iteration", "rng") if key not in state]
+    if missing:
+        raise GaliError(f"resume: {checkpoint} has no {', '.join(missing)} (written before gali could resume); "
+                        "it can still be evaluated and sampled")
+    if state["images_seen"] >= int(cfg.run.kimg * 1000):
+        raise GaliError(f"resume: {checkpoint} is at {state['images_seen'] / 1000:g} kimg and run.kimg is "
+                        f"{cfg.run.kimg:g}: nothing left to train; pass run.kimg=<more> to train longer")
+    return train(cfg, log=log, resume_from=ResumePoint(checkpoint, state))
+
+
+def train(cfg: Config, *, log: Callable[[str], None] = print, resume_from: ResumePoint | None = None) -> TrainResult:
     """Train from ``cfg``; returns where the run folder is and the final figures.
 
     ``log`` receives the lines meant for people; a progress bar, when drawn, goes to stdout.
+    ``resume_from`` continues a run (see :func:`resume`) instead of starting a new run folder.
     """
     device = resolve_device(cfg.run.device)
     tensorboard = resolve_tensorboard(cfg.run.tensorboard)  # run.tensorboard=on without the package stops here
@@ -152,13 +183,30 @@ def train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
     eval_split, eval_pipeline = _eval_images(cfg, device, min(batch_size, 100))
     nets = build_networks(cfg, spec, device)
     step = build_step(nets, spec, cfg.method, cfg.optim, cfg.model.latent_dim, cfg.compute)
-
-    run_dir = create_run_dir(cfg.run.out_dir, cfg.preset)
+    images_seen = iteration = epoch = start_batch = 0
+    if resume_from is None:
+        run_dir = create_run_dir(cfg.run.out_dir, cfg.preset)
+    else:
+        run_dir, state = resume_from.checkpoint.parent, resume_from.state
+        images_seen, iteration = state["images_seen"], state["iteration"]
+        epoch, start_batch = divmod(iteration, len(pipeline))  # epochs finished, batches into the next
+        if images_seen != iteration * batch_size or state["epoch"] != epoch + (start_batch > 0):
+            raise GaliError(f"resume: {resume_from.checkpoint} was written {iteration} steps into epoch "
+                            f"{state['epoch']} of its run, which this config's data and run.batch_size "
+                            f"({len(pipeline)} batches of {batch_size} per epoch) do not give; resume with the "
+                            "data and batch size the run was trained with")
+        for name in ("G", "E", "D"):
+            getattr(nets, name).load_state_dict(state[name])
+        step.load_state_dict(state)
     (run_dir / "config.toml").write_text(dump_config(cfg))
     run_log = RunLog(run_dir, total_kimg=cfg.run.kimg, progress=cfg.run.progress, tensorboard=tensorboard, log=log)
     run_log.message(f"run folder {run_dir}  preset {cfg.preset}  tuples {spec.name} (K={spec.num_classes})  "
                     f"device {device}  tensorboard {'on' if tensorboard else 'off'}")
     run_log.message(f"data: {pipeline.num_images} training images, {len(pipeline)} batches of {batch_size} per epoch")
+    if resume_from is not None:
+        run_log.record({"event": "resume", "kimg": images_seen / 1000, "checkpoint": resume_from.checkpoint.name})
+        run_log.message(f"resumed from {resume_from.checkpoint.name} at {images_seen / 1000:g} kimg "
+                        f"(epoch {epoch + 1}, batch {start_batch})")
 
     grid_n = cfg.run.grid_size
     grid_z = torch.randn(grid_n * grid_n, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.run.seed))
@@ -174,7 +222,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
     tick_images = int(cfg.run.tick_kimg * 1000)
     snapshot_images = int(cfg.run.snapshot_kimg * 1000)
 
-    def snapshot(images_seen: int, epoch: int) -> float:
+    def snapshot(images_seen: int, epoch: int, iteration: int) -> float:
         kimg = images_seen / 1000
         mse = reconstruction_mse(nets.G, nets.E, (b.x for b in eval_pipeline))
         grids = {"samples": tile(sample_images(nets.G, grid_z), columns=grid_n),
@@ -183,8 +231,12 @@ def train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
             grids["inpainting"] = inpainting_grid(nets.G, nets.E, grid_x, grid_masks, fill=cfg.method.mask_fill,
                                                   impl=cfg.method.kernel_impl)
         run_log.images(grids, images_seen)
+        rng = {"torch": torch.get_rng_state()}  # after the snapshot's own draws: where training goes on from
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
         save_checkpoint(run_dir / f"checkpoint-{images_seen:010d}.pt", {
-            "config": cfg.to_dict(), "kimg": kimg, "epoch": epoch, "extra_dim": nets.extra_dim,
+            "config": cfg.to_dict(), "kimg": kimg, "images_seen": images_seen, "epoch": epoch,
+            "iteration": iteration, "extra_dim": nets.extra_dim, "rng": rng,
             "G": nets.G.state_dict(), "E": nets.E.state_dict(), "D": nets.D.state_dict(),
             **step.state_dict(),
         })
@@ -192,14 +244,18 @@ def train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
         run_log.message(f"snapshot at {kimg:.1f} kimg: reconstruction MSE on {eval_split} split {mse:.5f}")
         return mse
 
+    if resume_from is not None:
+        torch.set_rng_state(resume_from.state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in resume_from.state["rng"]:
+            torch.cuda.set_rng_state(resume_from.state["rng"]["cuda"], device)
     ranges_were_on = ranges_enabled()
     enable_ranges(cfg.compute.nvtx)
     try:
-        images_seen, iteration, epoch = 0, 0, 0
         tick_stats = TickStats()
         train_seconds = tick_seconds = 0.0  # wall time of steps only; snapshots are not counted
-        tick_images_start = 0
-        next_tick, next_snapshot = tick_images, snapshot_images
+        tick_images_start = images_seen
+        next_tick = (images_seen // tick_images + 1) * tick_images
+        next_snapshot = (images_seen // snapshot_images + 1) * snapshot_images
         last: dict[str, Any] = {}
         mse = float("nan")
         segment_start = time.perf_counter()
@@ -207,7 +263,8 @@ def train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
             epoch += 1
             noise_value = instance_noise_std(cfg.method, epoch, num_epochs)  # kept on the host for the log
             noise_std.fill_(noise_value)
-            pipeline.set_epoch(epoch)
+            pipeline.set_epoch(epoch, start_batch)
+            start_batch = 0
             batches = iter(pipeline)
             while True:
                 with annotate("gali/data"):
@@ -235,7 +292,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     tick_seconds += time.perf_counter() - segment_start
-                    mse = snapshot(images_seen, epoch)
+                    mse = snapshot(images_seen, epoch, iteration)
                     next_snapshot += snapshot_images
                     segment_start = time.perf_counter()
                 if done:
@@ -243,7 +300,8 @@ def train(cfg: Config, *, log: Callable[[str], None] = print) -> TrainResult:
     finally:
         run_log.close()
         enable_ranges(ranges_were_on)
-    speed = images_seen / max(train_seconds, 1e-9)
+    trained = images_seen - (resume_from.state["images_seen"] if resume_from is not None else 0)
+    speed = trained / max(train_seconds, 1e-9)
     log(f"done: {images_seen / 1000:.1f} kimg in {train_seconds:.1f} s of training ({speed:.1f} img/s); "
         f"reconstruction MSE {mse:.5f}; run folder {run_dir}")
     return TrainResult(run_dir=run_dir, kimg=images_seen / 1000, images_per_second=speed, recon_mse=mse,

@@ -8,8 +8,9 @@ incomplete last batch is dropped, so shapes are static and a captured step can r
 - ``labels``: int64, shape (B,), on the same device, in ``[0, len(class_names))``; ``None`` where
   the data has no labels.
 
-``set_epoch(epoch)`` fixes the order of the next epoch from (seed, epoch) alone, so a resumed run
-sees the same order as an uninterrupted one.
+``set_epoch(epoch, start_batch)`` fixes the order of the next epoch from (seed, epoch) alone and
+starts the next pass at batch ``start_batch`` of it, so a run resumed mid-epoch sees the same
+batches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class Pipeline(Protocol):
 
     Iterating yields the ``Batch``es of one epoch for this rank; ``len()`` is the number of batches
     per epoch (the same on every rank); ``set_epoch`` reshuffles deterministically from
-    (seed, epoch). ``num_images`` counts the images of the whole split (all ranks).
+    (seed, epoch) and makes the next pass start at batch ``start_batch`` (0 to ``len``) of that
+    epoch. ``num_images`` counts the images of the whole split (all ranks).
     """
 
     num_images: int
@@ -50,7 +52,13 @@ class Pipeline(Protocol):
 
     def __len__(self) -> int: ...
 
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
+
+
+def check_start_batch(start_batch: int, batches: int) -> None:
+    """``start_batch`` must name a batch of the epoch, or its end."""
+    if not 0 <= start_batch <= batches:
+        raise ValueError(f"start_batch must be in [0, {batches}] (the batches of one epoch), got {start_batch}")
 
 
 def _same_device(actual: torch.device, expected: torch.device) -> bool:

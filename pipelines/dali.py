@@ -46,7 +46,7 @@ from PIL import Image
 from gali.engine.errors import ConfigError, DataError
 
 from .config import DataConfig
-from .contract import Batch
+from .contract import Batch, check_start_batch
 from .sources import IMAGE_EXTENSIONS, FileIndex, ShardIndex, open_split
 
 try:
@@ -181,14 +181,22 @@ class DaliPipeline:
         self.prefetch = cfg.prefetch
         self.batches_per_rank = n // (batch_size * world_size)
         self.epoch = 0
+        self.start_batch = 0
         self._iterator: DALIGenericIterator | None = None
 
     def __len__(self) -> int:
         return self.batches_per_rank
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the next pass's order (and augmentation): a function of (seed, epoch, rank) only."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the next pass's order (and augmentation): a function of (seed, epoch, rank) only.
+
+        The next pass starts at batch ``start_batch`` of that epoch (a resumed run). For image files
+        the reader's list starts there, so the batches hold the same images as an uninterrupted
+        pass (random augmentations are drawn afresh); webdataset shards are read from their start
+        and the first ``start_batch`` batches decoded and dropped.
+        """
+        check_start_batch(start_batch, self.batches_per_rank)
+        self.epoch, self.start_batch = epoch, start_batch
 
     def epoch_order(self) -> np.ndarray:
         """Image-file indices of this epoch for all ranks: DALI's contiguous shard r is the torch backend's rank r."""
@@ -200,7 +208,9 @@ class DaliPipeline:
         files: list[str] = []
         labels: list[int] = []
         if isinstance(self.index, FileIndex):
-            order = self.epoch_order()
+            per_rank = self.batches_per_rank * self.batch_size
+            order = self.epoch_order().reshape(self.world_size, per_rank)[:, self.start_batch * self.batch_size:]
+            order = order.reshape(-1)
             files = [os.fsdecode(p) for p in self.index.paths[order]]
             labels = self.index.labels[order].tolist()
         cuda = self.device.type == "cuda"
@@ -229,14 +239,17 @@ class DaliPipeline:
 
     def __iter__(self) -> Iterator[Batch]:
         self._iterator = None  # free the previous pass's pipeline before building the next
-        done = 0
+        files = isinstance(self.index, FileIndex)
+        done = self.start_batch if files else 0  # batches of this epoch read so far (files: the list starts there)
         try:
             self._iterator = self._build()
             for (out,) in self._iterator:
+                done += 1
+                if done <= self.start_batch:  # webdataset: decoded, dropped
+                    continue
                 x = out["x"].permute(0, 3, 1, 2) if self.channels_last else out["x"]
                 x = x.to(self.device, non_blocking=True).to(torch.float32).mul_(1 / 127.5).sub_(1.0)
                 yield Batch(x=x, labels=self._labels(out["labels"]).to(self.device, non_blocking=True))
-                done += 1
                 if done == self.batches_per_rank:
                     break
         except RuntimeError as e:

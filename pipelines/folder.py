@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gali.engine.errors import DataError
 
-from .contract import Batch
+from .contract import Batch, check_start_batch
 from .sources import SPLITS, SplitIndex, open_split
 
 CROP_SCALE = (0.08, 1.0)
@@ -142,13 +142,16 @@ class ShardedEpochSampler(Sampler[int]):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.batch_size = batch_size
         self.batches_per_rank = num_items // (batch_size * world_size)
         self.per_rank = self.batches_per_rank * batch_size
         self.epoch = 0
+        self.start_batch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the order of the next iteration."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the order of the next iteration and the batch it starts at."""
+        check_start_batch(start_batch, self.batches_per_rank)
+        self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
         return self.per_rank
@@ -156,7 +159,7 @@ class ShardedEpochSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
         mine = order[: self.per_rank * self.world_size][self.rank :: self.world_size]
-        return iter(mine.tolist())
+        return iter(mine[self.start_batch * self.batch_size:].tolist())
 
 
 class _EpochKeys(Sampler[tuple[int, int]]):
@@ -246,9 +249,14 @@ class FolderPipeline:
     def __len__(self) -> int:
         return self._sampler.batches_per_rank
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle: the next iteration's order (and augmentation) depends on (seed, epoch) only."""
-        self._sampler.set_epoch(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Reshuffle: the next iteration's order (and augmentation) depends on (seed, epoch) only.
+
+        The next iteration yields that epoch's batches from ``start_batch`` on (a resumed run):
+        the skipped images are neither read nor decoded, and each image's augmentation is drawn
+        from (seed, epoch, index), so the batches are those of an uninterrupted pass.
+        """
+        self._sampler.set_epoch(epoch, start_batch)
 
     def __iter__(self) -> Iterator[Batch]:
         try:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .contract import Batch
+from .contract import Batch, check_start_batch
 
 # Images per split, the sizes of CIFAR-10: the epoch length the synthetic backend pretends to have.
 SPLIT_IMAGES = {"train": 50_000, "test": 10_000}
@@ -57,19 +57,26 @@ class SyntheticPipeline:
         self._seed = seed
         self._rank = rank
         self._epoch = 0
+        self._start_batch = 0
 
     def __len__(self) -> int:
         return self._batches
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the random stream of the next iteration: it depends on (seed, epoch, rank) only."""
-        self._epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the random stream of the next iteration: it depends on (seed, epoch, rank) only.
+
+        The next iteration starts at batch ``start_batch`` of that stream (the earlier ones are drawn
+        and dropped, so the batches are those of an uninterrupted pass).
+        """
+        check_start_batch(start_batch, self._batches)
+        self._epoch, self._start_batch = epoch, start_batch
 
     def __iter__(self) -> Iterator[Batch]:
         state = np.random.SeedSequence([self._seed, self._epoch, self._rank]).generate_state(1, np.uint64)
         generator = torch.Generator(device=self.device).manual_seed(int(state[0] >> np.uint64(1)))
         shape = (self.batch_size, 3, self.resolution, self.resolution)
-        for _ in range(self._batches):
+        for i in range(self._batches):
             x = torch.rand(shape, generator=generator, device=self.device).mul_(2.0).sub_(1.0)
             labels = torch.randint(len(self.class_names), (self.batch_size,), generator=generator, device=self.device)
-            yield Batch(x=x, labels=labels)
+            if i >= self._start_batch:
+                yield Batch(x=x, labels=labels)

@@ -114,6 +114,22 @@ def test_order_is_a_function_of_seed_and_epoch_and_two_ranks_partition_an_epoch(
         assert [len(s) for s in seen] == [12, 12] and not set(seen[0]) & set(seen[1])
 
 
+@pytest.mark.parametrize("kind", SOURCES)
+def test_a_pass_started_mid_epoch_is_the_tail_of_the_full_pass(kind, tmp_path, id_folder):
+    """What a resumed run reads: image files from the reader's list, shards decoded and dropped; every rank."""
+    root, _ = make_source(kind, tmp_path, id_folder, n=26)
+    cfg = DataConfig(source=kind, root=str(root), resolution=8, backend="dali", workers=1)
+    for rank in range(2):
+        full, resumed = (DaliPipeline(cfg, root, split="train", batch_size=4, device=CPU, seed=3, rank=rank,
+                                      world_size=2) for _ in range(2))
+        full.set_epoch(1)
+        resumed.set_epoch(1, start_batch=1)
+        want = indices(list(full))
+        assert len(want) == 12 and indices(list(resumed)) == want[4:]
+    with pytest.raises(ValueError, match=r"start_batch must be in \[0, 3\].*got 4"):
+        resumed.set_epoch(1, start_batch=4)
+
+
 def test_file_sources_deal_the_torch_backends_order_to_every_rank(id_folder):
     root = id_folder(n=26)
     cfg = DataConfig(source="folder", root=str(root), resolution=8, backend="dali", workers=1)

@@ -254,3 +254,24 @@ def test_invalid_arguments(id_folder: Callable[..., Path]) -> None:
         pipeline(root, split="val")
     with pytest.raises(ValueError, match="rank"):
         pipeline(root, rank=2, world_size=2)
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_a_pass_started_mid_epoch_is_the_tail_of_the_full_pass(id_folder: Callable[..., Path], augment: bool) -> None:
+    """A resumed run's epoch: the same images with the same augmentation, from batch k on, on every rank."""
+    root = id_folder(n=50)
+    for rank in range(2):
+        full, resumed = (pipeline(root, batch_size=4, rank=rank, world_size=2, augment=augment) for _ in range(2))
+        full.set_epoch(3)
+        want = list(full)
+        resumed.set_epoch(3, start_batch=2)
+        got = list(resumed)
+        assert len(want) == 6 and len(got) == 4
+        for a, b in zip(got, want[2:], strict=True):
+            assert torch.equal(a.x, b.x) and torch.equal(a.labels, b.labels)
+        resumed.set_epoch(3, start_batch=6)
+        assert list(resumed) == []
+        resumed.set_epoch(4)  # the next epoch starts at its beginning again
+        assert len(list(resumed)) == 6
+    with pytest.raises(ValueError, match=r"start_batch must be in \[0, 6\].*got 7"):
+        full.set_epoch(0, start_batch=7)

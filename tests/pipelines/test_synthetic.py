@@ -45,3 +45,15 @@ def test_stream_depends_on_seed_epoch_and_rank() -> None:
 def test_rejects_fewer_images_than_one_batch_per_rank() -> None:
     with pytest.raises(ValueError, match="less than one batch"):
         synthetic(num_images=7, world_size=2)
+
+
+def test_a_pass_started_mid_epoch_is_the_tail_of_the_full_pass() -> None:
+    full, resumed = synthetic(), synthetic()
+    full.set_epoch(2)
+    resumed.set_epoch(2, start_batch=3)
+    want, got = list(full), list(resumed)
+    assert len(got) == len(want) - 3
+    for a, b in zip(got, want[3:], strict=True):
+        assert torch.equal(a.x, b.x) and torch.equal(a.labels, b.labels)
+    with pytest.raises(ValueError, match="start_batch must be in"):
+        resumed.set_epoch(2, start_batch=-1)
