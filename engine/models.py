@@ -433,16 +433,15 @@ class Discriminator(nn.Module):
         for kind, branch in self.branches.items():
             idx = [i for i, k in enumerate(self.slot_kinds) if k == kind]
             kind_blocks = [b for i in idx for b in blocks[i]]
-            outputs: list[Tensor] = [kind_blocks[0]] * len(kind_blocks)  # each entry is replaced below
+            outputs: dict[int, Tensor] = {}  # branch output of each block, by its position in kind_blocks
             for needs_grad in (True, False):
                 group = [j for j, b in enumerate(kind_blocks) if b.requires_grad == needs_grad]
                 if group:
                     out = branch(torch.cat([kind_blocks[j] for j in group]))
-                    for j, piece in zip(group, out.split([kind_blocks[j].shape[0] for j in group]), strict=True):
-                        outputs[j] = piece
+                    outputs.update(zip(group, out.split([kind_blocks[j].shape[0] for j in group]), strict=True))
             start = 0
             for i in idx:
-                parts[i] = torch.cat(outputs[start:start + len(blocks[i])])
+                parts[i] = torch.cat([outputs[j] for j in range(start, start + len(blocks[i]))])
                 start += len(blocks[i])
         return self.joint(torch.cat([parts[i] for i in range(len(slots))], dim=1))
 

@@ -366,9 +366,9 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
 def _randn_in_layout(t: Tensor) -> Tensor:
     """``randn_like(t)`` drawn as one flat buffer viewed in t's layout.
 
-    The CPU generator fills channels-last tensors element by element, 10× slower than a flat
-    buffer (measured on the 2-core development machine); a dense layout of either kind is the
-    same numbers however they are laid out.
+    On the CPU, ``randn_like`` of a channels-last (200, 3, 32, 32) tensor took 10× as long as a
+    flat draw of the same size (2-core development machine); independent normals are the same
+    noise whichever layout they are viewed in.
     """
     if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
         return torch.randn_like(t)

@@ -4,7 +4,8 @@ Progress is counted in kimg (thousands of real images seen), as in StyleGAN and 
 statistics stay on the device and are read once per tick (``run.tick_kimg``), then handed to the
 run's :class:`RunLog` (metrics.jsonl, TensorBoard, the progress bar or lines); every
 ``run.snapshot_kimg`` the loop writes a checkpoint, sample, reconstruction and (for specs with
-masks) inpainting grids, and the held-out reconstruction error.
+masks) inpainting grids, and the held-out reconstruction error. :func:`resume` continues an
+interrupted run from its newest readable checkpoint.
 """
 
 from __future__ import annotations
@@ -248,6 +249,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, resume_from: Resum
         torch.set_rng_state(resume_from.state["rng"]["torch"])
         if device.type == "cuda" and "cuda" in resume_from.state["rng"]:
             torch.cuda.set_rng_state(resume_from.state["rng"]["cuda"], device)
+    images_at_start = images_seen
     ranges_were_on = ranges_enabled()
     enable_ranges(cfg.compute.nvtx)
     try:
@@ -300,8 +302,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, resume_from: Resum
     finally:
         run_log.close()
         enable_ranges(ranges_were_on)
-    trained = images_seen - (resume_from.state["images_seen"] if resume_from is not None else 0)
-    speed = trained / max(train_seconds, 1e-9)
+    speed = (images_seen - images_at_start) / max(train_seconds, 1e-9)
     log(f"done: {images_seen / 1000:.1f} kimg in {train_seconds:.1f} s of training ({speed:.1f} img/s); "
         f"reconstruction MSE {mse:.5f}; run folder {run_dir}")
     return TrainResult(run_dir=run_dir, kimg=images_seen / 1000, images_per_second=speed, recon_mse=mse,
