@@ -153,8 +153,9 @@ def resume(path: str | Path, overrides: Sequence[str] = (), *, log: Callable[[st
     ``path`` is a run folder (its newest readable checkpoint is taken) or one checkpoint file.
     The config is the checkpoint's, with ``overrides`` on top (``run.kimg=...`` trains longer).
     Networks, both optimizers and GradScalers, the image count, the position in the epoch's data
-    order and the torch RNG state are restored, so on one device the resumed run computes the
-    same steps as an uninterrupted one.
+    order and the torch RNG state are restored, so the resumed run computes the steps the
+    uninterrupted run would have: bit for bit on a CPU (tested), up to the run-to-run
+    nondeterminism of some CUDA kernels on a GPU.
     """
     checkpoint, cfg, state = latest_checkpoint(path, log=log)
     if overrides:
