@@ -170,7 +170,7 @@ class ComputeConfig:
     compile:       torch.compile G, E and D's feature trunk (the kernels stay opaque custom ops);
                    slower than eager on CPU, see ``engine.step.compile_networks``.
     channels_last: keep G, E, D and the step's input in channels-last memory format (default on:
-                   1.2× faster per step than NCHW on the CPU benchmark, and the layout PyTorch
+                   1.1–1.3× faster per step than NCHW on the CPU benchmark, and the layout PyTorch
                    recommends for convolutions under autocast on NVIDIA GPUs).
     nvtx:          named NVTX ranges (gali/step, gali/chains, gali/D, ...) for Nsight Systems.
     """
