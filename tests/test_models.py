@@ -358,4 +358,4 @@ def test_discriminator_runs_each_branch_once_per_gradient_group() -> None:
     want = torch.autograd.grad((stacked * upstream).sum(), wrt, retain_graph=True)  # the blocks are shared
     got = torch.autograd.grad((grouped * upstream).sum(), wrt)
     for a, b in zip(got, want, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # measured: 6e-5 on 1 of 300, from the sum order
