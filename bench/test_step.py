@@ -13,6 +13,8 @@ mode    ``baseline``    :class:`gali.engine.paper_step.PaperStep`: K D calls, KÂ
                         head, autograd.grad into each side only, full-kernel layers as GEMMs, channels-last,
                         fused Adam);
         ``fp32-nchw``   the same in the contiguous (NCHW) layout;
+        ``fp32-conv``   the same with the full-kernel layers as ``nn.Conv`` calls (``set_layer_impl(net, 'ref')``),
+                        which shows what their GEMM form gives on the device;
         ``bf16``        eager with bf16 autocast;
         ``compiled``    fp32 with torch.compile (Inductor) on G, E and D's trunk;
         ``graph`` / ``bf16-graph``   the whole step captured in a CUDA graph and replayed (CUDA only).
@@ -33,7 +35,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from gali.engine.config import ComputeConfig, MethodConfig, ModelConfig, OptimConfig
-from gali.engine.models import build_models
+from gali.engine.models import build_models, set_layer_impl
 from gali.engine.paper_step import PaperStep
 from gali.engine.step import GaliStep, Networks, build_step
 from gali.engine.tuples import load_spec
@@ -61,6 +63,7 @@ MODES = {  # mode -> (compute settings, warm-up steps)
     "baseline": (None, 1),
     "fp32": (ComputeConfig(precision="fp32"), 1),
     "fp32-nchw": (ComputeConfig(precision="fp32", channels_last=False), 1),
+    "fp32-conv": (ComputeConfig(precision="fp32"), 1),
     "bf16": (ComputeConfig(precision="bf16"), 1),
     "compiled": (ComputeConfig(precision="fp32", compile=True), 2),
     "graph": (ComputeConfig(precision="fp32", cuda_graph=True), 5),
@@ -79,8 +82,11 @@ def _networks(preset: Preset) -> tuple[Networks, object]:
     return Networks(G=G.to(DEVICE), E=E.to(DEVICE), D=D.to(DEVICE)), spec
 
 
-def _runner(preset: Preset, compute: ComputeConfig | None):
+def _runner(preset: Preset, mode: str, compute: ComputeConfig | None):
     nets, spec = _networks(preset)
+    if mode == "fp32-conv":
+        for net in (nets.G, nets.E, nets.D):
+            set_layer_impl(net, "ref")
     method, optim = MethodConfig(tuples=preset.tuples), OptimConfig()
     if compute is None:
         runner = PaperStep(nets, spec, method, optim, LATENT)
@@ -118,7 +124,7 @@ def test_step(benchmark, preset_name: str, mode: str) -> None:
     preset = PRESETS[preset_name]
     if preset_name not in _model_flops:
         _model_flops[preset_name] = _count_model_flops(preset)
-    step = _runner(preset, compute)
+    step = _runner(preset, mode, compute)
     x = torch.rand(BATCH, 3, preset.resolution, preset.resolution, device=DEVICE,
                    generator=torch.Generator(DEVICE).manual_seed(1)) * 2 - 1
     noise = torch.tensor(0.1, device=DEVICE)
