@@ -22,11 +22,17 @@ from collections.abc import Callable
 
 import torch
 
-from gali.engine import step as step_module
-from gali.engine.config import ComputeConfig, MethodConfig, ModelConfig, OptimConfig
-from gali.engine.models import build_models, set_layer_impl
-from gali.engine.step import GaliStep, GraphedStep, Networks, build_step
-from gali.engine.tuples import load_spec
+from gali.engine.method.config import MethodConfig
+from gali.engine.method.tuple_spec import load_spec
+from gali.engine.nets.config import ModelConfig
+from gali.engine.nets.layers import set_layer_impl
+from gali.engine.nets.networks import Networks
+from gali.engine.nets.paper import build_models
+from gali.engine.step import eager as step_module
+from gali.engine.step.build import build_step
+from gali.engine.step.config import ComputeConfig, OptimConfig
+from gali.engine.step.eager import GaliStep
+from gali.engine.step.graphed import GraphedStep
 
 BATCH, LATENT = 100, 256
 VARIANTS = ("defaults", "conv-layers", "no-grouping", "randn_like-noise")

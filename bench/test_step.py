@@ -34,11 +34,16 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gali.engine.config import ComputeConfig, MethodConfig, ModelConfig, OptimConfig
-from gali.engine.models import build_models, set_layer_impl
-from gali.engine.paper_step import PaperStep
-from gali.engine.step import GaliStep, Networks, build_step
-from gali.engine.tuples import load_spec
+from gali.engine.method.config import MethodConfig
+from gali.engine.method.tuple_spec import load_spec
+from gali.engine.nets.config import ModelConfig
+from gali.engine.nets.layers import set_layer_impl
+from gali.engine.nets.networks import Networks
+from gali.engine.nets.paper import build_models
+from gali.engine.step.build import build_step
+from gali.engine.step.config import ComputeConfig, OptimConfig
+from gali.engine.step.eager import GaliStep
+from gali.engine.step.paper import PaperStep
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH, LATENT = 100, 256

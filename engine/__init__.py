@@ -1,5 +1,14 @@
-"""gali.engine: config, models, tuple specs, losses, the training step and loop, and the CLI.
+"""gali.engine: the GALI training engine, in layers; each sub-package imports only the ones before it.
 
-Kept import-light on purpose: ``gali.pipelines`` and ``gali.kernels`` import
-``gali.engine.errors`` without pulling the models or the training loop.
+    errors, files, ranges   base modules: errors that name the fix, atomic writes, NVTX ranges
+    config                  the config machinery and the presets
+    method                  tuple specs, chains, losses, noise schedule
+    nets                    architectures, layers, G/E/D, feature models, inference chains
+    step                    one update: eager, graphed, precision, optimizers, the paper baseline
+    metrics                 evaluation metrics as pure functions
+    loop                    the training loop, checkpoints, logs, grids, ``gali profile``
+    eval                    ``gali eval`` and ``gali reproduce``
+    cli                     argument parsing and dispatch
+
+docs/architecture.md draws the same layers and how data flows through them.
 """

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from gali.engine.config import dump_config, load_config, preset_names
 from gali.engine.errors import GaliError
-from gali.engine.tuples import spec_names
+from gali.engine.loop.config import dump_config, load_config, preset_names
+from gali.engine.method.tuple_spec import spec_names
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -35,7 +35,7 @@ def _train(args: argparse.Namespace) -> None:
         if args.preset is not None or args.dry_run:
             raise GaliError("gali train --resume takes the config from the checkpoint: drop --preset/--dry-run "
                             "and give section.key=value overrides only (e.g. run.kimg=200 to train longer)")
-        from gali.engine.train import resume
+        from gali.engine.loop.train import resume
 
         resume(args.resume, args.overrides)
         return
@@ -43,13 +43,13 @@ def _train(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return
-    from gali.engine.train import train
+    from gali.engine.loop.train import train
 
     train(cfg)
 
 
 def _profile(args: argparse.Namespace) -> None:
-    from gali.engine.profiling import nsys_command, profile_training
+    from gali.engine.loop.profile import nsys_command, profile_training
 
     cfg = load_config(args.preset, args.overrides)
     images = args.steps * cfg.run.batch_size
@@ -62,11 +62,13 @@ def _profile(args: argparse.Namespace) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from gali.engine.images import sample_images, save_grid
-    from gali.engine.train import load_generator_encoder, resolve_device
+    from gali.engine.loop.checkpoint import load_networks
+    from gali.engine.loop.grids import save_grid
+    from gali.engine.loop.runtime import resolve_device
+    from gali.engine.nets.inference import sample_images
 
     device = resolve_device("auto")
-    cfg, nets = load_generator_encoder(args.checkpoint, device)
+    cfg, nets = load_networks(args.checkpoint, device)
     z = torch.randn(args.n, cfg.model.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
     out = Path(args.out or Path(args.checkpoint).with_suffix(".samples.png"))
     save_grid(sample_images(nets.G, z), out, columns=math.ceil(math.sqrt(args.n)))
@@ -74,12 +76,13 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _reconstruct(args: argparse.Namespace) -> None:
-    from gali.engine.images import save_reconstruction_grid
-    from gali.engine.train import load_generator_encoder, resolve_device
+    from gali.engine.loop.checkpoint import load_networks
+    from gali.engine.loop.grids import save_reconstruction_grid
+    from gali.engine.loop.runtime import resolve_device
     from gali.pipelines import make_pipeline
 
     device = resolve_device("auto")
-    cfg, nets = load_generator_encoder(args.checkpoint, device)
+    cfg, nets = load_networks(args.checkpoint, device)
     pipeline = make_pipeline(cfg.data, split=args.split, batch_size=args.n, device=device, seed=args.seed)
     x = next(iter(pipeline)).x
     out = Path(args.out or Path(args.checkpoint).with_suffix(".reconstructions.png"))
@@ -169,7 +172,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
 
 def _eval_options(args: argparse.Namespace, data_overrides: Sequence[str] = ()):
     """The evaluation settings shared by ``gali eval`` and ``gali reproduce``."""
-    from gali.engine.evaluate import EvalOptions
+    from gali.engine.eval.protocol import EvalOptions
 
     return EvalOptions(
         batch_size=args.batch_size, seed=args.seed, data_overrides=tuple(data_overrides),
@@ -182,7 +185,7 @@ def _eval_options(args: argparse.Namespace, data_overrides: Sequence[str] = ()):
 def _eval(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
-    from gali.engine.evaluate import evaluate
+    from gali.engine.eval.protocol import evaluate
 
     options = replace(
         _eval_options(args, args.overrides), split=args.split, feature_model=args.feature_model,
@@ -195,7 +198,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
-    from gali.engine.reproduce import ReproduceOptions, reproduce
+    from gali.engine.eval.reproduce import ReproduceOptions, reproduce
 
     budget = {} if args.kimg is None else {"kimg": args.kimg}
     options = ReproduceOptions(
@@ -227,7 +230,7 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
-    from gali.engine.metrics import METRICS  # light (torch, numpy); scikit-learn and torchmetrics load when used
+    from gali.engine.eval.protocol import METRICS  # scikit-learn and torchmetrics load only when used
 
     evaluation = commands.add_parser(
         "eval", help="evaluate a checkpoint: table on stdout, JSON next to it",
@@ -251,8 +254,8 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     repro = commands.add_parser("reproduce", help="train ALI, ALICE, GALI-4, GALI-8, GALI-mix at one budget; one table")
     repro.add_argument("--preset", default="demo", help="preset every method starts from")
     repro.add_argument("--kimg", type=float, default=None,
-                       help="training budget per method (default: gali.engine.reproduce.DEFAULT_KIMG, sized so "
-                       "that the five demo runs take about 30 minutes on 2 CPU cores)")
+                       help="training budget per method (default: gali.engine.eval.reproduce.DEFAULT_KIMG, sized so "
+                       "that the five demo runs take about 22 minutes on 2 CPU cores)")
     repro.add_argument("--methods", default="ali,alice,gali4,gali8,gali-mix", help="comma-separated tuple specs")
     repro.add_argument("--out-dir", default="runs/reproduce", help="run folders and reproduce.md/.json go here")
     _add_eval_options(repro)

@@ -77,12 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # the reference path works without triton
-    triton = None
+from gali.kernels._launch import device_guard, tl, triton, use_triton
 
 __all__ = ["kway_head", "kway_head_grouped", "kway_head_grouped_ref", "kway_head_ref", "kway_losses"]
 
@@ -90,7 +85,6 @@ K_MAX = 16  # classes per group
 COLS_MAX = 32  # logit columns in all (G·K)
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _REF_DTYPES = (*_TRITON_DTYPES, torch.float64)
-_IMPLS = ("auto", "triton", "ref")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -358,6 +352,14 @@ if triton is not None:
             acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(gb_ptr)
         tl.store(out_ptr + offs, _round_to(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
+else:  # no kernels without triton: every impl resolves to the reference or an error
+    _kway_head_fwd_kernel = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
 
 def _launch_config(
     n: int, f: int, n_col: int, dtype: torch.dtype, device: torch.device
@@ -405,27 +407,29 @@ def _kway_head_fwd_triton(
     partial = torch.empty((grid, cols), dtype=torch.float32, device=h.device)
     grad_h_d = torch.empty_like(h)
     grad_h_ge = torch.empty_like(h)
-    _kway_head_fwd_kernel[(grid,)](
-        h, weight, bias, labels, w_true, w_pair, grad_h_d, grad_h_ge, partial,
-        n, f, n_col // num_groups, inv_batch, partial.stride(0),
-        NUM_GROUPS=num_groups, BLOCK_N=block_n, BLOCK_F=block_f, BLOCK_C=block_c, INTERPRET=interpret,
-        num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
-    grad_w = torch.empty_like(weight)
-    grad_b = torch.empty_like(bias)
-    loss_d = torch.empty((), dtype=torch.float32, device=h.device)
-    loss_ge = torch.empty((), dtype=torch.float32, device=h.device)
-    block_p, block_c = _reduce_config(grid, h.device)
-    _kway_head_reduce_kernel[(triton.cdiv(cols, block_c),)](
-        partial, grad_w, grad_b, loss_d, loss_ge, grid, n_col * f, n_col, partial.stride(0),
-        BLOCK_P=block_p, BLOCK_C=block_c, INTERPRET=interpret,
-    )  # fmt: skip
+    with device_guard(h):
+        _kway_head_fwd_kernel[(grid,)](
+            h, weight, bias, labels, w_true, w_pair, grad_h_d, grad_h_ge, partial,
+            n, f, n_col // num_groups, inv_batch, partial.stride(0),
+            NUM_GROUPS=num_groups, BLOCK_N=block_n, BLOCK_F=block_f, BLOCK_C=block_c, INTERPRET=interpret,
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+        grad_w = torch.empty_like(weight)
+        grad_b = torch.empty_like(bias)
+        loss_d = torch.empty((), dtype=torch.float32, device=h.device)
+        loss_ge = torch.empty((), dtype=torch.float32, device=h.device)
+        block_p, block_c = _reduce_config(grid, h.device)
+        _kway_head_reduce_kernel[(triton.cdiv(cols, block_c),)](
+            partial, grad_w, grad_b, loss_d, loss_ge, grid, n_col * f, n_col, partial.stride(0),
+            BLOCK_P=block_p, BLOCK_C=block_c, INTERPRET=interpret,
+        )  # fmt: skip
     return loss_d, loss_ge, grad_h_d, grad_h_ge, grad_w, grad_b
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Custom ops: opaque to torch.compile and CUDA graphs; autograd scales the stored gradients
+# Custom ops and autograd
 # ----------------------------------------------------------------------------------------------------------
+# Opaque to torch.compile and CUDA graphs; autograd scales the stored gradients.
 
 
 @torch.library.custom_op("gali::kway_head_fwd", mutates_args=())
@@ -465,10 +469,11 @@ def _kway_head_scale(a: Tensor, ga: Tensor, b: Tensor | None, gb: Tensor | None)
     ``a * ga`` with a 0-d device tensor runs at half of it (stride-0 operand, not vectorised)."""
     out = torch.empty_like(a)
     block, num_warps = (1024, 4) if a.is_cuda else (8192, 1)
-    _scale_sum_kernel[(triton.cdiv(a.numel(), block),)](
-        out, a, ga.float(), a if b is None else b, ga.float() if gb is None else gb.float(), a.numel(),
-        HAS_B=b is not None, BLOCK=block, INTERPRET=not a.is_cuda, num_warps=num_warps,
-    )  # fmt: skip
+    with device_guard(a):
+        _scale_sum_kernel[(triton.cdiv(a.numel(), block),)](
+            out, a, ga.float(), a if b is None else b, ga.float() if gb is None else gb.float(), a.numel(),
+            HAS_B=b is not None, BLOCK=block, INTERPRET=not a.is_cuda, num_warps=num_warps,
+        )  # fmt: skip
     return out
 
 
@@ -583,9 +588,7 @@ def _head(
     impl: str,
 ) -> tuple[Tensor, Tensor]:
     """The one path behind :func:`kway_head` (num_groups = 1) and :func:`kway_head_grouped`."""
-    if impl not in _IMPLS:
-        raise ValueError(f"{name}: impl must be one of {_IMPLS}, got {impl!r}")
-    if not _use_triton(name, impl, h):
+    if not use_triton(name, impl, h, _TRITON_DTYPES, _kway_head_fwd_kernel):
         _check_inputs(name, h, weight, bias, labels, w_true, w_pair, inv_batch, num_groups, _REF_DTYPES)
         return _ref_losses(h, weight, bias, labels, w_true, w_pair, inv_batch, num_groups)
     _check_inputs(name, h, weight, bias, labels, w_true, w_pair, inv_batch, num_groups, _TRITON_DTYPES)
@@ -593,22 +596,7 @@ def _head(
     return loss_d, loss_ge
 
 
-def _use_triton(name: str, impl: str, h: Tensor) -> bool:
-    """Resolve ``impl`` for tensors on h's device; 'triton' where Triton cannot run is an error."""
-    if impl == "ref":
-        return False
-    if impl == "auto":
-        return triton is not None and h.is_cuda and h.dtype in _TRITON_DTYPES
-    if triton is None:
-        raise RuntimeError(f"{name}: impl='triton' needs the triton package (pip install triton); or use impl='ref'")
-    if h.device.type == "cpu" and not isinstance(_kway_head_fwd_kernel, InterpretedFunction):
-        raise RuntimeError(
-            f"{name}: impl='triton' on a CPU tensor needs Triton's interpreter: set TRITON_INTERPRET=1 before "
-            "gali.kernels.kway_head is first imported; or use impl='ref'"
-        )
-    if h.device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"{name}: impl='triton' runs on CUDA (or CPU with TRITON_INTERPRET=1), got {h.device}")
-    return True
+# --- Input checks (every path) ---
 
 
 def _check_inputs(

@@ -46,18 +46,12 @@ within 3% of that (a device-to-device copy reaches 2.94 TB/s there).
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-except ImportError:  # the reference path and the samplers work without triton
-    triton = None
+from gali.kernels._launch import Impl, device_guard, tl, triton, use_triton
 
 __all__ = ["MaskComposite", "mask_composite", "mask_composite_ref", "sample_box_params", "sample_stroke_params"]
 
@@ -65,7 +59,6 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KINDS = ("box", "stroke")
 
 Kind = Literal["box", "stroke"]
-Impl = Literal["auto", "triton", "ref"]
 
 
 class MaskComposite(NamedTuple):
@@ -76,189 +69,10 @@ class MaskComposite(NamedTuple):
     mix: Tensor | None
 
 
-# ----------------------------------------------------------------------------------------------------
-# Parameter sampling (vectorised, on the device)
-# ----------------------------------------------------------------------------------------------------
-
-
-def _uniform_int(u: Tensor, low: int | Tensor, count: int | Tensor) -> Tensor:
-    """Map u ~ U[0, 1) (float64) to integers uniform on {low, ..., low+count−1}.
-
-    floor(u·count) ≤ count−1 holds exactly in float64 for every count below 2**52.
-    """
-    return low + (u * count).floor()
-
-
-def _resolve_device(generator: torch.Generator | None, device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return generator.device if generator is not None else torch.device("cpu")
-
-
-def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return value
-
-
-def sample_box_params(
-    n: int,
-    height: int,
-    width: int,
-    *,
-    min_size: int = 1,
-    max_size: int | None = None,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Draw n rectangular masks: int32 (n, 4) ``[top, left, box_h, box_w]``.
-
-    box_h and box_w are each uniform on {min_size, ..., max_size} (max_size defaults to the side:
-    height for box_h, width for box_w), and the corner is uniform over the positions where the box fits
-    inside the image: top on {0, ..., height−box_h}, left on {0, ..., width−box_w}. This is the paper's
-    training distribution (GALI.md §2.3) without the authors' bugs (empty boxes; the column offset drawn
-    with the height, §5.5). Evaluation masks are the same call with min_size=8, max_size=54 on 64² and a
-    seeded generator. One RNG call and a few elementwise ops: no host sync, no per-sample loop.
-    """
-    _check_int("n", n, 1)
-    _check_int("height", height, 1)
-    _check_int("width", width, 1)
-    _check_int("min_size", min_size, 1, min(height, width))
-    if max_size is None:
-        max_h, max_w = height, width
-    else:
-        max_h = max_w = _check_int("max_size", max_size, min_size, min(height, width))
-    u = torch.rand((n, 4), generator=generator, device=_resolve_device(generator, device), dtype=torch.float64)
-    box_h = _uniform_int(u[:, 0], min_size, max_h - min_size + 1)
-    box_w = _uniform_int(u[:, 1], min_size, max_w - min_size + 1)
-    top = _uniform_int(u[:, 2], 0, height - box_h + 1)
-    left = _uniform_int(u[:, 3], 0, width - box_w + 1)
-    return torch.stack((top, left, box_h, box_w), dim=1).to(torch.int32)
-
-
-def sample_stroke_params(
-    n: int,
-    height: int,
-    width: int,
-    *,
-    num_strokes: int = 4,
-    max_thickness: int | None = None,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Draw n free-form masks of S = num_strokes thick segments: float32 (n, S, 5) ``[x0, y0, x1, y1, r]``.
-
-    Endpoints are pixel centres, x uniform on {0, ..., width−1} and y on {0, ..., height−1}
-    (independently, so a stroke may be a single disc); the stroke's thickness t is uniform on
-    {1, ..., max_thickness} (default max(1, min(height, width) // 8)) and its radius r = t/2, so an
-    axis-aligned stroke is about t pixels wide. Integer endpoints and half-integer radii make the mask
-    test exact (see the module docstring).
-    """
-    _check_int("n", n, 1)
-    _check_int("height", height, 1)
-    _check_int("width", width, 1)
-    _check_int("num_strokes", num_strokes, 1)
-    if max_thickness is None:
-        max_thickness = max(1, min(height, width) // 8)
-    _check_int("max_thickness", max_thickness, 1)
-    u = torch.rand(
-        (n, num_strokes, 5), generator=generator, device=_resolve_device(generator, device), dtype=torch.float64
-    )
-    x0, y0, x1, y1, t = u.unbind(-1)
-    params = (
-        _uniform_int(x0, 0, width),
-        _uniform_int(y0, 0, height),
-        _uniform_int(x1, 0, width),
-        _uniform_int(y1, 0, height),
-        _uniform_int(t, 1, max_thickness) / 2,
-    )
-    return torch.stack(params, dim=-1).to(torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Validation (shared by every path)
-# ----------------------------------------------------------------------------------------------------
-
-
-def _check_inputs(
-    x: Tensor,
-    params: Tensor,
-    y: Tensor | None,
-    kind: str,
-    noise: Tensor | None,
-    noise_std: float | Tensor,
-) -> Tensor:
-    """Raise a clear error naming the bad argument; return params in their canonical dtype."""
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise ValueError(f"mask_composite: x must be a 4-D (B, C, H, W) tensor, got {got}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"mask_composite: x must be float32, bfloat16 or float16, got {x.dtype}")
-    batch = x.shape[0]
-    if kind not in _KINDS:
-        raise ValueError(f"mask_composite: kind must be one of {_KINDS}, got {kind!r}")
-    if not isinstance(params, Tensor):
-        raise TypeError(f"mask_composite: params must be a tensor, got {type(params).__name__}")
-    if params.device != x.device:
-        raise ValueError(f"mask_composite: params is on {params.device} but x is on {x.device}")
-    if kind == "box":
-        if params.shape != (batch, 4):
-            raise ValueError(
-                f"mask_composite: params for kind='box' must have shape (B, 4) = ({batch}, 4) "
-                f"[top, left, box_h, box_w], got {tuple(params.shape)}"
-            )
-        if params.dtype.is_floating_point or params.dtype.is_complex or params.dtype == torch.bool:
-            raise TypeError(f"mask_composite: params for kind='box' must be an integer tensor, got {params.dtype}")
-        params = params.to(torch.int32)
-    else:
-        if params.dim() != 3 or params.shape[0] != batch or params.shape[2] != 5 or params.shape[1] < 1:
-            raise ValueError(
-                f"mask_composite: params for kind='stroke' must have shape (B, S, 5) with B = {batch}, "
-                f"S >= 1 [x0, y0, x1, y1, radius], got {tuple(params.shape)}"
-            )
-        if not params.dtype.is_floating_point:
-            raise TypeError(f"mask_composite: params for kind='stroke' must be floating point, got {params.dtype}")
-        params = params.to(torch.float32)
-    if y is not None:
-        if not isinstance(y, Tensor) or y.shape != x.shape:
-            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-            raise ValueError(f"mask_composite: y must have x's shape {tuple(x.shape)}, got {got}")
-        if y.dtype != x.dtype or y.device != x.device:
-            raise ValueError(
-                f"mask_composite: y must match x's dtype and device ({x.dtype}, {x.device}), "
-                f"got ({y.dtype}, {y.device})"
-            )
-    if noise is not None:
-        if y is None:
-            raise ValueError("mask_composite: noise is added to mix, which needs y; pass y or drop noise")
-        if not isinstance(noise, Tensor) or noise.shape != x.shape:
-            got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
-            raise ValueError(f"mask_composite: noise must have x's shape {tuple(x.shape)}, got {got}")
-        if not noise.dtype.is_floating_point or noise.device != x.device:
-            raise ValueError(
-                f"mask_composite: noise must be floating point on {x.device}, got ({noise.dtype}, {noise.device})"
-            )
-    if isinstance(noise_std, Tensor):
-        if noise is None:
-            raise ValueError("mask_composite: noise_std was given as a tensor but noise is None")
-        if noise_std.dim() != 0 or not noise_std.dtype.is_floating_point or noise_std.device != x.device:
-            raise ValueError(
-                f"mask_composite: noise_std tensor must be a 0-d floating tensor on {x.device}, got shape "
-                f"{tuple(noise_std.shape)}, {noise_std.dtype} on {noise_std.device}"
-            )
-    elif isinstance(noise_std, bool) or not isinstance(noise_std, int | float):
-        raise TypeError(f"mask_composite: noise_std must be a float or a 0-d tensor, got {type(noise_std).__name__}")
-    elif noise is None and noise_std != 0:
-        raise ValueError(f"mask_composite: noise_std={noise_std} was given but noise is None")
-    return params
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reference twin (plain PyTorch, autograd-derived gradients)
-# ----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
+# Reference twin
+# ----------------------------------------------------------------------------------------------------------
+# Plain PyTorch, gradients from autograd.
 
 
 def _mask_ref(params: Tensor, kind: str, height: int, width: int) -> Tensor:
@@ -313,9 +127,9 @@ def mask_composite_ref(
     return MaskComposite(m.to(x.dtype), masked, mix)
 
 
-# ----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # Triton kernels
-# ----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 
 if triton is not None:
 
@@ -439,6 +253,14 @@ if triton is not None:
             if NEED_X:
                 tl.store(grad_x_ptr + at, tl.where(m, 0.0, gx).to(grad_x_ptr.dtype.element_ty), mask=inside)
 
+else:  # no kernels without triton: every impl resolves to the reference or an error
+    _mask_composite_fwd_kernel = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------
+
 
 def _launch_config(hw: int) -> tuple[int, int]:
     """(BLOCK, num_warps): large contiguous blocks, 16 elements per thread at 2048 × 4 warps.
@@ -450,14 +272,10 @@ def _launch_config(hw: int) -> tuple[int, int]:
     return block, 4 if block >= 1024 else 2
 
 
-def _device_guard(t: Tensor) -> AbstractContextManager:
-    """Launch on t's GPU (Triton launches on the current device); a no-op context on CPU."""
-    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Custom ops: one opaque node each for torch.compile and CUDA graphs
-# ----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops and autograd
+# ----------------------------------------------------------------------------------------------------------
+# One opaque node each for torch.compile and CUDA graphs.
 
 
 @torch.library.custom_op("gali::mask_composite", mutates_args=())
@@ -478,7 +296,7 @@ def _mask_composite_op(
     masked = torch.empty_like(x, memory_format=torch.contiguous_format)
     mix = torch.empty_like(masked) if y is not None else x.new_empty(0)
     block, num_warps = _launch_config(H * W)
-    with _device_guard(x):
+    with device_guard(x):
         _mask_composite_fwd_kernel[(triton.cdiv(H * W, block), B)](
             x,
             x if y is None else y.contiguous(),
@@ -527,7 +345,7 @@ def _mask_composite_backward_op(
     grad_x = torch.empty(ref.shape, dtype=ref.dtype, device=ref.device) if need_x else ref.new_empty(0)
     grad_y = torch.empty(ref.shape, dtype=ref.dtype, device=ref.device) if need_y else ref.new_empty(0)
     block, num_warps = _launch_config(H * W)
-    with _device_guard(ref):
+    with device_guard(ref):
         _mask_composite_bwd_kernel[(triton.cdiv(H * W, block), B)](
             ref if g_masked is None else g_masked.contiguous(),
             ref if g_mix is None else g_mix.contiguous(),
@@ -583,22 +401,9 @@ def _backward(ctx, _g_mask, g_masked, g_mix):
 _mask_composite_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Public entry
-# ----------------------------------------------------------------------------------------------------
-
-
-def _check_triton_runs(x: Tensor) -> None:
-    if triton is None:
-        raise RuntimeError("mask_composite(impl='triton') needs the triton package; install it or use impl='ref'")
-    # Triton decides interpreted-or-compiled when a kernel is decorated, i.e. when this module is imported.
-    if x.is_cuda or (x.device.type == "cpu" and isinstance(_mask_composite_fwd_kernel, InterpretedFunction)):
-        return
-    raise RuntimeError(
-        f"mask_composite(impl='triton') cannot run on {x.device} tensors: Triton needs a CUDA device, or "
-        "TRITON_INTERPRET=1 set before gali.kernels.mask_composite is imported to run on CPU; "
-        "use impl='auto' or impl='ref'"
-    )
+# ----------------------------------------------------------------------------------------------------------
+# Public op
+# ----------------------------------------------------------------------------------------------------------
 
 
 def mask_composite(
@@ -629,17 +434,188 @@ def mask_composite(
     Returns:
         MaskComposite(mask, masked, mix); gradients flow to x (through masked and mix) and y (mix).
     """
-    if impl not in ("auto", "triton", "ref"):
-        raise ValueError(f"mask_composite: impl must be 'auto', 'triton' or 'ref', got {impl!r}")
-    if impl == "auto":
-        impl = "triton" if triton is not None and isinstance(x, Tensor) and x.is_cuda else "ref"
-    if impl == "ref":
+    if not use_triton("mask_composite", impl, x, _FLOAT_DTYPES, _mask_composite_fwd_kernel):
         return mask_composite_ref(x, params, y, kind=kind, fill=fill, noise=noise, noise_std=noise_std)
     params = _check_inputs(x, params, y, kind, noise, noise_std)
-    _check_triton_runs(x)
     if x.shape[0] > 65535:
         raise ValueError(f"mask_composite(impl='triton'): batch must be <= 65535, got {x.shape[0]}; split it")
     std_tensor = noise_std if isinstance(noise_std, Tensor) else None
     std_value = 0.0 if std_tensor is not None else float(noise_std)
     mask, masked, mix = _mask_composite_op(x, params, y, noise, std_tensor, kind, float(fill), std_value)
     return MaskComposite(mask, masked, mix if y is not None else None)
+
+
+# --- Input checks (every path) ---
+
+
+def _check_inputs(
+    x: Tensor,
+    params: Tensor,
+    y: Tensor | None,
+    kind: str,
+    noise: Tensor | None,
+    noise_std: float | Tensor,
+) -> Tensor:
+    """Raise a clear error naming the bad argument; return params in their canonical dtype."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"mask_composite: x must be a 4-D (B, C, H, W) tensor, got {got}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"mask_composite: x must be float32, bfloat16 or float16, got {x.dtype}")
+    batch = x.shape[0]
+    if kind not in _KINDS:
+        raise ValueError(f"mask_composite: kind must be one of {_KINDS}, got {kind!r}")
+    if not isinstance(params, Tensor):
+        raise TypeError(f"mask_composite: params must be a tensor, got {type(params).__name__}")
+    if params.device != x.device:
+        raise ValueError(f"mask_composite: params is on {params.device} but x is on {x.device}")
+    if kind == "box":
+        if params.shape != (batch, 4):
+            raise ValueError(
+                f"mask_composite: params for kind='box' must have shape (B, 4) = ({batch}, 4) "
+                f"[top, left, box_h, box_w], got {tuple(params.shape)}"
+            )
+        if params.dtype.is_floating_point or params.dtype.is_complex or params.dtype == torch.bool:
+            raise TypeError(f"mask_composite: params for kind='box' must be an integer tensor, got {params.dtype}")
+        params = params.to(torch.int32)
+    else:
+        if params.dim() != 3 or params.shape[0] != batch or params.shape[2] != 5 or params.shape[1] < 1:
+            raise ValueError(
+                f"mask_composite: params for kind='stroke' must have shape (B, S, 5) with B = {batch}, "
+                f"S >= 1 [x0, y0, x1, y1, radius], got {tuple(params.shape)}"
+            )
+        if not params.dtype.is_floating_point:
+            raise TypeError(f"mask_composite: params for kind='stroke' must be floating point, got {params.dtype}")
+        params = params.to(torch.float32)
+    if y is not None:
+        if not isinstance(y, Tensor) or y.shape != x.shape:
+            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"mask_composite: y must have x's shape {tuple(x.shape)}, got {got}")
+        if y.dtype != x.dtype or y.device != x.device:
+            raise ValueError(
+                f"mask_composite: y must match x's dtype and device ({x.dtype}, {x.device}), "
+                f"got ({y.dtype}, {y.device})"
+            )
+    if noise is not None:
+        if y is None:
+            raise ValueError("mask_composite: noise is added to mix, which needs y; pass y or drop noise")
+        if not isinstance(noise, Tensor) or noise.shape != x.shape:
+            got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
+            raise ValueError(f"mask_composite: noise must have x's shape {tuple(x.shape)}, got {got}")
+        if not noise.dtype.is_floating_point or noise.device != x.device:
+            raise ValueError(
+                f"mask_composite: noise must be floating point on {x.device}, got ({noise.dtype}, {noise.device})"
+            )
+    if isinstance(noise_std, Tensor):
+        if noise is None:
+            raise ValueError("mask_composite: noise_std was given as a tensor but noise is None")
+        if noise_std.dim() != 0 or not noise_std.dtype.is_floating_point or noise_std.device != x.device:
+            raise ValueError(
+                f"mask_composite: noise_std tensor must be a 0-d floating tensor on {x.device}, got shape "
+                f"{tuple(noise_std.shape)}, {noise_std.dtype} on {noise_std.device}"
+            )
+    elif isinstance(noise_std, bool) or not isinstance(noise_std, int | float):
+        raise TypeError(f"mask_composite: noise_std must be a float or a 0-d tensor, got {type(noise_std).__name__}")
+    elif noise is None and noise_std != 0:
+        raise ValueError(f"mask_composite: noise_std={noise_std} was given but noise is None")
+    return params
+
+
+# --- Mask parameter samplers (vectorised, on the device) ---
+
+
+def _uniform_int(u: Tensor, low: int | Tensor, count: int | Tensor) -> Tensor:
+    """Map u ~ U[0, 1) (float64) to integers uniform on {low, ..., low+count−1}.
+
+    floor(u·count) ≤ count−1 holds exactly in float64 for every count below 2**52.
+    """
+    return low + (u * count).floor()
+
+
+def _resolve_device(generator: torch.Generator | None, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def sample_box_params(
+    n: int,
+    height: int,
+    width: int,
+    *,
+    min_size: int = 1,
+    max_size: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Draw n rectangular masks: int32 (n, 4) ``[top, left, box_h, box_w]``.
+
+    box_h and box_w are each uniform on {min_size, ..., max_size} (max_size defaults to the side:
+    height for box_h, width for box_w), and the corner is uniform over the positions where the box fits
+    inside the image: top on {0, ..., height−box_h}, left on {0, ..., width−box_w}. This is the paper's
+    training distribution (GALI.md §2.3) without the authors' bugs (empty boxes; the column offset drawn
+    with the height, §5.5). Evaluation masks are the same call with min_size=8, max_size=54 on 64² and a
+    seeded generator. One RNG call and a few elementwise ops: no host sync, no per-sample loop.
+    """
+    _check_int("n", n, 1)
+    _check_int("height", height, 1)
+    _check_int("width", width, 1)
+    _check_int("min_size", min_size, 1, min(height, width))
+    if max_size is None:
+        max_h, max_w = height, width
+    else:
+        max_h = max_w = _check_int("max_size", max_size, min_size, min(height, width))
+    u = torch.rand((n, 4), generator=generator, device=_resolve_device(generator, device), dtype=torch.float64)
+    box_h = _uniform_int(u[:, 0], min_size, max_h - min_size + 1)
+    box_w = _uniform_int(u[:, 1], min_size, max_w - min_size + 1)
+    top = _uniform_int(u[:, 2], 0, height - box_h + 1)
+    left = _uniform_int(u[:, 3], 0, width - box_w + 1)
+    return torch.stack((top, left, box_h, box_w), dim=1).to(torch.int32)
+
+
+def sample_stroke_params(
+    n: int,
+    height: int,
+    width: int,
+    *,
+    num_strokes: int = 4,
+    max_thickness: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Draw n free-form masks of S = num_strokes thick segments: float32 (n, S, 5) ``[x0, y0, x1, y1, r]``.
+
+    Endpoints are pixel centres, x uniform on {0, ..., width−1} and y on {0, ..., height−1}
+    (independently, so a stroke may be a single disc); the stroke's thickness t is uniform on
+    {1, ..., max_thickness} (default max(1, min(height, width) // 8)) and its radius r = t/2, so an
+    axis-aligned stroke is about t pixels wide. Integer endpoints and half-integer radii make the mask
+    test exact (see the module docstring).
+    """
+    _check_int("n", n, 1)
+    _check_int("height", height, 1)
+    _check_int("width", width, 1)
+    _check_int("num_strokes", num_strokes, 1)
+    if max_thickness is None:
+        max_thickness = max(1, min(height, width) // 8)
+    _check_int("max_thickness", max_thickness, 1)
+    u = torch.rand(
+        (n, num_strokes, 5), generator=generator, device=_resolve_device(generator, device), dtype=torch.float64
+    )
+    x0, y0, x1, y1, t = u.unbind(-1)
+    params = (
+        _uniform_int(x0, 0, width),
+        _uniform_int(y0, 0, height),
+        _uniform_int(x1, 0, width),
+        _uniform_int(y1, 0, height),
+        _uniform_int(t, 1, max_thickness) / 2,
+    )
+    return torch.stack(params, dim=-1).to(torch.float32)

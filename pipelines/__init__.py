@@ -1,6 +1,6 @@
-"""gali.pipelines: the batch contract and its backends (torch, synthetic), the demo data set.
+"""gali.pipelines: the batch contract and its backends (torch, DALI, synthetic), the demo data set.
 
-``make_pipeline(cfg.data, ...)`` is the entry point of the engine.
+``make_pipeline(cfg.data, ..., channels_last=cfg.compute.channels_last)`` is the entry point of the engine.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 from .config import DataConfig
 from .contract import Batch, Pipeline, check_batch
 from .digits import cache_root, default_digits_root, prepare_digits
-from .folder import FolderPipeline
 from .synthetic import SPLIT_IMAGES, SyntheticPipeline
+from .torch_files import TorchFilePipeline
 
 __all__ = ["Batch", "Pipeline", "cache_root", "check_batch", "default_digits_root", "make_pipeline", "prepare_digits"]
 
@@ -27,30 +27,34 @@ def make_pipeline(
     seed: int,
     rank: int = 0,
     world_size: int = 1,
+    channels_last: bool = False,
 ) -> Pipeline:
     """Build the pipeline that ``cfg`` names for ``split`` ('train' or 'test') on this rank.
 
     source 'digits' writes the demo data set once (``prepare_digits`` into ``cfg.root`` or
     ``default_digits_root(cfg.resolution)``) and reads it like a folder; sources 'folder', 'filelist'
-    and 'webdataset' read ``cfg.root`` (layouts in ``gali.pipelines.sources``). Backend 'torch' decodes
-    the files in ``cfg.workers`` DataLoader workers (augment and channels_last as ``cfg`` says); backend
-    'synthetic' reads nothing and draws random batches on the device (10 classes, an epoch as long
-    as CIFAR-10's split). Raises ``ConfigError`` for an invalid ``cfg`` and ``DataError`` for
-    unusable data, before any batch is produced.
+    and 'webdataset' read ``cfg.root`` (layouts in ``gali.pipelines.sources``). Backend 'torch'
+    (``TorchFilePipeline``) decodes the files in ``cfg.workers`` DataLoader workers (augment as ``cfg``
+    says), backend 'dali' (``DaliPipeline``) with NVIDIA DALI; backend 'synthetic' reads nothing and draws
+    random batches on the device (10 classes, an epoch as long as CIFAR-10's split). ``channels_last``
+    (the engine passes ``compute.channels_last``) delivers every backend's ``x`` in the channels-last
+    memory format. Raises ``ConfigError`` for an invalid ``cfg`` and ``DataError`` for unusable data,
+    before any batch is produced.
     """
     cfg.validate()
+    # What every backend takes alike.
+    common = {
+        "batch_size": batch_size,
+        "device": device,
+        "seed": seed,
+        "rank": rank,
+        "world_size": world_size,
+        "channels_last": channels_last,
+    }
     if cfg.backend == "synthetic":
         if split not in SPLIT_IMAGES:
             raise ValueError(f"split must be one of {tuple(SPLIT_IMAGES)}, got {split!r}")
-        return SyntheticPipeline(
-            num_images=SPLIT_IMAGES[split],
-            resolution=cfg.resolution,
-            batch_size=batch_size,
-            device=device,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-        )
+        return SyntheticPipeline(num_images=SPLIT_IMAGES[split], resolution=cfg.resolution, **common)
 
     if cfg.source == "digits":
         root = prepare_digits(
@@ -61,21 +65,14 @@ def make_pipeline(
     if cfg.backend == "dali":
         from .dali import DaliPipeline  # nvidia-dali is an optional dependency
 
-        return DaliPipeline(
-            cfg, root, split=split, batch_size=batch_size, device=device, seed=seed, rank=rank, world_size=world_size
-        )
-    return FolderPipeline(
+        return DaliPipeline(cfg, root, split=split, **common)
+    return TorchFilePipeline(
         root,
         split=split,
         resolution=cfg.resolution,
-        batch_size=batch_size,
-        device=device,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
         workers=cfg.workers,
         prefetch=cfg.prefetch,
         source="folder" if cfg.source == "digits" else cfg.source,
         augment=cfg.augment,
-        channels_last=cfg.channels_last,
+        **common,
     )

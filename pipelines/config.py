@@ -30,7 +30,9 @@ class DataConfig:
     prefetch:   batches prepared ahead: DataLoader prefetch_factor (torch), queue depth (dali).
     augment:    training split only: random-resized crop and horizontal flip instead of the
                 deterministic resize + center crop (GALI's paper uses none).
-    channels_last: deliver batches in the channels-last memory format (shape stays NCHW).
+
+    The memory format of the batches is not a data setting: ``make_pipeline(..., channels_last=)``
+    takes it from the step's ``compute.channels_last``.
     """
 
     source: str = "digits"
@@ -40,7 +42,6 @@ class DataConfig:
     workers: int = 2
     prefetch: int = 2
     augment: bool = False
-    channels_last: bool = False
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the first invalid key and the accepted values."""

@@ -3,14 +3,20 @@
 A pipeline yields, for one epoch, ``len(pipeline)`` batches of exactly ``batch_size`` images (the
 incomplete last batch is dropped, so shapes are static and a captured step can replay them):
 
-- ``x``: float32, shape (B, 3, R, R), contiguous or channels-last (``data.channels_last``), values in [-1, 1],
-  already on the training device;
+- ``x``: float32, shape (B, 3, R, R), contiguous, or channels-last where ``make_pipeline`` is given
+  ``channels_last=True`` (the engine passes ``compute.channels_last``), values in [-1, 1], already on the
+  training device;
 - ``labels``: int64, shape (B,), on the same device, in ``[0, len(class_names))``; ``None`` where
   the data has no labels.
 
 ``set_epoch(epoch, start_batch)`` fixes the order of the next epoch from (seed, epoch) alone and
 starts the next pass at batch ``start_batch`` of it, so a run resumed mid-epoch sees the same
 batches as an uninterrupted one.
+
+The rules every backend shares live here: how many batches a rank gets (``batches_per_rank``), which
+splits are large enough (``check_split_size``), the epoch order of the file backends (``epoch_order``:
+torch and DALI deal the same images to the same rank in the same order) and the conversion of uint8
+pixels to ``x`` (``pixels_to_x``: both file backends give bit-identical values for equal pixels).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -59,6 +66,57 @@ def check_start_batch(start_batch: int, batches: int) -> None:
     """``start_batch`` must name a batch of the epoch, or its end."""
     if not 0 <= start_batch <= batches:
         raise ValueError(f"start_batch must be in [0, {batches}] (the batches of one epoch), got {start_batch}")
+
+
+def check_rank(rank: int, world_size: int) -> None:
+    """``rank`` must be one of the ``world_size`` ranks (``ValueError``)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+
+
+def batches_per_rank(num_images: int, batch_size: int, world_size: int) -> int:
+    """Full batches each rank yields per epoch: the split cut to whole batches on every rank."""
+    return num_images // (batch_size * world_size)
+
+
+def check_split_size(where: str, num_images: int, batch_size: int, world_size: int) -> None:
+    """``DataError`` unless the split ``where`` (named in the message) gives every rank one batch."""
+    if num_images < batch_size:
+        raise DataError(
+            f"{where} holds {num_images} images, fewer than one batch of {batch_size}; "
+            "lower the batch size or add images"
+        )
+    if num_images // world_size < batch_size:
+        raise DataError(
+            f"{where} holds {num_images} images: {num_images // world_size} per rank over {world_size} ranks, "
+            f"fewer than one batch of {batch_size}; lower the batch size, use fewer ranks, or add images"
+        )
+
+
+def epoch_order(num_items: int, *, seed: int, epoch: int, batch_size: int, world_size: int) -> np.ndarray:
+    """The item indices of epoch ``epoch`` for every rank: int64 (world_size, per_rank), row r is rank r's order.
+
+    A permutation of ``range(num_items)`` drawn from numpy's PCG64 seeded by (seed, epoch), the same
+    on every rank, cut to ``per_rank * world_size`` entries (``per_rank`` = ``batches_per_rank`` whole
+    batches) and dealt round-robin: rank r takes entries r, r + world_size, ... The remainder (fewer
+    than ``batch_size * world_size`` items) is skipped this epoch and falls elsewhere in the next.
+    """
+    per_rank = batches_per_rank(num_items, batch_size, world_size) * batch_size
+    order = np.random.default_rng([seed, epoch]).permutation(num_items)
+    return order[: per_rank * world_size].reshape(per_rank, world_size).T
+
+
+def pixels_to_x(pixels: Tensor, device: torch.device, *, channels_last: bool) -> Tensor:
+    """uint8 (B, 3, R, R) pixels to the contract's ``x``: float32 in [-1, 1] on ``device``.
+
+    The copy to the device is non-blocking (asynchronous from pinned memory); the arithmetic runs
+    there. A multiply, not a divide: CUDA divides by a scalar through its reciprocal, so this keeps CPU
+    and CUDA batches bit-identical; 0 and 255 still map exactly to -1 and 1. ``channels_last`` gives
+    ``x`` channels-last strides (no extra copy where ``pixels`` already have them).
+    """
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = pixels.to(device, non_blocking=True)
+    return x.to(torch.float32, memory_format=layout).mul_(1 / 127.5).sub_(1.0)
 
 
 def _same_device(actual: torch.device, expected: torch.device) -> bool:

@@ -5,16 +5,17 @@ same images with the same labels and class names and refuse the same bad layouts
 'folder'). Image files ('folder', 'filelist') are read by ``fn.readers.file`` from a list this module builds;
 webdataset shards by ``fn.readers.webdataset``, the labels parsed from each sample's ``.cls`` text.
 
-Order, sharding and epochs: for image files, epoch e's order is numpy's PCG64 permutation seeded by (seed, e),
-cut to ``len(self) * world_size`` images and laid out so that DALI's contiguous shard ``rank`` is entries rank,
-rank + world_size, ... of it: the torch backend's ``ShardedEpochSampler`` exactly, so both backends deal the
-same images to the same rank in the same order. Shards are streamed in tar order (as webdataset readers do):
-DALI's contiguous part ``(rank + epoch) % world_size`` of all samples goes to ``rank``, mixed by DALI's buffered
-shuffle seeded from (seed, epoch, rank); members that belong to no sample (no image and no .cls) are skipped,
-which can leave a rank short of ``len(self)`` batches if a part holds many of them. A fresh DALI pipeline is
-built for every pass (a reader cannot change its list), so an epoch's order and augmentation are a function of
-(seed, epoch, rank) alone. Every rank yields ``num_images // (batch_size * world_size)`` full batches; the rest
-of an epoch is dropped (``LastBatchPolicy.DROP``: one static shape, for CUDA graphs).
+Order, sharding and epochs: for image files, epoch e's order is ``contract.epoch_order`` (numpy's PCG64
+permutation seeded by (seed, e), cut to ``len(self) * world_size`` images, dealt round-robin to ranks), its rows
+laid end to end so that DALI's contiguous shard ``rank`` is row ``rank``: the torch backend's order exactly, so
+both backends deal the same images to the same rank in the same order. Shards are streamed in tar order (as
+webdataset readers do): DALI's contiguous part ``(rank + epoch) % world_size`` of all samples goes to ``rank``,
+mixed by DALI's buffered shuffle seeded from (seed, epoch, rank); members that belong to no sample (no image and
+no .cls) are skipped, which can leave a rank short of ``len(self)`` batches if a part holds many of them. A fresh
+DALI pipeline is built for every pass (a reader cannot change its list), so an epoch's order and augmentation are
+a function of (seed, epoch, rank) alone. Every rank yields ``num_images // (batch_size * world_size)`` full
+batches (``contract.batches_per_rank``); the rest of an epoch is dropped (``LastBatchPolicy.DROP``: one static
+shape, for CUDA graphs).
 
 Transforms: split 'test', and training without ``augment``: the centered square of the image resized to R×R
 (antialiased linear; ``fn.resize`` with a per-image ROI, so the filter reads beyond the square's edges as
@@ -25,9 +26,9 @@ rounding the longer side); EXIF orientation is ignored, as in the torch backend.
 present) when the training device is CUDA, else on DALI's CPU threads (``device_id=None``).
 
 DALI hands over uint8 (4× less to copy than float); the conversion to float32 in [-1, 1] runs on the training
-device with the torch backend's arithmetic (×(1/127.5) − 1), so both backends give bit-identical values for
-equal pixels and 0/255 map exactly to −1/1. With ``channels_last`` DALI writes HWC and the batch is its NCHW
-view (channels-last strides, no extra copy).
+device with the torch backend's arithmetic (``contract.pixels_to_x``: ×(1/127.5) − 1), so both backends give
+bit-identical values for equal pixels and 0/255 map exactly to −1/1. With ``channels_last`` DALI writes HWC and
+the batch is its NCHW view (channels-last strides, no extra copy).
 
 An image that cannot be read stops the pass with a ``DataError`` naming it (found in DALI's message, else by
 re-reading the files of the batches in flight with Pillow, else the root is named).
@@ -41,13 +42,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from gali.engine.errors import ConfigError, DataError
 
 from .config import DataConfig
-from .contract import Batch, check_start_batch
+from .contract import Batch, batches_per_rank, check_rank, check_split_size, check_start_batch, epoch_order, pixels_to_x
 from .sources import IMAGE_EXTENSIONS, FileIndex, ShardIndex, open_split
+from .torch_files import decode_problem
 
 try:
     import nvidia.dali.math as dmath
@@ -63,8 +64,9 @@ except ImportError as e:  # nvidia-dali is an optional dependency
 READER = "Reader"
 WDS_IMAGE_EXT = ";".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 
+
 @pipeline_def
-def _graph(
+def _build_dali_pipeline(
     index: FileIndex | ShardIndex,
     *,
     files: list[str],
@@ -76,7 +78,7 @@ def _graph(
     decode_device: str,
     layout: str,
 ):
-    """The DALI graph: read, decode, crop/resize to R×R, (flip), uint8 in ``layout``; plus the labels."""
+    """The DALI pipeline's operators: read, decode, crop/resize to R×R, (flip), uint8 in ``layout``; plus the labels."""
     if isinstance(index, FileIndex):
         encoded, labels = fn.readers.file(
             file_root=str(index.base), files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
@@ -128,17 +130,12 @@ def _dali_reason(message: str) -> str:
     return lines[0] if lines else message.strip().splitlines()[-1]
 
 
-def _unreadable(path: str) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.convert("RGB")
-    except Exception:  # anything Pillow cannot decode is a candidate for the file DALI failed on
-        return True
-    return False
-
-
 class DaliPipeline:
-    """The DALI backend of the batch contract (see the module doc)."""
+    """The DALI backend of the batch contract (see the module doc).
+
+    ``cfg`` gives the source, resolution, augment, workers (DALI CPU threads) and prefetch (queue depth);
+    ``channels_last`` delivers ``x`` in ``torch.channels_last`` memory format.
+    """
 
     def __init__(
         self,
@@ -151,24 +148,15 @@ class DaliPipeline:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        channels_last: bool = False,
     ) -> None:
         if batch_size < 1 or seed < 0:
             raise ValueError(f"need batch_size >= 1 and seed >= 0; got {batch_size}, {seed}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        check_rank(rank, world_size)
         self.root = Path(root).expanduser()
         self.index = open_split("folder" if cfg.source == "digits" else cfg.source, self.root, split)
         n = len(self.index)
-        where = f"{self.index.where} (split '{split}')"
-        if n < batch_size:
-            raise DataError(
-                f"{where} holds {n} images, fewer than one batch of {batch_size}; lower the batch size or add images"
-            )
-        if n // world_size < batch_size:
-            raise DataError(
-                f"{where} holds {n} images: {n // world_size} per rank over {world_size} ranks, fewer than one "
-                f"batch of {batch_size}; lower the batch size, use fewer ranks, or add images"
-            )
+        check_split_size(f"{self.index.where} (split '{split}')", n, batch_size, world_size)
         self.device = torch.device(device)
         self.resolution = cfg.resolution
         self.batch_size = batch_size
@@ -176,10 +164,10 @@ class DaliPipeline:
         self.class_names = self.index.class_names
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.augment = cfg.augment and split == "train"
-        self.channels_last = cfg.channels_last
+        self.channels_last = channels_last
         self.num_threads = max(1, cfg.workers)
         self.prefetch = cfg.prefetch
-        self.batches_per_rank = n // (batch_size * world_size)
+        self.batches_per_rank = batches_per_rank(n, batch_size, world_size)
         self.epoch = 0
         self.start_batch = 0
         self._iterator: DALIGenericIterator | None = None
@@ -198,26 +186,25 @@ class DaliPipeline:
         check_start_batch(start_batch, self.batches_per_rank)
         self.epoch, self.start_batch = epoch, start_batch
 
-    def epoch_order(self) -> np.ndarray:
-        """Image-file indices of this epoch for all ranks: DALI's contiguous shard r is the torch backend's rank r."""
-        per_rank = self.batches_per_rank * self.batch_size
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_images)
-        return order[: per_rank * self.world_size].reshape(per_rank, self.world_size).T.reshape(-1)
+    def _epoch_order(self) -> np.ndarray:
+        """Image-file indices of this epoch, (world_size, per_rank): row r is rank r's (``contract.epoch_order``)."""
+        return epoch_order(
+            self.num_images, seed=self.seed, epoch=self.epoch, batch_size=self.batch_size, world_size=self.world_size
+        )
 
     def _build(self) -> DALIGenericIterator:
         files: list[str] = []
         labels: list[int] = []
         if isinstance(self.index, FileIndex):
-            per_rank = self.batches_per_rank * self.batch_size
-            order = self.epoch_order().reshape(self.world_size, per_rank)[:, self.start_batch * self.batch_size:]
-            order = order.reshape(-1)
+            # Every rank's rest of the epoch, rank after rank: DALI's contiguous shard ``rank`` is this rank's.
+            order = self._epoch_order()[:, self.start_batch * self.batch_size :].reshape(-1)
             files = [os.fsdecode(p) for p in self.index.paths[order]]
             labels = self.index.labels[order].tolist()
         cuda = self.device.type == "cuda"
         device_id = None
         if cuda:
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        pipe = _graph(
+        pipe = _build_dali_pipeline(
             self.index,
             files=files,
             labels=labels,
@@ -247,8 +234,8 @@ class DaliPipeline:
                 done += 1
                 if done <= self.start_batch:  # webdataset: decoded, dropped
                     continue
-                x = out["x"].permute(0, 3, 1, 2) if self.channels_last else out["x"]
-                x = x.to(self.device, non_blocking=True).to(torch.float32).mul_(1 / 127.5).sub_(1.0)
+                pixels = out["x"].permute(0, 3, 1, 2) if self.channels_last else out["x"]
+                x = pixels_to_x(pixels, self.device, channels_last=self.channels_last)
                 yield Batch(x=x, labels=self._labels(out["labels"]).to(self.device, non_blocking=True))
                 if done == self.batches_per_rank:
                     break
@@ -265,10 +252,12 @@ class DaliPipeline:
         """A ``DataError`` naming the file DALI failed on where it can be found."""
         culprit = None
         if isinstance(self.index, FileIndex):
-            start = (self.rank * self.batches_per_rank + done) * self.batch_size
+            start = done * self.batch_size
             stop = start + (self.prefetch + 2) * self.batch_size  # the batches DALI may have been decoding
-            in_flight = [self.index.name(i) for i in self.epoch_order()[start:stop]]
-            culprit = next((p for p in in_flight if p in message), None) or next(filter(_unreadable, in_flight), None)
+            in_flight = [self.index.name(i) for i in self._epoch_order()[self.rank, start:stop]]
+            culprit = next((p for p in in_flight if p in message), None) or next(
+                (p for p in in_flight if decode_problem(p) is not None), None
+            )
         else:
             culprit = next((p for p in self.index.shards if p in message), None)
         what = f"cannot read image {culprit}" if culprit else f"cannot read an image under {self.root}"

@@ -22,9 +22,10 @@ import numpy as np
 from PIL import Image
 
 from gali.engine.errors import DataError
+from gali.engine.files import atomic_write, write_text_atomic
 
-from .folder import load_image
 from .sources import CLASSES_FILE, SplitIndex, all_image_files, detect_source, open_split, split_names
+from .torch_files import decode_problem, load_image
 
 T = TypeVar("T")
 FORMATS = {"jpeg": "jpg", "png": "png"}
@@ -62,13 +63,7 @@ class CheckReport:
 
 def _decode_problem(index: SplitIndex, i: int) -> str | None:
     """None if item i decodes fully to RGB, else the reason it does not."""
-    try:
-        with Image.open(index.image_file(i)) as image:
-            image.load()
-            image.convert("RGB")
-    except Exception as e:  # every failure is a finding to report, not a crash
-        return f"{type(e).__name__}: {e}"
-    return None
+    return decode_problem(index.image_file(i))
 
 
 def check_images(root: str | Path, workers: int | None = None) -> CheckReport:
@@ -154,27 +149,14 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_atomically(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write ``path`` through a temporary sibling renamed into place once complete (and flushed to disk)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_shard(path: Path, samples: Iterable[tuple[str, bytes, int]], ext: str) -> None:
-    def write(f: io.BufferedWriter) -> None:
-        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    def write(tmp: Path) -> None:
+        with tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for key, image, label in samples:
                 _add_member(tar, f"{key}.{ext}", image)
                 _add_member(tar, f"{key}.cls", str(label).encode())
 
-    _write_atomically(path, write)
+    atomic_write(path, write)
 
 
 @dataclass
@@ -202,8 +184,9 @@ def prepare_shards(
     per split, fewer if the split has fewer images), the images in a seeded permutation of the
     source's order (so that a shard mixes classes, for readers that stream shards) cut into
     consecutive runs; key = the image's position in the source order. ``dst/classes.txt`` names the
-    classes. Every file is written to a temporary name and renamed into place; the output depends on
-    the inputs and ``seed`` only. ``dst`` must not exist or be empty, so nothing is overwritten.
+    classes. Every file is written through ``gali.engine.files.atomic_write`` (a temporary sibling, flushed
+    to the disk and renamed into place); the output depends on the inputs and ``seed`` only. ``dst`` must
+    not exist or be empty, so nothing is overwritten.
     """
     if image_format not in FORMATS:
         raise ValueError(f"image_format must be one of {tuple(FORMATS)}, got {image_format!r}")
@@ -217,7 +200,7 @@ def prepare_shards(
     workers = workers or default_workers()
     ext = FORMATS[image_format]
     dst.mkdir(parents=True, exist_ok=True)
-    _write_atomically(dst / CLASSES_FILE, lambda f: f.write("".join(f"{n}\n" for n in class_names).encode()))
+    write_text_atomic(dst / CLASSES_FILE, "".join(f"{n}\n" for n in class_names))
     written = {}
     for split, index in indexes:
         folder = dst / split

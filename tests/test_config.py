@@ -3,8 +3,9 @@
 import pytest
 
 from gali.engine.cli import main
-from gali.engine.config import config_from_dict, dump_config, load_config, parse_override, preset_names
+from gali.engine.config import parse_override
 from gali.engine.errors import ConfigError
+from gali.engine.loop.config import config_from_dict, dump_config, load_config, preset_names
 
 PAPER_PRESETS = [
     "svhn32-ali", "svhn32-alice", "svhn32-gali4", "svhn32-gali8", "svhn32-gali-pt",
@@ -56,7 +57,7 @@ def test_overrides_apply_with_toml_literals():
         ("optim.beta1=1.5", "optim.beta1", "[0, 1)"),
         ("run.batch_size=2.5", "run.batch_size", "expected int"),
         ("method.loss_weights=mine", "method.loss_weights", "accepted: paper, authors"),
-        ("method.kernel_impl=cuda", "method.kernel_impl", "accepted: auto, triton, ref"),
+        ("compute.kernel_impl=cuda", "compute.kernel_impl", "accepted: auto, triton, ref"),
         ("data.source=web", "data.source", "accepted: digits, folder, filelist, webdataset"),
         ("data.resolution=64", "data.resolution", "model.arch='svhn32' takes 32x32"),
         ("model.arch=resnet", "model.arch", "accepted: svhn32, celeba64"),

@@ -13,14 +13,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from gali.engine.checkpoint import save_checkpoint
 from gali.engine.cli import main
-from gali.engine.config import load_config
 from gali.engine.errors import DataError, GaliError
-from gali.engine.evaluate import EvalOptions, SplitBatches, evaluate, parse_metrics
-from gali.engine.images import reconstruction_mse
-from gali.engine.train import build_networks, seed_everything
-from gali.engine.tuples import load_spec
+from gali.engine.eval.protocol import EvalOptions, SplitBatches, evaluate, parse_metrics
+from gali.engine.loop.checkpoint import save_checkpoint
+from gali.engine.loop.config import load_config
+from gali.engine.loop.runtime import seed_everything
+from gali.engine.method.tuple_spec import load_spec
+from gali.engine.metrics.reconstruction import reconstruction_mse
+from gali.engine.nets.networks import build_networks
 from gali.pipelines import make_pipeline
 
 TINY = ["model.width=0.25", "model.latent_dim=32", "data.workers=0"]
@@ -62,7 +63,8 @@ def setup(tmp_path_factory):
     mp.setenv("GALI_CACHE", str(root / "cache"))
     cfg = load_config("demo", TINY)
     seed_everything(0)
-    nets = build_networks(cfg, load_spec(cfg.method.tuples), CPU)
+    nets = build_networks(cfg.model, cfg.method, load_spec(cfg.method.tuples), resolution=cfg.data.resolution,
+                           device=CPU)
     x = next(iter(make_pipeline(cfg.data, split="train", batch_size=32, device=CPU, seed=0))).x
     nets.G.init_output_bias(x)
     (root / "run").mkdir()

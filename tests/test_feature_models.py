@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gali.engine.errors import ConfigError
-from gali.engine.feature_models import SVHNMultiDigitFeatures, feature_dim, load_feature_model
+from gali.engine.nets.feature_models import SVHNMultiDigitFeatures, feature_dim, load_feature_model
 
 # TorchScript is deprecated in recent torch, but it is one of the formats M comes in.
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:DeprecationWarning")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from gali.engine.config import load_config
-from gali.engine.train import train
+from gali.engine.loop.config import load_config
+from gali.engine.loop.train import train
 
 
 def _losses(run_dir):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gali.engine.losses import loss_weights, true_class_probability
+from gali.engine.method.losses import loss_weights, true_class_probability
 from gali.kernels.kway_head import kway_losses
 
 

@@ -9,16 +9,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from gali.engine.config import ModelConfig
-from gali.engine.models import (
-    Discriminator,
-    Encoder,
-    FullKernelConv2d,
-    Generator,
-    PointInputConvTranspose2d,
-    build_models,
-    set_layer_impl,
-)
+from gali.engine.nets.config import ModelConfig
+from gali.engine.nets.layers import FullKernelConv2d, PointInputConvTranspose2d, set_layer_impl
+from gali.engine.nets.paper import Discriminator, Encoder, Generator, build_models
 
 D_Z = 256
 RES = {"svhn32": 32, "celeba64": 64}

@@ -5,11 +5,14 @@ import copy
 import pytest
 import torch
 
-from gali.engine.config import ComputeConfig, MethodConfig, ModelConfig, OptimConfig
-from gali.engine.models import build_models
-from gali.engine.paper_step import PaperStep
-from gali.engine.step import GaliStep, Networks
-from gali.engine.tuples import load_spec
+from gali.engine.method.config import MethodConfig
+from gali.engine.method.tuple_spec import load_spec
+from gali.engine.nets.config import ModelConfig
+from gali.engine.nets.networks import Networks
+from gali.engine.nets.paper import build_models
+from gali.engine.step.config import ComputeConfig, OptimConfig
+from gali.engine.step.eager import GaliStep
+from gali.engine.step.paper import PaperStep
 
 BATCH, LATENT = 4, 8
 
@@ -21,7 +24,7 @@ def test_paper_step_and_fast_step_compute_the_same_update(spec_name):
     G, E, D = build_models(ModelConfig(arch="svhn32", latent_dim=LATENT, width=0.125), slot_kinds=spec.slot_kinds,
                            num_classes=spec.num_classes)
     D.eval()  # freeze the power iteration: the baseline's K D calls would otherwise advance it K times
-    method = MethodConfig(tuples=spec_name, kernel_impl="ref", mask_min_size=4)
+    method = MethodConfig(tuples=spec_name, mask_min_size=4)
     nets = Networks(G=G, E=E, D=D)
     fast = GaliStep(nets, spec, method, OptimConfig(lr=1e-3), LATENT, ComputeConfig(precision="fp32"))
     paper_nets = copy.deepcopy(nets)

@@ -7,8 +7,8 @@ import pytest
 
 from gali.engine.cli import main
 from gali.engine.errors import GaliError
-from gali.engine.evaluate import EvalOptions
-from gali.engine.reproduce import METHODS, PAPER, MethodRow, ReproduceOptions, format_table, reproduce
+from gali.engine.eval.protocol import EvalOptions
+from gali.engine.eval.reproduce import METHODS, PAPER, MethodRow, ReproduceOptions, reproduce, reproduce_table
 
 TINY = ("model.width=0.25", "model.latent_dim=32", "data.workers=0", "run.batch_size=32", "run.tick_kimg=0.05",
         "run.grid_size=2")
@@ -22,7 +22,7 @@ def _row(method: str, pixel: float) -> MethodRow:
 
 
 def test_table_puts_the_papers_numbers_beside_ours():
-    table = format_table([_row(m, 0.01 * (i + 1)) for i, m in enumerate(METHODS)], header="HEADER")
+    table = reproduce_table([_row(m, 0.01 * (i + 1)) for i, m in enumerate(METHODS)], header="HEADER")
     lines = table.splitlines()
     assert lines[0] == "HEADER"
     rows = [line for line in lines if line.startswith("| ") and not line.startswith("| method")]

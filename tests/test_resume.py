@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import gali.engine.train as train_module
-from gali.engine.checkpoint import load_checkpoint, save_checkpoint
+import gali.engine.loop.checkpoint as checkpoint_module
 from gali.engine.cli import main
-from gali.engine.config import load_config
 from gali.engine.errors import GaliError
-from gali.engine.train import resume, train
+from gali.engine.loop.checkpoint import load_checkpoint, save_checkpoint
+from gali.engine.loop.config import load_config
+from gali.engine.loop.train import resume, train
 
 # The digits hold 1,437 training images: 44 batches of 32 per epoch. Snapshots every 640 images
 # (20 batches) put checkpoints mid-epoch (batch 20 of epoch 1) and after the epoch boundary
@@ -70,7 +70,7 @@ def _interrupted_run(tmp_path: Path, monkeypatch, after: int) -> Path:
         if len(written) == after:
             raise Interrupted(path)
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", save_then_stop)
     with pytest.raises(Interrupted):
         train(load_config("demo", [*TINY, f"run.out_dir={tmp_path}"]), log=lambda line: None)
     monkeypatch.undo()

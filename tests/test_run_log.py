@@ -12,10 +12,11 @@ from PIL import Image
 from torch import nn
 
 from gali.engine.cli import main
-from gali.engine.config import load_config
 from gali.engine.errors import ConfigError
-from gali.engine.images import evaluation_box_params, inpainting_grid, tile
-from gali.engine.run_log import RunLog, format_duration, format_tick, resolve_progress, resolve_tensorboard
+from gali.engine.loop.config import load_config
+from gali.engine.loop.grids import inpainting_grid, tile
+from gali.engine.loop.run_log import RunLog, format_duration, format_tick, resolve_progress, resolve_tensorboard
+from gali.engine.nets.inference import evaluation_box_params
 
 TICK = {"kimg": 4.0, "epoch": 2, "iteration": 125, "images_per_s": 100.0, "noise_std": 0.05,
         "loss_d": 1.2345, "loss_ge": 2.5, "p_true": [0.25, 0.5]}
@@ -69,7 +70,7 @@ def test_lines_mode_logs_one_line_per_tick_and_appends_jsonl(tmp_path):
 
 
 def test_the_bar_redraws_one_line_and_messages_print_above_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("gali.engine.run_log.shutil.get_terminal_size", lambda fallback: os.terminal_size((80, 24)))
+    monkeypatch.setattr("gali.engine.loop.run_log.shutil.get_terminal_size", lambda fallback: os.terminal_size((80, 24)))
     terminal = FakeTerminal()
     lines: list[str] = []
     run_log = RunLog(tmp_path, total_kimg=10, progress="auto", log=lines.append, stream=terminal)
@@ -90,7 +91,7 @@ def test_the_bar_redraws_one_line_and_messages_print_above_it(tmp_path, monkeypa
 
 
 def test_full_width_bar_carries_every_field(tmp_path, monkeypatch):
-    monkeypatch.setattr("gali.engine.run_log.shutil.get_terminal_size", lambda fallback: os.terminal_size((400, 24)))
+    monkeypatch.setattr("gali.engine.loop.run_log.shutil.get_terminal_size", lambda fallback: os.terminal_size((400, 24)))
     terminal = FakeTerminal()
     run_log = RunLog(tmp_path, total_kimg=10, progress="bar", log=lambda line: None, stream=terminal)
     run_log.tick(TICK)

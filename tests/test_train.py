@@ -8,12 +8,15 @@ import torch
 from PIL import Image
 
 from gali.engine.cli import main
-from gali.engine.config import load_config
 from gali.engine.errors import ConfigError
-from gali.engine.images import reconstruction_mse
-from gali.engine.run_log import tensorboard_available
-from gali.engine.train import build_networks, load_generator_encoder, seed_everything, train
-from gali.engine.tuples import load_spec
+from gali.engine.loop.checkpoint import load_networks
+from gali.engine.loop.config import load_config
+from gali.engine.loop.run_log import tensorboard_available
+from gali.engine.loop.runtime import seed_everything
+from gali.engine.loop.train import train
+from gali.engine.method.tuple_spec import load_spec
+from gali.engine.metrics.reconstruction import reconstruction_mse
+from gali.engine.nets.networks import build_networks
 from gali.pipelines import make_pipeline
 
 # A smaller demo that still learns: the SVHN-32 nets at quarter width.
@@ -53,7 +56,8 @@ def test_a_short_run_lowers_reconstruction_error_below_a_fresh_model(tmp_path, m
     result = train(cfg, log=lambda line: None)
     device = torch.device("cpu")
     seed_everything(cfg.run.seed)
-    fresh = build_networks(cfg, load_spec(cfg.method.tuples), device)
+    fresh = build_networks(cfg.model, cfg.method, load_spec(cfg.method.tuples), resolution=cfg.data.resolution,
+                           device=device)
     train_batch = next(iter(make_pipeline(cfg.data, split="train", batch_size=cfg.run.batch_size, device=device,
                                           seed=cfg.run.seed)))
     fresh.G.init_output_bias(train_batch.x)  # what the loop does first: G outputs the mean image
@@ -132,7 +136,7 @@ def test_cli_samples_and_reconstructs_from_the_checkpoint(demo_run, tmp_path, mo
     assert main(["reconstruct", str(checkpoint), "--out", str(tmp_path / "r.png"), "--n", "5"]) == 0
     with Image.open(tmp_path / "r.png") as im:
         assert im.size == (5 * 32, 3 * 32)
-    cfg, nets = load_generator_encoder(checkpoint, torch.device("cpu"))
+    cfg, nets = load_networks(checkpoint, torch.device("cpu"))
     assert cfg.model.width == 0.25 and nets.G.latent_dim == 32
 
 
@@ -158,7 +162,7 @@ def test_gali_pt_trains_with_a_torchscript_feature_model_from_a_path(tmp_path, m
                  "method.feature_resize=bilinear", "run.kimg=0.128", "run.snapshot_kimg=1", f"run.out_dir={tmp_path}"]
     result = train(load_config("demo", overrides), log=lambda line: None)
     assert len(result.last_stats["p_true"]) == 4 and result.last_stats["loss_ge"] > 0
-    _, nets = load_generator_encoder(next(result.run_dir.glob("checkpoint-*.pt")), torch.device("cpu"))
+    _, nets = load_networks(next(result.run_dir.glob("checkpoint-*.pt")), torch.device("cpu"))
     assert nets.extra_dim == 12
 
 

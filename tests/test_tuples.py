@@ -3,7 +3,7 @@
 import pytest
 
 from gali.engine.errors import ConfigError
-from gali.engine.tuples import load_spec, parse_expr, spec_from_table, spec_names
+from gali.engine.method.tuple_spec import load_spec, parse_expr, spec_from_table, spec_names
 
 # The tables of GALI.md §2, in the authors' class-index order.
 EXPECTED = {

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gali.kernels import kway_head as kh
+from gali.kernels import _launch
 from gali.kernels.kway_head import kway_head, kway_head_grouped, kway_head_grouped_ref, kway_head_ref
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -537,14 +537,14 @@ def test_bad_impl() -> None:
 
 
 def test_triton_on_cpu_without_interpreter_is_an_error(monkeypatch) -> None:
-    monkeypatch.setattr(kh, "InterpretedFunction", type("NotTheKernelsType", (), {}))
+    monkeypatch.setattr(_launch, "InterpretedFunction", type("NotTheKernelsType", (), {}))
     cpu_case = {name: v.cpu() if isinstance(v, Tensor) else v for name, v in make_case(1, 2, 4).items()}
     with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1.*impl='ref'"):
         kway_head(**cpu_case, impl="triton")
 
 
 def test_triton_missing_is_an_error(monkeypatch) -> None:
-    monkeypatch.setattr(kh, "triton", None)
+    monkeypatch.setattr(_launch, "triton", None)
     with pytest.raises(RuntimeError, match=r"needs the triton package.*impl='ref'"):
         kway_head(**make_case(1, 2, 4), impl="triton")
     loss_d, _ = kway_head(**make_case(1, 2, 4), impl="auto")  # auto falls back to the reference

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from gali.kernels import mask_composite as mc
+from gali.kernels import _launch
 from gali.kernels.mask_composite import (
     MaskComposite,
     mask_composite,
@@ -348,11 +348,11 @@ def test_bad_impl_and_sampler_arguments():
 def test_triton_on_cpu_without_interpreter_or_triton_is_a_clear_error(monkeypatch):
     x = torch.zeros(1, 1, 4, 4)
     box = torch.zeros(1, 4, dtype=torch.int32)
-    monkeypatch.setattr(mc, "InterpretedFunction", type("NotTheKernelsType", (), {}))
+    monkeypatch.setattr(_launch, "InterpretedFunction", type("NotTheKernelsType", (), {}))
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         mask_composite(x, box, impl="triton")
     assert torch.equal(mask_composite(x, box).mask, mask_composite_ref(x, box).mask)  # 'auto' falls back
-    monkeypatch.setattr(mc, "triton", None)
+    monkeypatch.setattr(_launch, "triton", None)
     with pytest.raises(RuntimeError, match="needs the triton package"):
         mask_composite(x, box, impl="triton")
     assert math.isclose(float(mask_composite(x, box, impl="auto").masked.sum()), 0.0)

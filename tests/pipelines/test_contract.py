@@ -1,12 +1,14 @@
-"""check_batch: what it accepts and how it names each contract violation."""
+"""check_batch: what it accepts and how it names each contract violation; the shared epoch order."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from gali.engine.errors import DataError
 from gali.pipelines import Batch, check_batch
+from gali.pipelines.contract import epoch_order
 
 
 def good(batch_size: int = 4, resolution: int = 8) -> Batch:
@@ -50,3 +52,16 @@ def test_device_without_index_matches_any_index() -> None:
     cuda1 = torch.device("cuda", 1)
     assert _same_device(cuda1, torch.device("cuda")) and _same_device(cuda1, cuda1)
     assert not _same_device(cuda1, torch.device("cuda", 0)) and not _same_device(cuda1, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("n", "batch_size", "world_size"), [(40, 4, 1), (50, 4, 3), (26, 4, 2), (8, 8, 1)])
+def test_epoch_order_deals_whole_batches_of_one_seeded_permutation_round_robin(n, batch_size, world_size) -> None:
+    order = epoch_order(n, seed=3, epoch=2, batch_size=batch_size, world_size=world_size)
+    per_rank = n // (batch_size * world_size) * batch_size
+    assert order.shape == (world_size, per_rank) and len(set(order.reshape(-1).tolist())) == order.size
+    permutation = np.random.default_rng([3, 2]).permutation(n)
+    for rank in range(world_size):
+        assert order[rank].tolist() == permutation[: per_rank * world_size][rank::world_size].tolist()
+    again = epoch_order(n, seed=3, epoch=2, batch_size=batch_size, world_size=world_size)
+    assert np.array_equal(order, again)
+    assert not np.array_equal(order, epoch_order(n, seed=3, epoch=3, batch_size=batch_size, world_size=world_size))

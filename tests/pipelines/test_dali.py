@@ -12,22 +12,23 @@ import pytest
 import torch
 from PIL import Image
 
-from gali.engine.config import load_config
 from gali.engine.errors import DataError
-from gali.engine.train import train
+from gali.engine.loop.config import load_config
+from gali.engine.loop.train import train
 from gali.pipelines import Batch, Pipeline, check_batch, make_pipeline
 from gali.pipelines.config import DataConfig
 from gali.pipelines.dali import DaliPipeline
-from gali.pipelines.folder import FolderPipeline
+from gali.pipelines.torch_files import TorchFilePipeline
 
 CPU = torch.device("cpu")
 SOURCES = ("folder", "filelist", "webdataset")
 
 
 def dali(root: Path, source: str = "folder", *, split: str = "train", batch_size: int = 4, seed: int = 0,
-         resolution: int = 8, **kwargs: object) -> DaliPipeline:
+         resolution: int = 8, channels_last: bool = False, **kwargs: object) -> DaliPipeline:
     cfg = DataConfig(source=source, root=str(root), resolution=resolution, backend="dali", workers=1, **kwargs)
-    return DaliPipeline(cfg, root, split=split, batch_size=batch_size, device=CPU, seed=seed)
+    return DaliPipeline(cfg, root, split=split, batch_size=batch_size, device=CPU, seed=seed,
+                        channels_last=channels_last)
 
 
 def decode_index(pixel: torch.Tensor) -> int:
@@ -134,8 +135,8 @@ def test_file_sources_deal_the_torch_backends_order_to_every_rank(id_folder):
     root = id_folder(n=26)
     cfg = DataConfig(source="folder", root=str(root), resolution=8, backend="dali", workers=1)
     for rank in range(2):
-        twin = FolderPipeline(root, split="train", resolution=8, batch_size=4, device=CPU, seed=5, rank=rank,
-                              world_size=2)
+        twin = TorchFilePipeline(root, split="train", resolution=8, batch_size=4, device=CPU, seed=5, rank=rank,
+                                  world_size=2)
         pipe = DaliPipeline(cfg, root, split="train", batch_size=4, device=CPU, seed=5, rank=rank, world_size=2)
         for p in (twin, pipe):
             p.set_epoch(2)
@@ -171,7 +172,7 @@ def test_eval_transform_agrees_with_the_torch_backend(ext, max_steps, mean_steps
             smooth_image(i, size).save(root / cls / f"{i}.{ext}", quality=95)
     cfg = DataConfig(source="folder", root=str(root), resolution=16, backend="dali", workers=2)
     pipe = DaliPipeline(cfg, root, split="train", batch_size=4, device=CPU, seed=1)
-    twin = FolderPipeline(root, split="train", resolution=16, batch_size=4, device=CPU, seed=1)
+    twin = TorchFilePipeline(root, split="train", resolution=16, batch_size=4, device=CPU, seed=1)
     for ours, theirs in zip(pipe, twin, strict=True):
         assert torch.equal(ours.labels, theirs.labels)
         diff = (ours.x - theirs.x).abs() * 127.5

@@ -1,4 +1,4 @@
-"""make_pipeline: dispatch on data.source and data.backend."""
+"""make_pipeline: dispatch on data.source and data.backend; channels_last to every backend."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import torch
 from gali.engine.errors import ConfigError, DataError
 from gali.pipelines import check_batch, make_pipeline
 from gali.pipelines.config import DataConfig
-from gali.pipelines.folder import FolderPipeline
 from gali.pipelines.synthetic import SyntheticPipeline
+from gali.pipelines.torch_files import TorchFilePipeline
 
 CPU = torch.device("cpu")
 
@@ -23,7 +23,7 @@ def test_digits_are_prepared_in_the_default_cache(isolated_cache: Path) -> None:
     train = make_pipeline(cfg, split="train", batch_size=32, device=CPU, seed=0)
     assert (isolated_cache / "digits-8" / "manifest.json").is_file()
     test = make_pipeline(cfg, split="test", batch_size=32, device=CPU, seed=0)
-    assert isinstance(train, FolderPipeline)
+    assert isinstance(train, TorchFilePipeline)
     assert train.num_images + test.num_images == 1797 and test.num_images == 359
     assert train.class_names == test.class_names == [str(d) for d in range(10)]
     assert len(train) == 1438 // 32 and len(test) == 359 // 32
@@ -67,3 +67,13 @@ def test_invalid_config_fails_before_reading() -> None:
         make_pipeline(DataConfig(backend="dali-typo"), split="train", batch_size=4, device=CPU, seed=0)
     with pytest.raises(ConfigError, match=r"data\.root"):
         make_pipeline(DataConfig(source="folder"), split="train", batch_size=4, device=CPU, seed=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "synthetic"])
+def test_channels_last_is_passed_to_the_backend(backend: str, id_folder: Callable[..., Path]) -> None:
+    cfg = DataConfig(source="folder", root=str(id_folder(n=8)), resolution=8, backend=backend, workers=0)
+    for channels_last in (False, True):
+        p = make_pipeline(cfg, split="train", batch_size=4, device=CPU, seed=0, channels_last=channels_last)
+        x = next(iter(p)).x
+        assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert x.is_contiguous() != channels_last

@@ -73,7 +73,7 @@ def list_root(id_folder: Callable[..., Path]) -> Path:
 
 def pipeline(source: str, root: Path, **kwargs: object) -> Pipeline:
     data: dict = {"workers": 0}
-    data.update({k: kwargs.pop(k) for k in ("workers", "augment", "channels_last") if k in kwargs})
+    data.update({k: kwargs.pop(k) for k in ("workers", "augment") if k in kwargs})
     cfg = DataConfig(source=source, root=str(root), resolution=8, **data)
     options: dict = {"split": "train", "batch_size": 4, "device": CPU, "seed": 0}
     options.update(kwargs)

@@ -57,3 +57,10 @@ def test_a_pass_started_mid_epoch_is_the_tail_of_the_full_pass() -> None:
         assert torch.equal(a.x, b.x) and torch.equal(a.labels, b.labels)
     with pytest.raises(ValueError, match="start_batch must be in"):
         resumed.set_epoch(2, start_batch=-1)
+
+
+def test_channels_last_draws_into_channels_last_memory() -> None:
+    batch = next(iter(synthetic(channels_last=True)))
+    assert batch.x.is_contiguous(memory_format=torch.channels_last) and not batch.x.is_contiguous()
+    check_batch(batch, batch_size=4, resolution=8, device="cpu", num_classes=10)
+    assert torch.equal(batch.x, next(iter(synthetic(channels_last=True))).x)

@@ -1,8 +1,8 @@
 """``gali reproduce``: ALI, ALICE, GALI-4, GALI-8 and GALI-mix at one budget, one table.
 
-Each method is its tuple spec (``engine/tuples/``) on the same preset (the demo digits by default;
-any data set through ``data.*`` overrides), trained with :func:`gali.engine.train.train` for the same
-number of kimg from the same seed, then evaluated by :func:`gali.engine.evaluate.evaluate` on the
+Each method is its tuple spec (``engine/method/tuples/``) on the same preset (the demo digits by default;
+any data set through ``data.*`` overrides), trained with :func:`gali.engine.loop.train.train` for the same
+number of kimg from the same seed, then evaluated by :func:`gali.engine.eval.protocol.evaluate` on the
 held-out split: reconstruction pixel-MSE, linear-probe error and, when Inception weights are given,
 FID. The paper's numbers (GALI.md §4.2) stand beside ours for reference; they are for SVHN and
 CelebA at the authors' full budgets, so only the ordering of the methods can be compared.
@@ -18,11 +18,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from gali.engine.config import load_config
 from gali.engine.errors import GaliError
-from gali.engine.evaluate import EvalOptions, evaluate
-from gali.engine.train import train
-from gali.engine.tuples import load_spec
+from gali.engine.eval.protocol import EvalOptions, evaluate
+from gali.engine.files import write_text_atomic
+from gali.engine.loop.config import load_config
+from gali.engine.loop.train import train
+from gali.engine.method.tuple_spec import load_spec
 from gali.pipelines.config import DataConfig
 
 METHODS = ("ali", "alice", "gali4", "gali8", "gali-mix")
@@ -111,7 +112,7 @@ def _cell(result: dict[str, Any] | None, scale: float = 1.0, digits: int = 4) ->
     return f"{scale * result['mean']:.{digits}f} ± {scale * result['std']:.{digits}f}"
 
 
-def format_table(rows: Sequence[MethodRow], *, header: str) -> str:
+def reproduce_table(rows: Sequence[MethodRow], *, header: str) -> str:
     """A Markdown table of ``rows`` with the paper's numbers beside them, under ``header``."""
     lines = [
         header, "",
@@ -179,12 +180,12 @@ def reproduce(options: ReproduceOptions | None = None, *, log: Callable[[str], N
                               run_dir=result.run_dir, checkpoint=checkpoint,
                               images_per_second=result.images_per_second, train_seconds=train_seconds,
                               eval_seconds=time.perf_counter() - start, results=report.results))
-    table = format_table(rows, header=_header(options, cfg.data, rows))
+    table = reproduce_table(rows, header=_header(options, cfg.data, rows))
     out.mkdir(parents=True, exist_ok=True)
     markdown_path = out / "reproduce.md"
-    markdown_path.write_text(table + "\n")
+    write_text_atomic(markdown_path, table + "\n")
     json_path = out / "reproduce.json"
-    json_path.write_text(json.dumps({
+    write_text_atomic(json_path, json.dumps({
         "preset": options.preset, "kimg": options.kimg, "seed": options.seed, "overrides": list(options.overrides),
         "rows": [{**row.__dict__, "run_dir": str(row.run_dir), "checkpoint": str(row.checkpoint)} for row in rows],
         "paper": PAPER,

@@ -1,6 +1,6 @@
 """The networks of GALI.md §3: generator G, stochastic encoder E and the tuple discriminator D.
 
-Each architecture is one small table (:data:`ARCH_SPECS`) read by three generic classes, so the
+Each architecture is one small table (:data:`gali.engine.nets.arch.ARCH_SPECS`) read by three generic classes, so the
 SVHN-32 and CelebA-64 networks differ only in their numbers:
 
 - **G** (:class:`Generator`): bias-free transposed convolutions, each followed by BatchNorm and
@@ -15,9 +15,8 @@ SVHN-32 and CelebA-64 networks differ only in their numbers:
   Spectral norm (one power iteration) on every Conv and Linear, biases, no BatchNorm, no dropout.
 
 D(x) uses the same kernels, strides and channels as E's convolutions (GALI.md §3.2/§3.3), so the
-table lists them once. ``width`` scales every hidden channel count and hidden Linear width
-(``max(1, round(n·width))``); image channels (3), ``latent_dim``, ``extra_dim`` and K are never
-scaled, and ``width=1.0`` is exactly the paper's network.
+table lists them once; ``width`` scales the hidden widths (``nets.arch``). The full-kernel layers are
+the GEMM layers of ``nets.layers``.
 
 Weights start as the authors' ``weights_init`` (GALI.md §3.1): Conv/ConvTranspose/Linear weights
 ~ N(0, 0.01²) and biases 0, BatchNorm γ = 1 and β = 0. In D the init runs before spectral norm is
@@ -27,187 +26,24 @@ attached, so it lands on the parametrization's original weight.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from gali.engine.config import ARCH_RESOLUTION, ModelConfig
+from gali.engine.method.tuple_spec import EXTRA, IMAGE, LATENT
+from gali.engine.nets.arch import ARCH_RESOLUTION, arch_spec, scaled
+from gali.engine.nets.config import ModelConfig
+from gali.engine.nets.layers import init_weights, make_conv
 
-SLOT_KINDS = ("image", "latent", "extra")
+__all__ = ["Discriminator", "Encoder", "Generator", "build_models"]
+
+SLOT_KINDS = (IMAGE, LATENT, EXTRA)
 Slot = Tensor | Sequence[Tensor]  # one slot of D's tuple: a tensor, or row blocks that stack to it
-INIT_STD = 0.01
-# D's infer_y branch for auxiliary features (GALI.md §3.4): the same widths and the default
+# D's infer_y branch for auxiliary features (docs/method.md §3.4): the same widths and the default
 # LeakyReLU slope for both architectures, even where the rest of the network uses 0.02.
 EXTRA_WIDTHS = (512, 512)
 EXTRA_SLOPE = 0.01
-
-
-class Layer(NamedTuple):
-    """One convolution of a table: ``kind`` is 'conv' or 'convT'."""
-
-    kind: str
-    channels: int
-    kernel: int
-    stride: int
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """The numbers of one architecture (width 1.0).
-
-    slope:           LeakyReLU negative slope of G, E, D(x), D(z) and the joint MLP.
-    generator:       G's hidden layers, each + BN + LReLU; a bias-free 1×1 conv to RGB follows.
-    convs:           E's convolutions (+ BN + LReLU) and D(x)'s (+ bias + LReLU), down to 1×1.
-    encoder_linears: widths of E's hidden Linear-BN1d-LReLU blocks after the convolutions.
-    latent_widths:   D(z)'s Linear widths, each + LReLU.
-    joint_widths:    the joint D(x,z) MLP's Linear widths, each + LReLU; the head follows.
-    """
-
-    slope: float
-    generator: tuple[Layer, ...]
-    convs: tuple[Layer, ...]
-    encoder_linears: tuple[int, ...]
-    latent_widths: tuple[int, ...]
-    joint_widths: tuple[int, ...]
-
-
-ARCH_SPECS: dict[str, ArchSpec] = {
-    # GALI.md §3.2, authors' model/SVHN/model_disc_4_SN_bat_linear_tanh.py
-    "svhn32": ArchSpec(
-        slope=0.01,
-        generator=(
-            Layer("convT", 256, 4, 1),  # 1 -> 4
-            Layer("convT", 128, 4, 2),  # 4 -> 10
-            Layer("convT", 64, 4, 1),  # 10 -> 13
-            Layer("convT", 32, 4, 2),  # 13 -> 28
-            Layer("convT", 32, 5, 1),  # 28 -> 32
-            Layer("conv", 32, 1, 1),
-        ),
-        convs=(
-            Layer("conv", 32, 5, 1),  # 32 -> 28
-            Layer("conv", 64, 4, 2),  # 28 -> 13
-            Layer("conv", 128, 4, 1),  # 13 -> 10
-            Layer("conv", 256, 4, 2),  # 10 -> 4
-            Layer("conv", 512, 4, 1),  # 4 -> 1
-        ),
-        encoder_linears=(512,),
-        latent_widths=(512, 512),
-        joint_widths=(1024, 1024),
-    ),
-    # GALI.md §3.3, authors' model/CelebA/model_disc_4_celeb_SN_bat_linear_tanh.py
-    "celeba64": ArchSpec(
-        slope=0.02,
-        generator=(
-            Layer("convT", 512, 4, 1),  # 1 -> 4
-            Layer("convT", 256, 7, 2),  # 4 -> 13
-            Layer("convT", 256, 5, 2),  # 13 -> 29
-            Layer("convT", 128, 7, 2),  # 29 -> 63
-            Layer("convT", 64, 2, 1),  # 63 -> 64
-        ),
-        convs=(
-            Layer("conv", 64, 2, 1),  # 64 -> 63
-            Layer("conv", 128, 7, 2),  # 63 -> 29
-            Layer("conv", 256, 5, 2),  # 29 -> 13
-            Layer("conv", 256, 7, 2),  # 13 -> 4
-            Layer("conv", 512, 4, 1),  # 4 -> 1
-        ),
-        encoder_linears=(),
-        latent_widths=(1024, 1024),
-        joint_widths=(2048, 2048),
-    ),
-}
-
-
-def _spec(arch: str) -> ArchSpec:
-    if arch not in ARCH_SPECS:
-        raise ValueError(f"unknown architecture {arch!r}; accepted: {', '.join(ARCH_SPECS)}")
-    return ARCH_SPECS[arch]
-
-
-def _scaled(n: int, width: float) -> int:
-    """A hidden width scaled by the ``width`` multiplier: rounded, at least 1."""
-    return max(1, round(n * width))
-
-
-LAYER_IMPLS = ("gemm", "ref")
-
-
-class FullKernelConv2d(nn.Conv2d):
-    """A convolution whose kernel covers its whole input (E's and D's last 4×4 → 1×1 layer), run as one GEMM.
-
-    With one output pixel the convolution is a Linear on the flattened input, and a plain matrix
-    product runs several times faster than the convolution primitives for this shape, backward
-    included (oneDNN on CPU). ``impl='ref'`` runs ``nn.Conv2d``'s own forward: the reference twin,
-    used by the paper-structured baseline. Same parameters, same state-dict keys.
-    """
-
-    impl = "gemm"
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.impl == "ref" or tuple(x.shape[-2:]) != self.kernel_size:
-            return super().forward(x)
-        weight = self.weight
-        if not x.is_contiguous():  # channels-last: flatten both in (H, W, C) order, a view of x
-            x, weight = x.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1)
-        return F.linear(x.flatten(1), weight.flatten(1), self.bias)[:, :, None, None]
-
-
-class PointInputConvTranspose2d(nn.ConvTranspose2d):
-    """A transposed convolution of a 1×1 input (G's first layer, z → k×k), run as one GEMM.
-
-    Each input pixel paints one copy of the kernel, so the output is ``z @ W`` reshaped to
-    (N, C_out, k, k). ``impl='ref'`` runs ``nn.ConvTranspose2d``'s own forward (the reference twin).
-    The output is channels-last when the weight is (``compute.channels_last``), like the layers after it.
-    """
-
-    impl = "gemm"
-
-    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
-        if self.impl == "ref" or output_size is not None or tuple(x.shape[-2:]) != (1, 1):
-            return super().forward(x, output_size)
-        n, (kh, kw) = x.shape[0], self.kernel_size
-        weight = self.weight  # (C_in, C_out, kh, kw)
-        if weight.is_contiguous():
-            out = (x.flatten(1) @ weight.flatten(1)).view(n, -1, kh, kw)
-        else:  # channels-last weight: a (kh, kw, C_out) product, viewed back as a channels-last output
-            out = (x.flatten(1) @ weight.permute(0, 2, 3, 1).flatten(1)).view(n, kh, kw, -1).permute(0, 3, 1, 2)
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
-
-
-def set_layer_impl(module: nn.Module, impl: str) -> None:
-    """Run every full-kernel layer of ``module`` as a GEMM (``'gemm'``, the default) or as ``nn.Conv`` (``'ref'``)."""
-    if impl not in LAYER_IMPLS:
-        raise ValueError(f"layer impl must be one of {LAYER_IMPLS}, got {impl!r}")
-    for m in module.modules():
-        if isinstance(m, FullKernelConv2d | PointInputConvTranspose2d):
-            m.impl = impl
-
-
-def _conv(layer: Layer, in_channels: int, out_channels: int, in_size: int, *, bias: bool) -> tuple[nn.Module, int]:
-    """The layer and its output size for a square input of side ``in_size``."""
-    if layer.kind == "convT":
-        cls = PointInputConvTranspose2d if in_size == 1 else nn.ConvTranspose2d
-        out_size = (in_size - 1) * layer.stride + layer.kernel
-    else:
-        cls = FullKernelConv2d if in_size == layer.kernel else nn.Conv2d
-        out_size = (in_size - layer.kernel) // layer.stride + 1
-    return cls(in_channels, out_channels, layer.kernel, stride=layer.stride, bias=bias), out_size
-
-
-def init_weights(module: nn.Module) -> None:
-    """The authors' ``weights_init`` on every submodule of ``module`` (GALI.md §3.1)."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
-            nn.init.normal_(m.weight, 0.0, INIT_STD)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def _check_images(x: Tensor, resolution: int, who: str) -> None:
@@ -220,15 +56,15 @@ class Generator(nn.Module):
 
     def __init__(self, arch: str = "svhn32", latent_dim: int = 256, width: float = 1.0) -> None:
         super().__init__()
-        spec = _spec(arch)
+        spec = arch_spec(arch)
         self.arch = arch
         self.resolution = ARCH_RESOLUTION[arch]
         self.latent_dim = latent_dim
         layers: list[nn.Module] = []
         channels, size = latent_dim, 1
         for layer in spec.generator:
-            out = _scaled(layer.channels, width)
-            conv, size = _conv(layer, channels, out, size, bias=False)
+            out = scaled(layer.channels, width)
+            conv, size = make_conv(layer, channels, out, size, bias=False)
             layers += [conv, nn.BatchNorm2d(out), nn.LeakyReLU(spec.slope)]
             channels = out
         layers.append(nn.Conv2d(channels, 3, 1, bias=False))
@@ -264,20 +100,20 @@ class Encoder(nn.Module):
 
     def __init__(self, arch: str = "svhn32", latent_dim: int = 256, width: float = 1.0) -> None:
         super().__init__()
-        spec = _spec(arch)
+        spec = arch_spec(arch)
         self.arch = arch
         self.resolution = ARCH_RESOLUTION[arch]
         self.latent_dim = latent_dim
         channels, size = 3, self.resolution
         convs: list[nn.Module] = []
         for layer in spec.convs:
-            out = _scaled(layer.channels, width)
-            conv, size = _conv(layer, channels, out, size, bias=False)
+            out = scaled(layer.channels, width)
+            conv, size = make_conv(layer, channels, out, size, bias=False)
             convs.append(nn.Sequential(conv, nn.BatchNorm2d(out), nn.LeakyReLU(spec.slope)))
             channels = out
         linears: list[nn.Module] = []
         for hidden in spec.encoder_linears:
-            out = _scaled(hidden, width)
+            out = scaled(hidden, width)
             linears.append(
                 nn.Sequential(nn.Linear(channels, out, bias=False), nn.BatchNorm1d(out), nn.LeakyReLU(spec.slope))
             )
@@ -356,7 +192,7 @@ class Discriminator(nn.Module):
         extra_dim: int | None = None,
     ) -> None:
         super().__init__()
-        spec = _spec(arch)
+        spec = arch_spec(arch)
         slot_kinds = tuple(slot_kinds)
         if not slot_kinds or any(k not in SLOT_KINDS for k in slot_kinds):
             raise ValueError(f"slot_kinds must be a non-empty sequence of {', '.join(SLOT_KINDS)}; got {slot_kinds!r}")
@@ -377,20 +213,20 @@ class Discriminator(nn.Module):
             layers: list[nn.Module] = []
             channels, size = 3, self.resolution
             for layer in spec.convs:
-                out = _scaled(layer.channels, width)
-                conv, size = _conv(layer, channels, out, size, bias=True)
+                out = scaled(layer.channels, width)
+                conv, size = make_conv(layer, channels, out, size, bias=True)
                 layers += [conv, nn.LeakyReLU(spec.slope)]
                 channels = out
             branches["image"], branch_width["image"] = nn.Sequential(*layers, nn.Flatten()), channels
         if "latent" in slot_kinds:
-            widths = [_scaled(w, width) for w in spec.latent_widths]
+            widths = [scaled(w, width) for w in spec.latent_widths]
             branches["latent"], branch_width["latent"] = _sn_mlp(latent_dim, widths, spec.slope)
         if self.extra_dim is not None:
-            widths = [_scaled(w, width) for w in EXTRA_WIDTHS]
+            widths = [scaled(w, width) for w in EXTRA_WIDTHS]
             branches["extra"], branch_width["extra"] = _sn_mlp(self.extra_dim, widths, EXTRA_SLOPE)
         self.branches = nn.ModuleDict(branches)
         joint_in = sum(branch_width[k] for k in slot_kinds)
-        self.joint, features = _sn_mlp(joint_in, [_scaled(w, width) for w in spec.joint_widths], spec.slope)
+        self.joint, features = _sn_mlp(joint_in, [scaled(w, width) for w in spec.joint_widths], spec.slope)
         self.head = nn.Linear(features, num_classes)
 
         init_weights(self)

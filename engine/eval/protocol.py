@@ -1,12 +1,13 @@
 """``gali eval``: load a checkpoint and a data split, run the selected metrics, print a table, write JSON.
 
-The metrics themselves are pure functions in :mod:`gali.engine.metrics`; this module feeds them.
+The metrics themselves are pure functions in :mod:`gali.engine.metrics`; this module feeds them
+from a checkpoint's networks and a data split.
 Protocol (GALI.md §4.1; every choice is recorded in the JSON):
 
 - The evaluation split is read once, every image of it (including the last partial batch), in an
   order shuffled from the seed, in batches of ``batch_size`` (100, as the paper's ± is the std over
   batches of 100). E and G run in eval mode and reconstructions use z = μ_E(x).
-- ``inpaint`` masks one fixed box per image (:func:`gali.engine.images.evaluation_box_params`: sides
+- ``inpaint`` masks one fixed box per image (:func:`gali.engine.nets.inference.evaluation_box_params`: sides
   8..54 on 64² scaled to the resolution, fully inside the image, drawn from the seed), feeds the
   encoder the masked image (masked pixels hold the checkpoint's ``method.mask_fill``) and scores
   the composite x·(1−m) + G(μ_E(masked x))·m (GALI.md §4.1, §5 items 5-7).
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,11 +35,27 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gali.engine import metrics as M
-from gali.engine.config import config_from_dict
 from gali.engine.errors import DataError, GaliError
-from gali.engine.feature_models import load_feature_model
-from gali.engine.images import (
+from gali.engine.files import atomic_write, file_sha256, write_text_atomic
+from gali.engine.loop.checkpoint import load_networks
+from gali.engine.loop.config import config_from_dict
+from gali.engine.loop.runtime import resolve_device
+from gali.engine.metrics import (
+    INCEPTION_INPUT_SIZE,
+    feature_mse,
+    fid_implementation,
+    frechet_distance,
+    kernel_inception_distance,
+    linear_probe,
+    load_inception,
+    masked_pixel_mse,
+    pixel_mse,
+    probe_validation_size,
+    summarize,
+    to_uint8_range,
+)
+from gali.engine.nets.feature_models import load_feature_model
+from gali.engine.nets.inference import (
     EVAL_MASK_MAX,
     EVAL_MASK_MIN,
     EVAL_MASK_RESOLUTION,
@@ -47,12 +63,19 @@ from gali.engine.images import (
     inpaint,
     reconstruction_chain,
 )
-from gali.engine.metrics import METRICS
-from gali.engine.train import load_generator_encoder, resolve_device
 from gali.pipelines import Batch, cache_root, default_digits_root, make_pipeline
 from gali.pipelines.config import DataConfig
 
 LOADER_BATCH_MAX = 256
+# The metrics of ``gali eval``, with what each measures.
+METRICS: dict[str, str] = {
+    "pixel-mse": "reconstruction pixel-MSE in [0, 1] space, z = mu_E(x), mean ± std over batches",
+    "feature-mse": "reconstruction feature-MSE with the network given by --feature-model",
+    "probe": "linear-SVM test error (%) on the encoder's last hidden layers and output",
+    "fid": "FID of samples G(z) against the evaluation split (needs --inception)",
+    "kid": "KID of samples G(z) against the evaluation split (needs --inception)",
+    "inpaint": "inpainting pixel-MSE over the masked pixels (and feature-MSE of the composite with --feature-model)",
+}
 
 
 @dataclass
@@ -67,7 +90,7 @@ class EvalOptions:
                     (GALI.md §5 item 4).
     probe_*:        labelled images per draw, validation images (None = min(10000, (N − labelled)/2)),
                     number of draws, and the most training images read for the probe.
-    inception*:     the FID/KID network file (see :func:`gali.engine.metrics.load_inception`) and its input size.
+    inception*:     the FID/KID network file (see :func:`gali.engine.metrics.fid.load_inception`) and its input size.
     fid_samples:    generated images; ``fid_reference_images``: the most real images of the split.
     kid_*:          KID subsets and subset size (capped at the smaller set).
     cache_dir:      where reference features are cached (default ``$GALI_CACHE/fid``, ``~/.cache/gali/fid``).
@@ -87,7 +110,7 @@ class EvalOptions:
     probe_draws: int = 100
     probe_pool: int = 20_000
     inception: str | None = None
-    inception_input_size: int = M.INCEPTION_INPUT_SIZE
+    inception_input_size: int = INCEPTION_INPUT_SIZE
     fid_samples: int = 10_000
     fid_reference_images: int = 50_000
     kid_subsets: int = 100
@@ -201,15 +224,6 @@ def _dataset_identity(data: DataConfig) -> dict[str, Any]:
     return {"source": data.source, "root": root, "backend": data.backend, "resolution": data.resolution}
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes (read in 1 MiB chunks): names the network in the reference cache key."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def default_cache_dir() -> Path:
     """``$GALI_CACHE/fid`` (``~/.cache/gali/fid`` by default), beside the digits' cache."""
     return cache_root() / "fid"
@@ -233,16 +247,16 @@ class _Evaluation:
             self.feature_model = load_feature_model(path, options.feature_arch)
         self.inception = None
         if options.inception:
-            self.inception = M.load_inception(options.inception, input_size=options.inception_input_size)
+            self.inception = load_inception(options.inception, input_size=options.inception_input_size)
             self.inception_sha256 = file_sha256(self.inception.path)
         self.device = resolve_device(options.device)
-        self.cfg, nets = load_generator_encoder(checkpoint, self.device)
+        self.cfg, nets = load_networks(checkpoint, self.device)
         self.G, self.E = nets.G.eval(), nets.E.eval()
         self.data = data_config(self.cfg.data, options.data_overrides)
         self.probe_train = None
         if "probe" in metrics:  # size the probe's sets before reading any image
             self.probe_train = self._batches("train", limit=options.probe_pool)
-            M.probe_validation_size(self.probe_train.num_images, options.probe_labelled, options.probe_validation)
+            probe_validation_size(self.probe_train.num_images, options.probe_labelled, options.probe_validation)
         if self.feature_model is not None:
             self.feature_model.to(self.device)
         if self.inception is not None:
@@ -254,7 +268,7 @@ class _Evaluation:
 
     def _feature_mse(self, x: Tensor, y: Tensor) -> float:
         o = self.options
-        return M.feature_mse(self.feature_model, x, y, input_size=o.feature_input_size, resize=o.feature_resize,
+        return feature_mse(self.feature_model, x, y, input_size=o.feature_input_size, resize=o.feature_resize,
                              name=f"the feature network {o.feature_model}")
 
     @torch.no_grad()
@@ -284,13 +298,13 @@ class _Evaluation:
                 if wanted & {"pixel-mse", "feature-mse"}:
                     x_hat = reconstruction_chain(self.G, self.E, x, depth=1)[1]
                     if "pixel-mse" in wanted:
-                        per_batch["pixel"].append(M.pixel_mse(x, x_hat))
+                        per_batch["pixel"].append(pixel_mse(x, x_hat))
                     if "feature-mse" in wanted:
                         per_batch["feature"].append(self._feature_mse(x, x_hat))
                 if boxes is not None:
                     params = boxes[images:images + x.shape[0]]
                     masked, _, composite = inpaint(self.G, self.E, x, params, fill=fill)
-                    per_batch["inpaint"].append(M.masked_pixel_mse(x, composite, masked.mask))
+                    per_batch["inpaint"].append(masked_pixel_mse(x, composite, masked.mask))
                     if self.feature_model is not None:
                         per_batch["inpaint_feature"].append(self._feature_mse(x, composite))
                 if "probe" in wanted:
@@ -301,7 +315,7 @@ class _Evaluation:
                     probe_y.append(batch.labels.cpu().numpy())
                 if need_real and images < o.fid_reference_images:
                     take = x[: o.fid_reference_images - images]
-                    real_features.append(self.inception(M.to_uint8_range(take)).cpu())
+                    real_features.append(self.inception(to_uint8_range(take)).cpu())
                 images += x.shape[0]
         if need_real:
             reference = self._store_reference(torch.cat(real_features))
@@ -309,16 +323,16 @@ class _Evaluation:
         results: dict[str, dict[str, Any]] = {}
         common = {"split": o.split, "images": images, "batch_size": o.batch_size, "seed": o.seed}
         if "pixel-mse" in wanted:
-            results["pixel-mse"] = {**M.summarize(per_batch["pixel"]).to_dict(), **common,
+            results["pixel-mse"] = {**summarize(per_batch["pixel"]).to_dict(), **common,
                                     "space": "[0, 1]", "z": "mu"}
         if "feature-mse" in wanted:
-            results["feature-mse"] = {**M.summarize(per_batch["feature"]).to_dict(), **common,
+            results["feature-mse"] = {**summarize(per_batch["feature"]).to_dict(), **common,
                                       **self._feature_settings()}
         if boxes is not None:
             sides = boxes[:, 2:].cpu()
             results["inpaint"] = {
-                "pixel_mse": M.summarize(per_batch["inpaint"]).to_dict(),
-                "feature_mse": (M.summarize(per_batch["inpaint_feature"]).to_dict()
+                "pixel_mse": summarize(per_batch["inpaint"]).to_dict(),
+                "feature_mse": (summarize(per_batch["inpaint_feature"]).to_dict()
                                 if self.feature_model is not None else None),
                 **common,
                 "mask": {"kind": "box", "sides": f"{EVAL_MASK_MIN}..{EVAL_MASK_MAX} on {EVAL_MASK_RESOLUTION}^2, "
@@ -349,7 +363,7 @@ class _Evaluation:
             train_y.append(batch.labels.cpu().numpy())
         self.log(f"probe: {o.probe_draws} draws of {o.probe_labelled} labelled images, features of width "
                  f"{test_x.shape[1]}")
-        result = M.linear_probe(np.concatenate(train_x), np.concatenate(train_y), test_x, test_y,
+        result = linear_probe(np.concatenate(train_x), np.concatenate(train_y), test_x, test_y,
                                 labelled=o.probe_labelled, validation=o.probe_validation, draws=o.probe_draws,
                                 seed=o.seed)
         return {**result.to_dict(), "split": o.split, "train_images_read": sum(len(y) for y in train_y),
@@ -389,9 +403,7 @@ class _Evaluation:
         key = self._reference_key()
         path = self._reference_path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"key": key, "features": features}, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save({"key": key, "features": features}, tmp))
         self.log(f"reference features of {len(features)} images cached in {path}")
         return features, path, False
 
@@ -403,7 +415,7 @@ class _Evaluation:
         for start in range(0, o.fid_samples, o.batch_size):
             n = min(o.batch_size, o.fid_samples - start)
             z = torch.randn(n, self.cfg.model.latent_dim, generator=generator).to(self.device)
-            features.append(self.inception(M.to_uint8_range(self.G(z))).cpu())
+            features.append(self.inception(to_uint8_range(self.G(z))).cpu())
         return torch.cat(features)
 
     def _fid_kid(self, reference: tuple[Tensor, Path, bool]) -> dict[str, dict[str, Any]]:
@@ -412,7 +424,7 @@ class _Evaluation:
         real, cache, reused = reference
         fake = self._generated_features()
         settings = {
-            "implementation": M.fid_implementation(),
+            "implementation": fid_implementation(),
             "network": str(self.inception.path), "network_sha256": self.inception_sha256,
             "network_input": self.inception.describe(), "num_features": self.inception.num_features,
             "generated": len(fake), "reference": {"split": o.split, "images": len(real), "seed": o.seed,
@@ -421,15 +433,15 @@ class _Evaluation:
         }
         results: dict[str, dict[str, Any]] = {}
         if "fid" in self.metrics:
-            results["fid"] = {"value": M.frechet_distance(real, fake), **settings}
+            results["fid"] = {"value": frechet_distance(real, fake), **settings}
         if "kid" in self.metrics:
-            mean, std, size = M.kernel_inception_distance(real, fake, subsets=o.kid_subsets,
+            mean, std, size = kernel_inception_distance(real, fake, subsets=o.kid_subsets,
                                                           subset_size=o.kid_subset_size, seed=o.seed)
             results["kid"] = {"mean": mean, "std": std, "subsets": o.kid_subsets, "subset_size": size, **settings}
         return results
 
 
-def _value(name: str, r: dict[str, Any]) -> tuple[str, str]:
+def _table_cells(name: str, r: dict[str, Any]) -> tuple[str, str]:
     """(value, details) cells of one metric's table row."""
     if name in ("pixel-mse", "feature-mse"):
         return f"{r['mean']:.5f} ± {r['std']:.5f}", f"{r['n']} batches, {r['images']} {r['split']} images"
@@ -452,9 +464,9 @@ def _value(name: str, r: dict[str, Any]) -> tuple[str, str]:
     return f"{r['mean']:.5f} ± {r['std']:.5f}", f"{r['subsets']} subsets of {r['subset_size']}; {details}"
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
+def metrics_table(results: dict[str, dict[str, Any]]) -> str:
     """A plain-text table, one row per metric: name, value (mean ± std where there is one), details."""
-    rows = [("metric", "value", "details")] + [(name, *_value(name, r)) for name, r in results.items()]
+    rows = [("metric", "value", "details")] + [(name, *_table_cells(name, r)) for name, r in results.items()]
     widths = [max(len(row[i]) for row in rows) for i in range(2)]
     return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows)
 
@@ -468,9 +480,7 @@ def _write_json(path: Path, checkpoint: Path, config: dict[str, Any], results: d
         except ValueError:
             previous = {}
     document = {"checkpoint": str(checkpoint), "config": config, "metrics": {**previous, **results}}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(document, indent=2) + "\n")
 
 
 def evaluate(checkpoint: str | Path, metrics: str | Sequence[str] = ("pixel-mse",),
@@ -491,4 +501,4 @@ def evaluate(checkpoint: str | Path, metrics: str | Sequence[str] = ("pixel-mse"
     results = {name: results[name] for name in names}
     json_path = checkpoint.with_name(checkpoint.name.removesuffix(".pt") + ".eval.json")
     _write_json(json_path, checkpoint, evaluation.cfg.to_dict(), results)
-    return EvalReport(checkpoint=checkpoint, results=results, table=format_table(results), json_path=json_path)
+    return EvalReport(checkpoint=checkpoint, results=results, table=metrics_table(results), json_path=json_path)

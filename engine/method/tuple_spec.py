@@ -1,6 +1,6 @@
 """Tuple specs as data: the K classes a GALI variant asks D to tell apart (GALI.md §2).
 
-A spec is a TOML file (package data ``engine/tuples/<name>.toml`` or any path) that lists, for
+A spec is a TOML file (package data ``engine/method/tuples/<name>.toml`` or any path) that lists, for
 every class in the authors' index order, the slots of its tuple as chain expressions:
 
     x, z                  real image, prior sample
@@ -18,12 +18,10 @@ output]`` pair whose pixel MSE is added to the G/E loss (ALICE).
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 
+from gali.engine.config import packaged_names, read_toml
 from gali.engine.errors import ConfigError
 
 IMAGE, LATENT, EXTRA, MASKED = "image", "latent", "extra", "masked"
@@ -167,27 +165,12 @@ class TupleSpec:
 
 def spec_names() -> list[str]:
     """Names of the tuple specs shipped as package data."""
-    folder = resources.files("gali.engine") / "tuples"
-    return sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+    return packaged_names("gali.engine.method", "tuples")
 
 
 def load_spec(name_or_path: str) -> TupleSpec:
     """Load and validate a tuple spec by name (``'gali4'``) or from a ``.toml`` path."""
-    key = "method.tuples"
-    path = Path(name_or_path)
-    if path.suffix == ".toml":
-        if not path.is_file():
-            raise ConfigError(key, f"file {path} does not exist")
-        text = path.read_text()
-    else:
-        resource = resources.files("gali.engine") / "tuples" / f"{name_or_path}.toml"
-        if not resource.is_file():
-            raise ConfigError(key, f"got {name_or_path!r}; accepted: {', '.join(spec_names())} or a .toml path")
-        text = resource.read_text()
-    try:
-        table = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(key, f"{name_or_path} is not valid TOML: {exc}") from exc
+    _, table = read_toml(name_or_path, package="gali.engine.method", folder="tuples", key="method.tuples")
     return spec_from_table(table, where=name_or_path)
 
 

@@ -1,6 +1,6 @@
 """The paper-structured step: the authors' code's structure, the baseline every step benchmark beats.
 
-Same tuples, same losses, same update rule as :class:`gali.engine.step.GaliStep`, built the way
+Same tuples, same losses, same update rule as :class:`gali.engine.step.eager.GaliStep`, built the way
 the authors' scripts build them (GALI.md §3.6):
 
 * one D call per tuple class (K calls, each running its own spectral-norm power iterations);
@@ -24,19 +24,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gali.engine.config import MethodConfig, OptimConfig
-from gali.engine.losses import loss_weights
-from gali.engine.models import set_layer_impl
-from gali.engine.step import ChainEvaluator, Networks
-from gali.engine.tuples import IMAGE, TupleSpec
+from gali.engine.method.chains import ChainEvaluator
+from gali.engine.method.config import MethodConfig
+from gali.engine.method.losses import loss_weights
+from gali.engine.method.tuple_spec import IMAGE, Expr, TupleSpec
+from gali.engine.nets.layers import set_layer_impl
+from gali.engine.nets.networks import Networks
+from gali.engine.step.config import OptimConfig
+from gali.engine.step.optim import build_optimizers, trainable_parameters
 
 
 class _PerSampleMaskChains(ChainEvaluator):
     """Chains whose mask and mix ops paint each sample's box in a Python loop."""
 
-    def _apply(self, node, args, x, z, masks):  # type: ignore[no-untyped-def]
+    def apply(self, node: Expr, args: list[Tensor], x: Tensor, z: Tensor, masks: dict[int, Tensor]) -> Tensor:
         if not node.op.startswith(("mask", "mix")):
-            return super()._apply(node, args, x, z, masks)
+            return super().apply(node, args, x, z, masks)
         image = args[0]
         mask = torch.zeros_like(image[:, :1])
         for i, (top, left, box_h, box_w) in enumerate(masks[int(node.op[-1])].tolist()):
@@ -57,11 +60,9 @@ class PaperStep:
         self.spec = spec
         self.latent_dim = latent_dim
         self.chains = _PerSampleMaskChains(nets, method)
-        self.d_params = [p for p in nets.D.parameters() if p.requires_grad]
-        self.ge_params = [p for m in (nets.G, nets.E) for p in m.parameters() if p.requires_grad]
-        betas = (optim.beta1, optim.beta2)
-        self.opt_d = torch.optim.Adam(self.d_params, lr=optim.lr, betas=betas)
-        self.opt_ge = torch.optim.Adam(self.ge_params, lr=optim.lr, betas=betas)
+        self.d_params = trainable_parameters(nets.D)
+        self.ge_params = trainable_parameters(nets.G, nets.E)
+        self.opt_d, self.opt_ge = build_optimizers(self.d_params, self.ge_params, optim)  # torch's default Adam
         self.w_true, self.w_pair = loss_weights(spec.num_classes, method.loss_weights)
         self.w_true, self.w_pair = self.w_true.tolist(), self.w_pair.tolist()
         self.alice_lambda = method.alice_lambda

@@ -32,9 +32,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gali.engine.errors import ConfigError
+from gali.engine.errors import ConfigError, GaliError
 
 # (out channels, max-pool stride) of the recogniser's eight conv blocks.
 _SVHN_BLOCKS = ((48, 2), (64, 1), (128, 2), (160, 1), (192, 2), (192, 1), (192, 2), (192, 1))
@@ -169,3 +170,41 @@ def feature_dim(model: nn.Module, input_size: int) -> int:
             f"{input_size}) input it returned {shape}"
         )
     return out[0].numel()
+
+
+def resize_images(x: Tensor, size: int, mode: str) -> Tensor:
+    """``x`` resized to ``size``×``size`` (``F.interpolate``, 'nearest' or 'bilinear'); unchanged if 0 or equal.
+
+    The one resize of images in front of a feature network: GALI-PT's M, feature-MSE's network and the
+    FID/KID Inception.
+    """
+    if size == 0 or tuple(x.shape[2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode=mode, align_corners=False if mode == "bilinear" else None)
+
+
+class FeatureModel(nn.Module):
+    """A frozen feature network behind its input resize: images in [-1, 1] -> (B, D) features.
+
+    ``input_size`` (0 = keep the images' size) and ``resize`` ('nearest' or 'bilinear') say how
+    images reach ``network``; its output must be one tensor with the batch as its first dimension,
+    whose other dimensions are flattened. ``name`` is how errors refer to it.
+    """
+
+    def __init__(self, network: nn.Module, *, input_size: int = 0, resize: str = "nearest",
+                 name: str = "the feature network") -> None:
+        super().__init__()
+        self.network = network
+        self.input_size = input_size
+        self.resize = resize
+        self.name = name
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.network(resize_images(x, self.input_size, self.resize))
+        if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[0] != x.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise GaliError(
+                f"{self.name} must return one (B, D) or (B, ...) tensor per batch; for input {tuple(x.shape)} "
+                f"(resized to {self.input_size or x.shape[-1]}) it returned {shape}"
+            )
+        return out.flatten(1)

@@ -1,4 +1,5 @@
-"""The torch backend: image folders → batches of the contract, seeded order, rank shards, errors."""
+"""The torch backend (``TorchFilePipeline``) over image folders: batches of the contract, seeded order, rank
+shards, errors (the other sources: test_sources.py)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,15 @@ from PIL import Image
 
 from gali.engine.errors import DataError
 from gali.pipelines import Batch, Pipeline, check_batch
-from gali.pipelines.folder import FolderPipeline, load_image
+from gali.pipelines.torch_files import TorchFilePipeline, load_image
 
 CPU = torch.device("cpu")
 
 
-def pipeline(root: Path, **kwargs: object) -> FolderPipeline:
+def pipeline(root: Path, **kwargs: object) -> TorchFilePipeline:
     options: dict = {"split": "train", "resolution": 8, "batch_size": 4, "device": CPU, "seed": 0, "workers": 0}
     options.update(kwargs)
-    return FolderPipeline(root, **options)
+    return TorchFilePipeline(root, **options)
 
 
 def decode_index(pixel: torch.Tensor) -> int:

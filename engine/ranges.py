@@ -25,19 +25,13 @@ The names used by the engine, outermost first:
 from __future__ import annotations
 
 import contextlib
-import shlex
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from gali.engine.config import Config
-
 _NULL = contextlib.nullcontext()
 _enabled = False
-_listeners: list[Callable[[str], None]] = []
 
 
 def ranges_enabled() -> bool:
@@ -53,11 +47,20 @@ def enable_ranges(on: bool = True) -> None:
 
 
 @contextlib.contextmanager
+def ranges(on: bool) -> Iterator[None]:
+    """Ranges on (or off) inside the block, and as they were after it."""
+    was_enabled = _enabled
+    enable_ranges(on)
+    try:
+        yield
+    finally:
+        enable_ranges(was_enabled)
+
+
+@contextlib.contextmanager
 def _range(name: str) -> Iterator[None]:
     import nvtx
 
-    for listener in _listeners:
-        listener(name)
     with nvtx.annotate(name, domain="gali"), torch.profiler.record_function(name):
         yield
 
@@ -65,43 +68,3 @@ def _range(name: str) -> Iterator[None]:
 def annotate(name: str) -> Any:
     """A context manager marking ``name``; a shared no-op when ranges are off."""
     return _range(name) if _enabled else _NULL
-
-
-@contextlib.contextmanager
-def record_ranges() -> Iterator[list[str]]:
-    """Test hook: turn ranges on and collect every range name entered, in order."""
-    names: list[str] = []
-    was_enabled = _enabled
-    enable_ranges(True)
-    _listeners.append(names.append)
-    try:
-        yield names
-    finally:
-        _listeners.remove(names.append)
-        enable_ranges(was_enabled)
-
-
-def nsys_command(preset: str, overrides: Sequence[str], output: str) -> str:
-    """The Nsight Systems command line that records the same run with its NVTX ranges on a GPU machine."""
-    args = " ".join(shlex.quote(o) for o in (*overrides, "compute.nvtx=true"))
-    return (f"nsys profile --trace=cuda,nvtx,osrt --sample=none --cuda-graph-trace=node --output={shlex.quote(output)} "
-            f"gali train --preset {shlex.quote(preset)} {args}")
-
-
-def profile_training(cfg: Config, *, log: Callable[[str], None] = print) -> Path:
-    """Train ``cfg`` (a short run) with ranges on under torch.profiler; write and return ``trace.json``.
-
-    The trace (Chrome/Perfetto format, also on CPU) lands in the run folder; open it in
-    https://ui.perfetto.dev or chrome://tracing. The ``gali/*`` ranges show as labelled spans.
-    """
-    from gali.engine.train import train
-
-    cfg.compute.nvtx = True
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available() and cfg.run.device != "cpu":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
-        result = train(cfg, log=log)
-    trace = result.run_dir / "trace.json"
-    profiler.export_chrome_trace(str(trace))
-    return trace

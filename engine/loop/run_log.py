@@ -7,7 +7,7 @@ or writes anything itself:
 - the same numbers become TensorBoard scalars when ``run.tensorboard`` allows it and the optional
   ``tensorboard`` package is installed (``pip install 'gali[tensorboard]'``); the event files lie in
   the run folder, the x axis is images seen (kimg·1000), as in StyleGAN;
-- each tick is shown as a single carriage-return progress bar on a terminal, or as one plain line
+- each tick is shown as a single progress bar on a terminal (drawn by tqdm), or as one plain line
   per tick otherwise (``run.progress``): kimg, images/s, the losses and the time left;
 - image grids are written as PNG under a stable name (``samples.png``) and as a per-snapshot copy
   named with the image count (``samples-0000040000.png``), and sent to TensorBoard.
@@ -27,15 +27,17 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+from tqdm import tqdm
 
-from gali.engine.config import PROGRESS_MODES, TENSORBOARD_MODES
 from gali.engine.errors import ConfigError
-from gali.engine.images import save_png
+from gali.engine.files import atomic_write
+from gali.engine.loop.config import PROGRESS_MODES, TENSORBOARD_MODES
+from gali.engine.loop.grids import save_png
 
 # Record fields that describe where the run is rather than how it is doing: shown in their own
 # places on the progress line (or not at all), never in the list of losses.
 _PROGRESS_FIELDS = frozenset({"kimg", "epoch", "iteration", "images_per_s", "noise_std", "event"})
-_BAR_WIDTH = 20
+_BAR_FORMAT = "[{bar:20}] {desc}"  # the bar, then format_tick's line as tqdm's description
 
 
 def tensorboard_available() -> bool:
@@ -114,19 +116,13 @@ def format_tick(record: Mapping[str, Any], total_kimg: float) -> str:
     return "  ".join(parts)
 
 
-def render_bar(record: Mapping[str, Any], total_kimg: float, columns: int) -> str:
-    """``[#####---------------] `` followed by :func:`format_tick`, cut to ``columns`` characters."""
-    filled = round(_BAR_WIDTH * min(record["kimg"] / total_kimg, 1.0))
-    bar = f"[{'#' * filled}{'-' * (_BAR_WIDTH - filled)}] {format_tick(record, total_kimg)}"
-    return bar[:columns]
-
-
 class RunLog:
     """The run folder's logs and what the terminal shows, for one training run.
 
-    ``log`` receives whole lines (messages, and ticks in 'lines' mode); the bar is drawn on
-    ``stream`` (default stdout). Messages printed while a bar is drawn clear it first and redraw it
-    after, so the bar stays the last line. Call :meth:`close` at the end of the run.
+    ``log`` receives whole lines (messages, and ticks in 'lines' mode); the bar is drawn by tqdm on
+    ``stream`` (default stdout), cut to the terminal's width. Messages printed while a bar is drawn
+    clear it first and redraw it after, so the bar stays the last line. Call :meth:`close` at the end
+    of the run.
     """
 
     def __init__(self, run_dir: str | Path, *, total_kimg: float, progress: str = "auto", tensorboard: bool = False,
@@ -142,7 +138,7 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(self.run_dir))
-        self._bar = ""  # the bar as last drawn; "" while none is on screen
+        self._bar: tqdm | None = None  # made at the first tick, so that it starts at the run's position
 
     @property
     def tensorboard(self) -> bool:
@@ -151,12 +147,12 @@ class RunLog:
 
     def message(self, text: str) -> None:
         """A line for people (run folder, snapshots), printed above the bar when one is drawn."""
-        bar = self._bar
-        if bar:
-            self._draw("")
+        if self._bar is None:
+            self._log(text)
+            return
+        self._bar.clear()
         self._log(text)
-        if bar:
-            self._draw(bar)
+        self._bar.refresh()
 
     def record(self, record: Mapping[str, Any]) -> None:
         """Append ``record`` to metrics.jsonl and send its numbers to TensorBoard.
@@ -182,11 +178,17 @@ class RunLog:
     def tick(self, record: Mapping[str, Any]) -> None:
         """A tick's means: :meth:`record` it, then show it as the bar or as one line."""
         self.record(record)
-        if self.progress == "bar":
-            columns = shutil.get_terminal_size(fallback=(120, 24)).columns - 1
-            self._draw(render_bar(record, self.total_kimg, columns))
-        else:
+        if self.progress != "bar":
             self._log(format_tick(record, self.total_kimg))
+            return
+        kimg, line = min(record["kimg"], self.total_kimg), format_tick(record, self.total_kimg)
+        if self._bar is None:  # drawn at creation
+            columns = shutil.get_terminal_size(fallback=(120, 24)).columns - 1
+            self._bar = tqdm(total=self.total_kimg, initial=kimg, desc=line, file=self._stream, ncols=columns,
+                             bar_format=_BAR_FORMAT, ascii="-#", mininterval=0)
+            return
+        self._bar.n = kimg
+        self._bar.set_description_str(line)  # redraws
 
     def images(self, grids: Mapping[str, np.ndarray], images_seen: int) -> dict[str, Path]:
         """Write each (H, W, 3) uint8 grid as ``<name>.png`` and ``<name>-<images_seen:010d>.png``.
@@ -197,10 +199,7 @@ class RunLog:
         written = {}
         for name, canvas in grids.items():
             numbered = save_png(canvas, self.run_dir / f"{name}-{images_seen:010d}.png")
-            latest = self.run_dir / f"{name}.png"
-            tmp = latest.with_suffix(".tmp.png")
-            shutil.copyfile(numbered, tmp)
-            tmp.replace(latest)
+            latest = atomic_write(self.run_dir / f"{name}.png", lambda tmp, src=numbered: shutil.copyfile(src, tmp))
             written[name] = latest
             if self._writer is not None:
                 self._writer.add_image(name, canvas, global_step=images_seen, dataformats="HWC")
@@ -210,17 +209,10 @@ class RunLog:
 
     def close(self) -> None:
         """End the bar's line and close metrics.jsonl and the TensorBoard writer; safe to call twice."""
-        if self._bar:
-            self._stream.write("\n")
-            self._stream.flush()
-            self._bar = ""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         self._metrics.close()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-    def _draw(self, text: str) -> None:
-        """Overwrite the bar's line with ``text`` (blank it when ``text`` is empty)."""
-        self._stream.write("\r" + text.ljust(len(self._bar)) + ("\r" if not text else ""))
-        self._stream.flush()
-        self._bar = text

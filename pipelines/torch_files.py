@@ -1,10 +1,10 @@
-"""The torch backend: any source (image folder, file list, WebDataset shards) read with Pillow in
-``DataLoader`` workers, one sampler and batching path for all of them.
+"""The torch backend (``TorchFilePipeline``): any source on disk (image folder, file list, WebDataset
+shards) read with Pillow in ``DataLoader`` workers, one sampler and batching path for all of them.
 
 A source (``sources.open_split``) supplies the split as an indexable list of (image, label); the
-rest is shared: a seeded (seed, epoch) order dealt to ranks (``ShardedEpochSampler``), static
-batches (drop_last), ``cfg.workers`` DataLoader workers with ``cfg.prefetch`` batches each in flight,
-pinned memory when the device is CUDA.
+rest is shared: a seeded (seed, epoch) order dealt to ranks (``ShardedEpochSampler`` over
+``contract.epoch_order``, the DALI backend's order too), static batches (drop_last), ``cfg.workers``
+DataLoader workers with ``cfg.prefetch`` batches each in flight, pinned memory when the device is CUDA.
 
 Each image is decoded to RGB. Eval (and train without augment): its centered square crop resized to
 R×R (Pillow bilinear, which antialiases when shrinking and takes its filter support from beyond the
@@ -14,7 +14,9 @@ centered exactly). Train with augment: a random-resized crop (area scale (0.08, 
 probability 1/2, drawn from numpy's PCG64 seeded by (seed, epoch, item index): reproducible, and the
 same with any number of workers. Images travel as uint8 (3, R, R): 4× less to copy between processes
 and to the device than float. The main process moves each uint8 batch to the device (non-blocking)
-and converts it there to float32 in [-1, 1], in the channels-last memory format if asked.
+and converts it there to float32 in [-1, 1] (``contract.pixels_to_x``), in the channels-last memory
+format if asked. ``decode_problem`` is the one "does Pillow decode this file" test of the package (the data
+tools and the DALI backend's error messages use it).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from gali.engine.errors import DataError
 
-from .contract import Batch, check_start_batch
+from .contract import Batch, batches_per_rank, check_rank, check_split_size, check_start_batch, epoch_order, pixels_to_x
 from .sources import SPLITS, SplitIndex, open_split
 
 CROP_SCALE = (0.08, 1.0)
@@ -64,6 +66,17 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator) -
         w, h = width, height
     left, top = (width - w) // 2, (height - h) // 2
     return left, top, left + w, top + h
+
+
+def decode_problem(file: str | Path | BinaryIO) -> str | None:
+    """None if ``file`` decodes fully to RGB with Pillow, else the reason it does not."""
+    try:
+        with Image.open(file) as image:
+            image.load()
+            image.convert("RGB")
+    except Exception as e:  # every failure is a finding to report, not a crash
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def load_image(
@@ -131,10 +144,8 @@ class SourceDataset(Dataset):
 class ShardedEpochSampler(Sampler[int]):
     """Seeded shuffle per epoch, cut to whole batches and dealt to ranks without overlap.
 
-    Epoch e's order is a permutation drawn from numpy's PCG64 seeded by (seed, e), the same on
-    every rank; its first ``len(self) * world_size`` entries are dealt round-robin, rank r taking
-    entries r, r + world_size, ...; the remainder (fewer than ``batch_size * world_size``) is
-    skipped this epoch and falls elsewhere in the next.
+    Epoch e's order for this rank is row ``rank`` of ``contract.epoch_order`` (a PCG64 permutation
+    seeded by (seed, e), dealt round-robin), read from batch ``start_batch`` on.
     """
 
     def __init__(self, num_items: int, *, batch_size: int, seed: int, rank: int, world_size: int) -> None:
@@ -143,7 +154,7 @@ class ShardedEpochSampler(Sampler[int]):
         self.rank = rank
         self.world_size = world_size
         self.batch_size = batch_size
-        self.batches_per_rank = num_items // (batch_size * world_size)
+        self.batches_per_rank = batches_per_rank(num_items, batch_size, world_size)
         self.per_rank = self.batches_per_rank * batch_size
         self.epoch = 0
         self.start_batch = 0
@@ -157,9 +168,10 @@ class ShardedEpochSampler(Sampler[int]):
         return self.per_rank
 
     def __iter__(self) -> Iterator[int]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_items)
-        mine = order[: self.per_rank * self.world_size][self.rank :: self.world_size]
-        return iter(mine[self.start_batch * self.batch_size:].tolist())
+        order = epoch_order(
+            self.num_items, seed=self.seed, epoch=self.epoch, batch_size=self.batch_size, world_size=self.world_size
+        )
+        return iter(order[self.rank, self.start_batch * self.batch_size :].tolist())
 
 
 class _EpochKeys(Sampler[tuple[int, int]]):
@@ -177,7 +189,7 @@ class _EpochKeys(Sampler[tuple[int, int]]):
         return ((epoch, i) for i in self.sampler)
 
 
-class FolderPipeline:
+class TorchFilePipeline:
     """The torch backend of the batch contract over any on-disk source (see the module doc).
 
     ``source`` is 'folder', 'filelist' or 'webdataset' (the layouts of ``gali.pipelines.sources``);
@@ -209,29 +221,18 @@ class FolderPipeline:
                 "need resolution >= 1, batch_size >= 1, workers >= 0, seed >= 0, prefetch >= 1; got "
                 f"{resolution}, {batch_size}, {workers}, {seed}, {prefetch}"
             )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        check_rank(rank, world_size)
         root = Path(root).expanduser()
         index = open_split(source, root, split)
         n = len(index)
-        if n < batch_size:
-            raise DataError(
-                f"{index.where} (split '{split}') holds {n} images, fewer than one batch of {batch_size}; "
-                "lower the batch size or add images"
-            )
-        if n // world_size < batch_size:
-            raise DataError(
-                f"{index.where} (split '{split}') holds {n} images: {n // world_size} per rank over "
-                f"{world_size} ranks, fewer than one batch of {batch_size}; lower the batch size, "
-                "use fewer ranks, or add images"
-            )
+        check_split_size(f"{index.where} (split '{split}')", n, batch_size, world_size)
 
         self.device = torch.device(device)
         self.resolution = resolution
         self.batch_size = batch_size
         self.num_images = n
         self.class_names = index.class_names
-        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.channels_last = channels_last
         self._sampler = ShardedEpochSampler(n, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
         augment_seed = seed if augment and split == "train" else None
         self._loader = DataLoader(
@@ -261,10 +262,7 @@ class FolderPipeline:
     def __iter__(self) -> Iterator[Batch]:
         try:
             for images, labels in self._loader:
-                # A multiply, not a divide: CUDA divides by a scalar through its reciprocal, so this keeps CPU
-                # and CUDA batches bit-identical; 0 and 255 still map exactly to -1 and 1.
-                x = images.to(self.device, non_blocking=True)
-                x = x.to(torch.float32, memory_format=self._memory_format).mul_(1 / 127.5).sub_(1.0)
+                x = pixels_to_x(images, self.device, channels_last=self.channels_last)
                 yield Batch(x=x, labels=labels.to(self.device, non_blocking=True))
         except DataError as e:
             # A worker's error comes back with a traceback through the DataLoader's frames that forms

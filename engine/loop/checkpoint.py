@@ -1,0 +1,157 @@
+"""The checkpoint bundle: one object that names everything a run's state holds, saved and loaded alike.
+
+A checkpoint file is one ``torch.save`` dictionary (format 1), written atomically and durably
+(:func:`gali.engine.files.atomic_write`) and read with ``weights_only=True``:
+
+    config                   the resolved config (``Config.to_dict()``)
+    G, E, D                  the networks' state dicts
+    extra_dim                the width of the frozen feature model's features (None without M)
+    opt_d, opt_ge            both optimizers (and scaler_d, scaler_ge under fp16): the step's state dict
+    images_seen, iteration   progress counters; epoch: the 1-based epoch of the last step; kimg
+    rng                      torch's CPU generator state (and the CUDA one on a GPU)
+
+:class:`Checkpoint` builds that dictionary from the live objects and restores it into them, one
+field per line in both directions; later state (EMA weights, the world size) is a new field of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from gali.engine.errors import GaliError
+from gali.engine.files import atomic_write
+from gali.engine.loop.config import Config, config_from_dict
+from gali.engine.method.tuple_spec import load_spec
+from gali.engine.nets.networks import NETWORK_NAMES, Networks, build_networks
+
+FORMAT_VERSION = 1
+
+
+class HasState(Protocol):
+    """What holds the optimizers' (and scalers') state: the step runner."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Progress:
+    """Where a run is: images seen, steps taken, and the 1-based epoch of the last step (0 before any)."""
+
+    images_seen: int = 0
+    iteration: int = 0
+    epoch: int = 0
+
+
+@dataclass
+class Checkpoint:
+    """Everything a run's state holds, for :meth:`state_dict` and :meth:`load_state_dict`.
+
+    ``step`` (the optimizers and scalers), ``progress`` and the RNG states are the training state: a
+    bundle built without a step (for sampling or evaluation) saves and restores the networks only.
+    """
+
+    config: Config
+    nets: Networks
+    step: HasState | None = None
+    progress: Progress = field(default_factory=Progress)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's dictionary; the RNG state is read now (call it after the snapshot's draws)."""
+        state: dict[str, Any] = {"config": self.config.to_dict(), "extra_dim": self.nets.extra_dim}
+        state |= {name: getattr(self.nets, name).state_dict() for name in NETWORK_NAMES}
+        if self.step is not None:
+            state |= self.step.state_dict()
+            state |= {"kimg": self.progress.images_seen / 1000, "images_seen": self.progress.images_seen,
+                      "iteration": self.progress.iteration, "epoch": self.progress.epoch,
+                      "rng": _rng_state(self.device)}
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` wrote into the live networks (and step, progress and RNG)."""
+        for name in NETWORK_NAMES:
+            getattr(self.nets, name).load_state_dict(state[name])
+        if self.step is not None:
+            self.step.load_state_dict(state)
+            self.progress = Progress(state["images_seen"], state["iteration"], state["epoch"])
+            _set_rng_state(state["rng"], self.device)
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`state_dict` to ``path`` atomically and durably."""
+        return save_checkpoint(path, self.state_dict())
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Write a checkpoint dictionary (with the format version) to ``path`` atomically and durably."""
+    return atomic_write(path, lambda tmp: torch.save({**state, "format_version": FORMAT_VERSION}, tmp))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Config, dict[str, Any]]:
+    """Read a checkpoint; returns its config and the raw state. Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise GaliError(f"checkpoint {path} does not exist; pass a checkpoint-*.pt file from a run folder")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise GaliError(f"checkpoint {path} could not be read ({exc}); it may be truncated") from exc
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise GaliError(f"checkpoint {path} is not a gali checkpoint (format {FORMAT_VERSION})")
+    return config_from_dict(state["config"], origin=str(path)), state
+
+
+def latest_checkpoint(path: str | Path, *, log: Callable[[str], None] = print) -> tuple[Path, Config, dict[str, Any]]:
+    """The checkpoint a resumed run continues from, read: ``path`` itself, or a run folder's newest readable one.
+
+    In a folder, ``checkpoint-<images>.pt`` files are tried newest first; one that cannot be read
+    (cut short by a full disk, say: the atomic write makes a crash mid-write leave only a ``.tmp``)
+    is named through ``log`` and the one before it is taken.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path, *load_checkpoint(path)
+    if not path.is_dir():
+        raise GaliError(f"resume: {path} does not exist; pass a run folder or one of its checkpoint-*.pt files")
+    candidates = sorted(path.glob("checkpoint-*.pt"), reverse=True)  # zero-padded image counts sort in time order
+    for candidate in candidates:
+        try:
+            return candidate, *load_checkpoint(candidate)
+        except GaliError as exc:
+            log(f"resume: skipping {candidate.name}: {exc}")
+    what = "no readable checkpoint-*.pt" if candidates else "no checkpoint-*.pt"
+    raise GaliError(f"resume: run folder {path} holds {what}; a run writes one every run.snapshot_kimg")
+
+
+def load_networks(path: str | Path, device: torch.device) -> tuple[Config, Networks]:
+    """The config and the trained networks G, E and D of a checkpoint, for sampling and evaluation."""
+    cfg, state = load_checkpoint(path, map_location=device)
+    spec = load_spec(cfg.method.tuples)
+    nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=device,
+                          extra_dim=state["extra_dim"])
+    Checkpoint(cfg, nets).load_state_dict(state)
+    return cfg, nets
+
+
+def checkpoint_name(images_seen: int) -> str:
+    """``checkpoint-<images_seen:010d>.pt``: zero-padded, so names sort in training order."""
+    return f"checkpoint-{images_seen:010d}.pt"
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng_state(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)

@@ -1,0 +1,122 @@
+"""The run's whole config: the ``[run]`` section (the loop's) and every owner's section, from a preset.
+
+:class:`Config` gathers the sections where the code that reads each one defines it (``data`` in
+gali.pipelines, ``model`` in engine.nets, ``method`` in engine.method, ``optim`` and ``compute`` in
+engine.step, ``run`` here), so the one place that knows them all is the loop that hands them out.
+It is loaded from a preset TOML plus ``section.key=value`` overrides through the machinery of
+:mod:`gali.engine.config`; every value is validated before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from gali.engine.config import (
+    check_choice,
+    check_positive,
+    dump_sections,
+    fill_sections,
+    packaged_names,
+    read_toml,
+    section_names,
+)
+from gali.engine.errors import ConfigError
+from gali.engine.method.config import MethodConfig
+from gali.engine.nets.config import ARCH_RESOLUTION, ModelConfig
+from gali.engine.step.config import ComputeConfig, OptimConfig
+from gali.pipelines.config import DataConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+TENSORBOARD_MODES = ("auto", "on", "off")
+PROGRESS_MODES = ("auto", "bar", "lines")
+# Deprecated keys and the keys that replaced them; reading one warns and sets the new key.
+ALIASES = {"method.kernel_impl": "compute.kernel_impl", "data.channels_last": "compute.channels_last"}
+
+
+@dataclass
+class RunConfig:
+    """The training loop: duration in kimg (thousands of real images seen), intervals, output.
+
+    tick_kimg:     how often the step statistics are read (one host sync), logged and shown.
+    snapshot_kimg: how often a checkpoint, the PNG grids and the held-out metrics are written.
+    grid_size:     the sample grid is grid_size x grid_size; reconstruction and inpainting grids
+                   have grid_size columns.
+    tensorboard:   'auto' (write TensorBoard events when the tensorboard package is installed),
+                   'on' (require it: pip install 'gali[tensorboard]') or 'off'.
+    progress:      'auto' (a one-line bar on a terminal, plain lines otherwise), 'bar' or 'lines'.
+    """
+
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 100
+    kimg: float = 10.0
+    tick_kimg: float = 1.0
+    snapshot_kimg: float = 5.0
+    grid_size: int = 8
+    tensorboard: str = "auto"
+    progress: str = "auto"
+
+    def validate(self) -> None:
+        check_choice("run.device", self.device, DEVICES)
+        check_positive("run.batch_size", self.batch_size)
+        check_positive("run.kimg", self.kimg)
+        check_positive("run.tick_kimg", self.tick_kimg)
+        check_positive("run.snapshot_kimg", self.snapshot_kimg)
+        check_positive("run.grid_size", self.grid_size)
+        check_choice("run.tensorboard", self.tensorboard, TENSORBOARD_MODES)
+        check_choice("run.progress", self.progress, PROGRESS_MODES)
+
+
+@dataclass
+class Config:
+    """The whole resolved config; ``preset`` records where it started from."""
+
+    preset: str = "demo"
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+
+    def validate(self) -> None:
+        for name in section_names(self):
+            getattr(self, name).validate()
+        expected = ARCH_RESOLUTION[self.model.arch]
+        if self.data.resolution != expected:
+            raise ConfigError(
+                "data.resolution",
+                f"got {self.data.resolution}, but model.arch={self.model.arch!r} takes {expected}x{expected} "
+                f"images; set data.resolution={expected} or pick another model.arch",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped as package data."""
+    return packaged_names("gali.engine.config", "presets")
+
+
+def config_from_dict(table: dict[str, Any], *, origin: str = "dict", overrides: typing.Sequence[str] = ()) -> Config:
+    """Build and validate a config from ``{section: {key: value}}`` (a preset or a checkpoint's copy)."""
+    cfg = Config(preset=str(table.get("preset", origin)))
+    fill_sections(cfg, table, origin=origin, overrides=overrides, skip=("preset",), aliases=ALIASES)
+    cfg.validate()
+    return cfg
+
+
+def load_config(preset: str = "demo", overrides: typing.Sequence[str] = ()) -> Config:
+    """Build and validate a config from a preset (name or .toml path) and ``key=value`` overrides."""
+    origin, table = read_toml(preset, package="gali.engine.config", folder="presets", key="preset")
+    return config_from_dict({"preset": origin, **table}, origin=origin, overrides=overrides)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as TOML that :func:`load_config` reads back (None values are omitted)."""
+    return dump_sections(cfg, f"# resolved gali config (started from preset {cfg.preset!r})")

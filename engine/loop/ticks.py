@@ -1,0 +1,109 @@
+"""The loop's clock and cadences, and the tick: step statistics read once per ``run.tick_kimg``.
+
+Step statistics stay on the device between ticks (:class:`TickStats`); a tick reads their means with
+one host sync and reports them with the images/s of the steps since the last tick (time spent in
+snapshots and checkpoints does not count: :class:`StepClock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+class Cadence:
+    """Due at the step that crosses a multiple of ``every`` images, and at the last step of the run.
+
+    It holds no position, so a resumed run keeps the uninterrupted run's cadence without restoring any.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def due(self, images_seen: int, step_images: int, done: bool) -> bool:
+        """Whether the step that took the count from ``images_seen - step_images`` to ``images_seen`` is one."""
+        return done or images_seen // self.every > (images_seen - step_images) // self.every
+
+
+class StepClock:
+    """Seconds spent training: wall time since the start, less the time inside :meth:`paused`."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._start = time.perf_counter()
+        self._paused = 0.0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self._start - self._paused
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time inside is not training time; the device's queued steps are counted before it starts."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - start
+
+
+class TickStats:
+    """The step's device statistics summed since the last tick; read back with one host sync.
+
+    Each statistic keeps its own count (under n_dis > 1 a side's gradient norm exists only in the
+    phases that update it). Summing clones the step's tensors first, so a CUDA graph's static
+    outputs can be overwritten by the next replay.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        for name, value in stats.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+    def read_means(self) -> dict[str, float | list[float]]:
+        """Means since the last call (scalars as floats, vectors as lists), then reset."""
+        if not self.sums:
+            return {}
+        means = [(value / self.counts[name]).float().reshape(-1) for name, value in self.sums.items()]
+        flat = torch.cat(means).tolist()  # one device-to-host copy for every statistic
+        out: dict[str, float | list[float]] = {}
+        offset = 0
+        for (name, value), mean in zip(self.sums.items(), means, strict=True):
+            out[name] = flat[offset] if value.dim() == 0 else flat[offset:offset + mean.numel()]
+            offset += mean.numel()
+        self.sums, self.counts = {}, {}
+        return out
+
+
+class Ticks:
+    """The ``run.tick_kimg`` cadence: collects each step's statistics, and at a tick makes its record."""
+
+    def __init__(self, every_images: int, clock: StepClock, images_seen: int) -> None:
+        self.cadence = Cadence(every_images)
+        self.clock = clock
+        self.stats = TickStats()
+        self._images, self._seconds = images_seen, clock.seconds()
+
+    def add(self, stats: dict[str, torch.Tensor]) -> None:
+        self.stats.add(stats)
+
+    def due(self, images_seen: int, step_images: int, done: bool) -> bool:
+        return self.cadence.due(images_seen, step_images, done)
+
+    def record(self, images_seen: int, *, epoch: int, iteration: int, noise_std: float) -> dict[str, Any]:
+        """The tick's record: where the run is, the images/s since the last tick, the statistics' means."""
+        means = self.stats.read_means()  # the one host sync of the tick
+        seconds = self.clock.seconds()
+        speed = (images_seen - self._images) / max(seconds - self._seconds, 1e-9)
+        self._images, self._seconds = images_seen, seconds
+        return {"kimg": images_seen / 1000, "epoch": epoch, "iteration": iteration, "images_per_s": speed,
+                "noise_std": noise_std, **means}

@@ -1,0 +1,188 @@
+"""The training loop (host side): set up, restore, then one loop over steps. The step does the math.
+
+Progress is counted in kimg (thousands of real images seen), as in StyleGAN and EDM2. Each
+component owns its cadence: the tick (``run.tick_kimg``: the step statistics read once, logged and
+shown), the snapshot (``run.snapshot_kimg``: grids, the held-out reconstruction error and the
+checkpoint). :func:`resume` continues an interrupted run from its newest readable checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gali.engine.errors import GaliError
+from gali.engine.files import write_text_atomic
+from gali.engine.loop.checkpoint import Checkpoint, Progress, latest_checkpoint
+from gali.engine.loop.config import Config, config_from_dict, dump_config
+from gali.engine.loop.run_log import RunLog, resolve_tensorboard
+from gali.engine.loop.runtime import create_run_dir, resolve_device, seed_everything
+from gali.engine.loop.snapshots import Snapshots
+from gali.engine.loop.ticks import StepClock, Ticks
+from gali.engine.method.noise import instance_noise_std
+from gali.engine.method.tuple_spec import load_spec
+from gali.engine.nets.networks import build_networks
+from gali.engine.ranges import annotate, ranges
+from gali.engine.step.build import build_step
+from gali.pipelines import Batch, Pipeline, make_pipeline
+
+
+@dataclass
+class ResumePoint:
+    """A read checkpoint that :func:`train` continues from, in the checkpoint's run folder."""
+
+    checkpoint: Path
+    state: dict[str, Any]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    kimg: float
+    images_per_second: float
+    recon_mse: float
+    last_stats: dict[str, Any]
+
+
+def resume(path: str | Path, overrides: Sequence[str] = (), *, log: Callable[[str], None] = print) -> TrainResult:
+    """Continue an interrupted run from a checkpoint, in its run folder (docs/architecture.md principle 5).
+
+    ``path`` is a run folder (its newest readable checkpoint is taken) or one checkpoint file.
+    The config is the checkpoint's, with ``overrides`` on top (``run.kimg=...`` trains longer).
+    Networks, both optimizers and GradScalers, the image count, the position in the epoch's data
+    order and the torch RNG state are restored, so the resumed run computes the steps the
+    uninterrupted run would have: bit for bit on a CPU (tested), up to the run-to-run
+    nondeterminism of some CUDA kernels on a GPU.
+    """
+    checkpoint, cfg, state = latest_checkpoint(path, log=log)
+    if overrides:
+        cfg = config_from_dict(cfg.to_dict(), origin=str(checkpoint), overrides=overrides)
+    missing = [key for key in ("images_seen", "iteration", "rng") if key not in state]
+    if missing:
+        raise GaliError(f"resume: {checkpoint} has no {', '.join(missing)} (written before gali could resume); "
+                        "it can still be evaluated and sampled")
+    if state["images_seen"] >= int(cfg.run.kimg * 1000):
+        raise GaliError(f"resume: {checkpoint} is at {state['images_seen'] / 1000:g} kimg and run.kimg is "
+                        f"{cfg.run.kimg:g}: nothing left to train; pass run.kimg=<more> to train longer")
+    return train(cfg, log=log, resume_from=ResumePoint(checkpoint, state))
+
+
+def train(cfg: Config, *, log: Callable[[str], None] = print, resume_from: ResumePoint | None = None) -> TrainResult:
+    """Train from ``cfg``; returns where the run folder is and the final figures.
+
+    ``log`` receives the lines meant for people; a progress bar, when drawn, goes to stdout.
+    ``resume_from`` continues a run (see :func:`resume`) instead of starting a new run folder.
+    """
+    # Set up: device and seeds, data, networks and step, the run folder and its log, the snapshots.
+    device = resolve_device(cfg.run.device)
+    tensorboard = resolve_tensorboard(cfg.run.tensorboard)  # run.tensorboard=on without the package stops here
+    seed_everything(cfg.run.seed)
+    spec = load_spec(cfg.method.tuples)
+    batch_size = cfg.run.batch_size
+    pipeline = make_pipeline(cfg.data, split="train", batch_size=batch_size, device=device, seed=cfg.run.seed,
+                             channels_last=cfg.compute.channels_last)
+    if resume_from is not None:
+        _check_epoch_layout(resume_from, len(pipeline), batch_size)
+    nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=device)
+    step = build_step(nets, spec, cfg.method, cfg.optim, cfg.model.latent_dim, cfg.compute)
+    run_dir = create_run_dir(cfg.run.out_dir, cfg.preset) if resume_from is None else resume_from.checkpoint.parent
+    write_text_atomic(run_dir / "config.toml", dump_config(cfg))
+    run_log = RunLog(run_dir, total_kimg=cfg.run.kimg, progress=cfg.run.progress, tensorboard=tensorboard, log=log)
+    run_log.message(f"run folder {run_dir}  preset {cfg.preset}  tuples {spec.name} (K={spec.num_classes})  "
+                    f"device {device}  tensorboard {'on' if tensorboard else 'off'}")
+    run_log.message(f"data: {pipeline.num_images} training images, {len(pipeline)} batches of {batch_size} per epoch")
+    snapshots = Snapshots(cfg, spec, nets, run_log, device)
+    checkpoint = Checkpoint(cfg, nets, step, device=device)
+
+    # Restore an interrupted run's state, in one place: after every random draw of the set-up.
+    if resume_from is not None:
+        checkpoint.load_state_dict(resume_from.state)
+        _log_resume(run_log, resume_from, checkpoint.progress, len(pipeline))
+    progress = checkpoint.progress
+
+    total_images = int(cfg.run.kimg * 1000)
+    num_epochs = math.ceil(total_images / (len(pipeline) * batch_size))
+    noise_std, noise_epoch, noise_value = torch.zeros((), device=device), 0, 0.0
+    images_at_start, recon_mse, last = progress.images_seen, float("nan"), {}
+    clock = StepClock(device)
+    ticks = Ticks(int(cfg.run.tick_kimg * 1000), clock, progress.images_seen)
+    batches = _batches_from(pipeline, progress)
+    try:
+        with ranges(cfg.compute.nvtx):
+            while progress.images_seen < total_images:
+                # Fetch a batch; the first of each epoch sets that epoch's instance-noise std.
+                with annotate("gali/data"):
+                    epoch, batch = next(batches)
+                if epoch != noise_epoch:
+                    noise_epoch, noise_value = epoch, instance_noise_std(cfg.method, epoch, num_epochs)
+                    noise_std.fill_(noise_value)
+
+                # Step.
+                if progress.iteration == 0:
+                    nets.G.init_output_bias(batch.x)
+                ticks.add(step.step(batch.x, noise_std, step_phase(progress.iteration, cfg.optim.n_dis)))
+                progress.iteration += 1
+                progress.images_seen += batch_size
+                progress.epoch = epoch
+                done = progress.images_seen >= total_images
+
+                # Tick: the statistics' means since the last tick (one host sync), logged and shown.
+                if ticks.due(progress.images_seen, batch_size, done):
+                    last = ticks.record(progress.images_seen, epoch=epoch, iteration=progress.iteration,
+                                        noise_std=noise_value)
+                    run_log.tick(last)
+
+                # Snapshot: grids, held-out reconstruction error and checkpoint, outside the training time.
+                if snapshots.due(progress.images_seen, batch_size, done):
+                    with clock.paused():
+                        recon_mse = snapshots.take(checkpoint)
+    finally:
+        run_log.close()
+
+    # Done.
+    speed = (progress.images_seen - images_at_start) / max(clock.seconds(), 1e-9)
+    log(f"done: {progress.images_seen / 1000:.1f} kimg in {clock.seconds():.1f} s of training ({speed:.1f} img/s); "
+        f"reconstruction MSE {recon_mse:.5f}; run folder {run_dir}")
+    return TrainResult(run_dir=run_dir, kimg=progress.images_seen / 1000, images_per_second=speed,
+                       recon_mse=recon_mse, last_stats=last)
+
+
+def step_phase(iteration: int, n_dis: int) -> str:
+    """'both' (simultaneous update) for n_dis = 1; else n_dis 'd' steps, then one 'ge' step."""
+    if n_dis == 1:
+        return "both"
+    return "ge" if (iteration + 1) % (n_dis + 1) == 0 else "d"
+
+
+def _batches_from(pipeline: Pipeline, progress: Progress) -> Iterator[tuple[int, Batch]]:
+    """Every batch from the run's position on, with its 1-based epoch; each epoch in its own seeded order."""
+    epoch, start_batch = divmod(progress.iteration, len(pipeline))  # epochs finished, batches into the next
+    while True:
+        epoch += 1
+        pipeline.set_epoch(epoch, start_batch)
+        start_batch = 0
+        for batch in pipeline:
+            yield epoch, batch
+
+
+def _check_epoch_layout(resume_from: ResumePoint, batches_per_epoch: int, batch_size: int) -> None:
+    """Refuse a resume whose data or batch size would put the checkpoint elsewhere in the epoch order."""
+    state = resume_from.state
+    epoch, start_batch = divmod(state["iteration"], batches_per_epoch)
+    if state["images_seen"] != state["iteration"] * batch_size or state["epoch"] != epoch + (start_batch > 0):
+        raise GaliError(f"resume: {resume_from.checkpoint} was written {state['iteration']} steps into epoch "
+                        f"{state['epoch']} of its run, which this config's data and run.batch_size "
+                        f"({batches_per_epoch} batches of {batch_size} per epoch) do not give; resume with the "
+                        "data and batch size the run was trained with")
+
+
+def _log_resume(run_log: RunLog, resume_from: ResumePoint, progress: Progress, batches_per_epoch: int) -> None:
+    epoch, start_batch = divmod(progress.iteration, batches_per_epoch)
+    run_log.record({"event": "resume", "kimg": progress.images_seen / 1000, "checkpoint": resume_from.checkpoint.name})
+    run_log.message(f"resumed from {resume_from.checkpoint.name} at {progress.images_seen / 1000:g} kimg "
+                    f"(epoch {epoch + 1}, batch {start_batch})")

@@ -1,0 +1,72 @@
+"""The chain evaluator: a tuple spec's chain variables for one batch, each distinct expression once.
+
+``E(...)`` is the stochastic encoder's sample μ + σ·ε with its own ε per call; ``G(...)`` the
+generator; ``M(...)`` the frozen feature model (which resizes its input itself); ``mask<n>(img)`` and
+``mix<n>(img, fill)`` the fused :func:`gali.kernels.mask_composite.mask_composite` with one box draw
+per sample for each n, shared by every use of that n within the step.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from gali.engine.method.config import MethodConfig
+from gali.engine.method.tuple_spec import Expr, TupleSpec
+from gali.engine.ranges import annotate
+from gali.kernels.mask_composite import mask_composite, sample_box_params
+
+
+class ChainNetworks(Protocol):
+    """What the chains call: the encoder E (image -> (μ, log σ)), the generator G and the feature model M."""
+
+    G: nn.Module
+    E: nn.Module
+    M: nn.Module | None
+
+
+class ChainEvaluator:
+    """Evaluates a spec's chain variables for one batch (x, z), each distinct expression once."""
+
+    def __init__(self, nets: ChainNetworks, method: MethodConfig, kernel_impl: str = "auto") -> None:
+        self.nets = nets
+        self.method = method
+        self.kernel_impl = kernel_impl
+
+    def evaluate(self, spec: TupleSpec, x: Tensor, z: Tensor) -> dict[Expr, Tensor]:
+        side = x.shape[-1]
+        max_size = self.method.mask_max_size or side
+        masks = {
+            n: sample_box_params(x.shape[0], side, side, min_size=self.method.mask_min_size,
+                                 max_size=max_size, device=x.device)
+            for n in spec.mask_indices
+        }
+        values: dict[Expr, Tensor] = {}
+        for node in spec.variables():
+            values[node] = self.apply(node, [values[a] for a in node.args], x, z, masks)
+        return values
+
+    def apply(self, node: Expr, args: list[Tensor], x: Tensor, z: Tensor, masks: dict[int, Tensor]) -> Tensor:
+        """One chain variable from its arguments' values."""
+        op = node.op
+        if op == "x":
+            return x
+        if op == "z":
+            return z
+        if op == "E":
+            mu, log_sigma = self.nets.E(args[0])
+            return mu + log_sigma.exp() * torch.randn_like(mu)
+        if op == "G":
+            return self.nets.G(args[0])
+        if op == "M":
+            assert self.nets.M is not None, "a spec with M(...) needs the networks' feature model"
+            return self.nets.M(args[0])
+        params = masks[int(op[-1])]
+        with annotate("gali/mask_composite"):
+            if op.startswith("mask"):
+                return mask_composite(args[0], params, fill=self.method.mask_fill, impl=self.kernel_impl).masked
+            # Under autocast G's output may be bf16 while x is fp32: the composite takes x's dtype.
+            y = args[1].to(args[0].dtype)
+            return mask_composite(args[0], params, y=y, fill=self.method.mask_fill, impl=self.kernel_impl).mix

@@ -1,0 +1,34 @@
+"""gali.engine.metrics: the evaluation metrics of docs/method.md §4.1 as pure functions.
+
+Reconstruction pixel- and feature-MSE and the inpainting MSE (``reconstruction``), the linear probe
+(``probe``), FID and KID on Inception features (``fid``). They sit below the training loop, whose
+snapshots measure the held-out reconstruction error; the evaluation protocol that feeds them from
+checkpoints and data splits is ``gali.engine.eval``.
+"""
+
+from gali.engine.metrics.fid import (
+    INCEPTION_INPUT_SIZE,
+    InceptionFeatures,
+    fid_implementation,
+    frechet_distance,
+    kernel_inception_distance,
+    load_inception,
+    to_uint8_range,
+)
+from gali.engine.metrics.probe import PROBE_C_GRID, ProbeResult, linear_probe, probe_validation_size
+from gali.engine.metrics.reconstruction import (
+    Summary,
+    feature_mse,
+    masked_pixel_mse,
+    network_features,
+    pixel_mse,
+    reconstruction_mse,
+    summarize,
+)
+
+__all__ = [
+    "INCEPTION_INPUT_SIZE", "PROBE_C_GRID", "InceptionFeatures", "ProbeResult", "Summary", "feature_mse",
+    "fid_implementation", "frechet_distance", "kernel_inception_distance", "linear_probe", "load_inception",
+    "masked_pixel_mse", "network_features", "pixel_mse", "probe_validation_size", "reconstruction_mse",
+    "summarize", "to_uint8_range",
+]

@@ -1,0 +1,7 @@
+"""gali.engine.nets: everything with parameters.
+
+The ``[model]`` section (``config``), the paper's architecture tables (``arch``), layers with their
+``ref`` twins and the weight init (``layers``), the paper's G, E and D (``paper``), frozen feature
+models behind their input resize (``feature_models``), the networks of one run (``networks``) and
+their inference chains: sampling, reconstruction, inpainting (``inference``).
+"""

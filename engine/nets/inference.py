@@ -1,0 +1,65 @@
+"""Inference chains of trained networks, in eval mode: sampling, reconstruction and inpainting.
+
+Reconstructions use z = μ_E(x) (docs/method.md §3.1); inpainting masks are the fixed evaluation boxes
+of docs/method.md §5 item 6, the same for every call with one seed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from gali.kernels.mask_composite import MaskComposite, mask_composite, sample_box_params
+
+# Evaluation boxes of GALI.md §5 item 6: sides 8..54 on 64x64 images, fully inside the image.
+EVAL_MASK_MIN, EVAL_MASK_MAX, EVAL_MASK_RESOLUTION = 8, 54, 64
+
+
+@torch.no_grad()
+def sample_images(G: nn.Module, z: Tensor) -> Tensor:
+    """G(z) in eval mode."""
+    was_training = G.training
+    G.eval()
+    images = G(z)
+    G.train(was_training)
+    return images
+
+
+@torch.no_grad()
+def reconstruction_chain(G: nn.Module, E: nn.Module, x: Tensor, depth: int = 2) -> list[Tensor]:
+    """[x, G(μ_E(x)), G(μ_E(G(μ_E(x)))), ...] with E and G in eval mode and z = μ (GALI.md §3.1)."""
+    was_training = G.training, E.training
+    G.eval()
+    E.eval()
+    chain = [x]
+    for _ in range(depth):
+        mu, _ = E(chain[-1])
+        chain.append(G(mu))
+    G.train(was_training[0])
+    E.train(was_training[1])
+    return chain
+
+
+def evaluation_box_params(n: int, resolution: int, *, seed: int, device: torch.device | str = "cpu") -> Tensor:
+    """``n`` fixed evaluation boxes, int32 (n, 4) ``[top, left, h, w]``, the same for every call with ``seed``.
+
+    Sides are uniform on 8..54 scaled to the resolution (54/64·R) and every box lies fully inside
+    the image (GALI.md §5 item 6). Drawn on the CPU from a seeded generator, so the boxes do not
+    depend on the device or on the training RNG, and moved to ``device``.
+    """
+    min_size = max(1, round(EVAL_MASK_MIN * resolution / EVAL_MASK_RESOLUTION))
+    max_size = max(min_size, round(EVAL_MASK_MAX * resolution / EVAL_MASK_RESOLUTION))
+    generator = torch.Generator().manual_seed(seed)
+    params = sample_box_params(n, resolution, resolution, min_size=min_size, max_size=max_size, generator=generator)
+    return params.to(device)
+
+
+def inpaint(G: nn.Module, E: nn.Module, x: Tensor, params: Tensor, *, fill: float = -2.0,
+            impl: str = "auto") -> tuple[MaskComposite, Tensor, Tensor]:
+    """The inpainting chain: (the masked input with its mask, G(μ_E(masked x)), the composite).
+
+    The composite keeps x outside each box and takes the inpainting inside it.
+    """
+    masked = mask_composite(x, params, fill=fill, impl=impl)
+    inpainted = reconstruction_chain(G, E, masked.masked, depth=1)[1]
+    return masked, inpainted, mask_composite(x, params, y=inpainted, fill=fill, impl=impl).mix

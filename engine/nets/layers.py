@@ -1,0 +1,94 @@
+"""Layers with a fast path and a reference twin, and the authors' weight init (docs/method.md §3.1).
+
+The layers whose kernel covers their whole input (E's and D's last convolution, G's first transposed
+convolution) run as one GEMM; ``set_layer_impl(net, 'ref')`` switches them back to ``nn.Conv``'s own
+forward, the twin the paper-structured baseline runs. Same parameters and state-dict keys either way.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gali.engine.nets.arch import Layer
+
+INIT_STD = 0.01
+
+
+LAYER_IMPLS = ("gemm", "ref")
+
+
+class FullKernelConv2d(nn.Conv2d):
+    """A convolution whose kernel covers its whole input (E's and D's last 4×4 → 1×1 layer), run as one GEMM.
+
+    With one output pixel the convolution is a Linear on the flattened input, and a plain matrix
+    product runs several times faster than the convolution primitives for this shape, backward
+    included (oneDNN on CPU). ``impl='ref'`` runs ``nn.Conv2d``'s own forward: the reference twin,
+    used by the paper-structured baseline. Same parameters, same state-dict keys.
+    """
+
+    impl = "gemm"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.impl == "ref" or tuple(x.shape[-2:]) != self.kernel_size:
+            return super().forward(x)
+        weight = self.weight
+        if not x.is_contiguous():  # channels-last: flatten both in (H, W, C) order, a view of x
+            x, weight = x.permute(0, 2, 3, 1), weight.permute(0, 2, 3, 1)
+        return F.linear(x.flatten(1), weight.flatten(1), self.bias)[:, :, None, None]
+
+
+class PointInputConvTranspose2d(nn.ConvTranspose2d):
+    """A transposed convolution of a 1×1 input (G's first layer, z → k×k), run as one GEMM.
+
+    Each input pixel paints one copy of the kernel, so the output is ``z @ W`` reshaped to
+    (N, C_out, k, k). ``impl='ref'`` runs ``nn.ConvTranspose2d``'s own forward (the reference twin).
+    The output is channels-last when the weight is (``compute.channels_last``), like the layers after it.
+    """
+
+    impl = "gemm"
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if self.impl == "ref" or output_size is not None or tuple(x.shape[-2:]) != (1, 1):
+            return super().forward(x, output_size)
+        n, (kh, kw) = x.shape[0], self.kernel_size
+        weight = self.weight  # (C_in, C_out, kh, kw)
+        if weight.is_contiguous():
+            out = (x.flatten(1) @ weight.flatten(1)).view(n, -1, kh, kw)
+        else:  # channels-last weight: a (kh, kw, C_out) product, viewed back as a channels-last output
+            out = (x.flatten(1) @ weight.permute(0, 2, 3, 1).flatten(1)).view(n, kh, kw, -1).permute(0, 3, 1, 2)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+def set_layer_impl(module: nn.Module, impl: str) -> None:
+    """Run every full-kernel layer of ``module`` as a GEMM (``'gemm'``, the default) or as ``nn.Conv`` (``'ref'``)."""
+    if impl not in LAYER_IMPLS:
+        raise ValueError(f"layer impl must be one of {LAYER_IMPLS}, got {impl!r}")
+    for m in module.modules():
+        if isinstance(m, FullKernelConv2d | PointInputConvTranspose2d):
+            m.impl = impl
+
+
+def make_conv(layer: Layer, in_channels: int, out_channels: int, in_size: int, *, bias: bool) -> tuple[nn.Module, int]:
+    """The layer and its output size for a square input of side ``in_size``."""
+    if layer.kind == "convT":
+        cls = PointInputConvTranspose2d if in_size == 1 else nn.ConvTranspose2d
+        out_size = (in_size - 1) * layer.stride + layer.kernel
+    else:
+        cls = FullKernelConv2d if in_size == layer.kernel else nn.Conv2d
+        out_size = (in_size - layer.kernel) // layer.stride + 1
+    return cls(in_channels, out_channels, layer.kernel, stride=layer.stride, bias=bias), out_size
+
+
+def init_weights(module: nn.Module) -> None:
+    """The authors' ``weights_init`` on every submodule of ``module`` (GALI.md §3.1)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
+            nn.init.normal_(m.weight, 0.0, INIT_STD)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+

@@ -1,0 +1,96 @@
+"""The graph-ready runner of the step: static input buffers, one CUDA graph per phase, the eager twin on CPU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gali.engine.errors import GaliError
+from gali.engine.ranges import annotate
+from gali.engine.step.eager import PHASES, GaliStep, check_phase
+
+
+class GraphedStep:
+    """The graph-ready runner: static input buffers, one CUDA graph per phase, the eager twin on CPU.
+
+    Each call checks the batch's shape, dtype and device against the first batch (a CUDA graph
+    replays fixed addresses and shapes) and copies it into the static buffer. On CUDA the first
+    ``warmup`` calls of a phase run eagerly on a side stream (they are real training steps that
+    also create the optimizer state), the next one captures :meth:`GaliStep.update` and replays
+    it, and every later call only replays. Random draws (z, ε, masks, instance noise) use the
+    default CUDA generator, whose philox offset advances on every replay, so each replay draws
+    fresh noise. The returned tensors are the graph's static outputs: read or accumulate them
+    before the next call, which overwrites them.
+
+    On a CPU there is nothing to capture: the same update runs on the same static buffers, which
+    makes this class the testable twin of the graphed path.
+    """
+
+    def __init__(self, inner: GaliStep, *, warmup: int = 3) -> None:
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (the optimizer state is created eagerly), got {warmup}")
+        self.inner = inner
+        self.warmup = warmup
+        self.captures = inner.device.type == "cuda"
+        self._x: Tensor | None = None
+        self._noise_std: Tensor | None = None
+        self._eager_calls: dict[str, int] = dict.fromkeys(PHASES, 0)
+        self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[str, dict[str, Tensor]] = {}
+
+    def step(self, x: Tensor, noise_std: Tensor, phase: str = "both") -> dict[str, Tensor]:
+        check_phase(phase)
+        self._load(x, noise_std)
+        assert self._x is not None and self._noise_std is not None
+        with annotate("gali/step"):
+            if phase in self._graphs:
+                self._graphs[phase].replay()
+                return self._outputs[phase]
+            if not self.captures:
+                return self.inner.update(self._x, self._noise_std, phase)
+            if self._eager_calls[phase] < self.warmup:
+                self._eager_calls[phase] += 1
+                side = torch.cuda.Stream(self.inner.device)
+                side.wait_stream(torch.cuda.current_stream(self.inner.device))
+                with torch.cuda.stream(side):
+                    out = self.inner.update(self._x, self._noise_std, phase)
+                torch.cuda.current_stream(self.inner.device).wait_stream(side)
+                return out
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._outputs[phase] = self.inner.update(self._x, self._noise_std, phase)
+            self._graphs[phase] = graph
+            graph.replay()  # capture records without running: this replay is the step itself
+            return self._outputs[phase]
+
+    def _load(self, x: Tensor, noise_std: Tensor) -> None:
+        if self._x is None:
+            layout = torch.channels_last if self.inner.compute.channels_last else torch.contiguous_format
+            self._x = torch.empty_like(x, device=self.inner.device, memory_format=layout)
+            self._noise_std = torch.zeros((), device=self.inner.device)
+        want = (tuple(self._x.shape), self._x.dtype, self._x.device)
+        got = (tuple(x.shape), x.dtype, x.device)
+        if got != want:
+            raise GaliError(
+                f"graphed step: batch x is {_describe_tensor(*got)} but the step was built for "
+                f"{_describe_tensor(*want)}; "
+                "a CUDA graph replays one static shape, so every batch must have it (pipelines drop the last "
+                "partial batch; keep run.batch_size and data.resolution fixed), or set compute.cuda_graph=false"
+            )
+        if noise_std.dim() != 0 or not noise_std.dtype.is_floating_point:
+            raise GaliError(f"graphed step: noise_std must be a 0-d float tensor, got shape "
+                            f"{tuple(noise_std.shape)} {noise_std.dtype}")
+        self._x.copy_(x)
+        self._noise_std.copy_(noise_std)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def _describe_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> str:
+    return f"shape {shape} {str(dtype).removeprefix('torch.')} on {device}"
