@@ -30,7 +30,7 @@ python3 -m pytest -q bench/test_step.py -p no:cacheprovider --benchmark-columns=
   --benchmark-json="$out/bench-step.json" 2>&1 | tee "$out/bench-step.txt" | tail -30
 
 for impl in triton ref; do
-  gali train run.device=cuda method.kernel_impl=$impl run.kimg=10 run.tick_kimg=2.5 run.snapshot_kimg=10 \
+  gali train run.device=cuda compute.kernel_impl=$impl run.kimg=10 run.tick_kimg=2.5 run.snapshot_kimg=10 \
     data.workers=4 run.out_dir=/tmp/gali-runs-$impl 2>&1 | tee "$out/train-demo-$impl.txt" | tail -4
 done
 

@@ -1,7 +1,7 @@
 """kway_head benchmarks: fused Triton head vs its reference twin vs the authors' per-term cross-entropies.
 
 Run: ``pytest bench/test_kway_head.py`` (bench/ is not in the test suite's testpaths). On a CUDA machine the
-shapes are DESIGN.md's target, 8192 rows (K classes × B rows) × 1536 features, K = 4 and 8, bf16, plus the
+shapes are docs/architecture.md's target, 8192 rows (K classes × B rows) × 1536 features, K = 4 and 8, bf16, plus the
 grouped form with G = 3 groups of K = 4 logits (BigBiGAN-style unary-x, unary-z and joint scores; 12
 columns of W, :func:`kway_head_grouped`); without one the kernels run in Triton's CPU interpreter
 (bench/conftest.py) on tiny shapes, which checks the harness, not the speed.
@@ -15,7 +15,7 @@ impl:
 - ``triton-graph`` (CUDA only): the same step captured once in a CUDA graph and replayed, as the engine's
   graphed step runs it (no host overhead).
 - ``triton-fwd-graph`` (CUDA only): the fused forward alone (both launches, no backward), graphed: the
-  kernel time DESIGN.md's target is about (<= 30 µs and >= 70% of HBM bandwidth on an H100).
+  kernel time docs/architecture.md's target is about (<= 30 µs and >= 70% of HBM bandwidth on an H100).
 - ``ref``: :func:`kway_head_ref` / :func:`kway_head_grouped_ref`, plain PyTorch with autograd; ``ref-graph``
   (CUDA only) the same, graphed.
 - ``eager-16-ce``: the authors' code: logits via ``F.linear``, then K + K(K-1) separate ``F.cross_entropy``

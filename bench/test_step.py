@@ -3,9 +3,9 @@
 Run: ``pytest bench/test_step.py --benchmark-json=FILE`` (``-k svhn32`` for one preset). Case names read
 ``test_step[<preset>-<mode>]``:
 
-preset  ``svhn32-gali4`` (GALI.md §3.2 networks, 32², K = 4) and ``celeba64-gali4`` / ``celeba64-gali-mix``
+preset  ``svhn32-gali4`` (docs/method.md §3.2 networks, 32², K = 4) and ``celeba64-gali4`` / ``celeba64-gali-mix``
         (§3.3 networks, 64²); the paper's widths (model.width = 1), d_z = 256, batch 100.
-mode    ``baseline``    :class:`gali.engine.paper_step.PaperStep`: K D calls, K² cross-entropies, per-sample
+mode    ``baseline``    :class:`gali.engine.step.paper.PaperStep`: K D calls, K² cross-entropies, per-sample
                         Python masks, two full backward passes, fp32, unfused Adam, no graph, every layer an
                         ``nn.Conv`` call (the authors' structure on the reference twins; what every other
                         mode is divided by);

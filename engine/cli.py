@@ -211,7 +211,7 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 
 def _add_eval_options(parser: argparse.ArgumentParser) -> None:
-    """Options of the evaluation protocol (GALI.md §4.1) common to eval and reproduce."""
+    """Options of the evaluation protocol (docs/method.md §4.1) common to eval and reproduce."""
     parser.add_argument("--batch-size", type=_positive, default=100, help="images per batch; the ± is over batches")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the data order, masks, probe draws and z (reproduce: and of training)")

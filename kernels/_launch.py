@@ -27,7 +27,6 @@ __all__ = ["IMPLS", "Impl", "InterpretedFunction", "device_guard", "interpreted"
 
 Impl = Literal["auto", "triton", "ref"]
 IMPLS: tuple[str, ...] = ("auto", "triton", "ref")
-_IMPLS_IN_WORDS = ", ".join(map(repr, IMPLS[:-1])) + f" or {IMPLS[-1]!r}"
 
 
 def interpreted(kernel: object) -> bool:
@@ -46,10 +45,7 @@ def use_triton(op: str, impl: str, t: object, dtypes: tuple[torch.dtype, ...], k
     An unknown ``impl`` is a ValueError. Errors name the op and say what to do.
     """
     if impl not in IMPLS:
-        raise ValueError(
-            f"{op}: impl must be one of {IMPLS}, got {impl!r} (impl must be {_IMPLS_IN_WORDS}; 'auto' runs "
-            "Triton on CUDA tensors and the reference elsewhere)"
-        )
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r} ('auto': Triton on CUDA, else ref)")
     if impl == "ref":
         return False
     on_cuda = isinstance(t, Tensor) and t.is_cuda

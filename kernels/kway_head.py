@@ -1,7 +1,7 @@
 """kway_head: the discriminator's last linear layer fused with GALI's K-way losses and their gradients.
 
 GALI's discriminator ends in a linear layer that maps each tuple's features h (N, F) to K logits, one per
-tuple class (GALI.md §1.3-1.6). Every step needs, from the same logits:
+tuple class (docs/method.md §1.3-1.6). Every step needs, from the same logits:
 
 - the D loss, a weighted K-way cross-entropy to the row's true class y (paper weight w_true = 2/K),
 - the G/E "product of terms" loss, a weighted sum of cross-entropies to every other class
@@ -54,7 +54,7 @@ Measured on an H100 80GB HBM3 (N = 8192, F = 1536, K = 4 and 8, G = 1; triton.te
 and bench/test_kway_head.py): bf16/fp16 forward (both launches) 41-43 µs, about 1.8 TB/s of the 3·N·F·s
 minimum; the training step's forward + both backward calls captured in a CUDA graph 85-98 µs, against
 150-170 µs for the graphed reference twin. fp32 forward 188 µs: IEEE fp32 dot products run on CUDA cores,
-not tensor cores. DESIGN.md's target for the forward (<= 30 µs, >= 70% of HBM bandwidth) is not met yet.
+not tensor cores. docs/architecture.md's target for the forward (<= 30 µs, >= 70% of HBM bandwidth) is not met yet.
 The grouped form (G = 3; pytest-benchmark medians, bench/reports/2026-11-24-h100-kway-head-grouped.json):
 forward 56 µs (K = 4) and 66 µs (K = 8), graphed step 100 and 110 µs, against 392 µs for the graphed
 reference twin in the same run.

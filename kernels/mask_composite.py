@@ -1,6 +1,6 @@
 """Inpainting masks drawn on the device, the encoder's masked input and the mix composite, in one pass.
 
-GALI-mix (GALI.md §2.3) feeds the encoder masked images and feeds D mixed images ``x·(1−m) + y·m``
+GALI-mix (docs/method.md §2.3) feeds the encoder masked images and feeds D mixed images ``x·(1−m) + y·m``
 with instance noise. Built from plain PyTorch ops, that is a mask tensor materialised from per-sample
 parameters, then a fill, a blend and a noise add, each a separate pass over (B, C, H, W) memory, with
 the mask read back once per use. This op fuses all of it: each program loads its sample's mask
@@ -8,7 +8,7 @@ parameters once, computes the mask of its block of pixels in registers (no mask 
 walks the channels and writes every output exactly once:
 
 - ``mask``   (B, 1, H, W), x's dtype, 1 = masked;
-- ``masked`` (B, C, H, W) = x·(1−m) + fill·m, the encoder's input (fill −2 by default, GALI.md §5.6);
+- ``masked`` (B, C, H, W) = x·(1−m) + fill·m, the encoder's input (fill −2 by default, docs/method.md §5 item 6);
 - ``mix``    (B, C, H, W) = x·(1−m) + y·m (+ noise_std·noise), or None without ``y``.
 
 The backward is one fused pass too: grad_x = (g_masked + g_mix)·(1−m), grad_y = g_mix·m, with the mask
@@ -23,7 +23,7 @@ Mask kinds, with parameters per sample:
 
 - ``"box"``: int32 (B, 4) ``[top, left, box_h, box_w]``; pixel (r, c) is masked when
   top ≤ r < top+box_h and left ≤ c < left+box_w. :func:`sample_box_params` draws the paper's
-  distribution (GALI.md §2.3, §5.5).
+  distribution (docs/method.md §2.3, §5 item 5).
 - ``"stroke"``: float32 (B, S, 5) ``[x0, y0, x1, y1, radius]`` (x = column, y = row, pixel centres at
   integer coordinates); a pixel is masked when its distance to any of the S segments is ≤ radius. The
   test is division-free: fp32 projections and squared distances, and fp64 for the one product that
@@ -425,7 +425,7 @@ def mask_composite(
             from :func:`sample_box_params` / :func:`sample_stroke_params`. No gradient.
         y: optional (B, C, H, W) image of x's dtype pasted inside the mask (GALI-mix's G(E(M(x)))).
         kind: 'box' or 'stroke'.
-        fill: value written into masked pixels of ``masked`` (−2, just outside tanh's range, GALI.md §5.6).
+        fill: value written into masked pixels of ``masked`` (−2, just outside tanh's range, docs/method.md §5 item 6).
         noise: optional (B, C, H, W) standard-normal draw added to ``mix`` as D's instance noise.
         noise_std: its scale, a float or a 0-d tensor on x's device (a tensor keeps a changing schedule
             capturable across CUDA-graph replays).
@@ -562,8 +562,8 @@ def sample_box_params(
     box_h and box_w are each uniform on {min_size, ..., max_size} (max_size defaults to the side:
     height for box_h, width for box_w), and the corner is uniform over the positions where the box fits
     inside the image: top on {0, ..., height−box_h}, left on {0, ..., width−box_w}. This is the paper's
-    training distribution (GALI.md §2.3) without the authors' bugs (empty boxes; the column offset drawn
-    with the height, §5.5). Evaluation masks are the same call with min_size=8, max_size=54 on 64² and a
+    training distribution (docs/method.md §2.3) without the authors' bugs (empty boxes; the column offset drawn
+    with the height, §5 item 5). Evaluation masks are the same call with min_size=8, max_size=54 on 64² and a
     seeded generator. One RNG call and a few elementwise ops: no host sync, no per-sample loop.
     """
     _check_int("n", n, 1)

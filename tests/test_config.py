@@ -105,3 +105,19 @@ def test_dry_run_prints_the_resolved_config_and_trains_nothing(capsys, tmp_path)
 def test_cli_reports_a_bad_value_and_exits_nonzero(capsys):
     assert main(["train", "--dry-run", "optim.n_dis=0"]) == 2
     assert "optim.n_dis" in capsys.readouterr().err
+
+
+def test_deprecated_keys_warn_and_set_the_keys_that_replaced_them():
+    with pytest.warns(FutureWarning, match=r"'method\.kernel_impl' is deprecated and will be removed; use 'compute\."):
+        cfg = load_config("demo", ["method.kernel_impl=ref"])
+    assert cfg.compute.kernel_impl == "ref"
+    with pytest.warns(FutureWarning, match=r"'data\.channels_last' is deprecated .* use 'compute\.channels_last'"):
+        cfg = load_config("demo", ["data.channels_last=false"])
+    assert cfg.compute.channels_last is False
+    old = load_config("demo").to_dict()  # a config saved before kernel_impl moved to [compute]
+    old["method"]["kernel_impl"] = old["compute"].pop("kernel_impl")
+    old["method"]["kernel_impl"] = "triton"
+    with pytest.warns(FutureWarning):
+        assert config_from_dict(old).compute.kernel_impl == "triton"
+    with pytest.raises(ConfigError, match=r"compute\.kernel_impl"), pytest.warns(FutureWarning):
+        load_config("demo", ["method.kernel_impl=cuda"])

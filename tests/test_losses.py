@@ -1,4 +1,4 @@
-"""GALI's losses against hand-computed values (GALI.md §1.3-1.6)."""
+"""GALI's losses against hand-computed values (docs/method.md §1.3-1.6)."""
 
 import math
 
@@ -59,7 +59,8 @@ def test_k2_is_the_standard_gan_with_non_saturating_generator_loss():
     real, fake = score[:batch], score[batch:]
     bce = F.binary_cross_entropy_with_logits
     assert loss_d.item() == pytest.approx((bce(real, torch.ones_like(real)) + bce(fake, torch.zeros_like(fake))).item())
-    want_ge = bce(fake, torch.ones_like(fake)) + bce(real, torch.zeros_like(real))  # labels swapped, GALI.md §1.2
+    # labels swapped, docs/method.md §1.2
+    want_ge = bce(fake, torch.ones_like(fake)) + bce(real, torch.zeros_like(real))
     assert loss_ge.item() == pytest.approx(want_ge.item())
 
 
@@ -81,7 +82,7 @@ def test_logit_gradients_match_the_closed_form(k):
 
 
 def test_optimum_value_of_product_of_terms_is_minus_k_k_minus_1_log_k():
-    """At D = 1/K everywhere the unweighted G/E objective is K(K-1) log K (GALI.md §5 item 12)."""
+    """At D = 1/K everywhere the unweighted G/E objective is K(K-1) log K (docs/method.md §5 item 12)."""
     k, batch = 4, 3
     logits = torch.zeros(k * batch, k)
     labels = torch.arange(k).repeat_interleave(batch)

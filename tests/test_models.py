@@ -1,4 +1,4 @@
-"""G, E and D of GALI.md §3: shapes, exact layer hyperparameters, init, spectral norm, slots."""
+"""G, E and D of docs/method.md §3: shapes, exact layer hyperparameters, init, spectral norm, slots."""
 
 from __future__ import annotations
 

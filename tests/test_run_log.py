@@ -70,7 +70,8 @@ def test_lines_mode_logs_one_line_per_tick_and_appends_jsonl(tmp_path):
 
 
 def test_the_bar_redraws_one_line_and_messages_print_above_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("gali.engine.loop.run_log.shutil.get_terminal_size", lambda fallback: os.terminal_size((80, 24)))
+    monkeypatch.setattr("gali.engine.loop.run_log.shutil.get_terminal_size",
+                        lambda fallback: os.terminal_size((80, 24)))
     terminal = FakeTerminal()
     lines: list[str] = []
     run_log = RunLog(tmp_path, total_kimg=10, progress="auto", log=lines.append, stream=terminal)
@@ -91,7 +92,8 @@ def test_the_bar_redraws_one_line_and_messages_print_above_it(tmp_path, monkeypa
 
 
 def test_full_width_bar_carries_every_field(tmp_path, monkeypatch):
-    monkeypatch.setattr("gali.engine.loop.run_log.shutil.get_terminal_size", lambda fallback: os.terminal_size((400, 24)))
+    monkeypatch.setattr("gali.engine.loop.run_log.shutil.get_terminal_size",
+                        lambda fallback: os.terminal_size((400, 24)))
     terminal = FakeTerminal()
     run_log = RunLog(tmp_path, total_kimg=10, progress="bar", log=lambda line: None, stream=terminal)
     run_log.tick(TICK)

@@ -115,7 +115,7 @@ def test_gali4_image_rows_without_a_gradient_get_their_own_d_call(phase, want):
 def test_each_encoder_call_draws_its_own_noise(monkeypatch):
     step = make_step("gali-mix")
     seen = record_step(step, monkeypatch)
-    # E(mask2(...)) and E(mask4(mix1(...))) shared one ε in the authors' code (GALI.md §5 item 14)
+    # E(mask2(...)) and E(mask4(mix1(...))) shared one ε in the authors' code (docs/method.md §5 item 14)
     latents = [v for key, v in seen["values"].items() if key.startswith("E(")]
     assert len(latents) == 4
     for i in range(4):

@@ -1,11 +1,11 @@
-"""Tuple specs: each preset is exactly the classes of GALI.md §2, parsed and type-checked."""
+"""Tuple specs: each preset is exactly the classes of docs/method.md §2, parsed and type-checked."""
 
 import pytest
 
 from gali.engine.errors import ConfigError
 from gali.engine.method.tuple_spec import load_spec, parse_expr, spec_from_table, spec_names
 
-# The tables of GALI.md §2, in the authors' class-index order.
+# The tables of docs/method.md §2, in the authors' class-index order.
 EXPECTED = {
     "ali": [("x", "E(x)"), ("G(z)", "z")],
     "alice": [("x", "E(x)"), ("G(z)", "z")],
@@ -37,7 +37,7 @@ EXPECTED = {
         ("G(E(G(z)))", "z", "M(G(z))"),
     ],
 }
-# Network calls per step, GALI.md §3.6 (ALICE adds G(E(x)) for its pixel loss).
+# Network calls per step, docs/method.md §3.6 (ALICE adds G(E(x)) for its pixel loss).
 CALLS = {
     "ali": (1, 1, 0), "alice": (1, 2, 0), "gali4": (3, 3, 0), "gali8": (3, 3, 0),
     "gali-mix": (4, 3, 0), "gali-pt": (3, 3, 3),

@@ -2,7 +2,7 @@
 
 The metrics themselves are pure functions in :mod:`gali.engine.metrics`; this module feeds them
 from a checkpoint's networks and a data split.
-Protocol (GALI.md §4.1; every choice is recorded in the JSON):
+Protocol (docs/method.md §4.1; every choice is recorded in the JSON):
 
 - The evaluation split is read once, every image of it (including the last partial batch), in an
   order shuffled from the seed, in batches of ``batch_size`` (100, as the paper's ± is the std over
@@ -10,7 +10,7 @@ Protocol (GALI.md §4.1; every choice is recorded in the JSON):
 - ``inpaint`` masks one fixed box per image (:func:`gali.engine.nets.inference.evaluation_box_params`: sides
   8..54 on 64² scaled to the resolution, fully inside the image, drawn from the seed), feeds the
   encoder the masked image (masked pixels hold the checkpoint's ``method.mask_fill``) and scores
-  the composite x·(1−m) + G(μ_E(masked x))·m (GALI.md §4.1, §5 items 5-7).
+  the composite x·(1−m) + G(μ_E(masked x))·m (docs/method.md §4.1, §5 items 5-7).
 - ``probe`` draws its labelled sets from the training split (at most ``probe_pool`` images, seeded)
   and reports the error on the evaluation split.
 - ``fid``/``kid`` compare ``fid_samples`` samples G(z), z ~ N(0, I) from the seed, with the first
@@ -80,14 +80,14 @@ METRICS: dict[str, str] = {
 
 @dataclass
 class EvalOptions:
-    """Settings of one evaluation (the CLI's options; defaults follow GALI.md §4.1).
+    """Settings of one evaluation (the CLI's options; defaults follow docs/method.md §4.1).
 
     data_overrides: ``data.key=value`` strings applied to the checkpoint's data config (e.g. a
                     moved ``data.root``); keys of other sections are rejected.
     feature_*:      the frozen feature network of feature-MSE (TorchScript, or a state dict with
                     ``feature_arch``), its input size (0 = the data resolution) and resize mode.
                     'nearest' matches the authors' SVHN evaluation code, the paper says bilinear
-                    (GALI.md §5 item 4).
+                    (docs/method.md §5 item 4).
     probe_*:        labelled images per draw, validation images (None = min(10000, (N − labelled)/2)),
                     number of draws, and the most training images read for the probe.
     inception*:     the FID/KID network file (see :func:`gali.engine.metrics.fid.load_inception`) and its input size.

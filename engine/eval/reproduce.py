@@ -4,7 +4,7 @@ Each method is its tuple spec (``engine/method/tuples/``) on the same preset (th
 any data set through ``data.*`` overrides), trained with :func:`gali.engine.loop.train.train` for the same
 number of kimg from the same seed, then evaluated by :func:`gali.engine.eval.protocol.evaluate` on the
 held-out split: reconstruction pixel-MSE, linear-probe error and, when Inception weights are given,
-FID. The paper's numbers (GALI.md §4.2) stand beside ours for reference; they are for SVHN and
+FID. The paper's numbers (docs/method.md §4.2) stand beside ours for reference; they are for SVHN and
 CelebA at the authors' full budgets, so only the ordering of the methods can be compared.
 Training and evaluation are seeded, so a second run with the same options prints the same table.
 """
@@ -31,7 +31,7 @@ DEFAULT_KIMG = 8.0
 # Keys that the command's own options set; an override of one of them would contradict them.
 RESERVED_KEYS = ("method.tuples", "run.kimg", "run.seed", "run.out_dir")
 
-# GALI.md §4.2: Table 1 (SVHN pixel-MSE), Table 2 (SVHN linear-SVM error, %; ALI is the GALI
+# docs/method.md §4.2: Table 1 (SVHN pixel-MSE), Table 2 (SVHN linear-SVM error, %; ALI is the GALI
 # authors' own baseline run), Table 3 (CelebA FID). GALI-mix was only run on CelebA inpainting.
 PAPER: dict[str, dict[str, str]] = {
     "ali": {"pixel_mse": "0.023 ± 0.0024", "probe": "19.05 ± 0.53", "fid": "24.49"},
@@ -40,7 +40,7 @@ PAPER: dict[str, dict[str, str]] = {
     "gali8": {"pixel_mse": "0.0095 ± 0.0016", "probe": "15.82 ± 0.43", "fid": "—"},
     "gali-mix": {"pixel_mse": "—", "probe": "—", "fid": "—"},
 }
-PAPER_NOTE = ("Paper columns (GALI.md §4.2): pixel-MSE on SVHN 32×32 test (Table 1), linear-SVM error on SVHN "
+PAPER_NOTE = ("Paper columns (docs/method.md §4.2): pixel-MSE on SVHN 32×32 test (Table 1), linear-SVM error on SVHN "
               "with 1,000 labels (Table 2), FID on CelebA 64×64 (Table 3), each after the authors' full training "
               "(100-300 epochs). GALI-mix was evaluated only on CelebA inpainting (pixel-MSE 0.031 ± 0.0050, "
               "Table 5). They are for reference: other data, other budgets.")

@@ -55,7 +55,7 @@ def inpainting_grid(G: nn.Module, E: nn.Module, x: Tensor, params: Tensor, *, fi
 
     ``params`` are box parameters, one row per image (see
     :func:`gali.engine.nets.inference.evaluation_box_params`); ``fill`` is the value the encoder sees in
-    masked pixels (shown black in the grid). The composite is the inpainted image that GALI.md §4 evaluates.
+    masked pixels (shown black in the grid). The composite is the inpainted image that docs/method.md §4 evaluates.
     """
     masked, inpainted, composite = inpaint(G, E, x, params, fill=fill, impl=impl)
     return tile(torch.cat([x, masked.masked, inpainted, composite]), columns=x.shape[0])

@@ -1,4 +1,4 @@
-"""GALI's loss weights and the statistics and extra terms around the K-way losses (GALI.md §1.3-1.6).
+"""GALI's loss weights and the statistics and extra terms around the K-way losses (docs/method.md §1.3-1.6).
 
 Rows of ``logits`` are grouped by class: ``labels[i]`` is the class the i-th row's tuple was drawn
 from, and every class has the same number B of rows (``nn.CrossEntropyLoss`` averages over B).
@@ -42,5 +42,5 @@ def true_class_probability(logits: Tensor, labels: Tensor, num_classes: int) -> 
 
 
 def reconstruction_loss(target: Tensor, output: Tensor) -> Tensor:
-    """ALICE's pixel MSE between x and G(E(x)) in [-1, 1] space (GALI.md §2.5)."""
+    """ALICE's pixel MSE between x and G(E(x)) in [-1, 1] space (docs/method.md §2.5)."""
     return F.mse_loss(output.float(), target.float())

@@ -1,4 +1,4 @@
-"""Tuple specs as data: the K classes a GALI variant asks D to tell apart (GALI.md §2).
+"""Tuple specs as data: the K classes a GALI variant asks D to tell apart (docs/method.md §2).
 
 A spec is a TOML file (package data ``engine/method/tuples/<name>.toml`` or any path) that lists, for
 every class in the authors' index order, the slots of its tuple as chain expressions:

@@ -68,7 +68,7 @@ def linear_probe(
     c_grid: Sequence[float] = PROBE_C_GRID,
     seed: int = 0,
 ) -> ProbeResult:
-    """Linear-SVM probe of representations (GALI.md §4.1, following ALI): mean ± std test error.
+    """Linear-SVM probe of representations (docs/method.md §4.1, following ALI): mean ± std test error.
 
     The training rows are split once (seeded) into a validation set of ``validation`` rows
     (default ``min(10000, (N - labelled) // 2)``; ALI used 10,000) and a pool. Each of ``draws``

@@ -38,7 +38,7 @@ class Summary:
 
 
 def summarize(values: Sequence[float]) -> Summary:
-    """The mean ± std over batches (GALI.md §4.1: the ± of the paper's tables is the std over test batches)."""
+    """The mean ± std over batches (docs/method.md §4.1: the ± of the paper's tables is the std over test batches)."""
     if not values:
         raise ValueError("summarize needs at least one value")
     array = np.asarray(values, dtype=np.float64)
@@ -62,7 +62,7 @@ def masked_pixel_mse(x: Tensor, y: Tensor, mask: Tensor) -> float:
     ``mask`` is (B, 1, H, W) with 1 where a pixel is masked. The squared differences of every
     channel of every masked pixel in the batch are pooled: their sum divided by (masked pixels × C).
     Pixels outside the mask do not enter, so an inpainting that leaves them unchanged is not
-    rewarded for them (GALI.md §5 item 7).
+    rewarded for them (docs/method.md §5 item 7).
     """
     if x.shape != y.shape or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2:] != x.shape[2:]:
         raise ValueError(
@@ -89,7 +89,7 @@ def network_features(model: nn.Module, x: Tensor, *, input_size: int = 0, resize
 
 def feature_mse(model: nn.Module, x: Tensor, x_hat: Tensor, *, input_size: int = 0, resize: str = "nearest",
                 name: str = "the feature network") -> float:
-    """MSE between ``model``'s features of two image batches in [-1, 1] (GALI.md §4.1 feature-MSE).
+    """MSE between ``model``'s features of two image batches in [-1, 1] (docs/method.md §4.1 feature-MSE).
 
     The images are resized to ``input_size`` (0 keeps them) with ``resize`` and fed in [-1, 1],
     as the authors' SVHN and CelebA feature nets take them.
@@ -100,7 +100,7 @@ def feature_mse(model: nn.Module, x: Tensor, x_hat: Tensor, *, input_size: int =
 
 
 def reconstruction_mse(G: nn.Module, E: nn.Module, batches: Iterable[Tensor]) -> float:
-    """Pixel MSE of x̂ = G(μ_E(x)) in [0, 1] space, averaged over images (GALI.md §4.1)."""
+    """Pixel MSE of x̂ = G(μ_E(x)) in [0, 1] space, averaged over images (docs/method.md §4.1)."""
     total, count = 0.0, 0
     for x in batches:
         x_hat = reconstruction_chain(G, E, x, depth=1)[1]

@@ -45,7 +45,7 @@ class ArchSpec:
 
 
 ARCH_SPECS: dict[str, ArchSpec] = {
-    # GALI.md §3.2, authors' model/SVHN/model_disc_4_SN_bat_linear_tanh.py
+    # docs/method.md §3.2, authors' model/SVHN/model_disc_4_SN_bat_linear_tanh.py
     "svhn32": ArchSpec(
         slope=0.01,
         generator=(
@@ -67,7 +67,7 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         latent_widths=(512, 512),
         joint_widths=(1024, 1024),
     ),
-    # GALI.md §3.3, authors' model/CelebA/model_disc_4_celeb_SN_bat_linear_tanh.py
+    # docs/method.md §3.3, authors' model/CelebA/model_disc_4_celeb_SN_bat_linear_tanh.py
     "celeba64": ArchSpec(
         slope=0.02,
         generator=(

@@ -1,4 +1,4 @@
-"""The frozen pretrained model M of GALI-PT's ``M(...)`` slots (GALI.md §2.4), loaded from a path.
+"""The frozen pretrained model M of GALI-PT's ``M(...)`` slots (docs/method.md §2.4), loaded from a path.
 
 Nothing is ever downloaded: ``method.feature_model`` names a local file, either
 
@@ -10,7 +10,7 @@ Nothing is ever downloaded: ``method.feature_model`` names a local file, either
 Named architectures:
 
 ``svhn-multidigit``
-    The public multi-digit SVHN recogniser (GALI.md [SVHNM], potterhsu/SVHNClassifier-PyTorch)
+    The public multi-digit SVHN recogniser (docs/method.md [SVHNM], potterhsu/SVHNClassifier-PyTorch)
     cut at its 3072-d shared feature vector, the one the GALI-PT code feeds to D: eight blocks
     Conv5×5(pad 2)-BN-ReLU-MaxPool2(pad 1, stride 2 and 1 alternating)-Dropout(0.2) with 48, 64,
     128, 160, 192, 192, 192, 192 channels, then Linear(192·7·7→3072)-ReLU twice. Input
@@ -21,7 +21,7 @@ Named architectures:
 
 The loaded model is in eval mode (BatchNorm running statistics, Dropout off) with every parameter
 frozen (``requires_grad=False``); gradients still flow through it to its input, as GALI-PT needs
-(GALI.md §2.4). The authors instead kept the SVHN net's Dropout active during training (GALI.md
+(docs/method.md §2.4). The authors instead kept the SVHN net's Dropout active during training (docs/method.md
 §5 item 15); a caller that wants that calls ``.train()`` and puts the BatchNorm layers back in eval.
 """
 

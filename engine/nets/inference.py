@@ -1,7 +1,7 @@
 """Inference chains of trained networks, in eval mode: sampling, reconstruction and inpainting.
 
 Reconstructions use z = μ_E(x) (docs/method.md §3.1); inpainting masks are the fixed evaluation boxes
-of docs/method.md §5 item 6, the same for every call with one seed.
+of docs/method.md §5 item 5, the same for every call with one seed.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from gali.kernels.mask_composite import MaskComposite, mask_composite, sample_box_params
 
-# Evaluation boxes of GALI.md §5 item 6: sides 8..54 on 64x64 images, fully inside the image.
+# Evaluation boxes of docs/method.md §5 item 5: sides 8..54 on 64x64 images, fully inside the image.
 EVAL_MASK_MIN, EVAL_MASK_MAX, EVAL_MASK_RESOLUTION = 8, 54, 64
 
 
@@ -27,7 +27,7 @@ def sample_images(G: nn.Module, z: Tensor) -> Tensor:
 
 @torch.no_grad()
 def reconstruction_chain(G: nn.Module, E: nn.Module, x: Tensor, depth: int = 2) -> list[Tensor]:
-    """[x, G(μ_E(x)), G(μ_E(G(μ_E(x)))), ...] with E and G in eval mode and z = μ (GALI.md §3.1)."""
+    """[x, G(μ_E(x)), G(μ_E(G(μ_E(x)))), ...] with E and G in eval mode and z = μ (docs/method.md §3.1)."""
     was_training = G.training, E.training
     G.eval()
     E.eval()
@@ -44,7 +44,7 @@ def evaluation_box_params(n: int, resolution: int, *, seed: int, device: torch.d
     """``n`` fixed evaluation boxes, int32 (n, 4) ``[top, left, h, w]``, the same for every call with ``seed``.
 
     Sides are uniform on 8..54 scaled to the resolution (54/64·R) and every box lies fully inside
-    the image (GALI.md §5 item 6). Drawn on the CPU from a seeded generator, so the boxes do not
+    the image (docs/method.md §5 item 5). Drawn on the CPU from a seeded generator, so the boxes do not
     depend on the device or on the training RNG, and moved to ``device``.
     """
     min_size = max(1, round(EVAL_MASK_MIN * resolution / EVAL_MASK_RESOLUTION))

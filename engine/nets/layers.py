@@ -81,7 +81,7 @@ def make_conv(layer: Layer, in_channels: int, out_channels: int, in_size: int, *
 
 
 def init_weights(module: nn.Module) -> None:
-    """The authors' ``weights_init`` on every submodule of ``module`` (GALI.md §3.1)."""
+    """The authors' ``weights_init`` on every submodule of ``module`` (docs/method.md §3.1)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
             nn.init.normal_(m.weight, 0.0, INIT_STD)

@@ -1,11 +1,11 @@
-"""The networks of GALI.md §3: generator G, stochastic encoder E and the tuple discriminator D.
+"""The networks of docs/method.md §3: generator G, stochastic encoder E and the tuple discriminator D.
 
 Each architecture is one small table (:data:`gali.engine.nets.arch.ARCH_SPECS`) read by three generic classes, so the
 SVHN-32 and CelebA-64 networks differ only in their numbers:
 
 - **G** (:class:`Generator`): bias-free transposed convolutions, each followed by BatchNorm and
   LeakyReLU, then a bias-free 1×1 convolution to RGB; the output is
-  ``tanh(net(z) + output_bias)`` with a learnable per-pixel ``output_bias`` (GALI.md §3.1).
+  ``tanh(net(z) + output_bias)`` with a learnable per-pixel ``output_bias`` (docs/method.md §3.1).
 - **E** (:class:`Encoder`): bias-free Conv-BN-LReLU blocks (then, for SVHN, a bias-free
   Linear-BN1d-LReLU block), then a Linear with bias to ``2·d_z`` numbers, split into μ and log σ
   (no clamp). The convolutions run the image down to 1×1.
@@ -14,11 +14,11 @@ SVHN-32 and CelebA-64 networks differ only in their numbers:
   are concatenated in slot order and fed to the joint D(x,z) MLP and the K-logit ``head``.
   Spectral norm (one power iteration) on every Conv and Linear, biases, no BatchNorm, no dropout.
 
-D(x) uses the same kernels, strides and channels as E's convolutions (GALI.md §3.2/§3.3), so the
+D(x) uses the same kernels, strides and channels as E's convolutions (docs/method.md §3.2/§3.3), so the
 table lists them once; ``width`` scales the hidden widths (``nets.arch``). The full-kernel layers are
 the GEMM layers of ``nets.layers``.
 
-Weights start as the authors' ``weights_init`` (GALI.md §3.1): Conv/ConvTranspose/Linear weights
+Weights start as the authors' ``weights_init`` (docs/method.md §3.1): Conv/ConvTranspose/Linear weights
 ~ N(0, 0.01²) and biases 0, BatchNorm γ = 1 and β = 0. In D the init runs before spectral norm is
 attached, so it lands on the parametrization's original weight.
 """
@@ -143,7 +143,7 @@ class Encoder(nn.Module):
         return mu, log_sigma
 
     def features(self, x: Tensor) -> list[Tensor]:
-        """The linear-SVM probe's features (GALI.md §4.1), each flattened to (B, n).
+        """The linear-SVM probe's features (docs/method.md §4.1), each flattened to (B, n).
 
         ``[out, x3, x2, x1]``: the raw 2·d_z output (μ and log σ), then the last three hidden
         layers, last first. For svhn32 that is 512 + 512 + 512 + 4096 = 5632 numbers, for celeba64
@@ -173,7 +173,7 @@ class Discriminator(nn.Module):
     for GALI-PT. Slots are (N, 3, R, R) images, (N, d_z) latents or (N, extra_dim) features. Every
     slot of one kind goes through the same branch (in one call, stacked along the batch); the
     branch outputs are concatenated in slot order, so the joint MLP's input width follows from
-    the slots (GALI.md §3.4). Branches of kinds that no slot uses are not built.
+    the slots (docs/method.md §3.4). Branches of kinds that no slot uses are not built.
 
     ``features(slots)`` is everything before the last Linear; ``head`` is that Linear (F -> K),
     so ``forward(slots) == head(features(slots))``. Under the spectral-norm parametrization

@@ -11,7 +11,7 @@ Two runners share one update function, :meth:`GaliStep.update`:
   * :class:`gali.engine.step.graphed.GraphedStep` copies each batch into static buffers and, on
     CUDA, replays a CUDA graph of it captured after warm-up (one graph per phase).
 
-Update rules (GALI.md §3.6, §5 item 10):
+Update rules (docs/method.md §3.6, §5 item 10):
   * n_dis = 1, phase 'both': the simultaneous update. One forward; ∂L_D/∂θ_D and ∂L_GE/∂θ_GE
     are taken from the same graph with ``torch.autograd.grad`` (each only into its own
     parameters), then both optimizers step. The G/E gradient therefore sees D's pre-update

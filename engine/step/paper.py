@@ -1,7 +1,7 @@
 """The paper-structured step: the authors' code's structure, the baseline every step benchmark beats.
 
 Same tuples, same losses, same update rule as :class:`gali.engine.step.eager.GaliStep`, built the way
-the authors' scripts build them (GALI.md §3.6):
+the authors' scripts build them (docs/method.md §3.6):
 
 * one D call per tuple class (K calls, each running its own spectral-norm power iterations);
 * the losses as K + K(K−1) separate ``F.cross_entropy`` calls on D's logits;

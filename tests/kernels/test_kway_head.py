@@ -35,7 +35,7 @@ NAMES = ("loss_d", "loss_ge", "dh_d", "dw_d", "db_d", "dh_ge", "dh_sum", "dw_sum
 
 
 def paper_weights(k: int) -> tuple[Tensor, Tensor]:
-    """w_true = 2/K, w_pair = 2/(K(K-1)) off the diagonal (GALI.md §1.6)."""
+    """w_true = 2/K, w_pair = 2/(K(K-1)) off the diagonal (docs/method.md §1.6)."""
     w_true = torch.full((k,), 2.0 / k)
     w_pair = torch.full((k, k), 2.0 / (k * (k - 1)))
     w_pair.fill_diagonal_(0.0)
@@ -43,7 +43,7 @@ def paper_weights(k: int) -> tuple[Tensor, Tensor]:
 
 
 def precedence_bug_weights(k: int) -> tuple[Tensor, Tensor]:
-    """The authors' GALI-4 losses as written (GALI.md §5 item 1): only the first term of each sum scaled."""
+    """The authors' GALI-4 losses as written (docs/method.md §5 item 1): only the first term of each sum scaled."""
     w_true = torch.ones(k)
     w_true[0] = 2.0 / k
     w_pair = torch.ones(k, k)
@@ -426,7 +426,7 @@ def test_logit_gradients_match_formula_and_sum_to_zero(weights: str) -> None:
 def test_k2_paper_weights_are_the_standard_gan_losses(impl: str) -> None:
     """K = 2 with paper weights (all 1) is ALI: with s = logit_0 - logit_1, loss_d is BCE-with-logits of s
     against 1 on class-0 rows and 0 on class-1 rows (each averaged over its B rows), and loss_ge is the
-    non-saturating G loss, the same with the labels swapped (GALI.md §1.2)."""
+    non-saturating G loss, the same with the labels swapped (docs/method.md §1.2)."""
     batch = 6
     case = make_case(batch, 2, 17, shuffle=False)
     out = run(lambda **kw: kway_head(**kw, impl=impl), case)
@@ -446,7 +446,7 @@ def test_k2_paper_weights_are_the_standard_gan_losses(impl: str) -> None:
 
 
 def authors_formulation(h: Tensor, weight: Tensor, bias: Tensor, w_true: Tensor, w_pair: Tensor, batch: int):
-    """The authors' code: one CE call per (class, target) pair on class-major rows (GALI.md §1.3, §1.5)."""
+    """The authors' code: one CE call per (class, target) pair on class-major rows (docs/method.md §1.3, §1.5)."""
     k = weight.shape[0]
     logits = F.linear(h, weight, bias).split(batch)
     loss_d = sum(w_true[i] * F.cross_entropy(logits[i], torch.full((batch,), i)) for i in range(k))
