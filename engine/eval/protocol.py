@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +229,19 @@ def default_cache_dir() -> Path:
     return cache_root() / "fid"
 
 
+@dataclass
+class _SplitMeasures:
+    """What one pass over the evaluation split measured: per-batch values, probe features, Inception features."""
+
+    per_batch: dict[str, list[float]] = field(
+        default_factory=lambda: {k: [] for k in ("pixel", "feature", "inpaint", "inpaint_feature")})
+    probe_x: list[np.ndarray] = field(default_factory=list)
+    probe_y: list[np.ndarray] = field(default_factory=list)
+    reference_features: list[Tensor] = field(default_factory=list)
+    boxes: Tensor | None = None
+    images: int = 0
+
+
 class _Evaluation:
     """One run of :func:`evaluate`: the loaded networks, the data config and the options."""
 
@@ -278,73 +291,77 @@ class _Evaluation:
     @torch.no_grad()
     def run(self) -> dict[str, dict[str, Any]]:
         o, wanted = self.options, set(self.metrics)
-        per_batch: dict[str, list[float]] = {k: [] for k in ("pixel", "feature", "inpaint", "inpaint_feature")}
-        probe_x: list[np.ndarray] = []
-        probe_y: list[np.ndarray] = []
-        real_features: list[Tensor] = []
         reference = self._cached_reference() if wanted & {"fid", "kid"} else None
-        need_real = wanted & {"fid", "kid"} and reference is None
-        resolution = self.data.resolution
-        fill = self.cfg.method.mask_fill
-        images = 0
-        boxes = None
-        if wanted & {"pixel-mse", "feature-mse", "inpaint", "probe"} or need_real:
-            only_reference = not wanted & {"pixel-mse", "feature-mse", "inpaint", "probe"}
-            batches = self._batches(o.split, limit=o.fid_reference_images if only_reference else None)
-            if "inpaint" in wanted:
-                boxes = evaluation_box_params(batches.num_images, resolution, seed=o.seed, device=self.device)
-            for batch in batches:
-                x = batch.x
-                if wanted & {"pixel-mse", "feature-mse"}:
-                    x_hat = reconstruction_chain(self.G, self.E, x, depth=1)[1]
-                    if "pixel-mse" in wanted:
-                        per_batch["pixel"].append(pixel_mse(x, x_hat))
-                    if "feature-mse" in wanted:
-                        per_batch["feature"].append(self._feature_mse(x, x_hat))
-                if boxes is not None:
-                    params = boxes[images:images + x.shape[0]]
-                    masked, _, composite = inpaint(self.G, self.E, x, params, fill=fill)
-                    per_batch["inpaint"].append(masked_pixel_mse(x, composite, masked.mask))
-                    if self.feature_model is not None:
-                        per_batch["inpaint_feature"].append(self._feature_mse(x, composite))
-                if "probe" in wanted:
-                    if batch.labels is None:
-                        raise DataError(f"metric 'probe' needs labelled images; the {o.split} split of data source "
-                                        f"{self.data.source!r} has no labels")
-                    probe_x.append(self._probe_features(x))
-                    probe_y.append(batch.labels.cpu().numpy())
-                if need_real and images < o.fid_reference_images:
-                    take = x[: o.fid_reference_images - images]
-                    real_features.append(self.inception(to_uint8_range(take)).cpu())
-                images += x.shape[0]
-        if need_real:
-            reference = self._store_reference(torch.cat(real_features))
+        split = self._read_split(need_reference=bool(wanted & {"fid", "kid"}) and reference is None)
+        if split.reference_features:
+            reference = self._store_reference(torch.cat(split.reference_features))
 
         results: dict[str, dict[str, Any]] = {}
-        common = {"split": o.split, "images": images, "batch_size": o.batch_size, "seed": o.seed}
+        common = {"split": o.split, "images": split.images, "batch_size": o.batch_size, "seed": o.seed}
         if "pixel-mse" in wanted:
-            results["pixel-mse"] = {**summarize(per_batch["pixel"]).to_dict(), **common,
+            results["pixel-mse"] = {**summarize(split.per_batch["pixel"]).to_dict(), **common,
                                     "space": "[0, 1]", "z": "mu"}
         if "feature-mse" in wanted:
-            results["feature-mse"] = {**summarize(per_batch["feature"]).to_dict(), **common,
+            results["feature-mse"] = {**summarize(split.per_batch["feature"]).to_dict(), **common,
                                       **self._feature_settings()}
-        if boxes is not None:
-            sides = boxes[:, 2:].cpu()
-            results["inpaint"] = {
-                "pixel_mse": summarize(per_batch["inpaint"]).to_dict(),
-                "feature_mse": (summarize(per_batch["inpaint_feature"]).to_dict()
-                                if self.feature_model is not None else None),
-                **common,
-                "mask": {"kind": "box", "sides": f"{EVAL_MASK_MIN}..{EVAL_MASK_MAX} on {EVAL_MASK_RESOLUTION}^2, "
-                                                 f"scaled to {resolution}^2, fully inside the image",
-                         "drawn_sides": [int(sides.min()), int(sides.max())], "seed": o.seed, "fill": fill},
-                **(self._feature_settings() if self.feature_model is not None else {}),
-            }
+        if split.boxes is not None:
+            results["inpaint"] = {**self._inpaint_result(split), **common}
         if "probe" in wanted:
-            results["probe"] = self._probe(np.concatenate(probe_x), np.concatenate(probe_y))
+            results["probe"] = self._probe(np.concatenate(split.probe_x), np.concatenate(split.probe_y))
         if wanted & {"fid", "kid"}:
             results.update(self._fid_kid(reference))
         return results
+
+    def _read_split(self, *, need_reference: bool) -> _SplitMeasures:
+        """One pass over the evaluation split, measuring every wanted per-batch metric."""
+        o, wanted = self.options, set(self.metrics)
+        per_image = wanted & {"pixel-mse", "feature-mse", "inpaint", "probe"}
+        measured = _SplitMeasures()
+        if not per_image and not need_reference:
+            return measured
+        batches = self._batches(o.split, limit=None if per_image else o.fid_reference_images)
+        if "inpaint" in wanted:
+            measured.boxes = evaluation_box_params(batches.num_images, self.data.resolution, seed=o.seed,
+                                                   device=self.device)
+        for batch in batches:
+            x, per_batch = batch.x, measured.per_batch
+            if wanted & {"pixel-mse", "feature-mse"}:
+                x_hat = reconstruction_chain(self.G, self.E, x, depth=1)[1]
+                if "pixel-mse" in wanted:
+                    per_batch["pixel"].append(pixel_mse(x, x_hat))
+                if "feature-mse" in wanted:
+                    per_batch["feature"].append(self._feature_mse(x, x_hat))
+            if measured.boxes is not None:
+                params = measured.boxes[measured.images:measured.images + x.shape[0]]
+                masked, _, composite = inpaint(self.G, self.E, x, params, fill=self.cfg.method.mask_fill)
+                per_batch["inpaint"].append(masked_pixel_mse(x, composite, masked.mask))
+                if self.feature_model is not None:
+                    per_batch["inpaint_feature"].append(self._feature_mse(x, composite))
+            if "probe" in wanted:
+                if batch.labels is None:
+                    raise DataError(f"metric 'probe' needs labelled images; the {o.split} split of data source "
+                                    f"{self.data.source!r} has no labels")
+                measured.probe_x.append(self._probe_features(x))
+                measured.probe_y.append(batch.labels.cpu().numpy())
+            if need_reference and measured.images < o.fid_reference_images:
+                take = x[: o.fid_reference_images - measured.images]
+                measured.reference_features.append(self.inception(to_uint8_range(take)).cpu())
+            measured.images += x.shape[0]
+        return measured
+
+    def _inpaint_result(self, split: _SplitMeasures) -> dict[str, Any]:
+        assert split.boxes is not None
+        sides = split.boxes[:, 2:].cpu()
+        with_features = self.feature_model is not None
+        return {
+            "pixel_mse": summarize(split.per_batch["inpaint"]).to_dict(),
+            "feature_mse": summarize(split.per_batch["inpaint_feature"]).to_dict() if with_features else None,
+            "mask": {"kind": "box", "sides": f"{EVAL_MASK_MIN}..{EVAL_MASK_MAX} on {EVAL_MASK_RESOLUTION}^2, "
+                                             f"scaled to {self.data.resolution}^2, fully inside the image",
+                     "drawn_sides": [int(sides.min()), int(sides.max())], "seed": self.options.seed,
+                     "fill": self.cfg.method.mask_fill},
+            **(self._feature_settings() if with_features else {}),
+        }
 
     def _feature_settings(self) -> dict[str, Any]:
         o = self.options

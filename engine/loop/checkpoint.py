@@ -48,6 +48,12 @@ class Progress:
     iteration: int = 0
     epoch: int = 0
 
+    def advance(self, epoch: int, batch_size: int) -> None:
+        """One step of ``batch_size`` images taken in (1-based) ``epoch``."""
+        self.images_seen += batch_size
+        self.iteration += 1
+        self.epoch = epoch
+
 
 @dataclass
 class Checkpoint:

@@ -8,6 +8,7 @@ checkpoint). :func:`resume` continues an interrupted run from its newest readabl
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -24,8 +25,8 @@ from gali.engine.loop.run_log import RunLog, resolve_tensorboard
 from gali.engine.loop.runtime import create_run_dir, resolve_device, seed_everything
 from gali.engine.loop.snapshots import Snapshots
 from gali.engine.loop.ticks import StepClock, Ticks
-from gali.engine.method.noise import instance_noise_std
-from gali.engine.method.tuple_spec import load_spec
+from gali.engine.method.noise import InstanceNoise
+from gali.engine.method.tuple_spec import TupleSpec, load_spec
 from gali.engine.nets.networks import build_networks
 from gali.engine.ranges import annotate, ranges
 from gali.engine.step.build import build_step
@@ -73,10 +74,9 @@ def resume(path: str | Path, overrides: Sequence[str] = (), *, log: Callable[[st
 
 
 def train(cfg: Config, *, log: Callable[[str], None] = print, resume_from: ResumePoint | None = None) -> TrainResult:
-    """Train from ``cfg``; returns where the run folder is and the final figures.
+    """Train from ``cfg`` (or go on from ``resume_from``, see :func:`resume`); returns the run folder and figures.
 
     ``log`` receives the lines meant for people; a progress bar, when drawn, goes to stdout.
-    ``resume_from`` continues a run (see :func:`resume`) instead of starting a new run folder.
     """
     # Set up: device and seeds, data, networks and step, the run folder and its log, the snapshots.
     device = resolve_device(cfg.run.device)
@@ -90,12 +90,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, resume_from: Resum
         _check_epoch_layout(resume_from, len(pipeline), batch_size)
     nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=device)
     step = build_step(nets, spec, cfg.method, cfg.optim, cfg.model.latent_dim, cfg.compute)
-    run_dir = create_run_dir(cfg.run.out_dir, cfg.preset) if resume_from is None else resume_from.checkpoint.parent
-    write_text_atomic(run_dir / "config.toml", dump_config(cfg))
-    run_log = RunLog(run_dir, total_kimg=cfg.run.kimg, progress=cfg.run.progress, tensorboard=tensorboard, log=log)
-    run_log.message(f"run folder {run_dir}  preset {cfg.preset}  tuples {spec.name} (K={spec.num_classes})  "
-                    f"device {device}  tensorboard {'on' if tensorboard else 'off'}")
-    run_log.message(f"data: {pipeline.num_images} training images, {len(pipeline)} batches of {batch_size} per epoch")
+    run_log = _open_run_log(cfg, resume_from, spec, pipeline, device, tensorboard, log)
     snapshots = Snapshots(cfg, spec, nets, run_log, device)
     checkpoint = Checkpoint(cfg, nets, step, device=device)
 
@@ -103,52 +98,44 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, resume_from: Resum
     if resume_from is not None:
         checkpoint.load_state_dict(resume_from.state)
         _log_resume(run_log, resume_from, checkpoint.progress, len(pipeline))
-    progress = checkpoint.progress
+    progress, images_at_start = checkpoint.progress, checkpoint.progress.images_seen
 
     total_images = int(cfg.run.kimg * 1000)
-    num_epochs = math.ceil(total_images / (len(pipeline) * batch_size))
-    noise_std, noise_epoch, noise_value = torch.zeros((), device=device), 0, 0.0
-    images_at_start, recon_mse, last = progress.images_seen, float("nan"), {}
+    noise = InstanceNoise(cfg.method, math.ceil(total_images / (len(pipeline) * batch_size)), device)
     clock = StepClock(device)
     ticks = Ticks(int(cfg.run.tick_kimg * 1000), clock, progress.images_seen)
     batches = _batches_from(pipeline, progress)
-    try:
-        with ranges(cfg.compute.nvtx):
-            while progress.images_seen < total_images:
-                # Fetch a batch; the first of each epoch sets that epoch's instance-noise std.
-                with annotate("gali/data"):
-                    epoch, batch = next(batches)
-                if epoch != noise_epoch:
-                    noise_epoch, noise_value = epoch, instance_noise_std(cfg.method, epoch, num_epochs)
-                    noise_std.fill_(noise_value)
+    recon_mse, last = float("nan"), {}
+    with contextlib.closing(run_log), ranges(cfg.compute.nvtx):
+        while progress.images_seen < total_images:
+            # Fetch a batch (with its 1-based epoch).
+            with annotate("gali/data"):
+                epoch, batch = next(batches)
 
-                # Step.
-                if progress.iteration == 0:
-                    nets.G.init_output_bias(batch.x)
-                ticks.add(step.step(batch.x, noise_std, step_phase(progress.iteration, cfg.optim.n_dis)))
-                progress.iteration += 1
-                progress.images_seen += batch_size
-                progress.epoch = epoch
-                done = progress.images_seen >= total_images
+            # Step.
+            if progress.iteration == 0:
+                nets.G.init_output_bias(batch.x)
+            phase = step_phase(progress.iteration, cfg.optim.n_dis)
+            ticks.add(step.step(batch.x, noise.at_epoch(epoch), phase))
+            progress.advance(epoch, batch_size)
+            done = progress.images_seen >= total_images
 
-                # Tick: the statistics' means since the last tick (one host sync), logged and shown.
-                if ticks.due(progress.images_seen, batch_size, done):
-                    last = ticks.record(progress.images_seen, epoch=epoch, iteration=progress.iteration,
-                                        noise_std=noise_value)
-                    run_log.tick(last)
+            # Tick: the statistics' means since the last tick (one host sync), logged and shown.
+            if ticks.due(progress.images_seen, batch_size, done):
+                last = ticks.record(progress.images_seen, epoch=epoch, iteration=progress.iteration,
+                                    noise_std=noise.value)
+                run_log.tick(last)
 
-                # Snapshot: grids, held-out reconstruction error and checkpoint, outside the training time.
-                if snapshots.due(progress.images_seen, batch_size, done):
-                    with clock.paused():
-                        recon_mse = snapshots.take(checkpoint)
-    finally:
-        run_log.close()
+            # Snapshot: grids, held-out reconstruction error and checkpoint, outside the training time.
+            if snapshots.due(progress.images_seen, batch_size, done):
+                with clock.paused():
+                    recon_mse = snapshots.take(checkpoint)
 
     # Done.
     speed = (progress.images_seen - images_at_start) / max(clock.seconds(), 1e-9)
     log(f"done: {progress.images_seen / 1000:.1f} kimg in {clock.seconds():.1f} s of training ({speed:.1f} img/s); "
-        f"reconstruction MSE {recon_mse:.5f}; run folder {run_dir}")
-    return TrainResult(run_dir=run_dir, kimg=progress.images_seen / 1000, images_per_second=speed,
+        f"reconstruction MSE {recon_mse:.5f}; run folder {run_log.run_dir}")
+    return TrainResult(run_dir=run_log.run_dir, kimg=progress.images_seen / 1000, images_per_second=speed,
                        recon_mse=recon_mse, last_stats=last)
 
 
@@ -168,6 +155,19 @@ def _batches_from(pipeline: Pipeline, progress: Progress) -> Iterator[tuple[int,
         start_batch = 0
         for batch in pipeline:
             yield epoch, batch
+
+
+def _open_run_log(cfg: Config, resume_from: ResumePoint | None, spec: TupleSpec, pipeline: Pipeline,
+                  device: torch.device, tensorboard: bool, log: Callable[[str], None]) -> RunLog:
+    """The run folder (a new one, or the resumed run's) with the resolved config.toml, and its log."""
+    run_dir = create_run_dir(cfg.run.out_dir, cfg.preset) if resume_from is None else resume_from.checkpoint.parent
+    write_text_atomic(run_dir / "config.toml", dump_config(cfg))
+    run_log = RunLog(run_dir, total_kimg=cfg.run.kimg, progress=cfg.run.progress, tensorboard=tensorboard, log=log)
+    run_log.message(f"run folder {run_dir}  preset {cfg.preset}  tuples {spec.name} (K={spec.num_classes})  "
+                    f"device {device}  tensorboard {'on' if tensorboard else 'off'}")
+    run_log.message(f"data: {pipeline.num_images} training images, {len(pipeline)} batches of "
+                    f"{cfg.run.batch_size} per epoch")
+    return run_log
 
 
 def _check_epoch_layout(resume_from: ResumePoint, batches_per_epoch: int, batch_size: int) -> None:

@@ -85,8 +85,6 @@ def linear_probe(
     Raises :class:`DataError` when there are too few training rows for ``labelled`` plus a
     validation set, or fewer than two classes.
     """
-    from sklearn.svm import SVC  # imported here: scikit-learn takes seconds to import
-
     # float32 kernels: half the time of float64 for SVHN-sized test sets, ample precision for an SVM
     train_features = np.asarray(train_features, dtype=np.float32)
     test_features = np.asarray(test_features, dtype=np.float32)
@@ -109,20 +107,34 @@ def linear_probe(
     chosen: list[float] = []
     for _ in range(draws):
         rows = rng.choice(pool, size=labelled, replace=False)
-        x, y = train_features[rows], train_labels[rows]
-        mean, std = x.mean(axis=0), x.std(axis=0)
-        std[std == 0] = 1.0
-        x = (x - mean) / std
-        kernel = x @ x.T
-        val_kernel = ((val_x - mean) / std) @ x.T
-        fits = []
-        for c in c_grid:
-            svm = SVC(C=c, kernel="precomputed").fit(kernel, y)
-            fits.append((float(np.mean(svm.predict(val_kernel) != val_y)), c, svm))
-        _, c, svm = min(fits, key=lambda fit: fit[0])  # the first (smallest C) of equal validation errors
-        test_kernel = ((test_features - mean) / std) @ x.T
-        errors.append(float(np.mean(svm.predict(test_kernel) != test_labels)))
+        error, c = _fit_one_draw(train_features[rows], train_labels[rows], (val_x, val_y),
+                                 (test_features, test_labels), c_grid)
+        errors.append(error)
         chosen.append(c)
     array = np.asarray(errors)
     return ProbeResult(mean=float(array.mean()), std=float(array.std()), errors=errors, chosen_c=chosen,
                        labelled=labelled, validation=validation, test=len(test_labels), c_grid=tuple(c_grid))
+
+
+def _fit_one_draw(x: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray],
+                  test: tuple[np.ndarray, np.ndarray], c_grid: Sequence[float]) -> tuple[float, float]:
+    """One labelled set's probe: (test error, chosen C) of the SVM whose C is best on the validation set.
+
+    Features are standardised with the labelled set's mean and std; the SVM is fitted on the linear
+    kernel of the standardised labelled features.
+    """
+    from sklearn.svm import SVC  # imported here: scikit-learn takes seconds to import
+
+    (val_x, val_y), (test_x, test_y) = validation, test
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    std[std == 0] = 1.0
+    x = (x - mean) / std
+    kernel = x @ x.T
+    val_kernel = ((val_x - mean) / std) @ x.T
+    fits = []
+    for c in c_grid:
+        svm = SVC(C=c, kernel="precomputed").fit(kernel, y)
+        fits.append((float(np.mean(svm.predict(val_kernel) != val_y)), c, svm))
+    _, c, svm = min(fits, key=lambda fit: fit[0])  # the first (smallest C) of equal validation errors
+    test_kernel = ((test_x - mean) / std) @ x.T
+    return float(np.mean(svm.predict(test_kernel) != test_y)), c

@@ -51,15 +51,23 @@ def _check_images(x: Tensor, resolution: int, who: str) -> None:
         raise ValueError(f"{who} takes images of shape (B, 3, {resolution}, {resolution}), got {tuple(x.shape)}")
 
 
-class Generator(nn.Module):
-    """G: z (B, d_z) -> image (B, 3, R, R) in [-1, 1], ``tanh(net(z) + output_bias)``."""
+class PaperNetwork(nn.Module):
+    """What G, E and D share: their architecture's table, its image resolution and the latent size."""
 
-    def __init__(self, arch: str = "svhn32", latent_dim: int = 256, width: float = 1.0) -> None:
+    def __init__(self, arch: str, latent_dim: int) -> None:
         super().__init__()
-        spec = arch_spec(arch)
+        self.spec = arch_spec(arch)
         self.arch = arch
         self.resolution = ARCH_RESOLUTION[arch]
         self.latent_dim = latent_dim
+
+
+class Generator(PaperNetwork):
+    """G: z (B, d_z) -> image (B, 3, R, R) in [-1, 1], ``tanh(net(z) + output_bias)``."""
+
+    def __init__(self, arch: str = "svhn32", latent_dim: int = 256, width: float = 1.0) -> None:
+        super().__init__(arch, latent_dim)
+        spec = self.spec
         layers: list[nn.Module] = []
         channels, size = latent_dim, 1
         for layer in spec.generator:
@@ -92,18 +100,15 @@ class Generator(nn.Module):
         self.output_bias.copy_(0.5 * torch.logit(p))
 
 
-class Encoder(nn.Module):
+class Encoder(PaperNetwork):
     """E: image (B, 3, R, R) in [-1, 1] -> (μ, log σ), each (B, d_z).
 
     The stochastic encoder's sample is z = μ + exp(log σ)·ε; drawing ε is the caller's job.
     """
 
     def __init__(self, arch: str = "svhn32", latent_dim: int = 256, width: float = 1.0) -> None:
-        super().__init__()
-        spec = arch_spec(arch)
-        self.arch = arch
-        self.resolution = ARCH_RESOLUTION[arch]
-        self.latent_dim = latent_dim
+        super().__init__(arch, latent_dim)
+        spec = self.spec
         channels, size = 3, self.resolution
         convs: list[nn.Module] = []
         for layer in spec.convs:
@@ -165,7 +170,7 @@ def _sn_mlp(in_features: int, widths: Sequence[int], slope: float) -> tuple[nn.S
     return nn.Sequential(*layers), in_features
 
 
-class Discriminator(nn.Module):
+class Discriminator(PaperNetwork):
     """D: a tuple of slots (images, latents, auxiliary features) -> K logits.
 
     ``slot_kinds`` fixes the tuple layout, e.g. ``('image', 'latent')`` for ALI/GALI-4,
@@ -191,8 +196,8 @@ class Discriminator(nn.Module):
         num_classes: int,
         extra_dim: int | None = None,
     ) -> None:
-        super().__init__()
-        spec = arch_spec(arch)
+        super().__init__(arch, latent_dim)
+        spec = self.spec
         slot_kinds = tuple(slot_kinds)
         if not slot_kinds or any(k not in SLOT_KINDS for k in slot_kinds):
             raise ValueError(f"slot_kinds must be a non-empty sequence of {', '.join(SLOT_KINDS)}; got {slot_kinds!r}")
@@ -200,9 +205,6 @@ class Discriminator(nn.Module):
             raise ValueError(f"an 'extra' slot needs extra_dim >= 1 (the feature width); got {extra_dim!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1; got {num_classes}")
-        self.arch = arch
-        self.resolution = ARCH_RESOLUTION[arch]
-        self.latent_dim = latent_dim
         self.slot_kinds = slot_kinds
         self.num_classes = num_classes
         self.extra_dim = extra_dim if "extra" in slot_kinds else None
