@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED=1 GALI_CACHE=${GALI_CACHE:-/tmp/gali-cache}
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 
 python3 -m pytest -q tests/kernels -m "not slow" -p no:cacheprovider 2>&1 | tee "$out/tests-kernels.txt" | tail -3
-python3 -m pytest -q tests/test_fast_step.py tests/test_paper_step.py -p no:cacheprovider 2>&1 \
+python3 -m pytest -q tests/test_step_compute.py tests/test_paper_step.py -p no:cacheprovider 2>&1 \
   | tee "$out/tests-fast-step.txt" | tail -3
 
 python3 -m pytest -q bench/test_kway_head.py bench/test_mask_composite.py -p no:cacheprovider \

@@ -164,7 +164,7 @@ def walk_images(top: Path, relative_to: Path) -> list[str]:
     return sorted(found)
 
 
-def _describe(classes: list[str]) -> str:
+def _describe_classes(classes: list[str]) -> str:
     if not classes:
         return "no class folders (images directly inside)"
     return "class folders " + ", ".join(classes[:5]) + (f", ... ({len(classes)} in all)" if len(classes) > 5 else "")
@@ -189,7 +189,7 @@ def scan_image_folder(
     loose = sorted(e.name for e in os.scandir(folder) if e.is_file() and is_image_name(e.name))
     if classes and loose:
         raise DataError(
-            f"{folder} holds both {_describe(classes)} and {len(loose)} images directly inside "
+            f"{folder} holds both {_describe_classes(classes)} and {len(loose)} images directly inside "
             f"(e.g. {loose[0]}); move those images into a class folder, or into one folder of their own, "
             "so that every image has a label"
         )
@@ -197,8 +197,8 @@ def scan_image_folder(
         class_folders = classes
     elif bool(classes) != bool(class_folders) or not set(classes) <= set(class_folders):
         raise DataError(
-            f"{folder} has {_describe(classes)}, which do not match the train split's "
-            f"{_describe(class_folders)}; give the test split the class folders of the train split"
+            f"{folder} has {_describe_classes(classes)}, which do not match the train split's "
+            f"{_describe_classes(class_folders)}; give the test split the class folders of the train split"
         )
     paths: list[str] = []
     labels: list[int] = []

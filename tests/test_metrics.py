@@ -6,23 +6,23 @@ import scipy.linalg
 import torch
 from torch import Tensor, nn
 
-from gali.engine import metrics as M
+from gali.engine import metrics
 from gali.engine.errors import DataError, GaliError
 
 
 def test_pixel_mse_is_measured_in_unit_space():
     x = torch.full((2, 3, 4, 4), -1.0)  # black in [-1, 1], 0 in [0, 1]
     x_hat = torch.zeros_like(x)  # grey, 0.5 in [0, 1]
-    assert M.pixel_mse(x, x_hat) == pytest.approx(0.25)
+    assert metrics.pixel_mse(x, x_hat) == pytest.approx(0.25)
     g = torch.Generator().manual_seed(0)
     a, b = torch.rand(5, 3, 8, 8, generator=g) * 2 - 1, torch.rand(5, 3, 8, 8, generator=g) * 2 - 1
     expected = np.mean((((a.numpy() + 1) / 2) - ((b.numpy() + 1) / 2)) ** 2)
-    assert M.pixel_mse(a, b) == pytest.approx(float(expected), rel=1e-6)
+    assert metrics.pixel_mse(a, b) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_summarize_is_mean_and_population_std_over_batches():
     values = [0.1, 0.2, 0.4]
-    s = M.summarize(values)
+    s = metrics.summarize(values)
     assert (s.mean, s.std, s.n) == (pytest.approx(np.mean(values)), pytest.approx(np.std(values)), 3)
 
 
@@ -33,14 +33,14 @@ def test_masked_pixel_mse_counts_only_masked_pixels():
     mask[0, :, 1:3, 2:5] = 1
     mask[1, :, 0:1, 0:2] = 1
     y = torch.where(mask.bool(), torch.full_like(x, 0.2), y)  # ... except inside the mask: off by 0.2 (0.1)
-    assert M.masked_pixel_mse(x, y, mask) == pytest.approx(0.01)
+    assert metrics.masked_pixel_mse(x, y, mask) == pytest.approx(0.01)
     # an explicit loop over the masked pixels, with a per-pixel error that varies
     g = torch.Generator().manual_seed(1)
     y = torch.rand(x.shape, generator=g) * 2 - 1
     errors = [((x[b, c, i, j] - y[b, c, i, j]) / 2) ** 2 for b, i, j in mask[:, 0].nonzero().tolist() for c in range(3)]
-    assert M.masked_pixel_mse(x, y, mask) == pytest.approx(float(sum(errors) / len(errors)), rel=1e-6)
+    assert metrics.masked_pixel_mse(x, y, mask) == pytest.approx(float(sum(errors) / len(errors)), rel=1e-6)
     with pytest.raises(ValueError, match="covers no pixel"):
-        M.masked_pixel_mse(x, y, torch.zeros_like(mask))
+        metrics.masked_pixel_mse(x, y, torch.zeros_like(mask))
 
 
 def test_feature_mse_compares_network_outputs_after_resizing():
@@ -50,13 +50,13 @@ def test_feature_mse_compares_network_outputs_after_resizing():
     with torch.no_grad():
         small = [torch.nn.functional.interpolate(t, size=(4, 4), mode="nearest") for t in (x, y)]
         expected = float(((net(small[0]) - net(small[1])) ** 2).mean())
-    assert M.feature_mse(net, x, y, input_size=4) == pytest.approx(expected, rel=1e-6)
+    assert metrics.feature_mse(net, x, y, input_size=4) == pytest.approx(expected, rel=1e-6)
 
 
 def test_feature_mse_names_a_network_whose_output_has_no_batch_dimension():
     with pytest.raises(GaliError, match=r"the feature network /m\.pt must return one \(B, D\).*returned \(5,\)"):
-        M.feature_mse(lambda t: t.sum(dim=(0, 2, 3)).repeat(5)[:5], torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4),
-                      name="the feature network /m.pt")
+        metrics.feature_mse(lambda t: t.sum(dim=(0, 2, 3)).repeat(5)[:5], torch.zeros(2, 3, 4, 4),
+                            torch.zeros(2, 3, 4, 4), name="the feature network /m.pt")
 
 
 def _blobs(n: int, classes: int, dim: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +69,7 @@ def _blobs(n: int, classes: int, dim: int, spread: float, seed: int) -> tuple[np
 def test_linear_probe_is_perfect_on_linearly_separable_features():
     x, y = _blobs(300, 3, 20, 0.5, seed=0)
     tx, ty = x[:80], y[:80]
-    result = M.linear_probe(x[80:], y[80:], tx, ty, labelled=100, draws=4, seed=0)
+    result = metrics.linear_probe(x[80:], y[80:], tx, ty, labelled=100, draws=4, seed=0)
     assert result.mean == 0.0 and result.std == 0.0 and len(result.errors) == 4
     assert result.validation == (220 - 100) // 2 and result.test == 80
 
@@ -77,15 +77,15 @@ def test_linear_probe_is_perfect_on_linearly_separable_features():
 def test_linear_probe_is_at_chance_on_labels_unrelated_to_the_features():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(400, 30)), rng.integers(0, 2, 400)
-    result = M.linear_probe(x[100:], y[100:], x[:100], y[:100], labelled=100, draws=5, seed=0)
+    result = metrics.linear_probe(x[100:], y[100:], x[:100], y[:100], labelled=100, draws=5, seed=0)
     assert 0.3 < result.mean < 0.7
-    assert all(c in M.PROBE_C_GRID for c in result.chosen_c)
+    assert all(c in metrics.PROBE_C_GRID for c in result.chosen_c)
 
 
 def test_linear_probe_says_when_there_are_too_few_training_images():
     x, y = _blobs(50, 2, 4, 0.5, seed=0)
     with pytest.raises(DataError, match=r"1000 labelled training images.*holds 50.*--probe-labelled"):
-        M.linear_probe(x, y, x, y)
+        metrics.linear_probe(x, y, x, y)
 
 
 def _gaussian(n: int, mean: np.ndarray, cov: np.ndarray, seed: int) -> Tensor:
@@ -102,7 +102,7 @@ def _fid_scipy(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_fid_of_identical_sets_is_zero():
     real = _gaussian(500, np.zeros(6), np.eye(6), seed=0)
-    assert M.frechet_distance(real, real.clone()) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.frechet_distance(real, real.clone()) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_fid_matches_the_gaussian_closed_form_computed_with_scipy():
@@ -112,7 +112,7 @@ def test_fid_matches_the_gaussian_closed_form_computed_with_scipy():
     cov_a, cov_b = m @ m.T + np.eye(dim), np.diag([1.0, 2.0, 0.5, 3.0])
     mean_a, mean_b = np.zeros(dim), np.array([1.0, -0.5, 0.0, 2.0])
     real, fake = _gaussian(20000, mean_a, cov_a, seed=4), _gaussian(20000, mean_b, cov_b, seed=5)
-    fid = M.frechet_distance(real, fake)
+    fid = metrics.frechet_distance(real, fake)
     # the same statistic from the same samples, computed independently
     assert fid == pytest.approx(_fid_scipy(real.numpy(), fake.numpy()), rel=1e-6)
     # and close to the population value of the two Gaussians
@@ -123,7 +123,7 @@ def test_fid_matches_the_gaussian_closed_form_computed_with_scipy():
 
 def test_kid_is_the_unbiased_polynomial_mmd():
     real, fake = _gaussian(40, np.zeros(5), np.eye(5), seed=6), _gaussian(40, np.full(5, 0.5), np.eye(5), seed=7)
-    mean, std, size = M.kernel_inception_distance(real, fake, subsets=3, subset_size=1000, seed=0)
+    mean, std, size = metrics.kernel_inception_distance(real, fake, subsets=3, subset_size=1000, seed=0)
     assert size == 40  # capped at the sets' size, so every subset is the whole set
     a, b = real.numpy(), fake.numpy()
     k = lambda u, v: (u @ v.T / u.shape[1] + 1) ** 3  # noqa: E731
@@ -131,12 +131,12 @@ def test_kid_is_the_unbiased_polynomial_mmd():
     kxx, kyy, kxy = k(a, a), k(b, b), k(a, b)
     mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (n * (n - 1)) - 2 * kxy.sum() / n**2
     assert mean == pytest.approx(mmd, rel=1e-6) and std == pytest.approx(0.0, abs=1e-9)
-    assert M.kernel_inception_distance(real, real, subsets=2, subset_size=40)[0] < 1e-3 < mean
+    assert metrics.kernel_inception_distance(real, real, subsets=2, subset_size=40)[0] < 1e-3 < mean
 
 
 def test_to_uint8_range_rounds_to_the_png_grid():
     x = torch.tensor([-1.0, -0.999, 0.0, 1.0, 1.5])
-    assert M.to_uint8_range(x).tolist() == [0.0, 0.0, 128.0, 255.0, 255.0]
+    assert metrics.to_uint8_range(x).tolist() == [0.0, 0.0, 128.0, 255.0, 255.0]
 
 
 class InceptionLike(nn.Module):
@@ -170,7 +170,7 @@ class NoBatch(nn.Module):
 def test_load_inception_accepts_both_torchscript_forms(tmp_path, cls, dim, call):
     path = tmp_path / "net.pt"
     torch.jit.save(torch.jit.script(cls()), str(path))
-    net = M.load_inception(path, input_size=32)
+    net = metrics.load_inception(path, input_size=32)
     assert net.num_features == dim and call in net.describe()
     images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
     features = net(images)
@@ -180,12 +180,12 @@ def test_load_inception_accepts_both_torchscript_forms(tmp_path, cls, dim, call)
 def test_load_inception_errors_name_the_path_and_what_to_do(tmp_path):
     missing = tmp_path / "inception-2015-12-05.pt"
     with pytest.raises(DataError, match=rf"{missing} do not exist.*--inception.*nothing is downloaded"):
-        M.load_inception(missing)
+        metrics.load_inception(missing)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a model")
     with pytest.raises(DataError, match=rf"cannot load {junk} as a TorchScript file"):
-        M.load_inception(junk)
+        metrics.load_inception(junk)
     bad = tmp_path / "bad.pt"
     torch.jit.save(torch.jit.script(NoBatch()), str(bad))
     with pytest.raises(GaliError, match=rf"{bad} must return \(N, D\) features.*returned \(\)"):
-        M.load_inception(bad, input_size=8)
+        metrics.load_inception(bad, input_size=8)

@@ -1,4 +1,4 @@
-"""The fast step: graph-ready twin, mixed precision, fp32 spectral norm, NVTX ranges, compile, no host syncs."""
+"""How the step runs (the [compute] section): graph-ready twin, precision, fp32 spectral norm, NVTX, compile, layout."""
 
 import copy
 import functools

@@ -1,4 +1,4 @@
-"""The training step: tuples, call counts, gradient isolation, alternating phases, no host syncs."""
+"""What one step computes: the tuples each spec builds, network calls, gradient isolation, phases, noise."""
 
 import copy
 
