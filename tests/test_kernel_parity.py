@@ -1,4 +1,4 @@
-"""The engine with method.kernel_impl=triton (Triton's interpreter on CPU) trains like kernel_impl=ref."""
+"""The engine with compute.kernel_impl=triton (Triton's interpreter on CPU) trains like kernel_impl=ref."""
 
 import json
 
@@ -21,7 +21,7 @@ def test_triton_and_reference_kernels_give_the_same_losses_step_by_step(tmp_path
               "data.workers=0", "run.kimg=0.032", "run.tick_kimg=0.008", "run.snapshot_kimg=1", "run.grid_size=2"]
     runs = {}
     for impl in ("triton", "ref"):
-        cfg = load_config("demo", [*common, f"method.kernel_impl={impl}", f"run.out_dir={tmp_path / impl}"])
+        cfg = load_config("demo", [*common, f"compute.kernel_impl={impl}", f"run.out_dir={tmp_path / impl}"])
         runs[impl] = _losses(train(cfg, log=lambda line: None).run_dir)
     assert len(runs["ref"]) == 4  # one tick per step
     for (d_triton, ge_triton), (d_ref, ge_ref) in zip(runs["triton"], runs["ref"], strict=True):
