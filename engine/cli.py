@@ -27,6 +27,7 @@ import torch
 
 from gali.engine.errors import GaliError
 from gali.engine.loop.config import dump_config, load_config, preset_names
+from gali.engine.loop.signals import RunStopped
 from gali.engine.method.tuple_spec import spec_names
 
 
@@ -310,6 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
+    except RunStopped as exc:
+        print(f"gali: {exc}", file=sys.stderr)
+        return exc.exit_code
     except GaliError as exc:
         print(f"gali: error: {exc}", file=sys.stderr)
         return 2

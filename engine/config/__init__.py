@@ -15,6 +15,7 @@ read by the one reader :func:`read_toml`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import typing
 import warnings
@@ -33,7 +34,9 @@ def check_choice(key: str, value: str, accepted: Sequence[str]) -> None:
 
 
 def check_positive(key: str, value: float, *, allow_zero: bool = False) -> None:
-    """Raise :class:`ConfigError` unless ``value`` > 0 (>= 0 with ``allow_zero``)."""
+    """Raise :class:`ConfigError` unless ``value`` is a finite number > 0 (>= 0 with ``allow_zero``)."""
+    if not math.isfinite(value):
+        raise ConfigError(key, f"got {value}; must be a finite number")
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(key, f"got {value}; must be {'>= 0' if allow_zero else '> 0'}")
 

@@ -8,7 +8,8 @@ A checkpoint file is one ``torch.save`` dictionary (format 1), written atomicall
     extra_dim                the width of the frozen feature model's features (None without M)
     opt_d, opt_ge            both optimizers (and scaler_d, scaler_ge under fp16): the step's state dict
     images_seen, iteration   progress counters; epoch: the 1-based epoch of the last step; kimg
-    rng                      torch's CPU generator state (and the CUDA one on a GPU)
+    rng                      torch's CPU generator state (and the CUDA one on a GPU) of rank 0
+    world_size, rng_ranks    the number of ranks that wrote it, and every rank's RNG state (several ranks)
 
 :class:`Checkpoint` builds that dictionary from the live objects and restores it into them, one
 field per line in both directions; later state (EMA weights, the world size) is a new field of it.
@@ -16,16 +17,20 @@ field per line in both directions; later state (EMA weights, the world size) is 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import errno
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from gali.engine.errors import GaliError
 from gali.engine.files import atomic_write
 from gali.engine.loop.config import Config, config_from_dict
+from gali.engine.loop.distributed import World, check_same_state
 from gali.engine.method.tuple_spec import load_spec
 from gali.engine.nets.networks import NETWORK_NAMES, Networks, build_networks
 
@@ -61,6 +66,8 @@ class Checkpoint:
 
     ``step`` (the optimizers and scalers), ``progress`` and the RNG states are the training state: a
     bundle built without a step (for sampling or evaluation) saves and restores the networks only.
+    Every rank holds one; :meth:`save` is collective (the ranks' states are compared and their RNG
+    states gathered) and rank 0 writes.
     """
 
     config: Config
@@ -68,6 +75,7 @@ class Checkpoint:
     step: HasState | None = None
     progress: Progress = field(default_factory=Progress)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    world: World = field(default_factory=World)
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint's dictionary; the RNG state is read now (call it after the snapshot's draws)."""
@@ -75,9 +83,12 @@ class Checkpoint:
         state |= {name: getattr(self.nets, name).state_dict() for name in NETWORK_NAMES}
         if self.step is not None:
             state |= self.step.state_dict()
+            rng = self.world.gather(_rng_state(self.device))
             state |= {"kimg": self.progress.images_seen / 1000, "images_seen": self.progress.images_seen,
                       "iteration": self.progress.iteration, "epoch": self.progress.epoch,
-                      "rng": _rng_state(self.device)}
+                      "rng": rng[0], "world_size": self.world.size}
+            if self.world.size > 1:
+                state["rng_ranks"] = rng
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -87,16 +98,94 @@ class Checkpoint:
         if self.step is not None:
             self.step.load_state_dict(state)
             self.progress = Progress(state["images_seen"], state["iteration"], state["epoch"])
-            _set_rng_state(state["rng"], self.device)
+            if state.get("world_size", 1) == self.world.size:
+                _set_rng_state(state["rng_ranks"][self.world.rank] if self.world.size > 1 else state["rng"],
+                               self.device)
+            else:  # another world size: fresh streams from (seed, rank, step), the same on every resume
+                seed = np.random.SeedSequence([self.config.run.seed, self.world.rank, self.progress.iteration])
+                torch.manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
 
-    def save(self, path: str | Path) -> Path:
-        """Write :meth:`state_dict` to ``path`` atomically and durably."""
-        return save_checkpoint(path, self.state_dict())
+    def save(self, path: str | Path) -> Path | None:
+        """Write :meth:`state_dict` to ``path`` atomically and durably, on rank 0; collective on every rank.
+
+        The ranks' networks and optimizer states are compared first (a divergence stops the run,
+        naming the first differing tensor). A full disk stops the run with a message; the partial
+        file is removed and the checkpoints before it stay as they were.
+        """
+        path = Path(path)
+        check_same_state(self.world, self._shared_tensors())
+        state = self.state_dict()
+        if not self.world.is_main:
+            return None
+        try:
+            return save_checkpoint(path, state)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise GaliError(f"no space left on the device of {path.parent} while writing {path.name}: the partial "
+                            "file was removed and the earlier checkpoints are intact; free space there (or lower "
+                            f"run.keep_checkpoints), then gali train --resume {path.parent}") from exc
+
+
+    def _shared_tensors(self) -> Iterator[tuple[str, Tensor]]:
+        """Every tensor the ranks must agree on, by name: the networks' and the optimizers' state."""
+        yield from _tensors("", {name: getattr(self.nets, name).state_dict() for name in NETWORK_NAMES})
+        if self.step is not None:
+            yield from _tensors("", self.step.state_dict())
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write a checkpoint dictionary (with the format version) to ``path`` atomically and durably."""
-    return atomic_write(path, lambda tmp: torch.save({**state, "format_version": FORMAT_VERSION}, tmp))
+    """Write a checkpoint dictionary (with the format version) to ``path`` atomically and durably.
+
+    ``torch.save`` writes to an open file, so that a full disk is an ``OSError`` (ENOSPC), not the
+    zip writer's RuntimeError.
+    """
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            torch.save({**state, "format_version": FORMAT_VERSION}, f)
+
+    return atomic_write(path, write)
+
+
+def prune_checkpoints(run_dir: Path, *, keep: int, milestone_images: int, log: Callable[[str], None]) -> list[Path]:
+    """Delete the run folder's checkpoints beyond the newest ``keep`` (0 = keep all); returns those deleted.
+
+    Kept as well, forever: every milestone, the first checkpoint at or after each multiple of
+    ``milestone_images`` (0 = none). The newest checkpoint is always kept. A delete that fails is
+    named through ``log`` and the run goes on.
+    """
+    checkpoints = sorted(run_dir.glob("checkpoint-*.pt"))  # zero-padded image counts sort in time order
+    if not keep or len(checkpoints) <= keep:
+        return []
+    milestones: dict[int, Path] = {}
+    if milestone_images:
+        for path in checkpoints:
+            milestones.setdefault(_images_of(path) // milestone_images, path)
+    keep_set = set(checkpoints[-keep:]) | set(milestones.values())
+    deleted = []
+    for path in checkpoints:
+        if path in keep_set:
+            continue
+        try:
+            path.unlink()
+            deleted.append(path)
+        except OSError as exc:
+            log(f"could not delete old checkpoint {path} ({exc}); it stays")
+    return deleted
+
+
+def _images_of(path: Path) -> int:
+    return int(path.stem.removeprefix("checkpoint-"))
+
+
+def _tensors(prefix: str, value: Any) -> Iterator[tuple[str, Tensor]]:
+    """Every tensor in a nested state dictionary, with its dotted name (``opt_d.state.3.exp_avg``)."""
+    if isinstance(value, Tensor):
+        yield prefix, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _tensors(f"{prefix}.{key}" if prefix else str(key), item)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Config, dict[str, Any]]:

@@ -47,6 +47,10 @@ class RunConfig:
     tensorboard:   'auto' (write TensorBoard events when the tensorboard package is installed),
                    'on' (require it: pip install 'gali[tensorboard]') or 'off'.
     progress:      'auto' (a one-line bar on a terminal, plain lines otherwise), 'bar' or 'lines'.
+    max_bad_ticks: stop the run after this many consecutive ticks with skipped (non-finite) steps,
+                   keeping the last checkpoint written before them (0 = never stop).
+    keep_checkpoints: keep the newest N checkpoints of the run folder (0 = keep every one) ...
+    milestone_kimg: ... and, every this many kimg, the first checkpoint at or after it, forever (0 = none).
     """
 
     out_dir: str = "runs"
@@ -59,16 +63,24 @@ class RunConfig:
     grid_size: int = 8
     tensorboard: str = "auto"
     progress: str = "auto"
+    max_bad_ticks: int = 3
+    keep_checkpoints: int = 10
+    milestone_kimg: float = 0.0
 
     def validate(self) -> None:
         check_choice("run.device", self.device, DEVICES)
         check_positive("run.batch_size", self.batch_size)
         check_positive("run.kimg", self.kimg)
-        check_positive("run.tick_kimg", self.tick_kimg)
-        check_positive("run.snapshot_kimg", self.snapshot_kimg)
+        for key, kimg in (("run.tick_kimg", self.tick_kimg), ("run.snapshot_kimg", self.snapshot_kimg)):
+            check_positive(key, kimg)
+            if kimg < 0.001:
+                raise ConfigError(key, f"got {kimg}; the interval is counted in images, so it must be >= 0.001 kimg")
         check_positive("run.grid_size", self.grid_size)
         check_choice("run.tensorboard", self.tensorboard, TENSORBOARD_MODES)
         check_choice("run.progress", self.progress, PROGRESS_MODES)
+        check_positive("run.max_bad_ticks", self.max_bad_ticks, allow_zero=True)
+        check_positive("run.keep_checkpoints", self.keep_checkpoints, allow_zero=True)
+        check_positive("run.milestone_kimg", self.milestone_kimg, allow_zero=True)
 
 
 @dataclass

@@ -216,3 +216,25 @@ class RunLog:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+class SilentRunLog:
+    """What ranks other than 0 hold instead of a :class:`RunLog`: the same calls, nothing written or shown."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def message(self, text: str) -> None:
+        pass
+
+    def record(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def tick(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def images(self, grids: Mapping[str, np.ndarray], images_seen: int) -> dict[str, Path]:
+        return {}
+
+    def close(self) -> None:
+        pass

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch import Tensor
+
+from gali.engine.loop.distributed import World
 
 
 class Cadence:
@@ -69,12 +72,16 @@ class TickStats:
             self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
             self.counts[name] = self.counts.get(name, 0) + 1
 
-    def read_means(self) -> dict[str, float | list[float]]:
-        """Means since the last call (scalars as floats, vectors as lists), then reset."""
+    def read_means(self, average: Callable[[Tensor], Tensor] | None = None) -> dict[str, float | list[float]]:
+        """Means since the last call (scalars as floats, vectors as lists), then reset.
+
+        ``average`` combines the means of every rank (one collective on the concatenated means).
+        """
         if not self.sums:
             return {}
         means = [(value / self.counts[name]).float().reshape(-1) for name, value in self.sums.items()]
-        flat = torch.cat(means).tolist()  # one device-to-host copy for every statistic
+        flat = torch.cat(means)
+        flat = (flat if average is None else average(flat)).tolist()  # one device-to-host copy for all
         out: dict[str, float | list[float]] = {}
         offset = 0
         for (name, value), mean in zip(self.sums.items(), means, strict=True):
@@ -85,11 +92,16 @@ class TickStats:
 
 
 class Ticks:
-    """The ``run.tick_kimg`` cadence: collects each step's statistics, and at a tick makes its record."""
+    """The ``run.tick_kimg`` cadence: collects each step's statistics, and at a tick makes its record.
 
-    def __init__(self, every_images: int, clock: StepClock, images_seen: int) -> None:
+    The record's statistics are the means over the tick's steps and over the ranks; ``images_per_s``
+    counts the images of all ranks (the global batch).
+    """
+
+    def __init__(self, every_images: int, clock: StepClock, images_seen: int, world: World) -> None:
         self.cadence = Cadence(every_images)
         self.clock = clock
+        self.world = world
         self.stats = TickStats()
         self._images, self._seconds = images_seen, clock.seconds()
 
@@ -101,7 +113,7 @@ class Ticks:
 
     def record(self, images_seen: int, *, epoch: int, iteration: int, noise_std: float) -> dict[str, Any]:
         """The tick's record: where the run is, the images/s since the last tick, the statistics' means."""
-        means = self.stats.read_means()  # the one host sync of the tick
+        means = self.stats.read_means(self.world.mean)  # the one host sync (and collective) of the tick
         seconds = self.clock.seconds()
         speed = (images_seen - self._images) / max(seconds - self._seconds, 1e-9)
         self._images, self._seconds = images_seen, seconds

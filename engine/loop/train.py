@@ -21,8 +21,10 @@ from gali.engine.errors import GaliError
 from gali.engine.files import write_text_atomic
 from gali.engine.loop.checkpoint import Checkpoint, Progress, latest_checkpoint
 from gali.engine.loop.config import Config, config_from_dict, dump_config
-from gali.engine.loop.run_log import RunLog, resolve_tensorboard
-from gali.engine.loop.runtime import create_run_dir, resolve_device, seed_everything
+from gali.engine.loop.distributed import World, init_world, local_batch_size
+from gali.engine.loop.run_log import RunLog, SilentRunLog, resolve_tensorboard
+from gali.engine.loop.runtime import create_run_dir, seed_everything
+from gali.engine.loop.signals import RunStopped, StopFlag, stop_on_signals
 from gali.engine.loop.snapshots import Snapshots
 from gali.engine.loop.ticks import StepClock, Ticks
 from gali.engine.method.noise import InstanceNoise
@@ -76,23 +78,37 @@ def resume(path: str | Path, overrides: Sequence[str] = (), *, log: Callable[[st
 def train(cfg: Config, *, log: Callable[[str], None] = print, resume_from: ResumePoint | None = None) -> TrainResult:
     """Train from ``cfg`` (or go on from ``resume_from``, see :func:`resume`); returns the run folder and figures.
 
-    ``log`` receives the lines meant for people; a progress bar, when drawn, goes to stdout.
+    Under torchrun every rank calls this; rank 0 alone writes the run folder. ``log`` receives the lines
+    meant for people; a progress bar, when drawn, goes to stdout. A stop signal ends the run with a
+    checkpoint and :class:`gali.engine.loop.signals.RunStopped`.
     """
-    # Set up: device and seeds, data, networks and step, the run folder and its log, the snapshots.
-    device = resolve_device(cfg.run.device)
+    world, device = init_world(cfg.run.device)
+    try:
+        with stop_on_signals() as stop:
+            return _train(cfg, world, device, stop, log if world.is_main else lambda line: None, resume_from)
+    finally:
+        world.close()
+
+
+def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log: Callable[[str], None],
+           resume_from: ResumePoint | None) -> TrainResult:
+    # Set up: seeds, data, networks and step, the snapshots, then the run folder and its log.
     tensorboard = resolve_tensorboard(cfg.run.tensorboard)  # run.tensorboard=on without the package stops here
-    seed_everything(cfg.run.seed)
+    seed_everything(cfg.run.seed)  # the same on every rank: the networks start equal
     spec = load_spec(cfg.method.tuples)
     batch_size = cfg.run.batch_size
-    pipeline = make_pipeline(cfg.data, split="train", batch_size=batch_size, device=device, seed=cfg.run.seed,
+    pipeline = make_pipeline(cfg.data, split="train", batch_size=local_batch_size(batch_size, world), device=device,
+                             seed=cfg.run.seed, rank=world.rank, world_size=world.size,
                              channels_last=cfg.compute.channels_last)
     if resume_from is not None:
-        _check_epoch_layout(resume_from, len(pipeline), batch_size)
+        _check_resume_point(resume_from, cfg, len(pipeline))
     nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=device)
-    step = build_step(nets, spec, cfg.method, cfg.optim, cfg.model.latent_dim, cfg.compute)
-    run_log = _open_run_log(cfg, resume_from, spec, pipeline, device, tensorboard, log)
-    snapshots = Snapshots(cfg, spec, nets, run_log, device)
-    checkpoint = Checkpoint(cfg, nets, step, device=device)
+    step = build_step(nets, spec, cfg.method, cfg.optim, cfg.model.latent_dim, cfg.compute, world_size=world.size)
+    snapshots = Snapshots(cfg, spec, nets, device, world)
+    checkpoint = Checkpoint(cfg, nets, step, device=device, world=world)
+    run_log = _open_run_log(cfg, resume_from, spec, pipeline, device, tensorboard, log, world)  # all set up now
+    if world.size > 1:  # z, ε, masks and instance noise differ across ranks
+        torch.manual_seed(world.rank_seed(cfg.run.seed))
 
     # Restore an interrupted run's state, in one place: after every random draw of the set-up.
     if resume_from is not None:
@@ -103,9 +119,9 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, resume_from: Resum
     total_images = int(cfg.run.kimg * 1000)
     noise = InstanceNoise(cfg.method, math.ceil(total_images / (len(pipeline) * batch_size)), device)
     clock = StepClock(device)
-    ticks = Ticks(int(cfg.run.tick_kimg * 1000), clock, progress.images_seen)
+    ticks = Ticks(int(cfg.run.tick_kimg * 1000), clock, progress.images_seen, world)
     batches = _batches_from(pipeline, progress)
-    recon_mse, last = float("nan"), {}
+    recon_mse, last, bad_ticks = float("nan"), {}, 0
     with contextlib.closing(run_log), ranges(cfg.compute.nvtx):
         while progress.images_seen < total_images:
             # Fetch a batch (with its 1-based epoch).
@@ -113,8 +129,9 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, resume_from: Resum
                 epoch, batch = next(batches)
 
             # Step.
-            if progress.iteration == 0:
+            if progress.iteration == 0:  # G starts at rank 0's first batch's mean image
                 nets.G.init_output_bias(batch.x)
+                world.broadcast_tensor(nets.G.output_bias.data)
             phase = step_phase(progress.iteration, cfg.optim.n_dis)
             ticks.add(step.step(batch.x, noise.at_epoch(epoch), phase))
             progress.advance(epoch, batch_size)
@@ -125,11 +142,20 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, resume_from: Resum
                 last = ticks.record(progress.images_seen, epoch=epoch, iteration=progress.iteration,
                                     noise_std=noise.value)
                 run_log.tick(last)
+                bad_ticks = bad_ticks + 1 if last.get("skipped_d", 0) or last.get("skipped_ge", 0) else 0
+                _check_bad_ticks(bad_ticks, cfg.run.max_bad_ticks, run_log.run_dir)
 
             # Snapshot: grids, held-out reconstruction error and checkpoint, outside the training time.
             if snapshots.due(progress.images_seen, batch_size, done):
                 with clock.paused():
-                    recon_mse = snapshots.take(checkpoint)
+                    recon_mse = snapshots.take(checkpoint, run_log)
+
+            # Stop: a signal on any rank, agreed at this step boundary, ends the run with a checkpoint.
+            if not done and world.any(stop.requested):
+                snapshots.save_checkpoint(checkpoint, run_log)
+                raise RunStopped(f"stopped by {stop.signal_name or 'a signal on another rank'} at "
+                                 f"{progress.images_seen / 1000:g} kimg after writing a checkpoint; go on with: "
+                                 f"gali train --resume {run_log.run_dir}")
 
     # Done.
     speed = (progress.images_seen - images_at_start) / max(clock.seconds(), 1e-9)
@@ -158,16 +184,41 @@ def _batches_from(pipeline: Pipeline, progress: Progress) -> Iterator[tuple[int,
 
 
 def _open_run_log(cfg: Config, resume_from: ResumePoint | None, spec: TupleSpec, pipeline: Pipeline,
-                  device: torch.device, tensorboard: bool, log: Callable[[str], None]) -> RunLog:
-    """The run folder (a new one, or the resumed run's) with the resolved config.toml, and its log."""
+                  device: torch.device, tensorboard: bool, log: Callable[[str], None],
+                  world: World) -> RunLog | SilentRunLog:
+    """The run folder (a new one, or the resumed run's) with the resolved config.toml, and its log (rank 0)."""
+    if not world.is_main:
+        return SilentRunLog(world.broadcast(None))
     run_dir = create_run_dir(cfg.run.out_dir, cfg.preset) if resume_from is None else resume_from.checkpoint.parent
+    world.broadcast(run_dir)
     write_text_atomic(run_dir / "config.toml", dump_config(cfg))
     run_log = RunLog(run_dir, total_kimg=cfg.run.kimg, progress=cfg.run.progress, tensorboard=tensorboard, log=log)
     run_log.message(f"run folder {run_dir}  preset {cfg.preset}  tuples {spec.name} (K={spec.num_classes})  "
                     f"device {device}  tensorboard {'on' if tensorboard else 'off'}")
+    ranks = f" over {world.size} ranks" if world.size > 1 else ""
     run_log.message(f"data: {pipeline.num_images} training images, {len(pipeline)} batches of "
-                    f"{cfg.run.batch_size} per epoch")
+                    f"{cfg.run.batch_size}{ranks} per epoch")
     return run_log
+
+
+def _check_bad_ticks(bad_ticks: int, max_bad_ticks: int, run_dir: Path) -> None:
+    if max_bad_ticks and bad_ticks >= max_bad_ticks:
+        raise GaliError(f"{bad_ticks} ticks in a row had steps with a non-finite loss or gradient (skipped_d / "
+                        f"skipped_ge in {run_dir / 'metrics.jsonl'}); stopped, keeping the checkpoints written "
+                        "before them. Lower optim.lr, or try compute.precision=fp32, then resume from one of them "
+                        "(run.max_bad_ticks=0 never stops)")
+
+
+def _check_resume_point(resume_from: ResumePoint, cfg: Config, batches_per_epoch: int) -> None:
+    """Refuse a resume whose networks or epoch layout differ from the checkpoint's, naming what changed."""
+    saved = resume_from.state["config"]
+    changed = [f"{section}.{key}" for section in ("model", "method") for key in ("arch", "latent_dim", "width",
+               "tuples", "feature_model", "feature_arch") if key in saved.get(section, {})
+               and saved[section][key] != getattr(getattr(cfg, section), key)]
+    if changed:
+        raise GaliError(f"resume: {resume_from.checkpoint} holds networks for other values of {', '.join(changed)}; "
+                        "a resumed run keeps them (drop those overrides, or start a new run)")
+    _check_epoch_layout(resume_from, batches_per_epoch, cfg.run.batch_size)
 
 
 def _check_epoch_layout(resume_from: ResumePoint, batches_per_epoch: int, batch_size: int) -> None:

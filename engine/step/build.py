@@ -28,7 +28,7 @@ def compile_networks(nets: Networks) -> None:
 
 
 def build_step(nets: Networks, spec: TupleSpec, method: MethodConfig, optim: OptimConfig, latent_dim: int,
-               compute: ComputeConfig) -> GaliStep | GraphedStep:
+               compute: ComputeConfig, *, world_size: int = 1) -> GaliStep | GraphedStep:
     """The step runner ``compute`` asks for: channels-last and compiled networks, graphed or eager.
 
     ``compute.cuda_graph`` on a CPU device gives the eager twin (there is nothing to capture).
@@ -38,7 +38,7 @@ def build_step(nets: Networks, spec: TupleSpec, method: MethodConfig, optim: Opt
             net.to(memory_format=torch.channels_last)
     if compute.compile:
         compile_networks(nets)
-    step = GaliStep(nets, spec, method, optim, latent_dim, compute)
+    step = GaliStep(nets, spec, method, optim, latent_dim, compute, world_size=world_size)
     if compute.cuda_graph and step.device.type == "cuda":
         return GraphedStep(step)
     return step

@@ -38,6 +38,7 @@ from gali.engine.ranges import annotate
 from gali.engine.step.config import ComputeConfig, OptimConfig
 from gali.engine.step.optim import build_optimizers, trainable_parameters
 from gali.engine.step.precision import fp32_spectral_norm, resolve_precision
+from gali.engine.step.reduce import average_gradients
 from gali.kernels.kway_head import kway_head
 
 PHASES = ("both", "d", "ge")
@@ -48,16 +49,18 @@ class GaliStep:
 
     ``step(x, noise_std, phase)`` returns detached device tensors: ``loss_d``, ``loss_ge``,
     ``p_true`` (K,) (D's mean probability for each class's own class), ``grad_norm_d`` /
-    ``grad_norm_ge`` (unscaled, for the side(s) the phase updates), for ALICE specs ``recon``,
-    and under fp16 ``skipped_d`` / ``skipped_ge`` (1.0 when the GradScaler skipped that update).
+    ``grad_norm_ge`` and ``skipped_d`` / ``skipped_ge`` (unscaled norms, and 1.0 where a non-finite
+    loss or gradient skipped that side's update; for the side(s) the phase updates), and for ALICE
+    specs ``recon``. With ``world_size`` > 1 each side's gradients are averaged over the ranks.
 
     Adam is the fused implementation; ``capturable`` (optimizer step counters on the device) is
     set with ``compute.cuda_graph``, on CPU as well, so the CPU twin runs the graph's optimizer.
     """
 
     def __init__(self, nets: Networks, spec: TupleSpec, method: MethodConfig, optim: OptimConfig,
-                 latent_dim: int, compute: ComputeConfig | None = None) -> None:
+                 latent_dim: int, compute: ComputeConfig | None = None, *, world_size: int = 1) -> None:
         self.nets = nets
+        self.world_size = world_size
         self.spec = spec
         self.method = method
         self.compute = compute or ComputeConfig()
@@ -129,26 +132,26 @@ class GaliStep:
                 out.update(self._gradients("ge", out["loss_ge"], retain_graph=False))
         with annotate("gali/optim"):
             if steps_d:
-                _optimizer_step(self.opt_d, self.scaler_d)
+                _optimizer_step(self.opt_d, self.scaler_d, out["skipped_d"])
             if steps_ge:
-                _optimizer_step(self.opt_ge, self.scaler_ge)
+                _optimizer_step(self.opt_ge, self.scaler_ge, out["skipped_ge"])
         return {name: value.detach() for name, value in out.items()}
 
     def _gradients(self, side: str, loss: Tensor, *, retain_graph: bool) -> dict[str, Tensor]:
-        """∂loss/∂θ_side into ``.grad`` (scaled under fp16) and that side's statistics."""
+        """∂loss/∂θ_side averaged over the ranks into ``.grad`` (scaled under fp16), and that side's statistics.
+
+        ``skipped_<side>`` is 1.0 when the loss or the gradient is not finite: the optimizer step then
+        leaves that side's weights and Adam state as they were (on the device, no sync).
+        """
         params, scaler = (self.d_params, self.scaler_d) if side == "d" else (self.ge_params, self.scaler_ge)
-        if scaler is not None:
-            loss = scaler.scale(loss)
-        grads = torch.autograd.grad(loss, params, retain_graph=retain_graph)
+        scaled = loss if scaler is None else scaler.scale(loss)
+        grads = average_gradients(torch.autograd.grad(scaled, params, retain_graph=retain_graph), self.world_size)
         _set_grads(params, grads)
         norm = torch.nn.utils.get_total_norm(grads)
-        stats = {}
-        if scaler is not None:
-            # scale(1) is the current scale as a device tensor (get_scale() would sync).
+        if scaler is not None:  # scale(1) is the current scale as a device tensor (get_scale() would sync)
             norm = norm / scaler.scale(torch.ones((), device=norm.device))
-            stats[f"skipped_{side}"] = (~torch.isfinite(norm)).float()  # what GradScaler.step will skip
-        stats[f"grad_norm_{side}"] = norm
-        return stats
+        skipped = (~(torch.isfinite(norm) & torch.isfinite(loss.detach()))).float()
+        return {f"grad_norm_{side}": norm, f"skipped_{side}": skipped}
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer (and GradScaler) state, for checkpoints."""
@@ -171,8 +174,10 @@ def check_phase(phase: str) -> None:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
 
 
-def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, skipped: Tensor) -> None:
+    """Fused Adam skips the step on the device where ``found_inf`` is 1 (weights and state untouched)."""
     if scaler is None:
+        optimizer.found_inf = skipped  # read by the fused kernel, as GradScaler does under fp16
         optimizer.step()
         return
     scaler.step(optimizer)  # fused Adam takes the scale and found-inf on the device: no sync

@@ -1,0 +1,163 @@
+"""Runs over several processes: torchrun's ranks, their process group, and what the ranks must agree on.
+
+``torchrun --nproc-per-node N -m gali train ...`` (or ``--nnodes``, ``--rdzv-backend c10d`` and
+``--rdzv-endpoint`` across nodes) starts N processes with ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in
+their environment; :func:`init_world` turns that into a process group (NCCL on GPUs, gloo on CPUs) and
+the rank's device (``cuda:LOCAL_RANK``). A plain ``gali train`` is a world of one: no process group, no
+collective anywhere. ``run.batch_size`` stays the global batch; each rank takes ``batch_size / world``.
+
+Everything here runs outside the step, at most once per tick or snapshot, except :meth:`World.any`,
+the stop-flag agreement at each step boundary, which runs on a CPU (gloo) group so that it never waits
+on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from gali.engine.errors import ConfigError, GaliError
+from gali.engine.loop.runtime import resolve_device
+
+
+@dataclass
+class World:
+    """This process's place among the ranks of a run; ``size == 1`` is a plain single-process run."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    cpu_group: Any = None  # a gloo group for host-side agreement (the default group on CPU runs)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one rank that writes logs, grids, metrics and checkpoints."""
+        return self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on any rank (one small all-reduce on the CPU group; none in a world of one)."""
+        if self.size == 1:
+            return flag
+        value = torch.tensor([float(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        return bool(value.item())
+
+    def mean(self, values: Tensor) -> Tensor:
+        """``values`` averaged over the ranks, in place (one all-reduce; unchanged in a world of one)."""
+        if self.size > 1:
+            dist.all_reduce(values)
+            values /= self.size
+        return values
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (a picklable object), in rank order."""
+        if self.size == 1:
+            return [value]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, value, group=self.cpu_group)
+        return out
+
+    def broadcast_tensor(self, tensor: Tensor) -> Tensor:
+        """Rank 0's values of ``tensor`` on every rank, in place."""
+        if self.size > 1:
+            dist.broadcast(tensor, src=0)
+        return tensor
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.cpu_group)
+        return box[0]
+
+    def rank_seed(self, seed: int) -> int:
+        """A seed for this rank's random draws (z, ε, masks, instance noise) from (seed, rank) alone."""
+        return int(np.random.SeedSequence([seed, self.rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+    def close(self) -> None:
+        if self.size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_world(device_name: str) -> tuple[World, torch.device]:
+    """This process's :class:`World` and device, from torchrun's environment (a world of one without it).
+
+    ``run.device`` 'auto' takes ``cuda:LOCAL_RANK`` when CUDA is present, else the CPU; the backend
+    is NCCL on CUDA and gloo on the CPU. Asking for CUDA without a GPU, or for more ranks on a node
+    than it has GPUs, stops here with a message.
+    """
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(), resolve_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError("run.device", f"rank {rank} has LOCAL_RANK {local_rank}, but this node has "
+                              f"{torch.cuda.device_count()} GPU(s); start at most that many ranks per node "
+                              "(torchrun --nproc-per-node), or set run.device=cpu")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
+    return World(rank=rank, size=size, local_rank=local_rank, cpu_group=cpu_group), device
+
+
+def local_batch_size(batch_size: int, world: World) -> int:
+    """Each rank's share of the global ``run.batch_size``; a batch the ranks cannot share evenly is refused."""
+    if batch_size % world.size:
+        lower = batch_size - batch_size % world.size
+        sizes = ", ".join(str(b) for b in (lower, lower + world.size) if b > 0)
+        raise ConfigError("run.batch_size", f"got {batch_size}, which {world.size} ranks cannot share evenly; "
+                          f"the global batch must be a multiple of the world size, e.g. {sizes}")
+    return batch_size // world.size
+
+
+def average_buffers(world: World, modules: Iterable[torch.nn.Module]) -> None:
+    """Set every floating-point buffer (BatchNorm's running statistics) to its mean over the ranks.
+
+    Each rank normalises over its own batch, as the paper does per call, so the running statistics
+    drift apart; before a snapshot measures with them and a checkpoint stores them, they are averaged
+    (one all-reduce over all of them).
+    """
+    buffers = [b for m in modules for b in m.buffers() if b.is_floating_point()]
+    if world.size == 1 or not buffers:
+        return
+    flat = world.mean(_flatten_dense_tensors(buffers))
+    for buffer, mean in zip(buffers, _unflatten_dense_tensors(flat, buffers), strict=True):
+        buffer.copy_(mean)
+
+
+def check_same_state(world: World, named: Iterable[tuple[str, Tensor]]) -> None:
+    """Stop the run if any rank's tensors differ from rank 0's, naming the first that does.
+
+    A checksum per tensor (sum and sum of squares in float64) is all-gathered first; only on a
+    mismatch is each differing tensor compared in full against rank 0's (StyleGAN's
+    ``check_ddp_consistency``, cheap enough to run before every checkpoint).
+    """
+    if world.size == 1:
+        return
+    named = list(named)
+    sums = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for _, t in named]).cpu()
+    everyone = world.gather(sums)
+    differing = [i for i in range(len(named)) if any(not torch.equal(other[i], everyone[0][i]) for other in everyone)]
+    for i in differing:
+        name, tensor = named[i]
+        reference = tensor.detach().clone()
+        dist.broadcast(reference, src=0)
+        if not world.any(not torch.equal(reference, tensor)):
+            continue  # equal sums from different summation orders would not differ here; the tensors agree
+        raise GaliError(f"ranks diverged: {name} differs between rank 0 and another rank (checked before a "
+                        "checkpoint); the ranks no longer train one model. Check that every rank runs the same "
+                        "code and config, then resume from the last checkpoint")
