@@ -62,12 +62,15 @@ class CheckReport:
 
 
 def _decode_problem(index: SplitIndex, i: int) -> str | None:
-    """None if item i decodes fully to RGB, else the reason it does not."""
+    """None if item i decodes fully to RGB (as the torch backend decodes it), else the reason it does not."""
     return decode_problem(index.image_file(i))
 
 
 def check_images(root: str | Path, workers: int | None = None) -> CheckReport:
-    """Decode every image of ``root`` fully (``load()`` + ``convert('RGB')``) and collect the bad ones.
+    """Decode every image of ``root`` fully to RGB and collect the bad ones.
+
+    Decoding is the torch backend's (``torch_files.to_rgb``): any mode Pillow opens (8- and 16-bit gray and
+    color, palette, CMYK, with or without alpha) is readable; a truncated, corrupt or unidentifiable file is bad.
 
     An image-folder tree: every image file under ``root`` (by extension, hidden entries skipped,
     whatever the class layout); a filelist or shards: every listed image of every split. Raises

@@ -6,30 +6,36 @@ rest is shared: a seeded (seed, epoch) order dealt to ranks (``ShardedEpochSampl
 ``contract.epoch_order``, the DALI backend's order too), static batches (drop_last), ``cfg.workers``
 DataLoader workers with ``cfg.prefetch`` batches each in flight, pinned memory when the device is CUDA.
 
-Each image is decoded to RGB. Eval (and train without augment): its centered square crop resized to
-R×R (Pillow bilinear, which antialiases when shrinking and takes its filter support from beyond the
-crop's edges: the same as resizing the shorter side to R and then center-cropping, with the crop
-centered exactly). Train with augment: a random-resized crop (area scale (0.08, 1), aspect ratio
-(3/4, 4/3), torchvision's RandomResizedCrop algorithm) resized to R×R, then a horizontal flip with
-probability 1/2, drawn from numpy's PCG64 seeded by (seed, epoch, item index): reproducible, and the
-same with any number of workers. Images travel as uint8 (3, R, R): 4× less to copy between processes
-and to the device than float. The main process moves each uint8 batch to the device (non-blocking)
-and converts it there to float32 in [-1, 1] (``contract.pixels_to_x``), in the channels-last memory
-format if asked. ``decode_problem`` is the one "does Pillow decode this file" test of the package (the data
-tools and the DALI backend's error messages use it).
+Each image is decoded to 8-bit RGB with the pixel values DALI's decoder gives for the file, whatever its
+mode (``to_rgb``: 16-bit scaled, not clipped; CMYK and palettes converted; alpha dropped). Eval (and train
+without augment): its centered square crop resized to R×R (Pillow bilinear, which antialiases when
+shrinking and takes its filter support from beyond the crop's edges: the same as resizing the shorter side
+to R and then center-cropping, with the crop centered exactly). Train with augment: a random-resized crop
+(area scale (0.08, 1), aspect ratio (3/4, 4/3), torchvision's RandomResizedCrop algorithm) resized to R×R,
+then a horizontal flip with probability 1/2, drawn from numpy's PCG64 seeded by (seed, epoch, item index):
+reproducible, and the same with any number of workers. Images travel as uint8 (3, R, R): 4× less to copy
+between processes and to the device than float. The main process moves each uint8 batch to the device
+(non-blocking) and converts it there to float32 in [-1, 1] (``contract.pixels_to_x``), in the
+channels-last memory format if asked. ``decode_problem`` is the one "does Pillow decode this file" test of
+the package (the data tools and the DALI backend's error messages use it).
+
+An image that cannot be read stops the pass with a one-line ``DataError`` naming it, also when a DataLoader
+worker met it: the worker hands the message back as data (``_Unreadable``) rather than raising it, which torch
+would re-raise as "Caught DataError in DataLoader worker process N" and the worker's traceback.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from gali.engine.errors import DataError
 
@@ -68,12 +74,45 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator) -
     return left, top, left + w, top + h
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` (an opened file, any mode) decoded fully to 8-bit RGB, with the values DALI's decoder gives.
+
+    Measured against DALI's CPU decoder (``fn.decoders.image``, output RGB; DALI 2.4):
+
+    - 16-bit grayscale (Pillow's 'I;16', 'I;16B', 'I;16L', 'I', the last clipped to 0..65535): value v becomes
+      round(v / 257), DALI's scaling, exactly (Pillow's own conversion clips at 255: such images turn white);
+    - 16-bit RGB, RGBA and gray+alpha, which Pillow hands over as 8-bit 'RGB' / 'RGBA' (the high byte, v >> 8):
+      as Pillow gives them, within one level of DALI's round(v / 257);
+    - CMYK (JPEG): each of R, G, B is (255 - C or M or Y) · (255 - K) / 255 rounded down, DALI's arithmetic
+      exactly (Pillow's conversion rounds to nearest, one level above DALI's for half the colors);
+    - palette ('P', 'PA', with or without transparency): the palette's colors;
+    - alpha ('LA', 'RGBA', 'PA', palette or color-key transparency) is dropped, not composited: the color
+      channels as stored, as DALI's RGB output does;
+    - the rest ('L', '1', 'RGB', ...): Pillow's conversion, which is DALI's (gray copied to the three channels).
+
+    Raises what Pillow raises for a file it cannot decode (truncated, corrupt).
+    """
+    image.load()  # decodes the whole file: truncation fails here
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16"):
+        values = np.asarray(image)  # uint16 in the file's byte order, or int32 for 'I'
+        if mode == "I":
+            values = np.clip(values, 0, 65535)
+        gray = ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)  # round(v / 257): 257 is odd, no ties
+        return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if mode == "CMYK":
+        ink = 255 - np.asarray(image).astype(np.uint16)  # (255 - C, 255 - M, 255 - Y, 255 - K)
+        return Image.fromarray((ink[:, :, :3] * ink[:, :, 3:] // 255).astype(np.uint8))
+    if mode in ("P", "PA"):
+        image = image.convert("RGBA")  # a palette with byte transparency warns when converted to RGB directly
+    return image.convert("RGB")
+
+
 def decode_problem(file: str | Path | BinaryIO) -> str | None:
-    """None if ``file`` decodes fully to RGB with Pillow, else the reason it does not."""
+    """None if ``file`` decodes fully to RGB (``to_rgb``) with Pillow, else the reason it does not."""
     try:
         with Image.open(file) as image:
-            image.load()
-            image.convert("RGB")
+            to_rgb(image)
     except Exception as e:  # every failure is a finding to report, not a crash
         return f"{type(e).__name__}: {e}"
     return None
@@ -89,13 +128,14 @@ def load_image(
 ) -> np.ndarray:
     """Decode ``file`` (a path or a file object) to uint8 RGB (3, R, R).
 
-    Without ``rng``: centered square crop, Pillow bilinear resize to R×R. With ``rng``: random-resized
+    The image is decoded by ``to_rgb`` (every mode to 8-bit RGB, as DALI decodes it). Without ``rng``:
+    centered square crop, Pillow bilinear resize to R×R. With ``rng``: random-resized
     crop and horizontal flip drawn from it (see the module doc). Raises ``DataError`` naming the image
     (``name``, default ``file``) for anything unreadable (truncated, corrupt, not an image).
     """
     try:
         with Image.open(file) as opened:
-            image = opened.convert("RGB")  # decodes the whole file: truncation fails here
+            image = to_rgb(opened)  # decodes the whole file: truncation fails here
         w, h = image.size
         if rng is not None:
             box = random_resized_crop_box(w, h, rng)
@@ -116,11 +156,33 @@ def load_image(
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
+@dataclass(frozen=True)
+class _Unreadable:
+    """An item (and then its batch) that a DataLoader worker could not read: its ``DataError`` message, as data.
+
+    An exception raised in a worker comes back through torch's ``ExceptionWrapper``, whose ``reraise`` builds
+    the same type from "Caught DataError in DataLoader worker process N" and the worker's whole formatted
+    traceback; the original message could only be parsed back out of that text. Handed back as data, it
+    arrives as it was written and the pipeline raises it as a one-line ``DataError``.
+    """
+
+    message: str
+
+
+def _collate(items: Sequence[tuple[torch.Tensor, int] | _Unreadable]) -> list[torch.Tensor] | _Unreadable:
+    """``default_collate`` of the items (images, labels), or the first unreadable one among them."""
+    for item in items:
+        if isinstance(item, _Unreadable):
+            return item
+    return default_collate(items)
+
+
 class SourceDataset(Dataset):
     """Map-style dataset over a ``SplitIndex``; item (epoch, i) is (uint8 (3, R, R) tensor, int label).
 
     ``augment_seed`` None gives the eval transform; an int draws the augmentation of item i in
-    ``epoch`` from (augment_seed, epoch, i).
+    ``epoch`` from (augment_seed, epoch, i). An item that cannot be read raises its ``DataError`` in the
+    main process (no workers), and is returned as ``_Unreadable`` in a DataLoader worker.
     """
 
     def __init__(self, index: SplitIndex, resolution: int, data_root: Path, augment_seed: int | None) -> None:
@@ -132,12 +194,17 @@ class SourceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | _Unreadable:
         epoch, i = key
         rng = None if self.augment_seed is None else np.random.default_rng([self.augment_seed, epoch, i])
-        pixels = load_image(
-            self.index.image_file(i), self.resolution, name=self.index.name(i), data_root=self.data_root, rng=rng
-        )
+        try:
+            pixels = load_image(
+                self.index.image_file(i), self.resolution, name=self.index.name(i), data_root=self.data_root, rng=rng
+            )
+        except DataError as e:
+            if get_worker_info() is None:
+                raise  # in the main process: the error (and its cause) as it is
+            return _Unreadable(str(e))
         return torch.from_numpy(pixels), int(self.index.labels[i])
 
 
@@ -242,6 +309,7 @@ class TorchFilePipeline:
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             drop_last=True,
+            collate_fn=_collate,
             persistent_workers=workers > 0,
             prefetch_factor=prefetch if workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),  # keeps the global torch RNG untouched
@@ -261,12 +329,15 @@ class TorchFilePipeline:
 
     def __iter__(self) -> Iterator[Batch]:
         try:
-            for images, labels in self._loader:
+            for batch in self._loader:
+                if isinstance(batch, _Unreadable):  # a worker's error, handed back as data (see ``_Unreadable``)
+                    raise DataError(batch.message)
+                images, labels = batch
                 x = pixels_to_x(images, self.device, channels_last=self.channels_last)
                 yield Batch(x=x, labels=labels.to(self.device, non_blocking=True))
         except DataError as e:
-            # A worker's error comes back with a traceback through the DataLoader's frames that forms
-            # a reference cycle with the exception and pins the loader's iterator until a later
+            # An error raised below the loader comes with a traceback through the DataLoader's frames that
+            # forms a reference cycle with the exception and pins the loader's iterator until a later
             # garbage collection, which then tears the worker queues down out of order (noisy
             # "Bad file descriptor" thread errors). The message (and the cause) already name the file. The
             # traceback still holds this frame: drop ``self`` from it, so that a pipeline nobody else holds is

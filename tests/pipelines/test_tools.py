@@ -14,6 +14,9 @@ from PIL import Image
 from gali.engine.cli import main
 from gali.pipelines import make_pipeline
 from gali.pipelines.config import DataConfig
+from gali.pipelines.tools import check_images
+
+from .conftest import mode_images
 
 CPU = torch.device("cpu")
 
@@ -111,6 +114,27 @@ def test_check_finds_planted_bad_files(split_folder: Path, capsys: pytest.Captur
     assert set(bad) == {str(split_folder / name) for name in planted}
     assert "truncated" in bad[str(split_folder / "train/cat/cut.jpg")].lower()
     assert "UnidentifiedImageError" in bad[str(split_folder / "train/dog/text.png")]
+
+
+def test_check_accepts_every_image_mode_and_still_finds_unreadable_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "modes"
+    root.mkdir()
+    cases = list(mode_images().values())
+    for i, case in enumerate(cases):
+        (root / f"{i:02d}-{case.name}").write_bytes(case.data)
+    assert main(["data", "check", str(root), "--workers", "2"]) == 0
+    assert capsys.readouterr().out.strip() == f"checked {len(cases)} files, 0 bad"
+
+    gray16 = next(c for c in cases if c.mode == "I;16").data
+    cmyk = next(c for c in cases if c.mode == "CMYK").data
+    planted = {"cut-gray16.png": gray16[: len(gray16) // 2], "cut-cmyk.jpg": cmyk[: len(cmyk) // 2]}
+    for name, data in planted.items():
+        (root / name).write_bytes(data)
+    report = check_images(root, workers=2)
+    assert report.checked == len(cases) + 2
+    assert sorted(name for name, _ in report.bad) == sorted(str(root / name) for name in planted)
 
 
 def test_check_reads_shards_and_lists(split_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,19 +4,30 @@ shards, errors (the other sources: test_sources.py)."""
 from __future__ import annotations
 
 import io
+import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from gali.engine.errors import DataError
+from gali.engine.errors import ConfigError, DataError
 from gali.pipelines import Batch, Pipeline, check_batch
+from gali.pipelines.config import DataConfig
 from gali.pipelines.torch_files import TorchFilePipeline, load_image
 
+from .conftest import mode_images
+
+try:
+    from gali.pipelines.dali import DaliPipeline
+except ConfigError:  # nvidia-dali is not installed: the image-mode tests check the torch backend alone
+    DaliPipeline = None
+
 CPU = torch.device("cpu")
+MODE_IMAGES = mode_images()
 
 
 def pipeline(root: Path, **kwargs: object) -> TorchFilePipeline:
@@ -240,13 +251,22 @@ def test_corrupt_image_names_the_file(id_folder: Callable[..., Path], name: str,
     assert bad.read_bytes() == content()  # nothing deleted or rewritten
 
 
-def test_corrupt_image_in_a_worker_names_the_file(id_folder: Callable[..., Path]) -> None:
-    root = id_folder(classes={"a": 7})
+def test_corrupt_image_in_a_worker_raises_the_one_line_error(id_folder: Callable[..., Path]) -> None:
+    """A worker's DataError arrives as the worker raised it: the message of the in-process error, one line."""
+    root = id_folder(classes={"a": 11})
     bad = root / "a" / "cut.png"
     bad.write_bytes(png_bytes()[:100])
-    with pytest.raises(DataError, match=r"cannot read image") as info:
-        list(pipeline(root, batch_size=8, workers=2))
-    assert str(bad) in str(info.value) and "gali data check" in str(info.value)
+    with pytest.raises(DataError) as inline:
+        list(pipeline(root, batch_size=4))
+    workers = pipeline(root, batch_size=4, workers=2)
+    for _ in range(2):  # the persistent workers serve the next pass, which fails the same way
+        with pytest.raises(DataError, match=re.escape(bad.name)) as info:
+            list(workers)
+        message = str(info.value)
+        assert message == str(inline.value)
+        assert message.startswith(f"cannot read image {bad}: ") and f"`gali data check {root}`" in message
+        assert "\n" not in message and "Caught" not in message and "Traceback" not in message
+        assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
 def test_invalid_arguments(id_folder: Callable[..., Path]) -> None:
@@ -276,3 +296,39 @@ def test_a_pass_started_mid_epoch_is_the_tail_of_the_full_pass(id_folder: Callab
         assert len(list(resumed)) == 6
     with pytest.raises(ValueError, match=r"start_batch must be in \[0, 6\].*got 7"):
         full.set_epoch(0, start_batch=7)
+
+
+def pixels_of(batch: Batch) -> np.ndarray:
+    """The batch's first image as uint8 (H, W, 3): x = k / 127.5 - 1 maps back exactly."""
+    return np.rint((batch.x[0].double().numpy() + 1.0) * 127.5).astype(np.uint8).transpose(1, 2, 0)
+
+
+@pytest.mark.parametrize("key", list(MODE_IMAGES))
+def test_every_image_mode_decodes_to_the_rgb_of_dali(key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One image of each mode (conftest.mode_images: known values, no resize), read by both backends.
+
+    The torch backend gives the expected 8-bit RGB exactly: 16-bit gray round(v / 257) (not clipped to white),
+    16-bit color Pillow's high byte v >> 8, CMYK (255 - C)(255 - K) / 255 rounded down, palette colors, alpha
+    dropped. DALI's CPU decoder (where installed) gives its expected values exactly (16-bit: round(v / 257)),
+    and the backends agree exactly, or within one level (1/127.5 in x) for 16-bit color."""
+    case = MODE_IMAGES[key]
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / case.name).write_bytes(case.data)
+    if case.gray16_as is not None:  # the torch backend reads in this process (no workers): the mapping applies
+        monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), case.gray16_as)
+    with Image.open(root / case.name) as image:
+        assert image.mode == case.mode  # the mode under test is the one Pillow opens the file in
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none, e.g. about converting a palette with transparency to RGB
+        (batch,) = list(pipeline(root, resolution=case.size, batch_size=1))
+    check_batch(batch, batch_size=1, resolution=case.size, device=CPU, num_classes=1)
+    ours = pixels_of(batch)
+    np.testing.assert_array_equal(ours, case.torch)
+    if DaliPipeline is None:
+        return
+    cfg = DataConfig(source="folder", root=str(root), resolution=case.size, backend="dali", workers=1)
+    (batch,) = list(DaliPipeline(cfg, root, split="train", batch_size=1, device=CPU, seed=0))
+    theirs = pixels_of(batch)
+    np.testing.assert_array_equal(theirs, case.dali)
+    assert np.abs(ours.astype(int) - theirs).max() <= (1 if key.endswith("16bit") else 0)

@@ -1,0 +1,83 @@
+"""What tests/test_distributed.py runs on every rank under torchrun (not a test module itself).
+
+    torchrun --nproc-per-node 2 tests/distributed_worker.py train OUT section.key=value ...
+        trains, dumping each rank's networks and optimizer state at every checkpoint to
+        OUT/rank<r>-<images>.pt, and the number of gradient reductions per step to OUT/rank<r>.json;
+    torchrun --nproc-per-node 2 tests/distributed_worker.py gradients OUT
+        one 2-rank step next to the same step taken alone on each rank's batch, their gradients to
+        OUT/gradients-rank<r>.pt.
+"""
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from gali.engine.loop import checkpoint as checkpoint_module
+from gali.engine.loop.config import load_config
+from gali.engine.loop.train import train
+from gali.engine.method.config import MethodConfig
+from gali.engine.method.tuple_spec import load_spec
+from gali.engine.nets.config import ModelConfig
+from gali.engine.nets.networks import Networks
+from gali.engine.nets.paper import build_models
+from gali.engine.step import eager
+from gali.engine.step.config import ComputeConfig, OptimConfig
+from gali.engine.step.eager import GaliStep
+
+
+def record_training(out: Path, overrides: list[str]) -> None:
+    rank = int(os.environ["RANK"])
+    reductions: list[int] = []
+    average = eager.average_gradients
+
+    def counting(grads, world_size):
+        reductions.append(world_size)
+        return average(grads, world_size)
+
+    save = checkpoint_module.Checkpoint.save
+
+    def save_and_dump(self, path):
+        written = save(self, path)
+        state = {k: v for k, v in self.state_dict().items() if k not in ("rng", "rng_ranks")}
+        torch.save(state, out / f"rank{rank}-{self.progress.images_seen:010d}.pt")
+        return written
+
+    eager.average_gradients = counting
+    checkpoint_module.Checkpoint.save = save_and_dump
+    result = train(load_config("demo", overrides), log=print)
+    (out / f"rank{rank}.json").write_text(json.dumps({"reductions": len(reductions), "run_dir": str(result.run_dir),
+                                                      "images": int(result.kimg * 1000)}))
+
+
+def record_gradients(out: Path) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # the same networks on both ranks
+    spec = load_spec("gali4")
+    G, E, D = build_models(ModelConfig(latent_dim=8, width=0.125), slot_kinds=spec.slot_kinds,
+                           num_classes=spec.num_classes)
+    nets = Networks(G=G, E=E, D=D)
+    args = (spec, MethodConfig(), OptimConfig(lr=1e-3), 8, ComputeConfig(kernel_impl="ref"))
+    together = GaliStep(nets, *args, world_size=2)
+    alone = GaliStep(copy.deepcopy(nets), *args, world_size=1)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(10 + rank)) * 2 - 1
+    for step in (alone, together):  # the same random draws in both
+        torch.manual_seed(100 + rank)
+        step.step(x, torch.tensor(0.1))
+    torch.save({"alone": [p.grad for p in alone.d_params + alone.ge_params],
+                "together": [p.grad for p in together.d_params + together.ge_params]},
+               out / f"gradients-rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mode, folder = sys.argv[1], Path(sys.argv[2])
+    if mode == "train":
+        record_training(folder, sys.argv[3:])
+    else:
+        record_gradients(folder)

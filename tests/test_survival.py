@@ -1,0 +1,253 @@
+"""Runs that survive: stop signals, SIGKILL mid-write, non-finite steps, a full disk, bounded checkpoints."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gali.engine.errors import ConfigError, GaliError
+from gali.engine.loop import checkpoint as checkpoint_module
+from gali.engine.loop.checkpoint import load_checkpoint, prune_checkpoints
+from gali.engine.loop.config import load_config
+from gali.engine.loop.signals import EXIT_STOPPED
+from gali.engine.loop.train import resume, train
+from gali.engine.step import eager
+from gali.engine.step.eager import GaliStep
+
+# The digits' 1,437 training images: 44 batches of 32 per epoch; a checkpoint every 20 steps.
+TINY = ["run.device=cpu", "model.width=0.125", "model.latent_dim=8", "run.batch_size=32", "data.workers=0",
+        "run.kimg=1.6", "run.tick_kimg=0.064", "run.snapshot_kimg=0.64", "run.grid_size=2", "run.tensorboard=off",
+        "run.progress=lines"]
+
+
+def gali(*args: str, cache: Path, cwd: Path, ranks: int = 1) -> subprocess.Popen:
+    """``gali ARGS`` (under torchrun with ``ranks`` > 1) as a child process, one thread per rank."""
+    launcher = [sys.executable, "-m", "gali"] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--master-port=0", "-m", "gali"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GALI_CACHE": str(cache)}
+    return subprocess.Popen([*launcher, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for_ticks(process: subprocess.Popen, ticks: int) -> list[str]:
+    """Read the child's output until ``ticks`` tick lines have been printed."""
+    lines = []
+    while sum(line.startswith("kimg") for line in lines) < ticks:
+        line = process.stdout.readline()
+        assert line, f"the run ended early: {process.wait()} {process.stderr.read()[-2000:]}"
+        lines.append(line)
+    return lines
+
+
+def final_state(run_dir: Path) -> dict:
+    return load_checkpoint(sorted(run_dir.glob("checkpoint-*.pt"))[-1])[1]
+
+
+def assert_same_state(got: dict, want: dict) -> None:
+    assert got["images_seen"] == want["images_seen"]
+    for name in ("G", "E", "D"):
+        assert all(torch.equal(got[name][k], v) for k, v in want[name].items()), name
+    for side in ("opt_d", "opt_ge"):
+        for index, state in want[side]["state"].items():
+            assert all(torch.equal(got[side]["state"][index][k], v) for k, v in state.items()), f"{side}[{index}]"
+    assert torch.equal(got["rng"]["torch"], want["rng"]["torch"])
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_75_and_the_resumed_run_ends_where_the_uninterrupted_one_does(tmp_path):
+    cache = tmp_path / "cache"
+    reference = gali("train", *TINY, f"run.out_dir={tmp_path / 'reference'}", cache=cache, cwd=tmp_path)
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
+    run = gali("train", *TINY, f"run.out_dir={tmp_path / 'runs'}", cache=cache, cwd=tmp_path)
+    wait_for_ticks(run, 3)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == EXIT_STOPPED == 75
+    assert "stopped by SIGTERM at" in stderr and "gali train --resume" in stderr and "Traceback" not in stderr
+    run_dir = next((tmp_path / "runs").iterdir())
+    stopped = final_state(run_dir)
+    assert stopped["images_seen"] % 640 != 0  # the stop's own checkpoint, between two snapshots
+    resumed = gali("train", "--resume", str(run_dir), cache=cache, cwd=tmp_path)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
+    assert_same_state(final_state(run_dir), final_state(next((tmp_path / "reference").iterdir())))
+
+
+@pytest.mark.slow
+def test_sigint_stops_the_same_way_without_a_traceback_or_a_temporary_file(tmp_path):
+    run = gali("train", *TINY, f"run.out_dir={tmp_path / 'runs'}", cache=tmp_path / "cache", cwd=tmp_path)
+    wait_for_ticks(run, 2)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 75 and "stopped by SIGINT" in stderr and "Traceback" not in stderr
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert not list(run_dir.glob("*.tmp*")) and list(run_dir.glob("checkpoint-*.pt"))
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint(tmp_path):
+    cache = tmp_path / "cache"
+    run = gali("train", *TINY, "run.batch_size=64", f"run.out_dir={tmp_path / 'runs'}", cache=cache, cwd=tmp_path,
+               ranks=2)
+    wait_for_ticks(run, 2)
+    run.send_signal(signal.SIGTERM)  # the agent passes it on to both ranks
+    _, stderr = run.communicate(timeout=300)
+    assert stderr.count("stopped by SIGTERM") == 2  # each rank says so, rank 0 wrote the checkpoint
+    run_dir = next((tmp_path / "runs").iterdir())
+    images = final_state(run_dir)["images_seen"]
+    resumed = gali("train", "--resume", str(run_dir), "run.kimg=1.792", cache=cache, cwd=tmp_path, ranks=2)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    assert f"resumed from checkpoint-{images:010d}.pt" in out and final_state(run_dir)["images_seen"] == 1792
+
+
+@pytest.mark.slow
+def test_twenty_sigkills_at_random_moments_lose_no_checkpoint(tmp_path):
+    """A checkpoint every step, so that many kills land while one is being written."""
+    cache, out = tmp_path / "cache", tmp_path / "runs"
+    every_step = [*TINY, "run.snapshot_kimg=0.032", "run.tick_kimg=0.032", "run.kimg=4", "run.keep_checkpoints=0",
+                  f"run.out_dir={out}"]
+    rng = random.Random(0)
+    seen: set[str] = set()
+    mid_write = 0
+    for kill in range(20):
+        run_dirs = list(out.iterdir()) if out.exists() else []
+        checkpoints = list(run_dirs[0].glob("checkpoint-*.pt")) if run_dirs else []
+        args = ["train", "--resume", str(run_dirs[0])] if checkpoints else ["train", *every_step]
+        if not checkpoints and run_dirs:  # killed before its first checkpoint: that run had nothing to keep
+            for run_dir in run_dirs:
+                subprocess.run(["rm", "-r", str(run_dir)], check=True)
+        run = gali(*args, cache=cache, cwd=tmp_path)
+        time.sleep(rng.uniform(3.0, 8.0))
+        run.kill()
+        run.wait()
+        run_dir = next(out.iterdir(), None)
+        if run_dir is None:
+            continue
+        mid_write += bool(list(run_dir.glob("checkpoint-*.pt.tmp")))
+        names = {p.name for p in run_dir.glob("checkpoint-*.pt")}
+        assert seen <= names, f"kill {kill}: checkpoints disappeared: {seen - names}"
+        for name in names - seen:
+            load_checkpoint(run_dir / name)  # every checkpoint that exists is whole
+        seen = names
+    print(f"20 SIGKILLs: {len(seen)} checkpoints, all readable; {mid_write} kills left a partial .tmp behind")
+    assert len(seen) >= 10
+    final = gali("train", "--resume", str(next(out.iterdir())), "run.kimg=4", cache=cache, cwd=tmp_path)
+    assert final.wait(timeout=900) == 0, final.stderr.read()[-2000:]
+    assert final_state(next(out.iterdir()))["images_seen"] == 4000
+
+
+def _step() -> GaliStep:
+    from gali.engine.method.config import MethodConfig
+    from gali.engine.method.tuple_spec import load_spec
+    from gali.engine.nets.config import ModelConfig
+    from gali.engine.nets.networks import Networks
+    from gali.engine.nets.paper import build_models
+    from gali.engine.step.config import ComputeConfig, OptimConfig
+
+    torch.manual_seed(0)
+    spec = load_spec("gali4")
+    G, E, D = build_models(ModelConfig(latent_dim=8, width=0.125), slot_kinds=spec.slot_kinds,
+                           num_classes=spec.num_classes)
+    return GaliStep(Networks(G=G, E=E, D=D), spec, MethodConfig(), OptimConfig(lr=1e-3), 8,
+                    ComputeConfig(kernel_impl="ref"))
+
+
+@pytest.mark.parametrize("side", ["d", "ge"])
+def test_a_non_finite_gradient_leaves_that_side_untouched_and_is_counted(side):
+    step = _step()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    step.step(x, torch.tensor(0.1))  # creates the Adam state
+    bad, other = (step.d_params, step.ge_params) if side == "d" else (step.ge_params, step.d_params)
+    optimizer = step.opt_d if side == "d" else step.opt_ge
+    before = [p.detach().clone() for p in bad]
+    state = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in bad]
+    other_before = [p.detach().clone() for p in other]
+    hook = bad[0].register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    out = step.step(x, torch.tensor(0.1))
+    hook.remove()
+    assert out[f"skipped_{side}"].item() == 1.0 and out[f"skipped_{'ge' if side == 'd' else 'd'}"].item() == 0.0
+    assert all(torch.equal(p, b) for p, b in zip(bad, before, strict=True))
+    for p, saved in zip(bad, state, strict=True):
+        assert all(torch.equal(optimizer.state[p][k], v) for k, v in saved.items())
+    assert any(not torch.equal(p, b) for p, b in zip(other, other_before, strict=True))  # the other side stepped
+
+
+def test_consecutive_bad_ticks_stop_the_run_and_keep_the_checkpoints_before_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("GALI_CACHE", str(tmp_path / "cache"))
+    head, calls = eager.kway_head, []
+
+    def poisoned_after_30_steps(*args, **kwargs):
+        calls.append(1)
+        loss_d, loss_ge = head(*args, **kwargs)
+        return (loss_d * float("nan"), loss_ge) if len(calls) > 30 else (loss_d, loss_ge)
+
+    monkeypatch.setattr(eager, "kway_head", poisoned_after_30_steps)
+    cfg = load_config("demo", [*TINY, "run.max_bad_ticks=2", f"run.out_dir={tmp_path}"])
+    with pytest.raises(GaliError, match=r"2 ticks in a row had steps with a non-finite loss or gradient"):
+        train(cfg, log=lambda line: None)
+    run_dir = next(tmp_path.glob("0*"))
+    assert [p.name for p in run_dir.glob("checkpoint-*.pt")] == ["checkpoint-0000000640.pt"]
+    state = load_checkpoint(run_dir / "checkpoint-0000000640.pt")[1]
+    assert all(torch.isfinite(t).all() for t in state["D"].values())
+
+
+def test_a_full_disk_stops_the_run_naming_the_folder_and_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("GALI_CACHE", str(tmp_path / "cache"))
+    save, saves = torch.save, []
+
+    def full_on_the_second(obj, f, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            f.write(b"the first bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_on_the_second)
+    cfg = load_config("demo", [*TINY, f"run.out_dir={tmp_path}"])
+    with pytest.raises(GaliError, match=r"no space left on the device of .* while writing checkpoint-0000001280\.pt: "
+                                        r"the partial file was removed and the earlier checkpoints are intact"):
+        train(cfg, log=lambda line: None)
+    run_dir = next(tmp_path.glob("0*"))
+    assert sorted(p.name for p in run_dir.iterdir() if "checkpoint" in p.name) == ["checkpoint-0000000640.pt"]
+    monkeypatch.undo()
+    load_checkpoint(run_dir / "checkpoint-0000000640.pt")
+
+
+def test_pruning_keeps_the_newest_the_milestones_and_survives_a_failed_delete(tmp_path, monkeypatch):
+    for i in range(1, 11):
+        (tmp_path / f"checkpoint-{100 * i:010d}.pt").write_bytes(b"")
+    stuck = tmp_path / f"checkpoint-{200:010d}.pt"
+    unlink, lines = Path.unlink, []
+    monkeypatch.setattr(Path, "unlink", lambda self, *a: (_ for _ in ()).throw(PermissionError("busy"))
+                        if self == stuck else unlink(self, *a))
+    deleted = prune_checkpoints(tmp_path, keep=3, milestone_images=400, log=lines.append)
+    kept = sorted(int(p.stem.split("-")[1]) for p in tmp_path.glob("checkpoint-*.pt"))
+    assert kept == [100, 200, 400, 800, 900, 1000]  # newest 3, first of each 400-image interval, the stuck one
+    assert len(deleted) == 4 and len(lines) == 1 and "could not delete" in lines[0] and "busy" in lines[0]
+    assert prune_checkpoints(tmp_path, keep=0, milestone_images=0, log=lines.append) == []  # 0 keeps all
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("optim.lr=nan", "optim.lr"), ("run.kimg=inf", "run.kimg"), ("run.kimg=nan", "run.kimg"),
+    ("run.snapshot_kimg=0.0001", "run.snapshot_kimg"), ("run.tick_kimg=0.0005", "run.tick_kimg"),
+    ("run.keep_checkpoints=-1", "run.keep_checkpoints"),
+])
+def test_values_that_would_crash_later_are_refused_at_start_up(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config("demo", [override])
+    assert info.value.key == key
+
+
+@pytest.mark.slow
+def test_a_resume_that_changes_the_networks_is_refused_by_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("GALI_CACHE", str(tmp_path / "cache"))
+    result = train(load_config("demo", [*TINY, "run.kimg=0.64", f"run.out_dir={tmp_path}"]), log=lambda line: None)
+    with pytest.raises(GaliError, match=r"holds networks for other values of method\.tuples; a resumed run keeps"):
+        resume(result.run_dir, ["method.tuples=ali", "run.kimg=1"])
