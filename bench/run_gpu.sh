@@ -1,40 +1,64 @@
 #!/usr/bin/env bash
-# The whole GPU check in one command: kernel and fast-step tests compiled for real (CUDA graphs, bf16, no
-# host sync), kernel and full-step benchmarks, and a short training run per kernel implementation and step
-# mode. Writes logs and JSON under ${OUT:-bench/out}.
-# Usage (on a machine with a CUDA GPU, torch and triton installed): bash bench/run_gpu.sh
+# The whole GPU check in one command, in named stages (all of them by default, in this order):
+#   tests         kernel and fast-step tests compiled for real (CUDA graphs, bf16, no host sync)
+#   bench-kernels kernel benchmarks                      bench-step   the full-step benchmark
+#   train-kernels a short demo run per kernel path       train-graph  the same, eager and CUDA-graphed
+#   torchrun      a 1-GPU torchrun run (NCCL process group, CUDA graph on), then resumed under torchrun
+# Writes logs and JSON under ${OUT:-bench/out}. Must finish in 8 minutes on one H100/H200.
+# Usage (on a machine with a CUDA GPU, torch and triton installed): bash bench/run_gpu.sh [stage ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-bench/out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 GALI_CACHE=${GALI_CACHE:-/tmp/gali-cache}
+stages=${*:-tests bench-kernels bench-step train-kernels train-graph torchrun}
+for stage in $stages; do
+  case $stage in tests|bench-kernels|bench-step|train-kernels|train-graph|torchrun) ;;
+    *) echo "unknown stage '$stage'; stages: tests bench-kernels bench-step train-kernels train-graph torchrun" >&2
+       exit 2 ;;
+  esac
+done
 
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
   git rev-parse HEAD 2>/dev/null || echo "commit: unknown (not a git checkout)"
+  echo "stages: $stages"
 } 2>&1 | tee "$out/env.txt"
 
 # Install the package without touching the machine's torch/triton.
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 
-python3 -m pytest -q tests/kernels -m "not slow" -p no:cacheprovider 2>&1 | tee "$out/tests-kernels.txt" | tail -3
-python3 -m pytest -q tests/test_step_compute.py tests/test_paper_step.py -p no:cacheprovider 2>&1 \
-  | tee "$out/tests-fast-step.txt" | tail -3
-
-python3 -m pytest -q bench/test_kway_head.py bench/test_mask_composite.py -p no:cacheprovider \
-  --benchmark-columns=median,min,rounds --benchmark-json="$out/bench-kernels.json" 2>&1 \
-  | tee "$out/bench-kernels.txt" | tail -40
-
-python3 -m pytest -q bench/test_step.py -p no:cacheprovider --benchmark-columns=median,min,rounds \
-  --benchmark-json="$out/bench-step.json" 2>&1 | tee "$out/bench-step.txt" | tail -30
-
-for impl in triton ref; do
-  gali train run.device=cuda compute.kernel_impl=$impl run.kimg=10 run.tick_kimg=2.5 run.snapshot_kimg=10 \
-    data.workers=4 run.out_dir=/tmp/gali-runs-$impl 2>&1 | tee "$out/train-demo-$impl.txt" | tail -4
-done
-
-for mode in "compute.cuda_graph=false" "compute.cuda_graph=true"; do
-  gali train run.device=cuda $mode run.kimg=10 run.tick_kimg=2.5 run.snapshot_kimg=10 data.workers=4 \
-    run.out_dir=/tmp/gali-runs-graph 2>&1 | tee "$out/train-demo-${mode##*=}-graph.txt" | tail -4
+for stage in $stages; do
+  echo "== $stage"
+  case $stage in
+    tests)
+      python3 -m pytest -q tests/kernels -m "not slow" -p no:cacheprovider 2>&1 | tee "$out/tests-kernels.txt" | tail -3
+      python3 -m pytest -q tests/test_step_compute.py tests/test_paper_step.py -p no:cacheprovider 2>&1 \
+        | tee "$out/tests-fast-step.txt" | tail -3 ;;
+    bench-kernels)
+      python3 -m pytest -q bench/test_kway_head.py bench/test_mask_composite.py -p no:cacheprovider \
+        --benchmark-columns=median,min,rounds --benchmark-json="$out/bench-kernels.json" 2>&1 \
+        | tee "$out/bench-kernels.txt" | tail -40 ;;
+    bench-step)
+      python3 -m pytest -q bench/test_step.py -p no:cacheprovider --benchmark-columns=median,min,rounds \
+        --benchmark-json="$out/bench-step.json" 2>&1 | tee "$out/bench-step.txt" | tail -30 ;;
+    train-kernels)
+      for impl in triton ref; do
+        gali train run.device=cuda compute.kernel_impl=$impl run.kimg=10 run.tick_kimg=2.5 run.snapshot_kimg=10 \
+          data.workers=4 run.out_dir=/tmp/gali-runs-$impl 2>&1 | tee "$out/train-demo-$impl.txt" | tail -4
+      done ;;
+    train-graph)
+      for mode in "compute.cuda_graph=false" "compute.cuda_graph=true"; do
+        gali train run.device=cuda $mode run.kimg=10 run.tick_kimg=2.5 run.snapshot_kimg=10 data.workers=4 \
+          run.out_dir=/tmp/gali-runs-graph 2>&1 | tee "$out/train-demo-${mode##*=}-graph.txt" | tail -4
+      done ;;
+    torchrun)
+      rm -rf /tmp/gali-runs-torchrun
+      torchrun --standalone --nproc-per-node 1 -m gali train run.device=cuda compute.cuda_graph=true run.kimg=4 \
+        run.tick_kimg=1 run.snapshot_kimg=2 data.workers=4 run.out_dir=/tmp/gali-runs-torchrun 2>&1 \
+        | tee "$out/torchrun.txt" | tail -4
+      torchrun --standalone --nproc-per-node 1 -m gali train --resume /tmp/gali-runs-torchrun/00000-demo \
+        run.kimg=6 2>&1 | tee -a "$out/torchrun.txt" | tail -3 ;;
+  esac
 done

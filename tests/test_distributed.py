@@ -23,7 +23,7 @@ TINY = ["run.device=cpu", "model.width=0.125", "model.latent_dim=8", "run.batch_
 
 def torchrun(*args: str, ranks: int = 2, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--master-port=0", *args]
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--standalone", *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

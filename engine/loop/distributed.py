@@ -85,7 +85,7 @@ class World:
         return int(np.random.SeedSequence([seed, self.rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
     def close(self) -> None:
-        if self.size > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -93,13 +93,14 @@ def init_world(device_name: str) -> tuple[World, torch.device]:
     """This process's :class:`World` and device, from torchrun's environment (a world of one without it).
 
     ``run.device`` 'auto' takes ``cuda:LOCAL_RANK`` when CUDA is present, else the CPU; the backend
-    is NCCL on CUDA and gloo on the CPU. Asking for CUDA without a GPU, or for more ranks on a node
+    is NCCL on CUDA and gloo on the CPU. Under torchrun the process group is made even for one rank
+    (a 1-GPU ``torchrun`` smoke run starts NCCL); its collectives are skipped while ``size`` is 1. Asking for CUDA without a GPU, or for more ranks on a node
     than it has GPUs, stops here with a message.
     """
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
+    if "RANK" not in os.environ:  # not started by torchrun
         return World(), resolve_device(device_name)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():

@@ -191,10 +191,16 @@ def _open_run_log(cfg: Config, resume_from: ResumePoint | None, spec: TupleSpec,
         return SilentRunLog(world.broadcast(None))
     run_dir = create_run_dir(cfg.run.out_dir, cfg.preset) if resume_from is None else resume_from.checkpoint.parent
     world.broadcast(run_dir)
+    partial = sorted(run_dir.glob("*.tmp"))  # files a killed run was writing: never complete, never read
+    for path in partial:
+        path.unlink()
     write_text_atomic(run_dir / "config.toml", dump_config(cfg))
     run_log = RunLog(run_dir, total_kimg=cfg.run.kimg, progress=cfg.run.progress, tensorboard=tensorboard, log=log)
     run_log.message(f"run folder {run_dir}  preset {cfg.preset}  tuples {spec.name} (K={spec.num_classes})  "
                     f"device {device}  tensorboard {'on' if tensorboard else 'off'}")
+    if partial:
+        run_log.message(f"removed {len(partial)} partial file(s) a stopped run left: "
+                        f"{', '.join(p.name for p in partial)}")
     ranks = f" over {world.size} ranks" if world.size > 1 else ""
     run_log.message(f"data: {pipeline.num_images} training images, {len(pipeline)} batches of "
                     f"{cfg.run.batch_size}{ranks} per epoch")
