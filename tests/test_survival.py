@@ -3,6 +3,7 @@
 import errno
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -143,9 +144,10 @@ def test_twenty_sigkills_at_random_moments_lose_no_checkpoint(tmp_path):
         args = ["train", "--resume", str(run_dirs[0])] if checkpoints else ["train", *every_step]
         if not checkpoints and run_dirs:  # killed before its first checkpoint: that run had nothing to keep
             for run_dir in run_dirs:
-                subprocess.run(["rm", "-r", str(run_dir)], check=True)
+                shutil.rmtree(run_dir)
         run = gali(*args, cache=cache, cwd=tmp_path, prelude=SLOW_DISK)
-        time.sleep(rng.uniform(2.5, 6.0))
+        wait_for_ticks(run, 1)  # training has begun: the kill lands in a step, a snapshot or a write
+        time.sleep(rng.uniform(0.0, 2.0))
         run.kill()
         run.wait()
         run_dir = next(out.iterdir(), None) if out.exists() else None
@@ -158,7 +160,7 @@ def test_twenty_sigkills_at_random_moments_lose_no_checkpoint(tmp_path):
             load_checkpoint(run_dir / name)  # every checkpoint that exists is whole
         seen = names
     print(f"20 SIGKILLs: {len(seen)} checkpoints, all readable; {mid_write} kills landed mid-write (a partial .tmp)")
-    assert len(seen) >= 10 and mid_write >= 3
+    assert len(seen) >= 10 and mid_write >= 2
     final = gali("train", "--resume", str(next(out.iterdir())), "run.kimg=2.4", cache=cache, cwd=tmp_path)
     assert finish(final) == 0
     assert final_state(next(out.iterdir()))["images_seen"] == 2400
@@ -272,3 +274,39 @@ def test_a_resume_that_changes_the_networks_is_refused_by_name(tmp_path, monkeyp
     result = train(load_config("demo", [*TINY, "run.kimg=0.64", f"run.out_dir={tmp_path}"]), log=lambda line: None)
     with pytest.raises(GaliError, match=r"holds networks for other values of method\.tuples; a resumed run keeps"):
         resume(result.run_dir, ["method.tuples=ali", "run.kimg=1"])
+
+
+def test_a_run_that_cannot_start_leaves_no_run_folder(tmp_path, monkeypatch):
+    """The held-out split is unreadable: the run stops at set-up, before its folder exists."""
+    from PIL import Image
+
+    from gali.engine.errors import DataError
+
+    monkeypatch.setenv("GALI_CACHE", str(tmp_path / "cache"))
+    for split, count in (("train", 40), ("test", 8)):
+        for label in ("a", "b"):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(count // 2):
+                if split == "train":
+                    Image.new("RGB", (32, 32), (i * 6, 0, 0)).save(folder / f"{i}.png")
+                else:
+                    (folder / f"{i}.png").write_bytes(b"not a png")
+    cfg = load_config("demo", [*TINY, "data.source=folder", f"data.root={tmp_path / 'data'}", "run.batch_size=8",
+                               f"run.out_dir={tmp_path / 'runs'}"])
+    with pytest.raises(DataError, match=r"\.png"):
+        train(cfg, log=lambda line: None)
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_a_full_disk_at_start_up_is_a_message_not_a_traceback(tmp_path, monkeypatch):
+    from gali.engine.loop import run_log as run_log_module
+
+    monkeypatch.setenv("GALI_CACHE", str(tmp_path / "cache"))
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_log_module.RunLog, "__init__", no_space)
+    with pytest.raises(GaliError, match=r"no space left on the device of .* for the run's logs; free space"):
+        train(load_config("demo", [*TINY, f"run.out_dir={tmp_path / 'runs'}"]), log=lambda line: None)

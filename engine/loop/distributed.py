@@ -94,8 +94,9 @@ def init_world(device_name: str) -> tuple[World, torch.device]:
 
     ``run.device`` 'auto' takes ``cuda:LOCAL_RANK`` when CUDA is present, else the CPU; the backend
     is NCCL on CUDA and gloo on the CPU. Under torchrun the process group is made even for one rank
-    (a 1-GPU ``torchrun`` smoke run starts NCCL); its collectives are skipped while ``size`` is 1. Asking for CUDA without a GPU, or for more ranks on a node
-    than it has GPUs, stops here with a message.
+    (a 1-GPU ``torchrun`` smoke run starts NCCL); its collectives are skipped while ``size`` is 1.
+    Asking for CUDA without a GPU, or for more ranks on a node than it has GPUs, stops here with a
+    message.
     """
     if "RANK" not in os.environ:  # not started by torchrun
         return World(), resolve_device(device_name)

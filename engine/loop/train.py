@@ -9,6 +9,7 @@ checkpoint). :func:`resume` continues an interrupted run from its newest readabl
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -194,8 +195,15 @@ def _open_run_log(cfg: Config, resume_from: ResumePoint | None, spec: TupleSpec,
     partial = sorted(run_dir.glob("*.tmp"))  # files a killed run was writing: never complete, never read
     for path in partial:
         path.unlink()
-    write_text_atomic(run_dir / "config.toml", dump_config(cfg))
-    run_log = RunLog(run_dir, total_kimg=cfg.run.kimg, progress=cfg.run.progress, tensorboard=tensorboard, log=log)
+    try:
+        write_text_atomic(run_dir / "config.toml", dump_config(cfg))
+        run_log = RunLog(run_dir, total_kimg=cfg.run.kimg, progress=cfg.run.progress, tensorboard=tensorboard,
+                         log=log)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise GaliError(f"no space left on the device of {run_dir} for the run's logs; free space there "
+                        "(or lower run.keep_checkpoints), then start again") from exc
     run_log.message(f"run folder {run_dir}  preset {cfg.preset}  tuples {spec.name} (K={spec.num_classes})  "
                     f"device {device}  tensorboard {'on' if tensorboard else 'off'}")
     if partial:
