@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -31,6 +30,7 @@ from gali.engine.errors import GaliError
 from gali.engine.files import atomic_write
 from gali.engine.loop.config import Config, config_from_dict
 from gali.engine.loop.distributed import World, check_same_state
+from gali.engine.loop.runtime import derived_seed
 from gali.engine.method.tuple_spec import load_spec
 from gali.engine.nets.networks import NETWORK_NAMES, Networks, build_networks
 
@@ -102,8 +102,7 @@ class Checkpoint:
                 _set_rng_state(state["rng_ranks"][self.world.rank] if self.world.size > 1 else state["rng"],
                                self.device)
             else:  # another world size: fresh streams from (seed, rank, step), the same on every resume
-                seed = np.random.SeedSequence([self.config.run.seed, self.world.rank, self.progress.iteration])
-                torch.manual_seed(int(seed.generate_state(1, dtype=np.uint64)[0] >> 1))
+                torch.manual_seed(derived_seed(self.config.run.seed, self.world.rank, self.progress.iteration))
 
     def save(self, path: str | Path) -> Path | None:
         """Write :meth:`state_dict` to ``path`` atomically and durably, on rank 0; collective on every rank.

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -79,10 +78,6 @@ class World:
         box = [value]
         dist.broadcast_object_list(box, src=0, group=self.cpu_group)
         return box[0]
-
-    def rank_seed(self, seed: int) -> int:
-        """A seed for this rank's random draws (z, ε, masks, instance noise) from (seed, rank) alone."""
-        return int(np.random.SeedSequence([seed, self.rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -27,6 +27,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed that depends on ``keys`` alone (numpy's SeedSequence): (seed, rank), (seed, rank, step)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def create_run_dir(out_dir: str | Path, name: str) -> Path:
     """``out_dir/NNNNN-name`` with the next free number (StyleGAN's convention)."""
     out = Path(out_dir)

@@ -24,7 +24,7 @@ from gali.engine.loop.checkpoint import Checkpoint, Progress, latest_checkpoint
 from gali.engine.loop.config import Config, config_from_dict, dump_config
 from gali.engine.loop.distributed import World, init_world, local_batch_size
 from gali.engine.loop.run_log import RunLog, SilentRunLog, resolve_tensorboard
-from gali.engine.loop.runtime import create_run_dir, seed_everything
+from gali.engine.loop.runtime import create_run_dir, derived_seed, seed_everything
 from gali.engine.loop.signals import RunStopped, StopFlag, stop_on_signals
 from gali.engine.loop.snapshots import Snapshots
 from gali.engine.loop.ticks import StepClock, Ticks
@@ -109,7 +109,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
     checkpoint = Checkpoint(cfg, nets, step, device=device, world=world)
     run_log = _open_run_log(cfg, resume_from, spec, pipeline, device, tensorboard, log, world)  # all set up now
     if world.size > 1:  # z, ε, masks and instance noise differ across ranks
-        torch.manual_seed(world.rank_seed(cfg.run.seed))
+        torch.manual_seed(derived_seed(cfg.run.seed, world.rank))
 
     # Restore an interrupted run's state, in one place: after every random draw of the set-up.
     if resume_from is not None:
