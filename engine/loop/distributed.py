@@ -25,7 +25,7 @@ from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from gali.engine.errors import ConfigError, GaliError
-from gali.engine.loop.runtime import resolve_device
+from gali.engine.loop.runtime import derived_seed, resolve_device
 
 
 @dataclass
@@ -78,6 +78,11 @@ class World:
         box = [value]
         dist.broadcast_object_list(box, src=0, group=self.cpu_group)
         return box[0]
+
+    def seed_rank_streams(self, seed: int) -> None:
+        """Seed this rank's generators from (seed, rank), so that its random draws differ from the others'."""
+        if self.size > 1:
+            torch.manual_seed(derived_seed(seed, self.rank))
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 
 from gali.engine.errors import GaliError
@@ -31,6 +32,12 @@ class RunStopped(GaliError):
     """The run stopped on a signal after writing a checkpoint; ``gali`` exits with :data:`EXIT_STOPPED`."""
 
     exit_code = EXIT_STOPPED
+
+    @classmethod
+    def after(cls, flag: StopFlag, images_seen: int, run_dir: Path) -> RunStopped:
+        """The error for a run stopped by ``flag``'s signal (or another rank's) at ``images_seen``."""
+        return cls(f"stopped by {flag.signal_name or 'a signal on another rank'} at {images_seen / 1000:g} kimg "
+                   f"after writing a checkpoint; go on with: gali train --resume {run_dir}")
 
 
 class StopFlag:

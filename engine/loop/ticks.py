@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from gali.engine.errors import GaliError
 from gali.engine.loop.distributed import World
 
 
@@ -104,6 +106,7 @@ class Ticks:
         self.world = world
         self.stats = TickStats()
         self._images, self._seconds = images_seen, clock.seconds()
+        self.bad_ticks = 0  # ticks in a row with skipped (non-finite) steps
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
         self.stats.add(stats)
@@ -117,5 +120,14 @@ class Ticks:
         seconds = self.clock.seconds()
         speed = (images_seen - self._images) / max(seconds - self._seconds, 1e-9)
         self._images, self._seconds = images_seen, seconds
+        self.bad_ticks = self.bad_ticks + 1 if means.get("skipped_d") or means.get("skipped_ge") else 0
         return {"kimg": images_seen / 1000, "epoch": epoch, "iteration": iteration, "images_per_s": speed,
                 "noise_std": noise_std, **means}
+
+    def stop_after_bad_ticks(self, max_bad_ticks: int, run_dir: Path) -> None:
+        """Stop the run after ``max_bad_ticks`` (``run.max_bad_ticks``; 0 = never) bad ticks in a row."""
+        if max_bad_ticks and self.bad_ticks >= max_bad_ticks:
+            raise GaliError(f"{self.bad_ticks} ticks in a row had steps with a non-finite loss or gradient "
+                            f"(skipped_d / skipped_ge in {run_dir / 'metrics.jsonl'}); stopped, keeping the "
+                            "checkpoints written before them. Lower optim.lr, or try compute.precision=fp32, then "
+                            "resume from one of them (run.max_bad_ticks=0 never stops)")

@@ -24,7 +24,7 @@ from gali.engine.loop.checkpoint import Checkpoint, Progress, latest_checkpoint
 from gali.engine.loop.config import Config, config_from_dict, dump_config
 from gali.engine.loop.distributed import World, init_world, local_batch_size
 from gali.engine.loop.run_log import RunLog, SilentRunLog, resolve_tensorboard
-from gali.engine.loop.runtime import create_run_dir, derived_seed, seed_everything
+from gali.engine.loop.runtime import create_run_dir, seed_everything
 from gali.engine.loop.signals import RunStopped, StopFlag, stop_on_signals
 from gali.engine.loop.snapshots import Snapshots
 from gali.engine.loop.ticks import StepClock, Ticks
@@ -98,9 +98,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
     seed_everything(cfg.run.seed)  # the same on every rank: the networks start equal
     spec = load_spec(cfg.method.tuples)
     batch_size = cfg.run.batch_size
-    pipeline = make_pipeline(cfg.data, split="train", batch_size=local_batch_size(batch_size, world), device=device,
-                             seed=cfg.run.seed, rank=world.rank, world_size=world.size,
-                             channels_last=cfg.compute.channels_last)
+    pipeline = _training_pipeline(cfg, world, device)
     if resume_from is not None:
         _check_resume_point(resume_from, cfg, len(pipeline))
     nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=device)
@@ -108,13 +106,11 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
     snapshots = Snapshots(cfg, spec, nets, device, world)
     checkpoint = Checkpoint(cfg, nets, step, device=device, world=world)
     run_log = _open_run_log(cfg, resume_from, spec, pipeline, device, tensorboard, log, world)  # all set up now
-    if world.size > 1:  # z, ε, masks and instance noise differ across ranks
-        torch.manual_seed(derived_seed(cfg.run.seed, world.rank))
+    world.seed_rank_streams(cfg.run.seed)  # z, ε, masks and instance noise differ across ranks
 
     # Restore an interrupted run's state, in one place: after every random draw of the set-up.
     if resume_from is not None:
-        checkpoint.load_state_dict(resume_from.state)
-        _log_resume(run_log, resume_from, checkpoint.progress, len(pipeline))
+        _restore(checkpoint, resume_from, run_log, len(pipeline))
     progress, images_at_start = checkpoint.progress, checkpoint.progress.images_seen
 
     total_images = int(cfg.run.kimg * 1000)
@@ -122,7 +118,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
     clock = StepClock(device)
     ticks = Ticks(int(cfg.run.tick_kimg * 1000), clock, progress.images_seen, world)
     batches = _batches_from(pipeline, progress)
-    recon_mse, last, bad_ticks = float("nan"), {}, 0
+    recon_mse, last = float("nan"), {}
     with contextlib.closing(run_log), ranges(cfg.compute.nvtx):
         while progress.images_seen < total_images:
             # Fetch a batch (with its 1-based epoch).
@@ -131,8 +127,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
 
             # Step.
             if progress.iteration == 0:  # G starts at rank 0's first batch's mean image
-                nets.G.init_output_bias(batch.x)
-                world.broadcast_tensor(nets.G.output_bias.data)
+                world.broadcast_tensor(nets.G.init_output_bias(batch.x).data)
             phase = step_phase(progress.iteration, cfg.optim.n_dis)
             ticks.add(step.step(batch.x, noise.at_epoch(epoch), phase))
             progress.advance(epoch, batch_size)
@@ -143,8 +138,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
                 last = ticks.record(progress.images_seen, epoch=epoch, iteration=progress.iteration,
                                     noise_std=noise.value)
                 run_log.tick(last)
-                bad_ticks = bad_ticks + 1 if last.get("skipped_d", 0) or last.get("skipped_ge", 0) else 0
-                _check_bad_ticks(bad_ticks, cfg.run.max_bad_ticks, run_log.run_dir)
+                ticks.stop_after_bad_ticks(cfg.run.max_bad_ticks, run_log.run_dir)
 
             # Snapshot: grids, held-out reconstruction error and checkpoint, outside the training time.
             if snapshots.due(progress.images_seen, batch_size, done):
@@ -154,16 +148,15 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
             # Stop: a signal on any rank, agreed at this step boundary, ends the run with a checkpoint.
             if not done and world.any(stop.requested):
                 snapshots.save_checkpoint(checkpoint, run_log)
-                raise RunStopped(f"stopped by {stop.signal_name or 'a signal on another rank'} at "
-                                 f"{progress.images_seen / 1000:g} kimg after writing a checkpoint; go on with: "
-                                 f"gali train --resume {run_log.run_dir}")
+                raise RunStopped.after(stop, progress.images_seen, run_log.run_dir)
 
     # Done.
-    speed = (progress.images_seen - images_at_start) / max(clock.seconds(), 1e-9)
-    log(f"done: {progress.images_seen / 1000:.1f} kimg in {clock.seconds():.1f} s of training ({speed:.1f} img/s); "
-        f"reconstruction MSE {recon_mse:.5f}; run folder {run_log.run_dir}")
-    return TrainResult(run_dir=run_log.run_dir, kimg=progress.images_seen / 1000, images_per_second=speed,
-                       recon_mse=recon_mse, last_stats=last)
+    result = TrainResult(run_dir=run_log.run_dir, kimg=progress.images_seen / 1000, recon_mse=recon_mse,
+                         images_per_second=(progress.images_seen - images_at_start) / max(clock.seconds(), 1e-9),
+                         last_stats=last)
+    log(f"done: {result.kimg:.1f} kimg in {clock.seconds():.1f} s of training ({result.images_per_second:.1f} img/s); "
+        f"reconstruction MSE {recon_mse:.5f}; run folder {result.run_dir}")
+    return result
 
 
 def step_phase(iteration: int, n_dis: int) -> str:
@@ -182,6 +175,13 @@ def _batches_from(pipeline: Pipeline, progress: Progress) -> Iterator[tuple[int,
         start_batch = 0
         for batch in pipeline:
             yield epoch, batch
+
+
+def _training_pipeline(cfg: Config, world: World, device: torch.device) -> Pipeline:
+    """This rank's shard of the training split, in batches of its share of ``run.batch_size``."""
+    return make_pipeline(cfg.data, split="train", batch_size=local_batch_size(cfg.run.batch_size, world),
+                         device=device, seed=cfg.run.seed, rank=world.rank, world_size=world.size,
+                         channels_last=cfg.compute.channels_last)
 
 
 def _open_run_log(cfg: Config, resume_from: ResumePoint | None, spec: TupleSpec, pipeline: Pipeline,
@@ -215,14 +215,6 @@ def _open_run_log(cfg: Config, resume_from: ResumePoint | None, spec: TupleSpec,
     return run_log
 
 
-def _check_bad_ticks(bad_ticks: int, max_bad_ticks: int, run_dir: Path) -> None:
-    if max_bad_ticks and bad_ticks >= max_bad_ticks:
-        raise GaliError(f"{bad_ticks} ticks in a row had steps with a non-finite loss or gradient (skipped_d / "
-                        f"skipped_ge in {run_dir / 'metrics.jsonl'}); stopped, keeping the checkpoints written "
-                        "before them. Lower optim.lr, or try compute.precision=fp32, then resume from one of them "
-                        "(run.max_bad_ticks=0 never stops)")
-
-
 def _check_resume_point(resume_from: ResumePoint, cfg: Config, batches_per_epoch: int) -> None:
     """Refuse a resume whose networks or epoch layout differ from the checkpoint's, naming what changed."""
     saved = resume_from.state["config"]
@@ -246,7 +238,11 @@ def _check_epoch_layout(resume_from: ResumePoint, batches_per_epoch: int, batch_
                         "data and batch size the run was trained with")
 
 
-def _log_resume(run_log: RunLog, resume_from: ResumePoint, progress: Progress, batches_per_epoch: int) -> None:
+def _restore(checkpoint: Checkpoint, resume_from: ResumePoint, run_log: RunLog | SilentRunLog,
+             batches_per_epoch: int) -> None:
+    """The checkpoint's state into the run's live objects, and a record and a line saying where it goes on."""
+    checkpoint.load_state_dict(resume_from.state)
+    progress = checkpoint.progress
     epoch, start_batch = divmod(progress.iteration, batches_per_epoch)
     run_log.record({"event": "resume", "kimg": progress.images_seen / 1000, "checkpoint": resume_from.checkpoint.name})
     run_log.message(f"resumed from {resume_from.checkpoint.name} at {progress.images_seen / 1000:g} kimg "

@@ -88,16 +88,16 @@ class Generator(PaperNetwork):
         return torch.tanh(self.net(z[:, :, None, None]) + self.output_bias)
 
     @torch.no_grad()
-    def init_output_bias(self, x: Tensor) -> None:
+    def init_output_bias(self, x: Tensor) -> Tensor:
         """Set ``output_bias`` so that G initially outputs the per-pixel mean of the batch ``x``.
 
         ``x`` is a batch of images in [-1, 1]. The bias becomes 0.5·logit(p), with p the batch mean
         of (x+1)/2 clamped to [1e-7, 1-1e-7]; since tanh(logit(p)/2) = 2p-1, ``tanh(output_bias)``
-        is the mean image in [-1, 1] (the authors do this on the first batch of epoch 1).
+        is the mean image in [-1, 1] (the authors do this on the first batch of epoch 1). Returns the bias.
         """
         _check_images(x, self.resolution, f"Generator.init_output_bias ({self.arch})")
         p = ((x.float() + 1) / 2).mean(dim=0).clamp(1e-7, 1 - 1e-7)
-        self.output_bias.copy_(0.5 * torch.logit(p))
+        return self.output_bias.copy_(0.5 * torch.logit(p))
 
 
 class Encoder(PaperNetwork):
