@@ -9,9 +9,9 @@
     gali data check ROOT [--workers N]
     gali data prepare SRC DST --resolution R --shards N [--format jpeg|png] [--workers N] [--seed 0]
     gali data stats ROOT [--workers N]
-    gali eval CHECKPOINT [data.key=value ...] [--metrics pixel-mse,feature-mse,probe,fid,kid,inpaint]
+    gali eval CHECKPOINT [data.key=value ...] [--metrics pixel-mse,feature-mse,recon-identity,probe,fid,kid,inpaint]
               [--split test] [options]
-    gali reproduce [--preset demo] [--kimg K] [--methods ali,alice,gali4,gali8,gali-mix] [--inception FILE]
+    gali reproduce [--preset demo] [--kimg K] [--seeds N] [--methods ali,alice,gali4,gali8,gali-mix] [--inception FILE]
                    [options] [section.key=value ...]
 """
 
@@ -180,6 +180,7 @@ def _eval_options(args: argparse.Namespace, data_overrides: Sequence[str] = ()):
         probe_labelled=args.probe_labelled, probe_validation=args.probe_validation, probe_draws=args.probe_draws,
         probe_pool=args.probe_pool, inception=args.inception, inception_input_size=args.inception_input_size,
         fid_samples=args.fid_samples, fid_reference_images=args.fid_reference_images, cache_dir=args.fid_cache,
+        identity_images=args.identity_images, bn_recalibrate=args.bn_recalibrate,
     )
 
 
@@ -204,7 +205,8 @@ def _reproduce(args: argparse.Namespace) -> None:
     budget = {} if args.kimg is None else {"kimg": args.kimg}
     options = ReproduceOptions(
         **budget, preset=args.preset, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        seed=args.seed, out_dir=args.out_dir, overrides=tuple(args.overrides), evaluation=_eval_options(args),
+        seed=args.seed, seeds=args.seeds, out_dir=args.out_dir, overrides=tuple(args.overrides),
+        evaluation=_eval_options(args),
     )
     report = reproduce(options)
     print(report.table)
@@ -221,6 +223,11 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
                         help="validation images for choosing C (default min(10000, (N - labelled) / 2))")
     parser.add_argument("--probe-draws", type=_positive, default=100, help="random labelled sets (SVMs) averaged")
     parser.add_argument("--probe-pool", type=_positive, default=20_000, help="most training images read for the probe")
+    parser.add_argument("--identity-images", type=_positive, default=20_000,
+                        help="most training images the recon-identity classifier is fitted on")
+    parser.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
+                        help="recompute E's and G's BatchNorm statistics on N training batches first (E on x, "
+                        "G on mu_E(x)); 0 keeps the checkpoint's")
     parser.add_argument("--inception", help="local TorchScript Inception for FID/KID (clean-fid/StyleGAN3 "
                         "inception-2015-12-05.pt, or forward(x) -> (N, D)); never downloaded")
     parser.add_argument("--inception-input-size", type=_positive, default=299, help="side images are resized to")
@@ -258,6 +265,8 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
                        help="training budget per method (default: gali.engine.eval.reproduce.DEFAULT_KIMG, sized so "
                        "that the five demo runs take about 22 minutes on 2 CPU cores)")
     repro.add_argument("--methods", default="ali,alice,gali4,gali8,gali-mix", help="comma-separated tuple specs")
+    repro.add_argument("--seeds", type=_positive, default=1,
+                       help="train each method from seeds --seed .. --seed+N-1; the table gives mean ± std over them")
     repro.add_argument("--out-dir", default="runs/reproduce", help="run folders and reproduce.md/.json go here")
     _add_eval_options(repro)
     repro.add_argument("overrides", nargs="*", metavar="section.key=value",

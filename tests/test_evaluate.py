@@ -20,7 +20,7 @@ from gali.engine.loop.checkpoint import save_checkpoint
 from gali.engine.loop.config import load_config
 from gali.engine.loop.runtime import seed_everything
 from gali.engine.method.tuple_spec import load_spec
-from gali.engine.metrics.reconstruction import reconstruction_mse
+from gali.engine.metrics.reconstruction import held_out_metrics
 from gali.engine.nets.networks import build_networks
 from gali.pipelines import make_pipeline
 
@@ -99,7 +99,7 @@ def test_pixel_mse_matches_the_reconstruction_error_of_every_image(setup):
     report = evaluate(checkpoint, "pixel-mse", EvalOptions(batch_size=n), log=lambda line: None)
     one_batch = report.results["pixel-mse"]
     pipeline = make_pipeline(cfg.data, split="test", batch_size=n, device=CPU, seed=0)  # one batch of all
-    expected = reconstruction_mse(nets.G.eval(), nets.E.eval(), (b.x for b in pipeline))
+    expected = held_out_metrics(nets.G, nets.E, ((b.x, None) for b in pipeline))["recon_mse"]
     assert one_batch["n"] == 1 and one_batch["images"] == n
     assert one_batch["mean"] == pytest.approx(expected, rel=1e-5) and one_batch["std"] == 0.0
     batched = evaluate(checkpoint, "pixel-mse", EvalOptions(), log=lambda line: None).results["pixel-mse"]
@@ -152,6 +152,33 @@ def test_probe_reports_test_error_over_draws(setup):
     assert result["train_images_read"] == 500 and 0 <= result["mean"] < 0.9  # ten classes: chance is 0.9
 
 
+def test_recon_identity_reports_ceiling_accuracy_and_nearest(setup):
+    checkpoint, _, root, _ = setup
+    report = evaluate(checkpoint, "recon-identity,pixel-mse", EvalOptions(identity_images=600), log=lambda line: None)
+    result = report.results["recon-identity"]
+    assert result["ceiling"] > 0.8 and result["classes"] == 10 and result["features"] == "pixels"
+    # the untrained G outputs about the mean image for every input: about one class for all, near chance
+    assert result["accuracy"] < 0.3 and result["nearest"] < 0.05
+    assert result["images"] == report.results["pixel-mse"]["images"]
+    assert "recon-identity" in report.table and f"real images {result['ceiling']:.3f}" in report.table
+    with_features = evaluate(checkpoint, "recon-identity", EvalOptions(identity_images=600,
+                             feature_model=str(root / "features.pt")), log=lambda line: None)
+    assert with_features.results["recon-identity"]["features"]["feature_model"] == str(root / "features.pt")
+
+
+def test_bn_recalibration_changes_the_figures_and_not_the_checkpoint(setup):
+    checkpoint, _, _, _ = setup
+    before = checkpoint.read_bytes()
+    plain = evaluate(checkpoint, "pixel-mse", EvalOptions(), log=lambda line: None).results["pixel-mse"]
+    lines: list[str] = []
+    recalibrated = evaluate(checkpoint, "pixel-mse", EvalOptions(bn_recalibrate=2, batch_size=50),
+                            log=lines.append).results["pixel-mse"]
+    assert plain["bn_recalibrated_images"] == 0 and recalibrated["bn_recalibrated_images"] == 100
+    assert recalibrated["mean"] != plain["mean"]
+    assert any("recomputed on 100 training images" in line for line in lines)
+    assert checkpoint.read_bytes() == before
+
+
 @pytest.mark.parametrize(("metrics", "options", "error", "message"), [
     ("pixel-mse,psnr", {}, GaliError, r"unknown metric 'psnr' in --metrics; accepted .*pixel-mse.*inpaint"),
     ("fid", {}, GaliError, r"need --inception PATH"),
@@ -161,6 +188,9 @@ def test_probe_reports_test_error_over_draws(setup):
     ("feature-mse", {"feature_model": "/nowhere/net.pt"}, GaliError, r"--feature-model /nowhere/net.pt does not exist"),
     ("probe", {"probe_labelled": 5000}, DataError, r"5000 labelled training images.*--probe-labelled"),
     ("probe", {"split": "train"}, GaliError, r"use --split test"),
+    ("recon-identity", {"split": "train"}, GaliError, r"'recon-identity' fits its classifier.*use --split test"),
+    ("pixel-mse", {"bn_recalibrate": -1}, GaliError, r"--bn-recalibrate must be >= 0"),
+    ("recon-identity", {"identity_images": 0}, GaliError, r"--identity-images must be >= 1"),
     ("pixel-mse", {"data_overrides": ("run.kimg=3",)}, GaliError, r"only data\.\* overrides.*run\.kimg=3"),
 ])
 def test_bad_inputs_raise_errors_that_name_them(setup, metrics, options, error, message):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gali.engine.method.losses import loss_weights, true_class_probability
+from gali.engine.method.losses import loss_weights, misclassification_loss, true_class_probability
 from gali.kernels.kway_head import kway_losses
 
 
@@ -96,3 +96,47 @@ def test_true_class_probability_per_class():
     p = true_class_probability(logits, labels, 2)
     sig = torch.sigmoid(torch.tensor(5.0)).item()
     assert p.tolist() == pytest.approx([sig, (0.5 + sig) / 2])
+
+
+def _hand_objective_losses(logits, batch):
+    """The rejected objectives of docs/method.md §1.4 by their definition, in float64 Python arithmetic.
+
+    With D_k(t) = softmax(ℓ(t))_k, L the number of log-terms and weights 2/L:
+    V = Σ_k mean_b log D_k(t_kb) (L = K terms); the D loss is −(2/K)·V; minimax: G/E minimise V, so
+    their loss is (2/K)·V = −L_D; misclassification: G/E maximise Σ_k mean_b log(1 − D_k(t_kb)).
+    """
+    k = logits.shape[1]
+    v = m = 0.0
+    for row, values in enumerate(logits.tolist()):
+        y = row // batch
+        p = [math.exp(a) / sum(math.exp(b) for b in values) for a in values]
+        v += math.log(p[y]) / batch
+        m += math.log(1 - p[y]) / batch
+    return -(2 / k) * v, (2 / k) * v, -(2 / k) * m
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_rejected_objectives_match_their_definitions(k):
+    batch = 3
+    logits = torch.randn(k * batch, k, dtype=torch.float64, generator=torch.Generator().manual_seed(10 + k))
+    labels = torch.arange(k).repeat_interleave(batch)
+    want_d, want_minimax, want_misclassification = _hand_objective_losses(logits, batch)
+    w_true, w_pair = loss_weights(k, objective="minimax")
+    loss_d, loss_ge = kway_losses(logits, labels, w_true.double(), w_pair.double(), 1 / batch)
+    assert loss_d.item() == pytest.approx(want_d, rel=1e-9)
+    assert loss_ge.item() == pytest.approx(want_minimax, rel=1e-9) and loss_ge.item() == pytest.approx(-loss_d.item())
+    w_true, w_pair = loss_weights(k, objective="misclassification")
+    assert w_pair.abs().sum() == 0  # the head contributes nothing to the G/E loss
+    assert misclassification_loss(logits, labels, k, 1 / batch).item() == pytest.approx(want_misclassification,
+                                                                                        rel=1e-6)
+
+
+def test_misclassification_loss_stays_finite_when_d_is_certain():
+    logits = torch.tensor([[60.0, 0.0], [0.0, 60.0]])  # p_true = 1 in fp32
+    loss = misclassification_loss(logits, torch.tensor([0, 1]), 2, 1.0)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(120.0, rel=1e-4)  # two rows of −log(1 − p) ≈ 60
+
+
+def test_unknown_objective_is_refused():
+    with pytest.raises(ValueError, match="unknown objective 'nash'"):
+        loss_weights(4, objective="nash")

@@ -189,3 +189,75 @@ def test_load_inception_errors_name_the_path_and_what_to_do(tmp_path):
     torch.jit.save(torch.jit.script(NoBatch()), str(bad))
     with pytest.raises(GaliError, match=rf"{bad} must return \(N, D\) features.*returned \(\)"):
         metrics.load_inception(bad, input_size=8)
+
+
+# -- reconstruction identity --------------------------------------------------------------------
+
+
+def _clusters(n_per_class: int, classes: int = 3, dim: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Well-separated Gaussian clusters: class c around 5·e_c."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(classes), n_per_class)
+    centres = 5 * np.eye(classes, dim)
+    return centres[labels] + rng.normal(size=(len(labels), dim)), labels
+
+
+def test_identity_is_perfect_for_exact_reconstructions_and_at_chance_for_shuffled_ones():
+    train_x, train_y = _clusters(40)
+    test_x, test_y = _clusters(20, seed=1)
+    classifier = metrics.IdentityClassifier(train_x, train_y)
+    exact = classifier.score(test_x, test_x, test_y)
+    assert exact.ceiling == exact.accuracy == 1.0 and exact.nearest == 1.0 and exact.classes == 3
+    # every reconstruction the same image of class 0: accuracy = the share of class 0, nearest ~ 0
+    collapsed = classifier.score(test_x, np.repeat(test_x[:1], len(test_x), axis=0), test_y)
+    assert collapsed.ceiling == 1.0 and collapsed.accuracy == pytest.approx(1 / 3)
+    assert collapsed.nearest == pytest.approx(1 / len(test_x))  # only image 0 is nearest to itself
+    # the reconstruction of each image is another image of its own class: right class, wrong image
+    order = np.concatenate([np.roll(np.flatnonzero(test_y == c), 1) for c in range(3)])
+    swapped = np.empty_like(test_x)
+    swapped[np.sort(order)] = test_x[order]
+    result = classifier.score(test_x, swapped, test_y)
+    assert result.accuracy == 1.0 and result.nearest == 0.0
+    assert result.to_dict()["chance"] == pytest.approx(1 / 3)
+
+
+def test_nearest_own_fraction_matches_a_brute_force_count():
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(37, 5))
+    recon = real + rng.normal(scale=0.8, size=real.shape)
+    distances = ((recon[:, None, :] - real[None, :, :]) ** 2).sum(-1)
+    expected = np.mean([distances[i, i] < np.delete(distances[i], i).min() for i in range(len(real))])
+    assert metrics.nearest_own_fraction(real, recon, chunk=8) == pytest.approx(expected)
+    assert 0 < expected < 1  # the case is not trivial
+
+
+def test_identity_classifier_names_single_class_training_data():
+    with pytest.raises(DataError, match="at least two classes"):
+        metrics.IdentityClassifier(np.zeros((4, 2)), np.zeros(4, dtype=int))
+
+
+def test_held_out_metrics_give_mse_encoding_spread_and_identity():
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):  # μ = the mean pixel of each image repeated, log σ = −1 everywhere
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            mu = x.mean(dim=(1, 2, 3))[:, None].repeat(1, 4)
+            return mu, torch.full_like(mu, -1.0)
+
+    class Generator(nn.Module):  # a constant image of value μ
+        def forward(self, z: Tensor) -> Tensor:
+            return z[:, :1, None, None].expand(-1, 3, 2, 2)
+
+    x = torch.rand(10, 3, 2, 2) * 2 - 1
+    labels = torch.arange(10) % 2
+    batches = [(x[:6], labels[:6]), (x[6:], labels[6:])]
+    x_hat = x.mean(dim=(1, 2, 3), keepdim=True).expand_as(x)
+    figures = metrics.held_out_metrics(Generator(), Encoder(), batches)
+    assert figures["recon_mse"] == pytest.approx(float(((x - x_hat) / 2).square().mean()), rel=1e-6)
+    assert figures["e_sigma"] == pytest.approx(np.exp(-1.0), rel=1e-6)
+    assert figures["e_mu_spread"] == pytest.approx(float(x.mean(dim=(1, 2, 3)).std()), rel=1e-5)
+    assert "identity" not in figures  # no classifier given
+    classifier = metrics.IdentityClassifier(metrics.pixel_features(x), labels.numpy())
+    with_identity = metrics.held_out_metrics(Generator(), Encoder(), batches, classifier)
+    expected = classifier.score(metrics.pixel_features(x), metrics.pixel_features(x_hat), labels.numpy())
+    assert with_identity["identity"] == expected.accuracy and with_identity["identity_ceiling"] == expected.ceiling

@@ -352,3 +352,34 @@ def test_discriminator_runs_each_branch_once_per_gradient_group() -> None:
     got = torch.autograd.grad((grouped * upstream).sum(), wrt)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # measured: 6e-5 on 1 of 300, from the sum order
+
+
+def test_encoding_stats_are_mean_sigma_and_the_spread_of_mu_over_images():
+    from gali.engine.nets.inference import encoding_stats
+
+    mu = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 1.0]])
+    stats = encoding_stats(mu, torch.log(torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])))
+    assert stats["e_sigma"].item() == pytest.approx(3.5)
+    assert stats["e_mu_spread"].item() == pytest.approx(1.0)  # std 2 over the first dimension, 0 over the second
+
+
+def test_batch_norm_recalibration_replaces_the_statistics_by_their_average_on_real_data():
+    from gali.engine.nets.inference import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    G, E = Generator("svhn32", 8, width=0.125), Encoder("svhn32", 8, width=0.125)
+    first_bn = next(m for m in E.modules() if isinstance(m, nn.BatchNorm2d))
+    first_bn.running_mean.fill_(7.0)  # statistics from elsewhere (e.g. generated images)
+    weights = {k: v.clone() for k, v in E.state_dict().items() if "running" not in k and "num_batches" not in k}
+    batches = [torch.rand(6, 3, 32, 32) * 2 - 1 for _ in range(3)]
+    assert recalibrate_batch_norm(G, E, batches) == 18
+    assert not E.training and not G.training and first_bn.momentum == 0.1
+    # the first BN's input is the first conv's output on every image: its mean over the three batches
+    with torch.no_grad():
+        conv_out = torch.cat([E.convs[0][0](b) for b in batches])
+    assert torch.allclose(first_bn.running_mean, conv_out.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert all(torch.equal(v, E.state_dict()[k]) for k, v in weights.items())  # weights untouched
+    before = first_bn.running_mean.clone()
+    with pytest.raises(ValueError, match="no batches"):
+        recalibrate_batch_norm(G, E, [])
+    assert torch.equal(first_bn.running_mean, before)  # nothing lost

@@ -61,7 +61,11 @@ def record_step(step: GaliStep, monkeypatch, noise: float = 0.0) -> dict:
     return seen
 
 
-@pytest.mark.parametrize("name", ["ali", "alice", "gali4", "gali8", "gali-mix", "gali-pt"])
+ALL_SPECS = ["ali", "alice", "gali4", "gali8", "gali-mix", "gali-pt", "ali-pt", "alice-pt", "gali4-masked",
+             "ali-masked", "alice-masked"]
+
+
+@pytest.mark.parametrize("name", ALL_SPECS)
 def test_each_spec_builds_exactly_its_classes(name, monkeypatch):
     step = make_step(name)
     seen = record_step(step, monkeypatch)
@@ -75,7 +79,45 @@ def test_each_spec_builds_exactly_its_classes(name, monkeypatch):
         for cls, exprs in enumerate(spec.classes):  # noise 0: each block of rows is its chain variable
             torch.testing.assert_close(slot[cls * BATCH:(cls + 1) * BATCH], seen["values"][str(exprs[position])])
     assert set(seen["out"]) >= {"loss_d", "loss_ge", "p_true"}
-    assert ("recon" in seen["out"]) == (name == "alice")
+    assert ("recon" in seen["out"]) == (step.spec.reconstruction is not None)
+    assert {"e_sigma", "e_mu_spread"} <= set(seen["out"])  # every spec encodes the real (or masked) batch
+
+
+@pytest.mark.parametrize("name", ["ali", "gali4"])
+@pytest.mark.parametrize("objective", ["product", "minimax", "misclassification"])
+def test_objectives_give_the_loss_terms_of_their_definition(name, objective, monkeypatch):
+    """The step's losses from the logits D gave its K classes, by docs/method.md §1.3-1.5 (K = 2 and 4)."""
+    step = make_step(name, objective=objective)
+    seen: dict = {}
+    linear = step_module.F.linear
+
+    def spy_linear(h, w, b):
+        seen["logits"] = linear(h, w, b).detach().double()
+        return linear(h, w, b)
+
+    monkeypatch.setattr(step_module.F, "linear", spy_linear)
+    out = step.discriminate(images(), torch.tensor(0.0))
+    k = step.spec.num_classes
+    log_p = torch.log_softmax(seen["logits"], dim=1).view(k, BATCH, k)  # class-k rows are block k
+    log_true = torch.stack([log_p[c, :, c] for c in range(k)])  # (K, B): log D_k(t_k)
+    want_d = -(2 / k) * log_true.mean(dim=1).sum()
+    want_ge = {
+        "product": -(2 / (k * (k - 1))) * sum(log_p[c, :, j].mean() for c in range(k) for j in range(k) if j != c),
+        "minimax": -want_d,
+        "misclassification": -(2 / k) * torch.log1p(-log_true.exp()).mean(dim=1).sum(),
+    }[objective]
+    assert out["loss_d"].item() == pytest.approx(want_d.item(), rel=1e-5)
+    assert out["loss_ge"].item() == pytest.approx(want_ge.item(), rel=1e-5)
+
+
+def test_misclassification_is_refused_on_the_fused_head():
+    from gali.engine.errors import ConfigError
+    from gali.engine.loop.config import load_config
+
+    with pytest.raises(ConfigError, match=r"compute.kernel_impl.*no form of method.objective='misclassification'.*"
+                                          r"compute.kernel_impl=ref"):
+        load_config("demo", ["method.objective=misclassification", "compute.kernel_impl=triton"])
+    assert load_config("demo", ["method.objective=misclassification"]).compute.kernel_impl == "auto"
 
 
 def network_calls(step: GaliStep) -> dict[str, int]:
@@ -89,7 +131,7 @@ def network_calls(step: GaliStep) -> dict[str, int]:
     return calls
 
 
-@pytest.mark.parametrize("name", ["ali", "alice", "gali4", "gali8", "gali-mix", "gali-pt"])
+@pytest.mark.parametrize("name", ALL_SPECS)
 def test_step_calls_each_network_once_per_distinct_variable(name):
     step = make_step(name)
     assert network_calls(step) == {op: step.spec.count_calls(op) for op in ("E", "G", "M")}

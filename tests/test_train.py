@@ -15,7 +15,7 @@ from gali.engine.loop.run_log import tensorboard_available
 from gali.engine.loop.runtime import seed_everything
 from gali.engine.loop.train import train
 from gali.engine.method.tuple_spec import load_spec
-from gali.engine.metrics.reconstruction import reconstruction_mse
+from gali.engine.metrics.reconstruction import held_out_metrics
 from gali.engine.nets.networks import build_networks
 from gali.pipelines import make_pipeline
 
@@ -62,7 +62,7 @@ def test_a_short_run_lowers_reconstruction_error_below_a_fresh_model(tmp_path, m
                                           seed=cfg.run.seed)))
     fresh.G.init_output_bias(train_batch.x)  # what the loop does first: G outputs the mean image
     test = make_pipeline(cfg.data, split="test", batch_size=100, device=device, seed=cfg.run.seed)
-    fresh_mse = reconstruction_mse(fresh.G, fresh.E, (b.x for b in test))
+    fresh_mse = held_out_metrics(fresh.G, fresh.E, ((b.x, None) for b in test))["recon_mse"]
     assert result.recon_mse < 0.8 * fresh_mse, (result.recon_mse, fresh_mse)
 
 
@@ -111,7 +111,9 @@ def test_gali_mix_run_writes_inpainting_grids(tmp_path, monkeypatch, digits_cach
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     ticks = [r for r in records if "loss_d" in r]
     assert [r["kimg"] for r in ticks] == [0.008, 0.016] and all(len(r["p_true"]) == 8 for r in ticks)
-    assert records[-1] == {"event": "snapshot", "kimg": 0.016, "recon_mse_test": result.recon_mse}
+    assert records[-1] == {"event": "snapshot", "kimg": 0.016, **{f"{k}_test": v for k, v in result.held_out.items()}}
+    assert set(result.held_out) == {"recon_mse", "e_sigma", "e_mu_spread", "identity", "identity_nearest",
+                                    "identity_ceiling"} and result.held_out["recon_mse"] == result.recon_mse
     assert not list(run.glob("events.out.tfevents.*"))  # run.tensorboard=off
     assert sum(line.startswith("kimg ") and "img/s" in line and "eta" in line for line in lines) == 2
 

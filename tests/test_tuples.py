@@ -36,11 +36,21 @@ EXPECTED = {
         ("G(z)", "z", "M(G(z))"),
         ("G(E(G(z)))", "z", "M(G(z))"),
     ],
+    # The paper's ablations and baselines (docs/method.md §2.5), in the forms their descriptions choose.
+    "ali-pt": [("x", "E(x)", "M(x)"), ("G(z)", "z", "M(G(z))")],
+    "alice-pt": [("x", "E(x)"), ("G(z)", "z")],
+    "gali4-masked": [("x", "E(mask1(x))"), ("x", "E(mask2(G(E(mask1(x)))))"), ("G(z)", "z"),
+                     ("G(E(mask3(G(z))))", "z")],
+    "ali-masked": [("x", "E(mask1(x))"), ("G(z)", "z")],
+    "alice-masked": [("x", "E(mask1(x))"), ("G(z)", "z")],
 }
+RECONSTRUCTION = {"alice": ("x", "G(E(x))"), "alice-pt": ("M(x)", "M(G(E(x)))"),
+                  "alice-masked": ("x", "G(E(mask1(x)))")}
 # Network calls per step, docs/method.md §3.6 (ALICE adds G(E(x)) for its pixel loss).
 CALLS = {
     "ali": (1, 1, 0), "alice": (1, 2, 0), "gali4": (3, 3, 0), "gali8": (3, 3, 0),
-    "gali-mix": (4, 3, 0), "gali-pt": (3, 3, 3),
+    "gali-mix": (4, 3, 0), "gali-pt": (3, 3, 3), "ali-pt": (1, 1, 2), "alice-pt": (1, 2, 2),
+    "gali4-masked": (3, 3, 0), "ali-masked": (1, 1, 0), "alice-masked": (1, 2, 0),
 }
 
 
@@ -53,6 +63,7 @@ def test_spec_has_exactly_the_papers_classes(name):
     spec = load_spec(name)
     assert [tuple(map(str, c)) for c in spec.classes] == EXPECTED[name]
     assert (spec.count_calls("E"), spec.count_calls("G"), spec.count_calls("M")) == CALLS[name]
+    assert (spec.reconstruction and tuple(map(str, spec.reconstruction))) == RECONSTRUCTION.get(name)
 
 
 def test_slot_layouts():

@@ -11,6 +11,12 @@ Protocol (docs/method.md §4.1; every choice is recorded in the JSON):
   8..54 on 64² scaled to the resolution, fully inside the image, drawn from the seed), feeds the
   encoder the masked image (masked pixels hold the checkpoint's ``method.mask_fill``) and scores
   the composite x·(1−m) + G(μ_E(masked x))·m (docs/method.md §4.1, §5 items 5-7).
+- ``recon-identity`` fits a linear classifier on the training split (at most ``identity_images``
+  images, seeded order; pixels, or the ``--feature-model`` features when one is given) and reports
+  its accuracy on the evaluation split's real images (the ceiling) and on their reconstructions, and
+  the fraction of reconstructions nearest to their own input (:mod:`gali.engine.metrics.identity`).
+- ``bn_recalibrate`` > 0 first recomputes E's and G's BatchNorm statistics on that many batches of
+  the training split (:func:`gali.engine.nets.inference.recalibrate_batch_norm`), in memory only.
 - ``probe`` draws its labelled sets from the training split (at most ``probe_pool`` images, seeded)
   and reports the error on the evaluation split.
 - ``fid``/``kid`` compare ``fid_samples`` samples G(z), z ~ N(0, I) from the seed, with the first
@@ -42,6 +48,7 @@ from gali.engine.loop.config import config_from_dict
 from gali.engine.loop.runtime import resolve_device
 from gali.engine.metrics import (
     INCEPTION_INPUT_SIZE,
+    IdentityClassifier,
     feature_mse,
     fid_implementation,
     frechet_distance,
@@ -49,6 +56,8 @@ from gali.engine.metrics import (
     linear_probe,
     load_inception,
     masked_pixel_mse,
+    network_features,
+    pixel_features,
     pixel_mse,
     probe_validation_size,
     summarize,
@@ -61,6 +70,7 @@ from gali.engine.nets.inference import (
     EVAL_MASK_RESOLUTION,
     evaluation_box_params,
     inpaint,
+    recalibrate_batch_norm,
     reconstruction_chain,
 )
 from gali.pipelines import Batch, cache_root, default_digits_root, make_pipeline
@@ -71,6 +81,8 @@ LOADER_BATCH_MAX = 256
 METRICS: dict[str, str] = {
     "pixel-mse": "reconstruction pixel-MSE in [0, 1] space, z = mu_E(x), mean ± std over batches",
     "feature-mse": "reconstruction feature-MSE with the network given by --feature-model",
+    "recon-identity": "accuracy of a linear classifier of real training images on the reconstructions, "
+                      "beside its accuracy on the real images and the nearest-own-input fraction",
     "probe": "linear-SVM test error (%) on the encoder's last hidden layers and output",
     "fid": "FID of samples G(z) against the evaluation split (needs --inception)",
     "kid": "KID of samples G(z) against the evaluation split (needs --inception)",
@@ -88,6 +100,9 @@ class EvalOptions:
                     ``feature_arch``), its input size (0 = the data resolution) and resize mode.
                     'nearest' matches the authors' SVHN evaluation code, the paper says bilinear
                     (docs/method.md §5 item 4).
+    identity_images: the most training images the recon-identity classifier is fitted on.
+    bn_recalibrate: batches of the training split to recompute E's and G's BatchNorm statistics on
+                    before measuring (0 = the checkpoint's statistics).
     probe_*:        labelled images per draw, validation images (None = min(10000, (N − labelled)/2)),
                     number of draws, and the most training images read for the probe.
     inception*:     the FID/KID network file (see :func:`gali.engine.metrics.fid.load_inception`) and its input size.
@@ -105,6 +120,8 @@ class EvalOptions:
     feature_arch: str | None = None
     feature_input_size: int = 0
     feature_resize: str = "nearest"
+    identity_images: int = 20_000
+    bn_recalibrate: int = 0
     probe_labelled: int = 1000
     probe_validation: int | None = None
     probe_draws: int = 100
@@ -142,7 +159,7 @@ def parse_metrics(names: str | Sequence[str]) -> tuple[str, ...]:
 
 def _check_options(metrics: tuple[str, ...], options: EvalOptions) -> None:
     """Reject contradictory or missing options before any work, naming the option."""
-    for name in ("batch_size", "probe_labelled", "probe_draws", "probe_pool", "inception_input_size",
+    for name in ("batch_size", "identity_images", "probe_labelled", "probe_draws", "probe_pool", "inception_input_size",
                  "fid_samples", "fid_reference_images", "kid_subsets", "kid_subset_size"):
         value = getattr(options, name)
         if value < 1:
@@ -157,6 +174,11 @@ def _check_options(metrics: tuple[str, ...], options: EvalOptions) -> None:
                         "(clean-fid/StyleGAN3 inception-2015-12-05.pt); nothing is downloaded")
     if "probe" in metrics and options.split == "train":
         raise GaliError("metric 'probe' fits its SVMs on the training split and tests on --split; "
+                        "use --split test (a held-out split) for it")
+    if options.bn_recalibrate < 0:
+        raise GaliError(f"--bn-recalibrate must be >= 0 (batches of the training split); got {options.bn_recalibrate}")
+    if "recon-identity" in metrics and options.split == "train":
+        raise GaliError("metric 'recon-identity' fits its classifier on the training split and tests on --split; "
                         "use --split test (a held-out split) for it")
     if options.feature_resize not in ("nearest", "bilinear"):
         raise GaliError(f"--feature-resize must be 'nearest' or 'bilinear'; got {options.feature_resize!r}")
@@ -235,6 +257,7 @@ class _SplitMeasures:
 
     per_batch: dict[str, list[float]] = field(
         default_factory=lambda: {k: [] for k in ("pixel", "feature", "inpaint", "inpaint_feature")})
+    identity: dict[str, list[np.ndarray]] = field(default_factory=lambda: {"real": [], "recon": [], "labels": []})
     probe_x: list[np.ndarray] = field(default_factory=list)
     probe_y: list[np.ndarray] = field(default_factory=list)
     reference_features: list[Tensor] = field(default_factory=list)
@@ -274,6 +297,12 @@ class _Evaluation:
             self.feature_model.to(self.device)
         if self.inception is not None:
             self.inception.to(self.device)
+        self.recalibrated = 0
+        if options.bn_recalibrate:
+            batches = self._batches("train", limit=options.bn_recalibrate * options.batch_size)
+            self.recalibrated = recalibrate_batch_norm(self.G, self.E, (b.x for b in batches))
+            log(f"BatchNorm statistics of E and G recomputed on {self.recalibrated} training images")
+        self.classifier = self._identity_classifier() if "recon-identity" in metrics else None
 
     def _batches(self, split: str, limit: int | None = None) -> SplitBatches:
         o = self.options
@@ -283,6 +312,25 @@ class _Evaluation:
         o = self.options
         return feature_mse(self.feature_model, x, y, input_size=o.feature_input_size, resize=o.feature_resize,
                              name=f"the feature network {o.feature_model}")
+
+    @torch.no_grad()
+    def _identity_features(self, x: Tensor) -> np.ndarray:
+        """The identity classifier's features: pixels, or the feature network's outputs when one is given."""
+        if self.feature_model is None:
+            return pixel_features(x)
+        o = self.options
+        return network_features(self.feature_model, x, input_size=o.feature_input_size, resize=o.feature_resize,
+                                name=f"the feature network {o.feature_model}").cpu().numpy()
+
+    def _identity_classifier(self) -> IdentityClassifier:
+        features, labels = [], []
+        for batch in self._batches("train", limit=self.options.identity_images):
+            if batch.labels is None:
+                raise DataError(f"metric 'recon-identity' needs labelled images; the train split of data source "
+                                f"{self.data.source!r} has no labels")
+            features.append(self._identity_features(batch.x))
+            labels.append(batch.labels.cpu().numpy())
+        return IdentityClassifier(np.concatenate(features), np.concatenate(labels))
 
     @torch.no_grad()
     def _probe_features(self, x: Tensor) -> np.ndarray:
@@ -297,13 +345,21 @@ class _Evaluation:
             reference = self._store_reference(torch.cat(split.reference_features))
 
         results: dict[str, dict[str, Any]] = {}
-        common = {"split": o.split, "images": split.images, "batch_size": o.batch_size, "seed": o.seed}
+        common = {"split": o.split, "images": split.images, "batch_size": o.batch_size, "seed": o.seed,
+                  "bn_recalibrated_images": self.recalibrated}
         if "pixel-mse" in wanted:
             results["pixel-mse"] = {**summarize(split.per_batch["pixel"]).to_dict(), **common,
                                     "space": "[0, 1]", "z": "mu"}
         if "feature-mse" in wanted:
             results["feature-mse"] = {**summarize(split.per_batch["feature"]).to_dict(), **common,
                                       **self._feature_settings()}
+        if "recon-identity" in wanted:
+            assert self.classifier is not None
+            identity = split.identity
+            result = self.classifier.score(np.concatenate(identity["real"]), np.concatenate(identity["recon"]),
+                                           np.concatenate(identity["labels"]))
+            features = "pixels" if self.feature_model is None else self._feature_settings()
+            results["recon-identity"] = {**result.to_dict(), **common, "features": features}
         if split.boxes is not None:
             results["inpaint"] = {**self._inpaint_result(split), **common}
         if "probe" in wanted:
@@ -315,7 +371,7 @@ class _Evaluation:
     def _read_split(self, *, need_reference: bool) -> _SplitMeasures:
         """One pass over the evaluation split, measuring every wanted per-batch metric."""
         o, wanted = self.options, set(self.metrics)
-        per_image = wanted & {"pixel-mse", "feature-mse", "inpaint", "probe"}
+        per_image = wanted & {"pixel-mse", "feature-mse", "recon-identity", "inpaint", "probe"}
         measured = _SplitMeasures()
         if not per_image and not need_reference:
             return measured
@@ -325,12 +381,19 @@ class _Evaluation:
                                                    device=self.device)
         for batch in batches:
             x, per_batch = batch.x, measured.per_batch
-            if wanted & {"pixel-mse", "feature-mse"}:
+            if wanted & {"pixel-mse", "feature-mse", "recon-identity"}:
                 x_hat = reconstruction_chain(self.G, self.E, x, depth=1)[1]
                 if "pixel-mse" in wanted:
                     per_batch["pixel"].append(pixel_mse(x, x_hat))
                 if "feature-mse" in wanted:
                     per_batch["feature"].append(self._feature_mse(x, x_hat))
+                if "recon-identity" in wanted:
+                    if batch.labels is None:
+                        raise DataError(f"metric 'recon-identity' needs labelled images; the {o.split} split of "
+                                        f"data source {self.data.source!r} has no labels")
+                    measured.identity["real"].append(self._identity_features(x))
+                    measured.identity["recon"].append(self._identity_features(x_hat))
+                    measured.identity["labels"].append(batch.labels.cpu().numpy())
             if measured.boxes is not None:
                 params = measured.boxes[measured.images:measured.images + x.shape[0]]
                 masked, _, composite = inpaint(self.G, self.E, x, params, fill=self.cfg.method.mask_fill)
@@ -471,6 +534,9 @@ def _table_cells(name: str, r: dict[str, Any]) -> tuple[str, str]:
         low, high = mask["drawn_sides"]
         return cell, (f"masked pixels only; box sides {low}-{high} px, seed {mask['seed']}, "
                       f"{r['images']} {r['split']} images{extra}")
+    if name == "recon-identity":
+        return (f"{r['accuracy']:.3f}", f"real images {r['ceiling']:.3f}, chance {r['chance']:.3f}; nearest own "
+                                        f"input {r['nearest']:.3f}; {r['images']} {r['split']} images")
     if name == "probe":
         return (f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} %",
                 f"{r['n']} draws of {r['labelled']} labelled, {r['validation']} validation, {r['test']} test images")

@@ -51,6 +51,9 @@ class RunConfig:
                    keeping the last checkpoint written before them (0 = never stop).
     keep_checkpoints: keep the newest N checkpoints of the run folder (0 = keep every one) ...
     milestone_kimg: ... and, every this many kimg, the first checkpoint at or after it, forever (0 = none).
+    identity_images: the snapshots' identity metric fits its classifier on at most this many labelled
+                   training images (pixels; gali.engine.metrics.identity); 0 turns it off. Unlabelled
+                   data skips it.
     """
 
     out_dir: str = "runs"
@@ -66,6 +69,7 @@ class RunConfig:
     max_bad_ticks: int = 3
     keep_checkpoints: int = 10
     milestone_kimg: float = 0.0
+    identity_images: int = 5000
 
     def validate(self) -> None:
         check_choice("run.device", self.device, DEVICES)
@@ -81,6 +85,7 @@ class RunConfig:
         check_positive("run.max_bad_ticks", self.max_bad_ticks, allow_zero=True)
         check_positive("run.keep_checkpoints", self.keep_checkpoints, allow_zero=True)
         check_positive("run.milestone_kimg", self.milestone_kimg, allow_zero=True)
+        check_positive("run.identity_images", self.identity_images, allow_zero=True)
 
 
 @dataclass
@@ -98,6 +103,10 @@ class Config:
     def validate(self) -> None:
         for name in section_names(self):
             getattr(self, name).validate()
+        if self.method.objective == "misclassification" and self.compute.kernel_impl == "triton":
+            raise ConfigError("compute.kernel_impl", "the fused K-way head has no form of method.objective="
+                              "'misclassification' (it is not a sum of cross-entropies); set compute.kernel_impl=ref "
+                              "(the deprecated method.kernel_impl=ref too) or auto")
         expected = ARCH_RESOLUTION[self.model.arch]
         if self.data.resolution != expected:
             raise ConfigError(

@@ -51,6 +51,7 @@ class TrainResult:
     images_per_second: float
     recon_mse: float
     last_stats: dict[str, Any]
+    held_out: dict[str, float]
 
 
 def resume(path: str | Path, overrides: Sequence[str] = (), *, log: Callable[[str], None] = print) -> TrainResult:
@@ -118,7 +119,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
     clock = StepClock(device)
     ticks = Ticks(int(cfg.run.tick_kimg * 1000), clock, progress.images_seen, world)
     batches = _batches_from(pipeline, progress)
-    recon_mse, last = float("nan"), {}
+    held_out, last = {}, {}
     with contextlib.closing(run_log), ranges(cfg.compute.nvtx):
         while progress.images_seen < total_images:
             # Fetch a batch (with its 1-based epoch).
@@ -143,7 +144,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
             # Snapshot: grids, held-out reconstruction error and checkpoint, outside the training time.
             if snapshots.due(progress.images_seen, batch_size, done):
                 with clock.paused():
-                    recon_mse = snapshots.take(checkpoint, run_log)
+                    held_out = snapshots.take(checkpoint, run_log)
 
             # Stop: a signal on any rank, agreed at this step boundary, ends the run with a checkpoint.
             if not done and world.any(stop.requested):
@@ -151,11 +152,14 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
                 raise RunStopped.after(stop, progress.images_seen, run_log.run_dir)
 
     # Done.
-    result = TrainResult(run_dir=run_log.run_dir, kimg=progress.images_seen / 1000, recon_mse=recon_mse,
+    result = TrainResult(run_dir=run_log.run_dir, kimg=progress.images_seen / 1000,
+                         recon_mse=held_out.get("recon_mse", float("nan")),
                          images_per_second=(progress.images_seen - images_at_start) / max(clock.seconds(), 1e-9),
-                         last_stats=last)
+                         last_stats=last, held_out=held_out)
+    identity = (f"; identity of reconstructions {held_out['identity']:.3f} "
+                f"(real images {held_out['identity_ceiling']:.3f})" if "identity" in held_out else "")
     log(f"done: {result.kimg:.1f} kimg in {clock.seconds():.1f} s of training ({result.images_per_second:.1f} img/s); "
-        f"reconstruction MSE {recon_mse:.5f}; run folder {result.run_dir}")
+        f"reconstruction MSE {result.recon_mse:.5f}{identity}; run folder {result.run_dir}")
     return result
 
 

@@ -28,14 +28,21 @@ class ChainNetworks(Protocol):
 
 
 class ChainEvaluator:
-    """Evaluates a spec's chain variables for one batch (x, z), each distinct expression once."""
+    """Evaluates a spec's chain variables for one batch (x, z), each distinct expression once.
+
+    ``encoding`` holds E's (μ, log σ) of the first E call on the real batch (E(x), or E of a masked
+    x: an argument that does not depend on z) from the last :meth:`evaluate`, None if the spec has
+    none: the step's diagnostics of whether E encodes.
+    """
 
     def __init__(self, nets: ChainNetworks, method: MethodConfig, kernel_impl: str = "auto") -> None:
         self.nets = nets
         self.method = method
         self.kernel_impl = kernel_impl
+        self.encoding: tuple[Tensor, Tensor] | None = None
 
     def evaluate(self, spec: TupleSpec, x: Tensor, z: Tensor) -> dict[Expr, Tensor]:
+        self.encoding = None
         side = x.shape[-1]
         max_size = self.method.mask_max_size or side
         masks = {
@@ -57,6 +64,8 @@ class ChainEvaluator:
             return z
         if op == "E":
             mu, log_sigma = self.nets.E(args[0])
+            if self.encoding is None and all(leaf.op != "z" for leaf in node.args[0].walk()):
+                self.encoding = (mu, log_sigma)
             return mu + log_sigma.exp() * torch.randn_like(mu)
         if op == "G":
             return self.nets.G(args[0])

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from gali.engine.config import check_choice, check_positive
 from gali.engine.errors import ConfigError
+from gali.engine.method.losses import OBJECTIVES
 
 LOSS_WEIGHTS = ("paper", "authors")
 NOISE_SCHEDULES = ("linear", "constant")
@@ -19,6 +20,9 @@ class MethodConfig:
     tuples:        a tuple spec name (ali, alice, gali4, gali8, gali-mix, gali-pt) or a TOML path.
     loss_weights:  'paper' (2/K on the D sum, 2/(K(K-1)) on the G/E sum) or 'authors' (the
                    operator-precedence bug of the GALI-4 scripts, docs/method.md §5 item 1).
+    objective:     the G/E loss: 'product' (the paper's Product of Terms, Eq. 4), or one the paper
+                   rejects (§1.4): 'minimax' (L_GE = −L_D) or 'misclassification' (maximise
+                   Σ_k log(1 − D_k(t_k))); see gali.engine.method.losses.
     alice_lambda:  weight of the pixel MSE for specs that name a reconstruction (ALICE).
     instance_noise: initial std of the Gaussian noise added to every image slot fed to D.
     noise_schedule: 'linear' (the authors' code: std * (N - epoch) / N, constant within an epoch,
@@ -35,6 +39,7 @@ class MethodConfig:
 
     tuples: str = "gali4"
     loss_weights: str = "paper"
+    objective: str = "product"
     alice_lambda: float = 1.0
     instance_noise: float = 0.1
     noise_schedule: str = "linear"
@@ -48,6 +53,7 @@ class MethodConfig:
 
     def validate(self) -> None:
         check_choice("method.loss_weights", self.loss_weights, LOSS_WEIGHTS)
+        check_choice("method.objective", self.objective, OBJECTIVES)
         check_positive("method.alice_lambda", self.alice_lambda, allow_zero=True)
         check_positive("method.instance_noise", self.instance_noise, allow_zero=True)
         check_choice("method.noise_schedule", self.noise_schedule, NOISE_SCHEDULES)

@@ -10,6 +10,15 @@ with the paper's weights w_true = 2/K and w_pair = 2/(K(K-1)) off the diagonal (
 'authors' scheme reproduces the GALI-4 scripts' operator-precedence bug (§5 item 1): only the
 first term of each sum is scaled. The math on the logits lives beside the fused kernel that must
 match it (``gali.kernels.kway_head.kway_losses``).
+
+The G/E objectives the paper rejects (§1.4, the ablation of its Fig. 5) are ``method.objective``:
+
+- 'minimax': G and E minimise D's own V, L_GE = −L_D. It is the product form's weights with
+  w_pair = −diag(w_true), so the fused head computes it as it is.
+- 'misclassification': G and E maximise Σ_k E log(1 − D_k(t_k)), weighted 2/L with L = K terms:
+  L_GE = −(2/K) Σ_k mean_b log(1 − p_k(t_kb)) (:func:`misclassification_loss`). It is not a sum
+  of cross-entropies, so the fused head has no form of it: its w_pair is 0 and the step adds this
+  loss on the logits.
 """
 
 from __future__ import annotations
@@ -18,21 +27,47 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+OBJECTIVES = ("product", "minimax", "misclassification")
 
-def loss_weights(num_classes: int, scheme: str = "paper") -> tuple[Tensor, Tensor]:
-    """``(w_true (K,), w_pair (K, K))`` for the 'paper' weights or the 'authors' precedence bug."""
+
+def loss_weights(num_classes: int, scheme: str = "paper", objective: str = "product") -> tuple[Tensor, Tensor]:
+    """``(w_true (K,), w_pair (K, K))`` for the 'paper' weights or the 'authors' precedence bug.
+
+    ``objective`` 'product' is Eq. 4; 'minimax' gives w_pair = −diag(w_true) (L_GE = −L_D);
+    'misclassification' gives w_pair = 0 (its G/E loss is :func:`misclassification_loss`).
+    """
     k = num_classes
     off_diagonal = 1.0 - torch.eye(k)
     if scheme == "paper":
-        return torch.full((k,), 2.0 / k), off_diagonal * (2.0 / (k * (k - 1)))
-    if scheme == "authors":
+        w_true, w_pair = torch.full((k,), 2.0 / k), off_diagonal * (2.0 / (k * (k - 1)))
+    elif scheme == "authors":
         # loss_d = 0.5*CE(o1,0) + CE(o2,1) + ...; loss_g = (1/6)*CE(o1,1) + CE(o1,2) + ...
         w_true = torch.ones(k)
         w_true[0] = 2.0 / k
         w_pair = off_diagonal.clone()
         w_pair[0, 1] = 2.0 / (k * (k - 1))
-        return w_true, w_pair
-    raise ValueError(f"unknown loss-weight scheme {scheme!r}; accepted: paper, authors")
+    else:
+        raise ValueError(f"unknown loss-weight scheme {scheme!r}; accepted: paper, authors")
+    if objective == "minimax":
+        return w_true, -torch.diag(w_true)
+    if objective == "misclassification":
+        return w_true, torch.zeros(k, k)
+    if objective != "product":
+        raise ValueError(f"unknown objective {objective!r}; accepted: {', '.join(OBJECTIVES)}")
+    return w_true, w_pair
+
+
+def misclassification_loss(logits: Tensor, labels: Tensor, num_classes: int, inv_batch: float) -> Tensor:
+    """The misclassification G/E loss, −(2/K) · inv_batch · Σ_rows log(1 − p_y) (docs/method.md §1.4, App 7.1).
+
+    log(1 − p_y) is computed as logsumexp over the other classes minus logsumexp over all, which
+    stays finite where p_y rounds to 1. Computed in fp32.
+    """
+    logits = logits.float()
+    own = F.one_hot(labels, num_classes).bool()
+    others = torch.logsumexp(logits.masked_fill(own, float("-inf")), dim=1)
+    log_not_true = others - torch.logsumexp(logits, dim=1)
+    return -(2.0 / num_classes) * inv_batch * log_not_true.sum()
 
 
 def true_class_probability(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:

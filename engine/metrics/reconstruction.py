@@ -6,8 +6,8 @@ independent computation on small synthetic inputs.
 
 - **Pixel-MSE** (:func:`pixel_mse`): mean squared error in [0, 1] space of images given in [-1, 1],
   per batch; :func:`summarize` turns the per-batch values into the paper's mean ± std over batches;
-  :func:`reconstruction_mse` is the image-weighted mean over a stream of batches (the training loop's
-  held-out figure).
+  :func:`held_out_metrics` gives the training loop's held-out figures (the image-weighted MSE, E's
+  σ and μ spread, the identity metric) in one pass over a stream of batches.
 - **Feature-MSE** (:func:`feature_mse`): the same between a frozen feature network's outputs.
 - **Inpainting** (:func:`masked_pixel_mse`): squared error over the masked pixels only.
 """
@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gali.engine.metrics.identity import IdentityClassifier, pixel_features
 from gali.engine.nets.feature_models import FeatureModel
-from gali.engine.nets.inference import reconstruction_chain
+from gali.engine.nets.inference import encoding_stats, sample_images
 
 
 @dataclass(frozen=True)
@@ -99,11 +100,42 @@ def feature_mse(model: nn.Module, x: Tensor, x_hat: Tensor, *, input_size: int =
     return float((a - b).square().mean())
 
 
-def reconstruction_mse(G: nn.Module, E: nn.Module, batches: Iterable[Tensor]) -> float:
-    """Pixel MSE of x̂ = G(μ_E(x)) in [0, 1] space, averaged over images (docs/method.md §4.1)."""
+def held_out_metrics(G: nn.Module, E: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
+                     classifier: IdentityClassifier | None = None) -> dict[str, float]:
+    """The training loop's snapshot figures over a stream of held-out ``(x, labels)`` batches, E and G in eval mode.
+
+    ``recon_mse``: pixel-MSE of x̂ = G(μ_E(x)) in [0, 1] space, averaged over images (docs/method.md §4.1);
+    ``e_sigma`` / ``e_mu_spread``: :func:`gali.engine.nets.inference.encoding_stats` over all the images;
+    with a ``classifier`` (and labels), ``identity`` (its accuracy on the reconstructions),
+    ``identity_nearest`` and ``identity_ceiling`` (:class:`gali.engine.metrics.identity.IdentityClassifier`).
+    """
     total, count = 0.0, 0
-    for x in batches:
-        x_hat = reconstruction_chain(G, E, x, depth=1)[1]
+    mus, log_sigmas, real, reconstructed, labels = [], [], [], [], []
+    for x, y in batches:
+        mu, log_sigma = _eval_encoding(E, x)
+        x_hat = sample_images(G, mu)
         total += pixel_mse(x, x_hat) * x.shape[0]  # the batch's mean, weighted by its images
         count += x.shape[0]
-    return total / count
+        mus.append(mu)
+        log_sigmas.append(log_sigma)
+        if classifier is not None and y is not None:
+            real.append(pixel_features(x))
+            reconstructed.append(pixel_features(x_hat))
+            labels.append(y.cpu().numpy())
+    figures = {"recon_mse": total / count,
+               **{k: float(v) for k, v in encoding_stats(torch.cat(mus), torch.cat(log_sigmas)).items()}}
+    if classifier is not None and labels:
+        result = classifier.score(np.concatenate(real), np.concatenate(reconstructed), np.concatenate(labels))
+        figures |= {"identity": result.accuracy, "identity_nearest": result.nearest,
+                    "identity_ceiling": result.ceiling}
+    return figures
+
+
+@torch.no_grad()
+def _eval_encoding(E: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(μ, log σ) of E in eval mode."""
+    was_training = E.training
+    E.eval()
+    mu, log_sigma = E(x)
+    E.train(was_training)
+    return mu, log_sigma

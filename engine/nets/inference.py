@@ -6,6 +6,8 @@ of docs/method.md §5 item 5, the same for every call with one seed.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 
@@ -38,6 +40,52 @@ def reconstruction_chain(G: nn.Module, E: nn.Module, x: Tensor, depth: int = 2) 
     G.train(was_training[0])
     E.train(was_training[1])
     return chain
+
+
+def encoding_stats(mu: Tensor, log_sigma: Tensor) -> dict[str, Tensor]:
+    """Whether E encodes, from its outputs for a batch of images: two 0-d tensors, no host sync.
+
+    ``e_sigma`` is the mean of σ = exp(log σ) over images and latent dimensions (the prior's is 1;
+    an encoder that carries information about x shrinks it); ``e_mu_spread`` is the std of μ over
+    the images, averaged over latent dimensions (an encoder whose μ barely moves with x maps every
+    image to about the same code, whatever its σ).
+    """
+    return {"e_sigma": log_sigma.detach().float().exp().mean(),
+            "e_mu_spread": mu.detach().float().std(dim=0).mean()}
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(G: nn.Module, E: nn.Module, batches: Iterable[Tensor]) -> int:
+    """Recompute E's and G's BatchNorm running statistics on real data: E on x, G on μ_E(x).
+
+    During training E's statistics average over every image it was called on (under GALI-4 mostly
+    generated ones: x, G(E(x)) and G(z) each step) and G's over its inputs E(x) and z ~ N(0, I);
+    evaluation feeds E real images and G codes μ_E(x) only. The statistics are reset and replaced by
+    the plain average over ``batches`` (momentum None), in train mode; the weights are untouched and
+    both networks are left in eval mode. Returns the number of images used; with no batches the
+    statistics are left as they were and ValueError is raised.
+    """
+    norms = [m for net in (E, G) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    saved = [b.clone() for m in norms for b in m.buffers()]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    E.train()
+    G.train()
+    images = 0
+    for x in batches:
+        G(E(x)[0])
+        images += x.shape[0]
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    E.eval()
+    G.eval()
+    if not images:
+        for buffer, value in zip((b for m in norms for b in m.buffers()), saved, strict=True):
+            buffer.copy_(value)
+        raise ValueError("recalibrate_batch_norm: no batches were given")
+    return images
 
 
 def evaluation_box_params(n: int, resolution: int, *, seed: int, device: torch.device | str = "cpu") -> Tensor:

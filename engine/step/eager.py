@@ -31,8 +31,14 @@ from torch import Tensor
 
 from gali.engine.method.chains import ChainEvaluator
 from gali.engine.method.config import MethodConfig
-from gali.engine.method.losses import loss_weights, reconstruction_loss, true_class_probability
+from gali.engine.method.losses import (
+    loss_weights,
+    misclassification_loss,
+    reconstruction_loss,
+    true_class_probability,
+)
 from gali.engine.method.tuple_spec import IMAGE, TupleSpec
+from gali.engine.nets.inference import encoding_stats
 from gali.engine.nets.networks import Networks
 from gali.engine.ranges import annotate
 from gali.engine.step.config import ComputeConfig, OptimConfig
@@ -48,7 +54,8 @@ class GaliStep:
     """One GALI training step for a tuple spec, run eagerly; owns both optimizers (and scalers).
 
     ``step(x, noise_std, phase)`` returns detached device tensors: ``loss_d``, ``loss_ge``,
-    ``p_true`` (K,) (D's mean probability for each class's own class), ``grad_norm_d`` /
+    ``p_true`` (K,) (D's mean probability for each class's own class), ``e_sigma`` / ``e_mu_spread``
+    (E's mean σ and μ spread on the real batch: :func:`gali.engine.nets.inference.encoding_stats`), ``grad_norm_d`` /
     ``grad_norm_ge`` and ``skipped_d`` / ``skipped_ge`` (unscaled norms, and 1.0 where a non-finite
     loss or gradient skipped that side's update; for the side(s) the phase updates), and for ALICE
     specs ``recon``. With ``world_size`` > 1 each side's gradients are averaged over the ranks.
@@ -76,7 +83,7 @@ class GaliStep:
         scaled = self.precision.uses_scaler
         self.scaler_d = torch.amp.GradScaler(self.device.type) if scaled else None
         self.scaler_ge = torch.amp.GradScaler(self.device.type) if scaled else None
-        w_true, w_pair = loss_weights(spec.num_classes, method.loss_weights)
+        w_true, w_pair = loss_weights(spec.num_classes, method.loss_weights, method.objective)
         self.w_true, self.w_pair = w_true.to(self.device), w_pair.to(self.device)
 
     def discriminate(self, x: Tensor, noise_std: Tensor, *, chains_grad: bool = True) -> dict[str, Tensor]:
@@ -102,9 +109,15 @@ class GaliStep:
         with annotate("gali/head"):
             loss_d, loss_ge = kway_head(features, weight, bias, labels, self.w_true, self.w_pair, 1.0 / batch,
                                         impl=self.compute.kernel_impl)
-        with torch.no_grad():
+        if self.method.objective == "misclassification":  # not a sum of CEs: its G/E loss is added on the logits
             logits = F.linear(features, weight, bias)
+            loss_ge = misclassification_loss(logits, labels, k, 1.0 / batch)
+        else:
+            with torch.no_grad():
+                logits = F.linear(features, weight, bias)
         out = {"loss_d": loss_d, "loss_ge": loss_ge, "p_true": true_class_probability(logits, labels, k)}
+        if self.chains.encoding is not None:
+            out |= encoding_stats(*self.chains.encoding)
         if self.spec.reconstruction is not None:
             target, output = self.spec.reconstruction
             recon = reconstruction_loss(values[target], values[output])

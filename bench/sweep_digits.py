@@ -1,0 +1,169 @@
+"""A recipe sweep on the demo digits: does E learn to encode, under which recipe, by how many kimg?
+
+Each (recipe, method, seed) is one ``gali train`` run from the ``demo`` preset with the recipe's
+overrides, in its own process (``OMP_NUM_THREADS`` as the caller sets it, so two sweeps can share two
+cores), into ``OUT/<recipe>/<method>/seed<S>``. A run whose folder already ends with the final
+snapshot is not run again, so an interrupted sweep goes on where it stopped. The snapshots' held-out
+records (identity accuracy, pixel-MSE, E's σ and μ spread: ``gali.engine.loop.snapshots``) are the
+sweep's data; ``report`` turns them into Markdown tables (mean ± std over seeds) and plots.
+
+    OMP_NUM_THREADS=1 python bench/sweep_digits.py run --recipes demo,lr2e-4 --methods ali,gali4 \\
+        --seeds 0,1,2 --kimg 40 --out /tmp/sweep
+    python bench/sweep_digits.py report --out /tmp/sweep --markdown bench/reports/X.md --plot bench/reports/X.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+# Named recipes: overrides of the demo preset. "demo" is the preset as shipped.
+RECIPES: dict[str, list[str]] = {
+    "demo": [],
+    "lr2e-4": ["optim.lr=2e-4"],
+    "lr1e-4": ["optim.lr=1e-4"],
+    "z16": ["model.latent_dim=16"],
+    "z16-lr2e-4": ["model.latent_dim=16", "optim.lr=2e-4"],
+    "z32-lr2e-4": ["model.latent_dim=32", "optim.lr=2e-4"],
+    "b64-lr2e-4": ["run.batch_size=64", "optim.lr=2e-4"],
+    "w025-z16-lr2e-4": ["model.width=0.25", "model.latent_dim=16", "optim.lr=2e-4"],
+    "w025-z16": ["model.width=0.25", "model.latent_dim=16"],
+    "w025-z16-b16": ["model.width=0.25", "model.latent_dim=16", "run.batch_size=16"],
+    "w025-z8": ["model.width=0.25", "model.latent_dim=8"],
+    "w025-z32": ["model.width=0.25", "model.latent_dim=32"],
+    "w025-z16-noise0": ["model.width=0.25", "model.latent_dim=16", "method.instance_noise=0"],
+    "noise0": ["method.instance_noise=0"],
+    "noise03": ["method.instance_noise=0.3"],
+    "ndis2-lr2e-4": ["optim.n_dis=2", "optim.lr=2e-4"],
+    "beta0-lr2e-4": ["optim.beta1=0", "optim.lr=2e-4"],
+}
+PREFIX = "identity_"  # the snapshot record's keys end with the held-out split: identity_test, ...
+
+
+def run_folder(out: Path, recipe: str, method: str, seed: int) -> Path:
+    return out / recipe / method / f"seed{seed}"
+
+
+def snapshots(folder: Path) -> list[dict]:
+    """The snapshot records of the run under ``folder`` (its one numbered run folder), oldest first."""
+    logs = sorted(folder.glob("*/metrics.jsonl"))
+    if not logs:
+        return []
+    records = [json.loads(line) for line in logs[-1].read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("event") == "snapshot"]
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    for recipe in args.recipes.split(","):
+        overrides = RECIPES[recipe]
+        for seed in map(int, args.seeds.split(",")):
+            for method in args.methods.split(","):
+                folder = run_folder(out, recipe, method, seed)
+                done = snapshots(folder)
+                if done and done[-1]["kimg"] >= args.kimg:
+                    continue
+                if folder.exists():  # an interrupted run: start it again from scratch
+                    subprocess.run(["rm", "-rf", str(folder)], check=True)
+                command = [sys.executable, "-m", "gali", "train", "--preset", "demo", *overrides,
+                           f"method.tuples={method}", f"run.seed={seed}", f"run.kimg={args.kimg}",
+                           f"run.snapshot_kimg={args.snapshot_kimg}", f"run.tick_kimg={args.snapshot_kimg}",
+                           f"run.out_dir={folder}", "run.progress=lines", "run.tensorboard=off",
+                           "run.keep_checkpoints=1"]
+                start = time.perf_counter()
+                result = subprocess.run(command, capture_output=True, text=True)
+                seconds = time.perf_counter() - start
+                last = snapshots(folder)[-1:] or [{}]
+                print(f"{recipe} {method} seed {seed}: {seconds:.0f} s, rc {result.returncode}, last snapshot "
+                      f"{json.dumps(last[0])}", flush=True)
+                if result.returncode:
+                    print(result.stderr[-2000:], flush=True)
+
+
+def collect(out: Path) -> dict[tuple[str, str], dict[float, list[dict]]]:
+    """{(recipe, method): {kimg: [snapshot record per seed]}} of every run under ``out``."""
+    table: dict[tuple[str, str], dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for log in sorted(out.glob("*/*/seed*/*/metrics.jsonl")):
+        recipe, method = log.parts[-5], log.parts[-4]
+        for record in snapshots(log.parent.parent):
+            table[recipe, method][round(record["kimg"])].append(record)
+    return table
+
+
+def _value(records: list[dict], key: str) -> tuple[float, float, int]:
+    values = [next(v for k, v in r.items() if k.startswith(key)) for r in records]
+    return float(np.mean(values)), float(np.std(values)), len(values)
+
+
+def report(args: argparse.Namespace) -> None:
+    table = collect(Path(args.out))
+    lines = ["| recipe | method | kimg | seeds | identity | nearest | pixel-MSE | E σ | μ spread |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (recipe, method), by_kimg in sorted(table.items()):
+        for kimg in sorted(by_kimg):
+            records = by_kimg[kimg]
+            cells = []
+            for key in ("identity_test", "identity_nearest", "recon_mse", "e_sigma", "e_mu_spread"):
+                mean, std, n = _value(records, key)
+                cells.append(f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}")
+            lines.append(f"| {recipe} | {method} | {kimg} | {len(records)} | {' | '.join(cells)} |")
+    text = "\n".join(lines)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    if args.plot:
+        _plot(table, Path(args.plot))
+
+
+def _plot(table: dict[tuple[str, str], dict[float, list[dict]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (recipe, method), by_kimg in sorted(table.items()):
+        kimgs = sorted(by_kimg)
+        for axis, key in ((left, "identity_test"), (right, "recon_mse")):
+            stats = [_value(by_kimg[k], key) for k in kimgs]
+            means, stds = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
+            line, = axis.plot(kimgs, means, marker="o", ms=3, label=f"{recipe} {method}",
+                              linestyle="-" if method == "gali4" else "--")
+            axis.fill_between(kimgs, means - stds, means + stds, color=line.get_color(), alpha=0.15)
+    left.set(xlabel="kimg", ylabel="identity accuracy of reconstructions (test)", ylim=(0, 1))
+    right.set(xlabel="kimg", ylabel="pixel-MSE of reconstructions (test)")
+    left.axhline(0.8, color="grey", lw=0.8, ls=":")
+    left.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--recipes", default="demo")
+    r.add_argument("--methods", default="ali,gali4")
+    r.add_argument("--seeds", default="0")
+    r.add_argument("--kimg", type=float, default=40)
+    r.add_argument("--snapshot-kimg", type=float, default=5)
+    r.add_argument("--out", required=True)
+    p = sub.add_parser("report")
+    p.add_argument("--out", required=True)
+    p.add_argument("--markdown")
+    p.add_argument("--plot")
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    run(args) if args.command == "run" else report(args)
+
+
+if __name__ == "__main__":
+    main()
