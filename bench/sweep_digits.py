@@ -25,27 +25,21 @@ from pathlib import Path
 
 import numpy as np
 
-# Named recipes: overrides of the demo preset. "demo" is the preset as shipped.
+# Named recipes: overrides of the demo preset. "demo" is the preset as shipped; the rest start from BASE.
+BASE = ["model.width=0.25", "model.latent_dim=16", "optim.lr=2e-4", "run.snapshot_bn_recalibrate=10"]
 RECIPES: dict[str, list[str]] = {
     "demo": [],
-    "lr2e-4": ["optim.lr=2e-4"],
-    "lr1e-4": ["optim.lr=1e-4"],
-    "z16": ["model.latent_dim=16"],
-    "z16-lr2e-4": ["model.latent_dim=16", "optim.lr=2e-4"],
-    "z32-lr2e-4": ["model.latent_dim=32", "optim.lr=2e-4"],
-    "b64-lr2e-4": ["run.batch_size=64", "optim.lr=2e-4"],
-    "w025-z16-lr2e-4": ["model.width=0.25", "model.latent_dim=16", "optim.lr=2e-4"],
-    "w025-z16": ["model.width=0.25", "model.latent_dim=16"],
-    "w025-z16-b16": ["model.width=0.25", "model.latent_dim=16", "run.batch_size=16"],
-    "w025-z8": ["model.width=0.25", "model.latent_dim=8"],
-    "w025-z32": ["model.width=0.25", "model.latent_dim=32"],
-    "w025-z16-noise0": ["model.width=0.25", "model.latent_dim=16", "method.instance_noise=0"],
-    "noise0": ["method.instance_noise=0"],
-    "noise03": ["method.instance_noise=0.3"],
-    "ndis2-lr2e-4": ["optim.n_dis=2", "optim.lr=2e-4"],
-    "beta0-lr2e-4": ["optim.beta1=0", "optim.lr=2e-4"],
+    "base": BASE,
+    "ema2": [*BASE, "run.ema_kimg=2"],
+    "lr-ge4e-4": [*BASE, "optim.lr_ge=4e-4"],
+    "lr-d1e-4": [*BASE, "optim.lr_d=1e-4"],
+    "beta0": [*BASE, "optim.beta1=0"],
+    "z8": [*BASE, "model.latent_dim=8"],
+    "noise0": [*BASE, "method.instance_noise=0"],
+    "lr1e-4": [*BASE, "optim.lr=1e-4"],
+    "b16": [*BASE, "run.batch_size=16"],
 }
-PREFIX = "identity_"  # the snapshot record's keys end with the held-out split: identity_test, ...
+SPLIT = "test"  # the snapshot record's keys end with the held-out split: identity_test, ...
 
 
 def run_folder(out: Path, recipe: str, method: str, seed: int) -> Path:
@@ -99,21 +93,27 @@ def collect(out: Path) -> dict[tuple[str, str], dict[float, list[dict]]]:
 
 
 def _value(records: list[dict], key: str) -> tuple[float, float, int]:
-    values = [next(v for k, v in r.items() if k.startswith(key)) for r in records]
+    """Mean, std and count over seeds of the snapshot figure ``key`` (``identity``, ``recon_mse_bn_recal``, ...)."""
+    values = [r[f"{key}_{SPLIT}"] for r in records if f"{key}_{SPLIT}" in r]
+    if not values:
+        return float("nan"), float("nan"), 0
     return float(np.mean(values)), float(np.std(values)), len(values)
 
 
 def report(args: argparse.Namespace) -> None:
     table = collect(Path(args.out))
-    lines = ["| recipe | method | kimg | seeds | identity | nearest | pixel-MSE | E σ | μ spread |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    columns = ("identity", "identity_bn_recal", "identity_nearest", "recon_mse", "recon_mse_bn_recal", "e_sigma",
+               "e_mu_spread")
+    lines = ["| recipe | method | kimg | seeds | identity | identity, BN recal. | nearest | pixel-MSE "
+             "| pixel-MSE, BN recal. | E σ | μ spread |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (recipe, method), by_kimg in sorted(table.items()):
         for kimg in sorted(by_kimg):
             records = by_kimg[kimg]
             cells = []
-            for key in ("identity_test", "identity_nearest", "recon_mse", "e_sigma", "e_mu_spread"):
+            for key in columns:
                 mean, std, n = _value(records, key)
-                cells.append(f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}")
+                cells.append("—" if not n else f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}")
             lines.append(f"| {recipe} | {method} | {kimg} | {len(records)} | {' | '.join(cells)} |")
     text = "\n".join(lines)
     print(text)
@@ -132,7 +132,7 @@ def _plot(table: dict[tuple[str, str], dict[float, list[dict]]], path: Path) -> 
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     for (recipe, method), by_kimg in sorted(table.items()):
         kimgs = sorted(by_kimg)
-        for axis, key in ((left, "identity_test"), (right, "recon_mse")):
+        for axis, key in ((left, "identity"), (right, "recon_mse")):
             stats = [_value(by_kimg[k], key) for k in kimgs]
             means, stds = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
             line, = axis.plot(kimgs, means, marker="o", ms=3, label=f"{recipe} {method}",

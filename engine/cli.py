@@ -30,6 +30,8 @@ from gali.engine.loop.config import dump_config, load_config, preset_names
 from gali.engine.loop.signals import RunStopped
 from gali.engine.method.tuple_spec import spec_names
 
+LIVE_HELP = "use the live weights of G and E, not the moving averages the checkpoint holds (run.ema_kimg > 0)"
+
 
 def _train(args: argparse.Namespace) -> None:
     if args.resume is not None:
@@ -69,7 +71,7 @@ def _sample(args: argparse.Namespace) -> None:
     from gali.engine.nets.inference import sample_images
 
     device = resolve_device("auto")
-    cfg, nets = load_networks(args.checkpoint, device)
+    cfg, nets, _ = load_networks(args.checkpoint, device, ema=not args.live)
     z = torch.randn(args.n, cfg.model.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
     out = Path(args.out or Path(args.checkpoint).with_suffix(".samples.png"))
     save_grid(sample_images(nets.G, z), out, columns=math.ceil(math.sqrt(args.n)))
@@ -83,7 +85,7 @@ def _reconstruct(args: argparse.Namespace) -> None:
     from gali.pipelines import make_pipeline
 
     device = resolve_device("auto")
-    cfg, nets = load_networks(args.checkpoint, device)
+    cfg, nets, _ = load_networks(args.checkpoint, device, ema=not args.live)
     pipeline = make_pipeline(cfg.data, split=args.split, batch_size=args.n, device=device, seed=args.seed)
     x = next(iter(pipeline)).x
     out = Path(args.out or Path(args.checkpoint).with_suffix(".reconstructions.png"))
@@ -193,6 +195,7 @@ def _eval(args: argparse.Namespace) -> None:
         _eval_options(args, args.overrides), split=args.split, feature_model=args.feature_model,
         feature_arch=args.feature_arch, feature_input_size=args.feature_input_size,
         feature_resize=args.feature_resize, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+        ema=not args.live,
     )
     report = evaluate(args.checkpoint, args.metrics, options)
     print(report.table)
@@ -252,6 +255,7 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     evaluation.add_argument("--feature-arch", help="architecture of a state-dict --feature-model: svhn-multidigit")
     evaluation.add_argument("--feature-input-size", type=int, default=0, help="resize before it (0 = data resolution)")
     evaluation.add_argument("--feature-resize", choices=("nearest", "bilinear"), default="nearest")
+    evaluation.add_argument("--live", action="store_true", help=LIVE_HELP)
     evaluation.add_argument("--kid-subsets", type=_positive, default=100)
     evaluation.add_argument("--kid-subset-size", type=_positive, default=1000)
     _add_eval_options(evaluation)
@@ -298,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", help="PNG path (default: next to the checkpoint)")
     sample.add_argument("--n", type=int, default=64)
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--live", action="store_true", help=LIVE_HELP)
     sample.set_defaults(func=_sample)
 
     recon = commands.add_parser("reconstruct", help="x, G(E(x)), G(E(G(E(x)))) rows from a checkpoint")
@@ -306,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     recon.add_argument("--n", type=int, default=16)
     recon.add_argument("--split", default="test", choices=("train", "test"))
     recon.add_argument("--seed", type=int, default=0)
+    recon.add_argument("--live", action="store_true", help=LIVE_HELP)
     recon.set_defaults(func=_reconstruct)
 
     presets = commands.add_parser("presets", help="list presets and tuple specs")

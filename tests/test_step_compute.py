@@ -247,3 +247,14 @@ def test_cuda_graph_replay_matches_eager_on_gpu(precision):
     assert len({round(v.item(), 6) for v in got[3:]}) == 3  # fresh noise per replay
     for w, g in zip(want, got, strict=True):
         torch.testing.assert_close(g, w, rtol=5e-2 if precision == "bf16" else 1e-3, atol=1e-3)
+
+
+def test_each_side_takes_its_own_learning_rate_when_set():
+    from gali.engine.step.config import OptimConfig
+    from gali.engine.step.optim import build_optimizers
+
+    d, ge = [torch.zeros(2, requires_grad=True)], [torch.zeros(2, requires_grad=True)]
+    opt_d, opt_ge = build_optimizers(d, ge, OptimConfig(lr=2e-4))
+    assert opt_d.param_groups[0]["lr"] == opt_ge.param_groups[0]["lr"] == 2e-4
+    opt_d, opt_ge = build_optimizers(d, ge, OptimConfig(lr=2e-4, lr_d=1e-4, lr_ge=4e-4))
+    assert (opt_d.param_groups[0]["lr"], opt_ge.param_groups[0]["lr"]) == (1e-4, 4e-4)

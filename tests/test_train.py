@@ -138,7 +138,7 @@ def test_cli_samples_and_reconstructs_from_the_checkpoint(demo_run, tmp_path, mo
     assert main(["reconstruct", str(checkpoint), "--out", str(tmp_path / "r.png"), "--n", "5"]) == 0
     with Image.open(tmp_path / "r.png") as im:
         assert im.size == (5 * 32, 3 * 32)
-    cfg, nets = load_networks(checkpoint, torch.device("cpu"))
+    cfg, nets, _ = load_networks(checkpoint, torch.device("cpu"))
     assert cfg.model.width == 0.25 and nets.G.latent_dim == 32
 
 
@@ -164,7 +164,7 @@ def test_gali_pt_trains_with_a_torchscript_feature_model_from_a_path(tmp_path, m
                  "method.feature_resize=bilinear", "run.kimg=0.128", "run.snapshot_kimg=1", f"run.out_dir={tmp_path}"]
     result = train(load_config("demo", overrides), log=lambda line: None)
     assert len(result.last_stats["p_true"]) == 4 and result.last_stats["loss_ge"] > 0
-    _, nets = load_networks(next(result.run_dir.glob("checkpoint-*.pt")), torch.device("cpu"))
+    _, nets, _ = load_networks(next(result.run_dir.glob("checkpoint-*.pt")), torch.device("cpu"))
     assert nets.extra_dim == 12
 
 

@@ -101,6 +101,7 @@ class EvalOptions:
                     'nearest' matches the authors' SVHN evaluation code, the paper says bilinear
                     (docs/method.md §5 item 4).
     identity_images: the most training images the recon-identity classifier is fitted on.
+    ema:            G and E are the checkpoint's moving averages where it has them (False: the live weights).
     bn_recalibrate: batches of the training split to recompute E's and G's BatchNorm statistics on
                     before measuring (0 = the checkpoint's statistics).
     probe_*:        labelled images per draw, validation images (None = min(10000, (N − labelled)/2)),
@@ -122,6 +123,7 @@ class EvalOptions:
     feature_resize: str = "nearest"
     identity_images: int = 20_000
     bn_recalibrate: int = 0
+    ema: bool = True
     probe_labelled: int = 1000
     probe_validation: int | None = None
     probe_draws: int = 100
@@ -286,7 +288,7 @@ class _Evaluation:
             self.inception = load_inception(options.inception, input_size=options.inception_input_size)
             self.inception_sha256 = file_sha256(self.inception.path)
         self.device = resolve_device(options.device)
-        self.cfg, nets = load_networks(checkpoint, self.device)
+        self.cfg, nets, self.weights = load_networks(checkpoint, self.device, ema=options.ema)
         self.G, self.E = nets.G.eval(), nets.E.eval()
         self.data = data_config(self.cfg.data, options.data_overrides)
         self.probe_train = None
@@ -346,7 +348,7 @@ class _Evaluation:
 
         results: dict[str, dict[str, Any]] = {}
         common = {"split": o.split, "images": split.images, "batch_size": o.batch_size, "seed": o.seed,
-                  "bn_recalibrated_images": self.recalibrated}
+                  "bn_recalibrated_images": self.recalibrated, "weights": self.weights}
         if "pixel-mse" in wanted:
             results["pixel-mse"] = {**summarize(split.per_batch["pixel"]).to_dict(), **common,
                                     "space": "[0, 1]", "z": "mu"}
@@ -447,6 +449,7 @@ class _Evaluation:
                                 labelled=o.probe_labelled, validation=o.probe_validation, draws=o.probe_draws,
                                 seed=o.seed)
         return {**result.to_dict(), "split": o.split, "train_images_read": sum(len(y) for y in train_y),
+                "weights": self.weights, "bn_recalibrated_images": self.recalibrated,
                 "features": "E.features(x): [out (mu, log sigma), last three hidden layers], concatenated"}
 
     # -- FID / KID -----------------------------------------------------------------------------
@@ -509,7 +512,7 @@ class _Evaluation:
             "network_input": self.inception.describe(), "num_features": self.inception.num_features,
             "generated": len(fake), "reference": {"split": o.split, "images": len(real), "seed": o.seed,
                                                   "cache": str(cache), "cache_reused": reused},
-            "z_seed": o.seed,
+            "z_seed": o.seed, "weights": self.weights, "bn_recalibrated_images": self.recalibrated,
         }
         results: dict[str, dict[str, Any]] = {}
         if "fid" in self.metrics:

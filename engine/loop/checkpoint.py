@@ -5,6 +5,7 @@ A checkpoint file is one ``torch.save`` dictionary (format 1), written atomicall
 
     config                   the resolved config (``Config.to_dict()``)
     G, E, D                  the networks' state dicts
+    G_ema, E_ema             the moving averages of G and E (runs with run.ema_kimg > 0)
     extra_dim                the width of the frozen feature model's features (None without M)
     opt_d, opt_ge            both optimizers (and scaler_d, scaler_ge under fp16): the step's state dict
     images_seen, iteration   progress counters; epoch: the 1-based epoch of the last step; kimg
@@ -12,7 +13,7 @@ A checkpoint file is one ``torch.save`` dictionary (format 1), written atomicall
     world_size, rng_ranks    the number of ranks that wrote it, and every rank's RNG state (several ranks)
 
 :class:`Checkpoint` builds that dictionary from the live objects and restores it into them, one
-field per line in both directions; later state (EMA weights, the world size) is a new field of it.
+field per line in both directions; later state is a new field of it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from gali.engine.errors import GaliError
 from gali.engine.files import atomic_write
 from gali.engine.loop.config import Config, config_from_dict
 from gali.engine.loop.distributed import World, check_same_state
+from gali.engine.loop.ema import AVERAGED, WeightAverage
 from gali.engine.loop.runtime import derived_seed
 from gali.engine.method.tuple_spec import load_spec
 from gali.engine.nets.networks import NETWORK_NAMES, Networks, build_networks
@@ -76,11 +78,14 @@ class Checkpoint:
     progress: Progress = field(default_factory=Progress)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     world: World = field(default_factory=World)
+    ema: WeightAverage | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint's dictionary; the RNG state is read now (call it after the snapshot's draws)."""
         state: dict[str, Any] = {"config": self.config.to_dict(), "extra_dim": self.nets.extra_dim}
         state |= {name: getattr(self.nets, name).state_dict() for name in NETWORK_NAMES}
+        if self.ema is not None:
+            state |= self.ema.state_dict()
         if self.step is not None:
             state |= self.step.state_dict()
             rng = self.world.gather(_rng_state(self.device))
@@ -95,6 +100,8 @@ class Checkpoint:
         """Restore what :meth:`state_dict` wrote into the live networks (and step, progress and RNG)."""
         for name in NETWORK_NAMES:
             getattr(self.nets, name).load_state_dict(state[name])
+        if self.ema is not None:
+            self.ema.load_state_dict(state)
         if self.step is not None:
             self.step.load_state_dict(state)
             self.progress = Progress(state["images_seen"], state["iteration"], state["epoch"])
@@ -129,6 +136,8 @@ class Checkpoint:
     def _shared_tensors(self) -> Iterator[tuple[str, Tensor]]:
         """Every tensor the ranks must agree on, by name: the networks' and the optimizers' state."""
         yield from _tensors("", {name: getattr(self.nets, name).state_dict() for name in NETWORK_NAMES})
+        if self.ema is not None:
+            yield from _tensors("", self.ema.state_dict())
         if self.step is not None:
             yield from _tensors("", self.step.state_dict())
 
@@ -223,14 +232,22 @@ def latest_checkpoint(path: str | Path, *, log: Callable[[str], None] = print) -
     raise GaliError(f"resume: run folder {path} holds {what}; a run writes one every run.snapshot_kimg")
 
 
-def load_networks(path: str | Path, device: torch.device) -> tuple[Config, Networks]:
-    """The config and the trained networks G, E and D of a checkpoint, for sampling and evaluation."""
+def load_networks(path: str | Path, device: torch.device, *, ema: bool = True) -> tuple[Config, Networks, str]:
+    """The config, the trained networks G, E and D of a checkpoint, and which weights G and E hold.
+
+    With ``ema`` (the default) G and E are the checkpoint's moving averages where it has them
+    ('ema'), else the live weights ('live'), for sampling and evaluation.
+    """
     cfg, state = load_checkpoint(path, map_location=device)
     spec = load_spec(cfg.method.tuples)
     nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=device,
                           extra_dim=state["extra_dim"])
     Checkpoint(cfg, nets).load_state_dict(state)
-    return cfg, nets
+    weights = "ema" if ema and all(f"{name}_ema" in state for name in AVERAGED) else "live"
+    if weights == "ema":
+        for name in AVERAGED:
+            getattr(nets, name).load_state_dict(state[f"{name}_ema"])
+    return cfg, nets, weights
 
 
 def checkpoint_name(images_seen: int) -> str:

@@ -51,6 +51,12 @@ class RunConfig:
                    keeping the last checkpoint written before them (0 = never stop).
     keep_checkpoints: keep the newest N checkpoints of the run folder (0 = keep every one) ...
     milestone_kimg: ... and, every this many kimg, the first checkpoint at or after it, forever (0 = none).
+    snapshot_bn_recalibrate: N > 0 measures each snapshot's held-out figures a second time with E's and G's
+                   BatchNorm statistics recomputed on N training batches (on copies: training is untouched).
+    ema_kimg:      half-life in kimg of the exponential moving average of G's and E's weights that the
+                   snapshots, gali eval, sample and reconstruct use (0 = no average: the live weights);
+    ema_rampup:    ... at most this fraction of the images seen so far (0 = no ramp-up);
+    ema_start_kimg: ... and the live weights themselves until this many kimg (gali.engine.loop.ema).
     identity_images: the snapshots' identity metric fits its classifier on at most this many labelled
                    training images (pixels; gali.engine.metrics.identity); 0 turns it off. Unlabelled
                    data skips it.
@@ -69,6 +75,10 @@ class RunConfig:
     max_bad_ticks: int = 3
     keep_checkpoints: int = 10
     milestone_kimg: float = 0.0
+    snapshot_bn_recalibrate: int = 0
+    ema_kimg: float = 0.0
+    ema_rampup: float = 0.05
+    ema_start_kimg: float = 0.0
     identity_images: int = 5000
 
     def validate(self) -> None:
@@ -86,6 +96,9 @@ class RunConfig:
         check_positive("run.keep_checkpoints", self.keep_checkpoints, allow_zero=True)
         check_positive("run.milestone_kimg", self.milestone_kimg, allow_zero=True)
         check_positive("run.identity_images", self.identity_images, allow_zero=True)
+        check_positive("run.snapshot_bn_recalibrate", self.snapshot_bn_recalibrate, allow_zero=True)
+        for key in ("ema_kimg", "ema_rampup", "ema_start_kimg"):
+            check_positive(f"run.{key}", getattr(self, key), allow_zero=True)
 
 
 @dataclass

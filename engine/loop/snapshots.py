@@ -1,14 +1,21 @@
 """The ``run.snapshot_kimg`` cadence: image grids, the held-out metrics and the checkpoint.
 
-The held-out metrics (:func:`gali.engine.metrics.reconstruction.held_out_metrics`) are the
+Grids and metrics come from the moving averages of G and E when the run keeps them (``run.ema_kimg``),
+else from the live networks. The held-out metrics (:func:`gali.engine.metrics.reconstruction.held_out_metrics`) are the
 reconstruction MSE, E's mean σ and μ spread, and, for labelled data, the identity metric with a
-classifier fitted once per run on up to ``run.identity_images`` training images.
+classifier fitted once per run on up to ``run.identity_images`` training images; with
+``run.snapshot_bn_recalibrate`` = N > 0, each is measured a second time (``*_bn_recal``) on copies of G
+and E whose BatchNorm statistics were recomputed on N training batches
+(:func:`gali.engine.nets.inference.recalibrate_batch_norm`).
 
 Grids are drawn from fixed inputs chosen at the start of a run (a seeded z, the first held-out
 images, seeded evaluation boxes for specs with masks), so successive snapshots show the same cells.
 """
 
 from __future__ import annotations
+
+import copy
+import itertools
 
 import numpy as np
 import torch
@@ -17,13 +24,14 @@ from gali.engine.errors import DataError
 from gali.engine.loop.checkpoint import Checkpoint, checkpoint_name, prune_checkpoints
 from gali.engine.loop.config import Config
 from gali.engine.loop.distributed import World, average_buffers
+from gali.engine.loop.ema import WeightAverage
 from gali.engine.loop.grids import inpainting_grid, reconstruction_grid, tile
 from gali.engine.loop.run_log import RunLog, SilentRunLog
 from gali.engine.loop.ticks import Cadence
 from gali.engine.method.tuple_spec import TupleSpec
 from gali.engine.metrics.identity import IdentityClassifier, pixel_features
 from gali.engine.metrics.reconstruction import held_out_metrics
-from gali.engine.nets.inference import evaluation_box_params, sample_images
+from gali.engine.nets.inference import evaluation_box_params, recalibrate_batch_norm, sample_images
 from gali.engine.nets.networks import Networks
 from gali.pipelines import Pipeline, make_pipeline
 
@@ -38,12 +46,11 @@ def held_out_images(cfg: Config, device: torch.device, batch_size: int) -> tuple
         return "train", make_pipeline(cfg.data, split="train", **kwargs)
 
 
-def identity_classifier(cfg: Config, device: torch.device) -> IdentityClassifier | None:
-    """The identity classifier on up to ``run.identity_images`` labelled training images; None: off or unlabelled."""
+def identity_classifier(cfg: Config, pipeline: Pipeline) -> IdentityClassifier | None:
+    """The identity classifier on up to ``run.identity_images`` labelled images of the training split's
+    ``pipeline``; None when it is off or the data has no labels."""
     if not cfg.run.identity_images:
         return None
-    pipeline = make_pipeline(cfg.data, split="train", batch_size=min(cfg.run.batch_size, 100), device=device,
-                             seed=cfg.run.seed)
     features, labels, count = [], [], 0
     for batch in pipeline:
         if batch.labels is None:
@@ -65,15 +72,22 @@ class Snapshots:
     Rank 0 measures, draws and writes; the other ranks take part in the checkpoint's collectives only.
     """
 
-    def __init__(self, cfg: Config, spec: TupleSpec, nets: Networks, device: torch.device, world: World) -> None:
+    def __init__(self, cfg: Config, spec: TupleSpec, nets: Networks, device: torch.device, world: World,
+                 ema: WeightAverage | None = None) -> None:
         self.cadence = Cadence(int(cfg.run.snapshot_kimg * 1000))
         self.nets, self.world = nets, world
+        # What the grids and held-out metrics show: the moving averages of G and E when the run keeps them.
+        self.shown = (ema.G, ema.E) if ema is not None else (nets.G, nets.E)
+        self.with_buffers = tuple(dict.fromkeys((nets.G, nets.E, nets.D, *self.shown)))  # averaged over ranks
         self.mask_fill, self.kernel_impl = cfg.method.mask_fill, cfg.compute.kernel_impl
         self.keep, self.milestone_images = cfg.run.keep_checkpoints, int(cfg.run.milestone_kimg * 1000)
         if not world.is_main:
             return
         self.split, self.pipeline = held_out_images(cfg, device, min(cfg.run.batch_size, 100))
-        self.classifier = identity_classifier(cfg, device)
+        self.train_images = make_pipeline(cfg.data, split="train", batch_size=min(cfg.run.batch_size, 100),
+                                          device=device, seed=cfg.run.seed)
+        self.classifier = identity_classifier(cfg, self.train_images)
+        self.recalibrate_batches = cfg.run.snapshot_bn_recalibrate
         n = self.grid_size = cfg.run.grid_size
         generator = torch.Generator().manual_seed(cfg.run.seed)
         self.grid_z = torch.randn(n * n, cfg.model.latent_dim, generator=generator).to(device)
@@ -90,7 +104,7 @@ class Snapshots:
         The record names each figure with the split it was measured on (``recon_mse_test``, ...).
         """
         images_seen = checkpoint.progress.images_seen
-        average_buffers(self.world, (self.nets.G, self.nets.E, self.nets.D))
+        average_buffers(self.world, self.with_buffers)
         figures = self._measure_and_draw(images_seen, run_log) if self.world.is_main else {}
         # After the snapshot's own random draws: the checkpoint's RNG state is where training goes on from.
         self._save(checkpoint, run_log)
@@ -99,6 +113,8 @@ class Snapshots:
             run_log.record({"event": "snapshot", "kimg": kimg, **{f"{k}_{self.split}": v for k, v in figures.items()}})
             identity = (f", identity {figures['identity']:.3f} (real images {figures['identity_ceiling']:.3f})"
                         if "identity" in figures else "")
+            if "identity_bn_recal" in figures:
+                identity += f", {figures['identity_bn_recal']:.3f} with BatchNorm statistics of real images"
             run_log.message(f"snapshot at {kimg:.1f} kimg on the {self.split} split: reconstruction MSE "
                             f"{figures['recon_mse']:.5f}{identity}, E sigma {figures['e_sigma']:.3f}, "
                             f"mu spread {figures['e_mu_spread']:.3f}")
@@ -106,7 +122,7 @@ class Snapshots:
 
     def save_checkpoint(self, checkpoint: Checkpoint, run_log: RunLog | SilentRunLog) -> None:
         """A checkpoint outside the cadence (a stopped run): collective; rank 0 writes."""
-        average_buffers(self.world, (self.nets.G, self.nets.E, self.nets.D))
+        average_buffers(self.world, self.with_buffers)
         self._save(checkpoint, run_log)
 
     def _save(self, checkpoint: Checkpoint, run_log: RunLog | SilentRunLog) -> None:
@@ -118,8 +134,14 @@ class Snapshots:
                               log=run_log.message)
 
     def _measure_and_draw(self, images_seen: int, run_log: RunLog | SilentRunLog) -> dict[str, float]:
-        G, E = self.nets.G, self.nets.E
+        G, E = self.shown
         figures = held_out_metrics(G, E, ((b.x, b.labels) for b in self.pipeline), self.classifier)
+        if self.recalibrate_batches:  # the same measures with BatchNorm statistics of real data, on copies
+            G_real, E_real = copy.deepcopy(G), copy.deepcopy(E)
+            recalibrate_batch_norm(G_real, E_real, itertools.islice((b.x for b in self.train_images),
+                                                                    self.recalibrate_batches))
+            recalibrated = held_out_metrics(G_real, E_real, ((b.x, b.labels) for b in self.pipeline), self.classifier)
+            figures |= {f"{k}_bn_recal": v for k, v in recalibrated.items() if k != "identity_ceiling"}
         grids = {"samples": tile(sample_images(G, self.grid_z), columns=self.grid_size),
                  "reconstructions": reconstruction_grid(G, E, self.grid_x)}
         if self.grid_masks is not None:

@@ -23,6 +23,7 @@ from gali.engine.files import write_text_atomic
 from gali.engine.loop.checkpoint import Checkpoint, Progress, latest_checkpoint
 from gali.engine.loop.config import Config, config_from_dict, dump_config
 from gali.engine.loop.distributed import World, init_world, local_batch_size
+from gali.engine.loop.ema import WeightAverage
 from gali.engine.loop.run_log import RunLog, SilentRunLog, resolve_tensorboard
 from gali.engine.loop.runtime import create_run_dir, seed_everything
 from gali.engine.loop.signals import RunStopped, StopFlag, stop_on_signals
@@ -104,8 +105,10 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
         _check_resume_point(resume_from, cfg, len(pipeline))
     nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=device)
     step = build_step(nets, spec, cfg.method, cfg.optim, cfg.model.latent_dim, cfg.compute, world_size=world.size)
-    snapshots = Snapshots(cfg, spec, nets, device, world)
-    checkpoint = Checkpoint(cfg, nets, step, device=device, world=world)
+    ema = (WeightAverage(nets, ema_kimg=cfg.run.ema_kimg, rampup=cfg.run.ema_rampup, start_kimg=cfg.run.ema_start_kimg)
+           if cfg.run.ema_kimg else None)
+    snapshots = Snapshots(cfg, spec, nets, device, world, ema)
+    checkpoint = Checkpoint(cfg, nets, step, device=device, world=world, ema=ema)
     run_log = _open_run_log(cfg, resume_from, spec, pipeline, device, tensorboard, log, world)  # all set up now
     world.seed_rank_streams(cfg.run.seed)  # z, ε, masks and instance noise differ across ranks
 
@@ -129,9 +132,13 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
             # Step.
             if progress.iteration == 0:  # G starts at rank 0's first batch's mean image
                 world.broadcast_tensor(nets.G.init_output_bias(batch.x).data)
+                if ema is not None:
+                    ema.restart()
             phase = step_phase(progress.iteration, cfg.optim.n_dis)
             ticks.add(step.step(batch.x, noise.at_epoch(epoch), phase))
             progress.advance(epoch, batch_size)
+            if ema is not None:
+                ema.update(progress.images_seen, batch_size)
             done = progress.images_seen >= total_images
 
             # Tick: the statistics' means since the last tick (one host sync), logged and shown.

@@ -13,15 +13,23 @@ KERNEL_IMPLS = ("auto", "triton", "ref")
 
 @dataclass
 class OptimConfig:
-    """Adam for D and for E+G (docs/method.md §3.1); n_dis D steps per E/G step (1 = simultaneous)."""
+    """Adam for D and for E+G (docs/method.md §3.1); n_dis D steps per E/G step (1 = simultaneous).
+
+    lr is both sides' learning rate (the paper's one); lr_d / lr_ge, when > 0, set one side's own
+    (BigGAN and BigBiGAN train D and G/E at different rates).
+    """
 
     lr: float = 2e-4
+    lr_d: float = 0.0
+    lr_ge: float = 0.0
     beta1: float = 0.5
     beta2: float = 0.999
     n_dis: int = 1
 
     def validate(self) -> None:
         check_positive("optim.lr", self.lr)
+        check_positive("optim.lr_d", self.lr_d, allow_zero=True)
+        check_positive("optim.lr_ge", self.lr_ge, allow_zero=True)
         for key, beta in (("optim.beta1", self.beta1), ("optim.beta2", self.beta2)):
             if not 0.0 <= beta < 1.0:
                 raise ConfigError(key, f"got {beta}; must be in [0, 1)")

@@ -12,15 +12,15 @@ from gali.engine.step.config import OptimConfig
 
 def build_optimizers(d_params: Sequence[Tensor], ge_params: Sequence[Tensor], optim: OptimConfig, *,
                      fused: bool | None = None, capturable: bool = False) -> tuple[torch.optim.Adam, torch.optim.Adam]:
-    """``(opt_d, opt_ge)`` with ``optim``'s learning rate and betas.
+    """``(opt_d, opt_ge)`` with ``optim``'s learning rates (``lr_d`` / ``lr_ge`` where set, else ``lr``) and betas.
 
     ``fused=True`` is torch's fused Adam (one kernel per step, ``found_inf`` read on the device);
     ``None`` is torch's default implementation, the paper-structured baseline's. ``capturable``
     keeps the step counters on the device, as a CUDA graph needs.
     """
     betas = (optim.beta1, optim.beta2)
-    opt_d = torch.optim.Adam(d_params, lr=optim.lr, betas=betas, fused=fused, capturable=capturable)
-    opt_ge = torch.optim.Adam(ge_params, lr=optim.lr, betas=betas, fused=fused, capturable=capturable)
+    opt_d = torch.optim.Adam(d_params, lr=optim.lr_d or optim.lr, betas=betas, fused=fused, capturable=capturable)
+    opt_ge = torch.optim.Adam(ge_params, lr=optim.lr_ge or optim.lr, betas=betas, fused=fused, capturable=capturable)
     return opt_d, opt_ge
 
 
