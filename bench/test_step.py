@@ -22,7 +22,7 @@ mode    ``baseline``    :class:`gali.engine.step.paper.PaperStep`: K D calls, KÂ
 Each round is one training step (CUDA synchronised inside the timed call) after warm-up steps that are not
 timed (compilation, graph capture, optimizer state). ``extra_info`` holds images/s, the speed-up over the
 baseline of the same preset measured earlier in this run, the model FLOPs of one step (counted once per
-preset with ``torch.utils.flop_counter``: convolutions and matmuls of the forward and one full backward),
+preset by ``gali info``'s ``measure_step_cost``: convolutions and matmuls of the forward and one full backward),
 the achieved TFLOP/s, the fraction of the device's dense peak where the device is known, and peak memory
 (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS so far).
 """
@@ -32,7 +32,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from gali.engine.method.config import MethodConfig
 from gali.engine.method.tuple_spec import load_spec
@@ -42,7 +41,7 @@ from gali.engine.nets.networks import Networks
 from gali.engine.nets.paper import build_models
 from gali.engine.step.build import build_step
 from gali.engine.step.config import ComputeConfig, OptimConfig
-from gali.engine.step.eager import GaliStep
+from gali.engine.step.cost import measure_step_cost
 from gali.engine.step.paper import PaperStep
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,17 +105,13 @@ def _sync() -> None:
 
 
 def _count_model_flops(preset: Preset) -> int:
-    """Forward plus one full backward of the step's losses: the work any implementation must do.
+    """Forward plus one full backward of the step's losses, per step of BATCH: the work any implementation must do.
 
-    (Counted through ``.backward()``: the counter's module hooks do not support ``autograd.grad``.)
+    The count ``gali info`` prints (:func:`gali.engine.step.cost.measure_step_cost`), scaled to the batch.
     """
     nets, spec = _networks(preset)
-    step = GaliStep(nets, spec, MethodConfig(tuples=preset.tuples), OptimConfig(), LATENT)
-    x = torch.rand(BATCH, 3, preset.resolution, preset.resolution, device=DEVICE) * 2 - 1
-    with FlopCounterMode(display=False) as counter:
-        out = step.discriminate(x, torch.tensor(0.1, device=DEVICE))
-        (out["loss_d"] + out["loss_ge"]).backward()
-    return counter.get_total_flops()
+    cost = measure_step_cost(nets, spec, MethodConfig(tuples=preset.tuples), LATENT, preset.resolution, device=DEVICE)
+    return round(cost.flops_per_image * BATCH)
 
 
 @pytest.mark.parametrize(("preset_name", "mode"), CASES)

@@ -3,6 +3,7 @@
     gali train [--preset NAME|FILE.toml] [--dry-run] [section.key=value ...]
     gali train --resume RUN_DIR|CHECKPOINT [section.key=value ...]
     gali profile [--preset NAME|FILE.toml] [--steps 20] [section.key=value ...]
+    gali info [--preset NAME|FILE.toml] [section.key=value ...]
     gali sample CHECKPOINT [--out FILE.png] [--n 64] [--seed 0]
     gali reconstruct CHECKPOINT [--out FILE.png] [--n 16] [--split test]
     gali presets
@@ -62,6 +63,13 @@ def _profile(args: argparse.Namespace) -> None:
     overrides = [*args.overrides, f"run.kimg={images / 1000:g}"]
     print("on a GPU machine, record the same run in Nsight Systems with:")
     print("  " + nsys_command(args.preset, overrides, str(trace.parent / "gali")))
+
+
+def _info(args: argparse.Namespace) -> None:
+    from gali.engine.loop.info import describe
+
+    # It reads no image: a preset whose data.root is not set here is sized all the same.
+    print(describe(load_config(args.preset, ["data.backend=synthetic", *args.overrides])))
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -296,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--steps", type=_positive, default=20, help="training steps to record (default: 20)")
     profile.add_argument("overrides", nargs="*", help="section.key=value overrides")
     profile.set_defaults(func=_profile)
+
+    info = commands.add_parser("info", help="parameters per network, FLOPs and activation memory per training "
+                               "image: size a run before starting it")
+    info.add_argument("--preset", default="demo", help="preset name or .toml path (default: demo)")
+    info.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    info.set_defaults(func=_info)
 
     sample = commands.add_parser("sample", help="a grid of G(z) from a checkpoint")
     sample.add_argument("checkpoint")

@@ -49,7 +49,7 @@ class DataConfig:
             raise ConfigError("data.source", f"got {self.source!r}; accepted: {', '.join(SOURCES)}")
         if self.backend not in BACKENDS:
             raise ConfigError("data.backend", f"got {self.backend!r}; accepted: {', '.join(BACKENDS)}")
-        if self.source != "digits" and not self.root:
+        if self.source != "digits" and self.backend != "synthetic" and not self.root:  # synthetic reads nothing
             raise ConfigError("data.root", f"source '{self.source}' needs data.root=/path/to/data")
         if self.resolution < 8:
             raise ConfigError("data.resolution", f"got {self.resolution}; must be an integer >= 8")

@@ -1,0 +1,58 @@
+"""``gali info``: what a run of a config costs before it starts: parameters, FLOPs and memory per image.
+
+The networks are built on the CPU from the config (random weights) and one training step is measured
+by :func:`gali.engine.step.cost.measure_step_cost` on small batches, then scaled to ``run.batch_size``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gali.engine.loop.config import Config
+from gali.engine.method.tuple_spec import load_spec
+from gali.engine.nets.networks import Networks, build_networks
+from gali.engine.step.cost import measure_step_cost
+
+# fp32 weight, its gradient and Adam's two moments
+BYTES_PER_TRAINED_PARAMETER = 16
+
+
+def parameter_counts(nets: Networks) -> dict[str, int]:
+    """Parameters of G, E, D (trained) and of the frozen feature model M where the spec uses one."""
+    counts = {name: _count(getattr(nets, name)) for name in ("G", "E", "D")}
+    if nets.M is not None:
+        counts["M (frozen)"] = _count(nets.M)
+    return counts
+
+
+def _count(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def describe(cfg: Config) -> str:
+    """The table ``gali info`` prints for ``cfg``."""
+    spec = load_spec(cfg.method.tuples)
+    torch.manual_seed(cfg.run.seed)
+    cpu = torch.device("cpu")
+    nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=cpu)
+    counts = parameter_counts(nets)
+    cost = measure_step_cost(nets, spec, cfg.method, cfg.model.latent_dim, cfg.data.resolution, device=cpu)
+    batch = cfg.run.batch_size
+    trained = sum(v for k, v in counts.items() if k in ("G", "E", "D"))
+    width = max(len(k) for k in counts)
+    lines = [f"preset {cfg.preset}: tuples {spec.name} (K={spec.num_classes}), model {cfg.model.arch} width "
+             f"{cfg.model.width:g}, d_z {cfg.model.latent_dim}, {cfg.data.resolution}x{cfg.data.resolution} images, "
+             f"run.batch_size {batch}",
+             "parameters:"]
+    lines += [f"  {name:<{width}}  {count / 1e6:10.3f} M" for name, count in counts.items()]
+    lines += [
+        f"training step (forward and backward of every chain call and of D over all {spec.num_classes} tuples), "
+        "measured on the CPU at batches of 2 and 4 and scaled:",
+        f"  model FLOPs   {cost.flops_per_image / 1e9:10.3f} GFLOP per real image, "
+        f"{cost.flops_per_image * batch / 1e12:.3f} TFLOP per step of {batch}",
+        f"  activations   {cost.activation_bytes_per_image / 2**20:10.2f} MiB per real image (fp32), "
+        f"{cost.activation_bytes_per_image * batch / 2**30:.2f} GiB per step of {batch}",
+        f"  weights, gradients and Adam state of G, E and D: {trained * BYTES_PER_TRAINED_PARAMETER / 2**30:.2f} GiB",
+    ]
+    return "\n".join(lines)
