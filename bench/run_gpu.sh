@@ -4,7 +4,9 @@
 #   bench-kernels kernel benchmarks                      bench-step   the full-step benchmark
 #   train-kernels a short demo run per kernel path       train-graph  the same, eager and CUDA-graphed
 #   torchrun      a 1-GPU torchrun run (NCCL process group, CUDA graph on), then resumed under torchrun
-# Writes logs and JSON under ${OUT:-bench/out}. Must finish in 8 minutes on one H100/H200.
+# and, only when named (it takes up to 6 minutes of the 8):
+#   identity      ALI vs GALI-4 on the digits at 10x the demo's budget, identity and pixel-MSE (gali reproduce)
+# Writes logs and JSON under ${OUT:-bench/out}. The default stages must finish in 8 minutes on one H100/H200.
 # Usage (on a machine with a CUDA GPU, torch and triton installed): bash bench/run_gpu.sh [stage ...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +15,8 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 GALI_CACHE=${GALI_CACHE:-/tmp/gali-cache}
 stages=${*:-tests bench-kernels bench-step train-kernels train-graph torchrun}
 for stage in $stages; do
-  case $stage in tests|bench-kernels|bench-step|train-kernels|train-graph|torchrun) ;;
-    *) echo "unknown stage '$stage'; stages: tests bench-kernels bench-step train-kernels train-graph torchrun" >&2
+  case $stage in tests|bench-kernels|bench-step|train-kernels|train-graph|torchrun|identity) ;;
+    *) echo "unknown stage '$stage'; stages: tests bench-kernels bench-step train-kernels train-graph torchrun identity" >&2
        exit 2 ;;
   esac
 done
@@ -60,5 +62,10 @@ for stage in $stages; do
         | tee "$out/torchrun.txt" | tail -4
       torchrun --standalone --nproc-per-node 1 -m gali train --resume /tmp/gali-runs-torchrun/00000-demo \
         run.kimg=6 2>&1 | tee -a "$out/torchrun.txt" | tail -3 ;;
+    identity)
+      demo_kimg=$(python3 -c "from gali.engine.loop.config import load_config; print(load_config('demo').run.kimg)")
+      timeout 360 gali reproduce --methods ali,gali4 --kimg "$(python3 -c "print(10 * $demo_kimg)")" --probe-draws 10 \
+        --out-dir /tmp/gali-identity run.device=cuda data.workers=4 2>&1 | tee "$out/identity.txt" | tail -12
+      cp /tmp/gali-identity/reproduce.md /tmp/gali-identity/reproduce.json "$out/" 2>/dev/null ;;
   esac
 done

@@ -38,6 +38,15 @@ RECIPES: dict[str, list[str]] = {
     "noise0": [*BASE, "method.instance_noise=0"],
     "lr1e-4": [*BASE, "optim.lr=1e-4"],
     "b16": [*BASE, "run.batch_size=16"],
+    "z4": [*BASE, "model.latent_dim=4"],
+    "z8-lr3e-4": [*BASE, "model.latent_dim=8", "optim.lr=3e-4"],
+    "z8-b16": [*BASE, "model.latent_dim=8", "run.batch_size=16"],
+    "z8-lr-ge4e-4": [*BASE, "model.latent_dim=8", "optim.lr_ge=4e-4"],
+    "z8-w0125": [*BASE, "model.latent_dim=8", "model.width=0.125"],
+    "z8-noise0": [*BASE, "model.latent_dim=8", "method.instance_noise=0"],
+    "z4-lr-ge4e-4": [*BASE, "model.latent_dim=4", "optim.lr_ge=4e-4"],
+    "z8-lr-d1e-4-ge4e-4": [*BASE, "model.latent_dim=8", "optim.lr_d=1e-4", "optim.lr_ge=4e-4"],
+    "z8-lr-ge6e-4": [*BASE, "model.latent_dim=8", "optim.lr_ge=6e-4"],
 }
 SPLIT = "test"  # the snapshot record's keys end with the held-out split: identity_test, ...
 
@@ -115,6 +124,15 @@ def report(args: argparse.Namespace) -> None:
                 mean, std, n = _value(records, key)
                 cells.append("—" if not n else f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}")
             lines.append(f"| {recipe} | {method} | {kimg} | {len(records)} | {' | '.join(cells)} |")
+    lines += ["", "BatchNorm statistics: identity with the statistics recomputed on "
+              "real images minus identity with the running statistics of training, per snapshot",
+              "", "| recipe | method | snapshots | mean difference | min | max |", "|---|---|---|---|---|---|"]
+    for (recipe, method), by_kimg in sorted(table.items()):
+        differences = [r[f"identity_bn_recal_{SPLIT}"] - r[f"identity_{SPLIT}"] for records in by_kimg.values()
+                       for r in records if f"identity_bn_recal_{SPLIT}" in r]
+        if differences:
+            lines.append(f"| {recipe} | {method} | {len(differences)} | {np.mean(differences):+.3f} "
+                         f"| {min(differences):+.3f} | {max(differences):+.3f} |")
     text = "\n".join(lines)
     print(text)
     if args.markdown:

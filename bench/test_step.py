@@ -56,12 +56,25 @@ class Preset:
     arch: str
     resolution: int
     tuples: str
+    latent_dim: int = LATENT
+    width: float = 1.0
+    unary_heads: bool = False
+    batch: int = BATCH
+
+    @property
+    def model(self) -> ModelConfig:
+        return ModelConfig(arch=self.arch, latent_dim=self.latent_dim, width=self.width, unary_heads=self.unary_heads)
 
 
 PRESETS = {
     "svhn32-gali4": Preset("svhn32", 32, "gali4"),
     "celeba64-gali4": Preset("celeba64", 64, "gali4"),
     "celeba64-gali-mix": Preset("celeba64", 64, "gali-mix"),
+    # the imagenet128-gali4 preset's networks (BigGAN ch96 G, ResNet-50 E, BigBiGAN-class D with unary heads)
+    # at full width on a GPU; at 1/16 width and batch 16 on the CPU, where the full networks take minutes a step
+    "imagenet128-gali4": Preset("biggan128", 128, "gali4", latent_dim=120, unary_heads=True,
+                                width=1.0 if DEVICE.type == "cuda" else 1 / 16,
+                                batch=BATCH if DEVICE.type == "cuda" else 16),
 }
 MODES = {  # mode -> (compute settings, warm-up steps)
     "baseline": (None, 1),
@@ -81,8 +94,7 @@ _model_flops: dict[str, int] = {}
 def _networks(preset: Preset) -> tuple[Networks, object]:
     torch.manual_seed(0)
     spec = load_spec(preset.tuples)
-    G, E, D = build_models(ModelConfig(arch=preset.arch, latent_dim=LATENT), slot_kinds=spec.slot_kinds,
-                           num_classes=spec.num_classes)
+    G, E, D = build_models(preset.model, slot_kinds=spec.slot_kinds, num_classes=spec.num_classes)
     return Networks(G=G.to(DEVICE), E=E.to(DEVICE), D=D.to(DEVICE)), spec
 
 
@@ -93,9 +105,9 @@ def _runner(preset: Preset, mode: str, compute: ComputeConfig | None):
             set_layer_impl(net, "ref")
     method, optim = MethodConfig(tuples=preset.tuples), OptimConfig()
     if compute is None:
-        runner = PaperStep(nets, spec, method, optim, LATENT)
+        runner = PaperStep(nets, spec, method, optim, preset.latent_dim)
         return lambda x, noise: runner.step(x, noise)
-    runner = build_step(nets, spec, method, optim, LATENT, compute)
+    runner = build_step(nets, spec, method, optim, preset.latent_dim, compute)
     return lambda x, noise: runner.step(x, noise)
 
 
@@ -110,8 +122,9 @@ def _count_model_flops(preset: Preset) -> int:
     The count ``gali info`` prints (:func:`gali.engine.step.cost.measure_step_cost`), scaled to the batch.
     """
     nets, spec = _networks(preset)
-    cost = measure_step_cost(nets, spec, MethodConfig(tuples=preset.tuples), LATENT, preset.resolution, device=DEVICE)
-    return round(cost.flops_per_image * BATCH)
+    cost = measure_step_cost(nets, spec, MethodConfig(tuples=preset.tuples), preset.latent_dim, preset.resolution,
+                             device=DEVICE)
+    return round(cost.flops_per_image * preset.batch)
 
 
 @pytest.mark.parametrize(("preset_name", "mode"), CASES)
@@ -125,7 +138,7 @@ def test_step(benchmark, preset_name: str, mode: str) -> None:
     if preset_name not in _model_flops:
         _model_flops[preset_name] = _count_model_flops(preset)
     step = _runner(preset, mode, compute)
-    x = torch.rand(BATCH, 3, preset.resolution, preset.resolution, device=DEVICE,
+    x = torch.rand(preset.batch, 3, preset.resolution, preset.resolution, device=DEVICE,
                    generator=torch.Generator(DEVICE).manual_seed(1)) * 2 - 1
     noise = torch.tensor(0.1, device=DEVICE)
     if DEVICE.type == "cuda":
@@ -148,7 +161,7 @@ def test_step(benchmark, preset_name: str, mode: str) -> None:
     achieved = flops / seconds / 1e12
     benchmark.extra_info.update({
         "device": device_name,
-        "images/s": BATCH / seconds,
+        "images/s": preset.batch / seconds,
         "ms/step": seconds * 1e3,
         "speedup_vs_baseline": (_baseline_seconds[preset_name] / seconds) if preset_name in _baseline_seconds
         else None,

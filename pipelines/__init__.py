@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -15,7 +16,20 @@ from .digits import cache_root, default_digits_root, prepare_digits
 from .synthetic import SPLIT_IMAGES, SyntheticPipeline
 from .torch_files import TorchFilePipeline
 
-__all__ = ["Batch", "Pipeline", "cache_root", "check_batch", "default_digits_root", "make_pipeline", "prepare_digits"]
+__all__ = ["Batch", "Pipeline", "cache_root", "check_batch", "default_digits_root", "make_pipeline", "prepare_digits",
+           "resolve_backend"]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``data.backend`` as run: 'auto' is 'dali' where NVIDIA DALI imports and ``device`` is CUDA, else 'torch'."""
+    if backend != "auto":
+        return backend
+    if device.type != "cuda":
+        return "torch"
+    try:
+        return "dali" if importlib.util.find_spec("nvidia.dali") is not None else "torch"
+    except ModuleNotFoundError:  # no nvidia namespace package at all
+        return "torch"
 
 
 def make_pipeline(
@@ -42,6 +56,7 @@ def make_pipeline(
     before any batch is produced.
     """
     cfg.validate()
+    backend = resolve_backend(cfg.backend, device)
     # What every backend takes alike.
     common = {
         "batch_size": batch_size,
@@ -51,7 +66,7 @@ def make_pipeline(
         "world_size": world_size,
         "channels_last": channels_last,
     }
-    if cfg.backend == "synthetic":
+    if backend == "synthetic":
         if split not in SPLIT_IMAGES:
             raise ValueError(f"split must be one of {tuple(SPLIT_IMAGES)}, got {split!r}")
         return SyntheticPipeline(num_images=SPLIT_IMAGES[split], resolution=cfg.resolution, **common)
@@ -62,7 +77,7 @@ def make_pipeline(
         )
     else:
         root = Path(cfg.root).expanduser()
-    if cfg.backend == "dali":
+    if backend == "dali":
         from .dali import DaliPipeline  # nvidia-dali is an optional dependency
 
         return DaliPipeline(cfg, root, split=split, **common)

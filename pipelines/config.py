@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from gali.engine.errors import ConfigError
 
 SOURCES = ("digits", "folder", "filelist", "webdataset")
-BACKENDS = ("torch", "dali", "synthetic")
+BACKENDS = ("torch", "dali", "synthetic", "auto")
 
 
 @dataclass
@@ -25,7 +25,8 @@ class DataConfig:
     resolution: square side the images are resized/cropped to; must match the model's arch.
     backend:    'torch' (Pillow decode in DataLoader workers), 'dali' (NVIDIA DALI: nvJPEG decode
                 on the GPU, DALI's CPU operators with no GPU) or 'synthetic' (device-resident random
-                batches, for benchmarks).
+                batches, for benchmarks), or 'auto': 'dali' where NVIDIA DALI is installed and the
+                run is on a CUDA device, else 'torch' (the ImageNet presets).
     workers:    DataLoader worker processes (torch) or DALI CPU threads (dali).
     prefetch:   batches prepared ahead: DataLoader prefetch_factor (torch), queue depth (dali).
     augment:    training split only: random-resized crop and horizontal flip instead of the

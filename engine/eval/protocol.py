@@ -63,7 +63,7 @@ from gali.engine.metrics import (
     summarize,
     to_uint8_range,
 )
-from gali.engine.nets.feature_models import load_feature_model
+from gali.engine.nets.feature_models import load_feature_model, resize_to
 from gali.engine.nets.inference import (
     EVAL_MASK_MAX,
     EVAL_MASK_MIN,
@@ -330,7 +330,7 @@ class _Evaluation:
             if batch.labels is None:
                 raise DataError(f"metric 'recon-identity' needs labelled images; the train split of data source "
                                 f"{self.data.source!r} has no labels")
-            features.append(self._identity_features(batch.x))
+            features.append(self._identity_features(resize_to(batch.x, self.G.resolution)))
             labels.append(batch.labels.cpu().numpy())
         return IdentityClassifier(np.concatenate(features), np.concatenate(labels))
 
@@ -384,16 +384,16 @@ class _Evaluation:
         for batch in batches:
             x, per_batch = batch.x, measured.per_batch
             if wanted & {"pixel-mse", "feature-mse", "recon-identity"}:
-                x_hat = reconstruction_chain(self.G, self.E, x, depth=1)[1]
+                x_g, x_hat = reconstruction_chain(self.G, self.E, x, depth=1)  # x_g: x at G's resolution
                 if "pixel-mse" in wanted:
-                    per_batch["pixel"].append(pixel_mse(x, x_hat))
+                    per_batch["pixel"].append(pixel_mse(x_g, x_hat))
                 if "feature-mse" in wanted:
-                    per_batch["feature"].append(self._feature_mse(x, x_hat))
+                    per_batch["feature"].append(self._feature_mse(x_g, x_hat))
                 if "recon-identity" in wanted:
                     if batch.labels is None:
                         raise DataError(f"metric 'recon-identity' needs labelled images; the {o.split} split of "
                                         f"data source {self.data.source!r} has no labels")
-                    measured.identity["real"].append(self._identity_features(x))
+                    measured.identity["real"].append(self._identity_features(x_g))
                     measured.identity["recon"].append(self._identity_features(x_hat))
                     measured.identity["labels"].append(batch.labels.cpu().numpy())
             if measured.boxes is not None:

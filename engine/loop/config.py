@@ -25,7 +25,8 @@ from gali.engine.config import (
 )
 from gali.engine.errors import ConfigError
 from gali.engine.method.config import MethodConfig
-from gali.engine.nets.config import ARCH_RESOLUTION, ModelConfig
+from gali.engine.method.tuple_spec import load_spec
+from gali.engine.nets.config import PAPER_ARCHS, ModelConfig
 from gali.engine.step.config import ComputeConfig, OptimConfig
 from gali.pipelines.config import DataConfig
 
@@ -116,17 +117,25 @@ class Config:
     def validate(self) -> None:
         for name in section_names(self):
             getattr(self, name).validate()
+        if self.compute.activation_checkpointing and self.model.arch in PAPER_ARCHS:
+            raise ConfigError("compute.activation_checkpointing", f"the paper's networks ({self.model.arch}) have no "
+                              "residual blocks to recompute; use model.arch=biggan128 or biggan256, or turn it off")
         if self.method.objective == "misclassification" and self.compute.kernel_impl == "triton":
             raise ConfigError("compute.kernel_impl", "the fused K-way head has no form of method.objective="
                               "'misclassification' (it is not a sum of cross-entropies); set compute.kernel_impl=ref "
                               "(the deprecated method.kernel_impl=ref too) or auto")
-        expected = ARCH_RESOLUTION[self.model.arch]
+        expected = self.model.data_resolution
         if self.data.resolution != expected:
+            encoder = (f" and model.encoder_resolution={self.model.encoder_resolution}"
+                       if self.model.encoder_resolution else "")
             raise ConfigError(
                 "data.resolution",
-                f"got {self.data.resolution}, but model.arch={self.model.arch!r} takes {expected}x{expected} "
+                f"got {self.data.resolution}, but model.arch={self.model.arch!r}{encoder} takes {expected}x{expected} "
                 f"images; set data.resolution={expected} or pick another model.arch",
             )
+        if self.model.data_resolution != self.model.resolution and load_spec(self.method.tuples).mask_indices:
+            raise ConfigError("model.encoder_resolution", f"tuple spec {self.method.tuples!r} masks and mixes images, "
+                              "which needs one resolution for E, G and D; set model.encoder_resolution=0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

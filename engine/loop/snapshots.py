@@ -31,6 +31,7 @@ from gali.engine.loop.ticks import Cadence
 from gali.engine.method.tuple_spec import TupleSpec
 from gali.engine.metrics.identity import IdentityClassifier, pixel_features
 from gali.engine.metrics.reconstruction import held_out_metrics
+from gali.engine.nets.feature_models import resize_to
 from gali.engine.nets.inference import evaluation_box_params, recalibrate_batch_norm, sample_images
 from gali.engine.nets.networks import Networks
 from gali.pipelines import Pipeline, make_pipeline
@@ -55,7 +56,7 @@ def identity_classifier(cfg: Config, pipeline: Pipeline) -> IdentityClassifier |
     for batch in pipeline:
         if batch.labels is None:
             return None
-        features.append(pixel_features(batch.x))
+        features.append(pixel_features(resize_to(batch.x, cfg.model.resolution)))  # as G draws them
         labels.append(batch.labels.cpu().numpy())
         count += len(batch.labels)
         if count >= cfg.run.identity_images:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from gali.engine.metrics.identity import IdentityClassifier, pixel_features
-from gali.engine.nets.feature_models import FeatureModel
+from gali.engine.nets.feature_models import FeatureModel, resize_to
 from gali.engine.nets.inference import encoding_stats, sample_images
 
 
@@ -114,6 +114,7 @@ def held_out_metrics(G: nn.Module, E: nn.Module, batches: Iterable[tuple[Tensor,
     for x, y in batches:
         mu, log_sigma = _eval_encoding(E, x)
         x_hat = sample_images(G, mu)
+        x = resize_to(x, x_hat.shape[-1])  # compared at G's resolution
         total += pixel_mse(x, x_hat) * x.shape[0]  # the batch's mean, weighted by its images
         count += x.shape[0]
         mus.append(mu)

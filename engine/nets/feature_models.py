@@ -183,6 +183,18 @@ def resize_images(x: Tensor, size: int, mode: str) -> Tensor:
     return F.interpolate(x, size=(size, size), mode=mode, align_corners=False if mode == "bilinear" else None)
 
 
+def resize_to(x: Tensor, size: int) -> Tensor:
+    """The one rule for images moving between the networks' resolutions: bilinear, antialiased when shrinking.
+
+    Real images are shrunk for a discriminator (or a generator's resolution, in reconstructions) that
+    works below the data's resolution; G's outputs are enlarged for an encoder that sees a higher one
+    (BigBiGAN's E at 256², G and D at 128²). Unchanged when already ``size``×``size``.
+    """
+    if tuple(x.shape[2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=x.shape[-1] > size)
+
+
 class FeatureModel(nn.Module):
     """A frozen feature network behind its input resize: images in [-1, 1] -> (B, D) features.
 

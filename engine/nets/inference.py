@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from gali.engine.nets.feature_models import resize_to
 from gali.kernels.mask_composite import MaskComposite, mask_composite, sample_box_params
 
 # Evaluation boxes of docs/method.md §5 item 5: sides 8..54 on 64x64 images, fully inside the image.
@@ -29,7 +30,11 @@ def sample_images(G: nn.Module, z: Tensor) -> Tensor:
 
 @torch.no_grad()
 def reconstruction_chain(G: nn.Module, E: nn.Module, x: Tensor, depth: int = 2) -> list[Tensor]:
-    """[x, G(μ_E(x)), G(μ_E(G(μ_E(x)))), ...] with E and G in eval mode and z = μ (docs/method.md §3.1)."""
+    """[x, G(μ_E(x)), G(μ_E(G(μ_E(x)))), ...] with E and G in eval mode and z = μ (docs/method.md §3.1).
+
+    E encodes x as given; the first entry is x at G's resolution (:func:`resize_to`, a no-op unless E sees
+    more pixels than G draws), so every entry can be compared with every other.
+    """
     was_training = G.training, E.training
     G.eval()
     E.eval()
@@ -39,6 +44,7 @@ def reconstruction_chain(G: nn.Module, E: nn.Module, x: Tensor, depth: int = 2) 
         chain.append(G(mu))
     G.train(was_training[0])
     E.train(was_training[1])
+    chain[0] = resize_to(x, chain[1].shape[-1])
     return chain
 
 

@@ -33,7 +33,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from gali.engine.method.tuple_spec import EXTRA, IMAGE, LATENT
 from gali.engine.nets.arch import ARCH_RESOLUTION, arch_spec, scaled
-from gali.engine.nets.config import ModelConfig
+from gali.engine.nets.config import PAPER_ARCHS, ModelConfig
 from gali.engine.nets.layers import init_weights, make_conv
 
 __all__ = ["Discriminator", "Encoder", "Generator", "build_models"]
@@ -287,6 +287,10 @@ class Discriminator(PaperNetwork):
         """(N, K) logits."""
         return self.head(self.features(slots))
 
+    def head_weight(self) -> tuple[Tensor, Tensor, int]:
+        """(weight (K, F), bias (K,), 1): the one K-way head over :meth:`features` (the step's interface)."""
+        return self.head.weight, self.head.bias, 1
+
 
 def build_models(
     cfg: ModelConfig,
@@ -294,8 +298,20 @@ def build_models(
     slot_kinds: Sequence[str],
     num_classes: int,
     extra_dim: int | None = None,
-) -> tuple[Generator, Encoder, Discriminator]:
-    """G, E and D for ``cfg`` (arch, latent_dim, width), D laid out for the tuple spec's slots."""
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """G, E and D for ``cfg``, D laid out for the tuple spec's slots: the paper's networks, or for the
+    biggan archs those of :mod:`gali.engine.nets.biggan`."""
+    if cfg.arch not in PAPER_ARCHS:
+        from gali.engine.nets import biggan
+
+        return (
+            biggan.BigGANGenerator(cfg.resolution, cfg.latent_dim, cfg.width, cfg.attention_resolution),
+            biggan.ResNetEncoder(cfg.data_resolution, cfg.latent_dim, cfg.width),
+            biggan.BigBiGANDiscriminator(cfg.resolution, cfg.latent_dim, cfg.width, slot_kinds=slot_kinds,
+                                         num_classes=num_classes, extra_dim=extra_dim,
+                                         attention_resolution=cfg.attention_resolution,
+                                         unary_heads=cfg.unary_heads),
+        )
     generator = Generator(cfg.arch, cfg.latent_dim, cfg.width)
     encoder = Encoder(cfg.arch, cfg.latent_dim, cfg.width)
     discriminator = Discriminator(

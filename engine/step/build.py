@@ -6,6 +6,7 @@ import torch
 
 from gali.engine.method.config import MethodConfig
 from gali.engine.method.tuple_spec import TupleSpec
+from gali.engine.nets.biggan import set_activation_checkpointing
 from gali.engine.nets.networks import Networks
 from gali.engine.step.config import ComputeConfig, OptimConfig
 from gali.engine.step.eager import GaliStep
@@ -36,6 +37,9 @@ def build_step(nets: Networks, spec: TupleSpec, method: MethodConfig, optim: Opt
     if compute.channels_last:
         for net in (nets.G, nets.E, nets.D):
             net.to(memory_format=torch.channels_last)
+    if compute.activation_checkpointing:
+        for net in (nets.G, nets.E, nets.D):
+            set_activation_checkpointing(net, True)
     if compute.compile:
         compile_networks(nets)
     step = GaliStep(nets, spec, method, optim, latent_dim, compute, world_size=world_size)

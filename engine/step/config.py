@@ -55,6 +55,8 @@ class ComputeConfig:
                    the layout PyTorch recommends for convolutions under autocast on NVIDIA GPUs);
                    ``data.channels_last`` is a deprecated alias.
     nvtx:          named NVTX ranges (gali/step, gali/chains, gali/D, ...) for Nsight Systems.
+    activation_checkpointing: recompute the residual blocks of G, E and D in the backward instead of
+                   keeping their activations (biggan archs; gali.engine.nets.biggan), for larger batches.
     """
 
     precision: str = "auto"
@@ -63,6 +65,7 @@ class ComputeConfig:
     compile: bool = False
     channels_last: bool = True
     nvtx: bool = False
+    activation_checkpointing: bool = False
 
     def validate(self) -> None:
         check_choice("compute.precision", self.precision, PRECISIONS)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from gali.engine.method.chains import ChainEvaluator
 from gali.engine.method.config import MethodConfig
@@ -38,6 +38,7 @@ from gali.engine.method.losses import (
     true_class_probability,
 )
 from gali.engine.method.tuple_spec import IMAGE, TupleSpec
+from gali.engine.nets.feature_models import resize_to
 from gali.engine.nets.inference import encoding_stats
 from gali.engine.nets.networks import Networks
 from gali.engine.ranges import annotate
@@ -45,7 +46,7 @@ from gali.engine.step.config import ComputeConfig, OptimConfig
 from gali.engine.step.optim import build_optimizers, trainable_parameters
 from gali.engine.step.precision import fp32_spectral_norm, resolve_precision
 from gali.engine.step.reduce import average_gradients
-from gali.kernels.kway_head import kway_head
+from gali.kernels.kway_head import kway_head, kway_head_grouped
 
 PHASES = ("both", "d", "ge")
 
@@ -75,6 +76,8 @@ class GaliStep:
         self.chains = ChainEvaluator(nets, method, self.compute.kernel_impl)
         self.device = next(nets.D.parameters()).device
         self.precision = resolve_precision(self.compute.precision, self.device)
+        # Every spectral-normalised weight (D's; BigGAN's G has them too) is computed once per step, in fp32.
+        self.spectral_normed = nn.ModuleList([nets.G, nets.E, nets.D])
         self.d_params = trainable_parameters(nets.D)
         self.ge_params = trainable_parameters(nets.G, nets.E)
         # fused Adam is capturable on CPU too: the twin runs the graph's optimizer
@@ -90,32 +93,39 @@ class GaliStep:
         """Forward only: chains, tuples, one D call, both losses (graph kept for the updates)."""
         batch = x.shape[0]
         k = self.spec.num_classes
-        with fp32_spectral_norm(self.nets.D, self.device.type), self.precision.autocast():
+        with fp32_spectral_norm(self.spectral_normed, self.device.type), self.precision.autocast():
             z = torch.randn(batch, self.latent_dim, device=x.device)
             with torch.set_grad_enabled(chains_grad and torch.is_grad_enabled()), annotate("gali/chains"):
                 values = self.chains.evaluate(self.spec, x, z)
             slots = []  # each slot as K row blocks, one per class: D groups them by whether they need a gradient
             for position, kind in enumerate(self.spec.slot_kinds):
                 blocks = [values[cls[position]] for cls in self.spec.classes]
-                if kind == IMAGE:  # instance noise on every image D sees, fresh per row
+                if kind == IMAGE:  # at D's resolution, with instance noise on every image D sees, fresh per row
+                    blocks = [resize_to(block, self.nets.D.resolution) for block in blocks]
                     blocks = [block + noise_std * _randn_in_layout(block) for block in blocks]
                 slots.append(blocks)
             with annotate("gali/D"):
                 features = self.nets.D.features(slots)
-            # The head's weight is the cached fp32 spectral-normalised one, cast to h's dtype.
-            weight = self.nets.D.head.weight.to(features.dtype)
-            bias = self.nets.D.head.bias.to(features.dtype)
+            # The head's weight is the cached fp32 spectral-normalised one, cast to h's dtype; with unary heads
+            # (BigBiGAN's D) it is three K-way heads over [h_x, h_z, h_joint], their losses summed.
+            weight, bias, groups = self.nets.D.head_weight()
+            weight, bias = weight.to(features.dtype), bias.to(features.dtype)
         labels = torch.arange(k, device=x.device).repeat_interleave(batch)
         with annotate("gali/head"):
-            loss_d, loss_ge = kway_head(features, weight, bias, labels, self.w_true, self.w_pair, 1.0 / batch,
-                                        impl=self.compute.kernel_impl)
+            if groups == 1:
+                loss_d, loss_ge = kway_head(features, weight, bias, labels, self.w_true, self.w_pair, 1.0 / batch,
+                                            impl=self.compute.kernel_impl)
+            else:
+                loss_d, loss_ge = kway_head_grouped(features, weight, bias, labels, self.w_true, self.w_pair,
+                                                    1.0 / batch, groups, impl=self.compute.kernel_impl)
         if self.method.objective == "misclassification":  # not a sum of CEs: its G/E loss is added on the logits
             logits = F.linear(features, weight, bias)
-            loss_ge = misclassification_loss(logits, labels, k, 1.0 / batch)
+            loss_ge = sum(misclassification_loss(group, labels, k, 1.0 / batch) for group in logits.chunk(groups, 1))
         else:
             with torch.no_grad():
                 logits = F.linear(features, weight, bias)
-        out = {"loss_d": loss_d, "loss_ge": loss_ge, "p_true": true_class_probability(logits, labels, k)}
+        # D's statistics are the joint head's (the last group)
+        out = {"loss_d": loss_d, "loss_ge": loss_ge, "p_true": true_class_probability(logits[:, -k:], labels, k)}
         if self.chains.encoding is not None:
             out |= encoding_stats(*self.chains.encoding)
         if self.spec.reconstruction is not None:
@@ -134,15 +144,20 @@ class GaliStep:
             return self.update(x, noise_std, phase)
 
     def update(self, x: Tensor, noise_std: Tensor, phase: str) -> dict[str, Tensor]:
-        """The capturable body: forward, both gradients, both optimizer steps; no host sync."""
-        out = self.discriminate(x, noise_std, chains_grad=phase != "d")
-        steps_d, steps_ge = phase in ("both", "d"), phase in ("both", "ge")
-        if steps_d:
-            with annotate("gali/backward_D"):
-                out.update(self._gradients("d", out["loss_d"], retain_graph=phase == "both"))
-        if steps_ge:
-            with annotate("gali/backward_GE"):
-                out.update(self._gradients("ge", out["loss_ge"], retain_graph=False))
+        """The capturable body: forward, both gradients, both optimizer steps; no host sync.
+
+        The spectral-norm weights are computed once for the forward and both backward passes (a block
+        recomputed under activation checkpointing then sees the very weights of the forward).
+        """
+        with fp32_spectral_norm(self.spectral_normed, self.device.type):
+            out = self.discriminate(x, noise_std, chains_grad=phase != "d")
+            steps_d, steps_ge = phase in ("both", "d"), phase in ("both", "ge")
+            if steps_d:
+                with annotate("gali/backward_D"):
+                    out.update(self._gradients("d", out["loss_d"], retain_graph=phase == "both"))
+            if steps_ge:
+                with annotate("gali/backward_GE"):
+                    out.update(self._gradients("ge", out["loss_ge"], retain_graph=False))
         with annotate("gali/optim"):
             if steps_d:
                 _optimizer_step(self.opt_d, self.scaler_d, out["skipped_d"])

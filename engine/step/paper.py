@@ -78,13 +78,14 @@ class PaperStep:
             for expr, kind in zip(cls, self.spec.slot_kinds, strict=True):
                 slot = values[expr]
                 slots.append(slot + noise_std * torch.randn_like(slot) if kind == IMAGE else slot)
-            logits = self.nets.D(slots)
-            for j in range(self.spec.num_classes):
-                target = torch.full((batch,), j, dtype=torch.long, device=x.device)
-                if j == k:
-                    loss_d = loss_d + self.w_true[k] * F.cross_entropy(logits, target)
-                else:
-                    loss_ge = loss_ge + self.w_pair[k][j] * F.cross_entropy(logits, target)
+            groups = self.nets.D.head_weight()[2]  # BigBiGAN's D: unary image, unary latent and joint heads
+            for logits in self.nets.D(slots).chunk(groups, dim=1):
+                for j in range(self.spec.num_classes):
+                    target = torch.full((batch,), j, dtype=torch.long, device=x.device)
+                    if j == k:
+                        loss_d = loss_d + self.w_true[k] * F.cross_entropy(logits, target)
+                    else:
+                        loss_ge = loss_ge + self.w_pair[k][j] * F.cross_entropy(logits, target)
         if self.spec.reconstruction is not None:
             target_expr, output_expr = self.spec.reconstruction
             loss_ge = loss_ge + self.alice_lambda * F.mse_loss(values[output_expr], values[target_expr])

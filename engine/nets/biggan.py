@@ -1,0 +1,405 @@
+"""BigBiGAN-class networks for ImageNet resolution: a BigGAN generator, a ResNet-50 encoder, a joint discriminator.
+
+The same slot interface as the paper networks (:mod:`gali.engine.nets.paper`), so every tuple spec runs
+with them. ``width`` scales every channel count (1.0 is BigGAN's ch = 96 for G and D and ResNet-50's
+64 base channels for E); the tables below are BigGAN-PyTorch's ``G_arch``/``D_arch`` and ResNet-50's
+stages, read by generic classes.
+
+- **G** (:class:`BigGANGenerator`): hierarchical latent: z is split into one chunk for the first
+  Linear (to 4×4×16ch) and one per residual up-block, whose conditional BatchNorms take their gains
+  and biases from that chunk (no class embedding: the data's labels are not used). Each block is
+  BN → ReLU → 2× nearest upsample → 3×3 conv → BN → ReLU → 3×3 conv, plus a 1×1 conv of the upsampled
+  input; SAGAN self-attention after the block that reaches ``attention_resolution``; then BN → ReLU
+  → 3×3 conv to RGB, plus the engine's per-pixel ``output_bias`` (started at the mean training image,
+  as for the paper's G), then tanh. Spectral norm on every conv and linear, as in BigGAN.
+- **E** (:class:`ResNetEncoder`): ResNet-50 v1 (7×7 stem, max-pool, bottleneck stages 3-4-6-3 of
+  widths 64-128-256-512 ×4, BatchNorm), global average pool, one Linear to 2·d_z (μ, log σ). Its input
+  resolution may be higher than G's output (BigBiGAN's 256 → 128): any image it is given is resized to
+  its own resolution first (:func:`gali.engine.nets.feature_models.resize_to`). BigBiGAN's encoder is
+  a ResNet-v2 or RevNet with an MLP head; RevNets are not built here.
+- **D** (:class:`BigBiGANDiscriminator`): an image branch that is BigGAN's D trunk (residual
+  down-blocks with spectral norm, self-attention, ReLU, sum pool), a latent branch and a joint MLP, each
+  a Linear followed by residual Linear layers (``h + ReLU(Linear(h))``, spectral norm: BigBiGAN's "MLP
+  with skip connections"), and the K-way head on the joint features. With ``unary_heads`` two more K-way
+  heads score the image branch's features alone and the latent branch's alone (BigBiGAN's s_x and s_z);
+  :meth:`BigBiGANDiscriminator.head_weight` hands the step all three as one block-diagonal weight over
+  ``features = [h_x, h_z, h_joint]``, which ``kernels.kway_head_grouped`` turns into the sum of the
+  three heads' K-way losses, each with weight 1 (BigBiGAN sums its three scores' losses unweighted),
+  for both L_D and L_GE. D sees images at its own resolution (the step resizes every image slot to
+  ``D.resolution`` before instance noise).
+
+``activation_checkpointing`` (``compute.activation_checkpointing``) recomputes each residual block in
+the backward instead of storing its activations (``torch.utils.checkpoint``, non-reentrant). The step
+computes spectral-norm weights once per step, so a recomputed block uses the same weights and gives
+the same gradients; BatchNorm's running statistics are updated again by the recompute.
+
+Weights start as BigGAN's: orthogonal convs and linears (biases 0), BatchNorm γ = 1, β = 0, the
+attention gain 0; spectral norm is attached after the init.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+from torch.utils.checkpoint import checkpoint
+
+from gali.engine.method.tuple_spec import EXTRA, IMAGE, LATENT
+from gali.engine.nets.arch import scaled
+from gali.engine.nets.feature_models import resize_to
+
+BIGGAN_CH = 96  # BigGAN's base channel count at width 1
+RESNET_CH = 64  # ResNet-50's stem width at width 1
+RESNET_STAGES = (3, 4, 6, 3)
+MLP_WIDTH, MLP_RESIDUAL_LAYERS = 2048, 3  # D's latent branch and joint MLP: Linear + 3 residual layers
+EXTRA_WIDTH = 512
+
+# BigGAN-PyTorch's G_arch / D_arch: (in, out) channel multiples of ch per block, and each block's output side.
+G_ARCH = {
+    128: ((16, 16), (16, 8), (8, 4), (4, 2), (2, 1)),
+    256: ((16, 16), (16, 8), (8, 8), (8, 4), (4, 2), (2, 1)),
+}
+D_ARCH = {  # (in, out, downsample); in = 0 is the RGB input
+    128: ((0, 1, True), (1, 2, True), (2, 4, True), (4, 8, True), (8, 16, True), (16, 16, False)),
+    256: ((0, 1, True), (1, 2, True), (2, 4, True), (4, 8, True), (8, 8, True), (8, 16, True), (16, 16, False)),
+}
+BIGGAN_RESOLUTIONS = tuple(G_ARCH)
+
+
+def _check_resolution(resolution: int, who: str) -> None:
+    if resolution not in BIGGAN_RESOLUTIONS:
+        raise ValueError(f"{who} is built for {', '.join(map(str, BIGGAN_RESOLUTIONS))}² images; got {resolution}")
+
+
+def _init(module: nn.Module) -> None:
+    """BigGAN's init: orthogonal weights, zero biases; BatchNorm γ = 1, β = 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            nn.init.orthogonal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _spectral_norm_all(module: nn.Module) -> None:
+    for m in list(module.modules()):
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            spectral_norm(m, n_power_iterations=1)
+
+
+class CheckpointedBlock(nn.Module):
+    """A residual block that recomputes its forward in the backward when ``checkpointing`` is on (training only)."""
+
+    checkpointing = False
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self.block, *inputs, use_reentrant=False)
+        return self.block(*inputs)
+
+    def block(self, *inputs: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def set_activation_checkpointing(net: nn.Module, on: bool) -> int:
+    """Turn recomputation of ``net``'s residual blocks on or off; returns how many blocks it has."""
+    blocks = [m for m in net.modules() if isinstance(m, CheckpointedBlock)]
+    for block in blocks:
+        block.checkpointing = on
+    return len(blocks)
+
+
+class SelfAttention(nn.Module):
+    """SAGAN self-attention (BigGAN's): θ, φ at C/8 and g at C/2 channels, φ and g max-pooled 2×, gain γ from 0."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.theta = nn.Conv2d(channels, max(1, channels // 8), 1, bias=False)
+        self.phi = nn.Conv2d(channels, max(1, channels // 8), 1, bias=False)
+        self.g = nn.Conv2d(channels, max(1, channels // 2), 1, bias=False)
+        self.out = nn.Conv2d(max(1, channels // 2), channels, 1, bias=False)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        theta = self.theta(x).flatten(2)  # (B, C/8, HW)
+        phi = F.max_pool2d(self.phi(x), 2).flatten(2)  # (B, C/8, HW/4)
+        g = F.max_pool2d(self.g(x), 2).flatten(2)  # (B, C/2, HW/4)
+        attention = torch.softmax(theta.transpose(1, 2) @ phi, dim=-1)  # (B, HW, HW/4)
+        o = (g @ attention.transpose(1, 2)).view(b, -1, h, w)
+        return x + self.gamma * self.out(o)
+
+
+class ConditionalBatchNorm(nn.Module):
+    """BatchNorm without affine parameters, then gain 1 + Linear(y) and bias Linear(y) per channel."""
+
+    def __init__(self, channels: int, cond_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.gain = nn.Linear(cond_dim, channels, bias=False)
+        self.bias = nn.Linear(cond_dim, channels, bias=False)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.norm(x) * (1 + self.gain(y)[:, :, None, None]) + self.bias(y)[:, :, None, None]
+
+
+class GeneratorBlock(CheckpointedBlock):
+    def __init__(self, c_in: int, c_out: int, cond_dim: int) -> None:
+        super().__init__()
+        self.bn1, self.bn2 = ConditionalBatchNorm(c_in, cond_dim), ConditionalBatchNorm(c_out, cond_dim)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1)
+
+    def block(self, x: Tensor, y: Tensor) -> Tensor:
+        h = F.interpolate(F.relu(self.bn1(x, y)), scale_factor=2.0)
+        h = self.conv2(F.relu(self.bn2(self.conv1(h), y)))
+        return h + self.skip(F.interpolate(x, scale_factor=2.0))
+
+
+class BigGANGenerator(nn.Module):
+    """G: z (B, d_z) -> image (B, 3, R, R) in [-1, 1], R = 128 or 256; d_z splits into len(blocks) + 1 chunks."""
+
+    def __init__(self, resolution: int = 128, latent_dim: int = 120, width: float = 1.0,
+                 attention_resolution: int = 64) -> None:
+        super().__init__()
+        _check_resolution(resolution, "BigGANGenerator")
+        arch = G_ARCH[resolution]
+        if latent_dim % (len(arch) + 1):
+            raise ValueError(f"BigGANGenerator at {resolution}² splits z into {len(arch) + 1} equal chunks; "
+                             f"latent_dim {latent_dim} is not a multiple of {len(arch) + 1} (BigGAN: 120 at 128², "
+                             "140 at 256²)")
+        self.resolution, self.latent_dim = resolution, latent_dim
+        self.chunk = latent_dim // (len(arch) + 1)
+        ch = scaled(BIGGAN_CH, width)
+        self.first_channels = arch[0][0] * ch
+        self.linear = nn.Linear(self.chunk, 4 * 4 * self.first_channels)
+        blocks: list[nn.Module] = []
+        side = 4
+        for c_in, c_out in arch:
+            side *= 2
+            blocks.append(GeneratorBlock(c_in * ch, c_out * ch, self.chunk))
+            if side == attention_resolution:
+                blocks.append(SelfAttention(c_out * ch))
+        self.blocks = nn.ModuleList(blocks)
+        self.out_norm = nn.BatchNorm2d(ch)
+        self.out_conv = nn.Conv2d(ch, 3, 3, padding=1)
+        self.output_bias = nn.Parameter(torch.zeros(3, resolution, resolution))
+        _init(self)
+        _spectral_norm_all(self)
+
+    def forward(self, z: Tensor) -> Tensor:
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"BigGANGenerator takes latents of shape (B, {self.latent_dim}), got {tuple(z.shape)}")
+        chunks = z.split(self.chunk, dim=1)
+        h = self.linear(chunks[0]).view(z.shape[0], self.first_channels, 4, 4)
+        conditions = iter(chunks[1:])
+        for block in self.blocks:
+            h = block(h, next(conditions)) if isinstance(block, GeneratorBlock) else block(h)
+        return torch.tanh(self.out_conv(F.relu(self.out_norm(h))) + self.output_bias)
+
+    @torch.no_grad()
+    def init_output_bias(self, x: Tensor) -> Tensor:
+        """``output_bias`` = 0.5·logit(mean image of ``x``), x resized to G's resolution: G starts at the mean image."""
+        p = ((resize_to(x.float(), self.resolution) + 1) / 2).mean(dim=0).clamp(1e-7, 1 - 1e-7)
+        return self.output_bias.copy_(0.5 * torch.logit(p))
+
+
+class Bottleneck(CheckpointedBlock):
+    """ResNet-50's bottleneck: 1×1 → 3×3 (stride) → 1×1 (×4), BatchNorm and ReLU, projection shortcut when needed."""
+
+    def __init__(self, c_in: int, width: int, stride: int) -> None:
+        super().__init__()
+        c_out = 4 * width
+        self.convs = nn.Sequential(
+            nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
+        )
+        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+                         if stride != 1 or c_in != c_out else nn.Identity())
+
+    def block(self, x: Tensor) -> Tensor:
+        return F.relu(self.convs(x) + self.shortcut(x))
+
+
+class ResNetEncoder(nn.Module):
+    """E: image in [-1, 1] (any square size: resized to E's ``resolution``) -> (μ, log σ), each (B, d_z)."""
+
+    def __init__(self, resolution: int = 128, latent_dim: int = 120, width: float = 1.0) -> None:
+        super().__init__()
+        if resolution < 32:
+            raise ValueError(f"ResNetEncoder needs images of at least 32²; got {resolution}")
+        self.resolution, self.latent_dim = resolution, latent_dim
+        base = scaled(RESNET_CH, width)
+        self.stem = nn.Sequential(nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(base),
+                                  nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+        blocks: list[nn.Module] = []
+        c_in = base
+        for stage, depth in enumerate(RESNET_STAGES):
+            width_stage = base * 2 ** stage
+            for i in range(depth):
+                blocks.append(Bottleneck(c_in, width_stage, stride=2 if i == 0 and stage > 0 else 1))
+                c_in = 4 * width_stage
+        self.blocks = nn.Sequential(*blocks)
+        self.out = nn.Linear(c_in, 2 * latent_dim)
+        _init(self)
+
+    def _pooled(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"ResNetEncoder takes square RGB images (B, 3, R, R), got {tuple(x.shape)}")
+        return self.blocks(self.stem(resize_to(x, self.resolution))).mean(dim=(2, 3))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, log_sigma = self.out(self._pooled(x)).chunk(2, dim=1)
+        return mu, log_sigma
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        """The linear probe's features: [out (μ, log σ), the pooled trunk features]."""
+        pooled = self._pooled(x)
+        return [self.out(pooled), pooled]
+
+
+class DiscriminatorBlock(CheckpointedBlock):
+    """BigGAN's D block: (ReLU →) 3×3 conv → ReLU → 3×3 conv (→ avg-pool), plus a 1×1 shortcut (the first block
+    has no leading ReLU and pools before its shortcut, as BigGAN's)."""
+
+    def __init__(self, c_in: int, c_out: int, downsample: bool, first: bool) -> None:
+        super().__init__()
+        self.first, self.downsample = first, downsample
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out or downsample else None
+
+    def block(self, x: Tensor) -> Tensor:
+        h = self.conv2(F.relu(self.conv1(x if self.first else F.relu(x))))
+        if self.downsample:
+            h = F.avg_pool2d(h, 2)
+        shortcut = x
+        if self.first:
+            shortcut = self.skip(F.avg_pool2d(x, 2) if self.downsample else x)
+        elif self.skip is not None:
+            shortcut = self.skip(x)
+            if self.downsample:
+                shortcut = F.avg_pool2d(shortcut, 2)
+        return h + shortcut
+
+
+class ResidualMLP(nn.Module):
+    """Linear(in → width) then ``layers`` residual layers h + ReLU(Linear(h)) (BigBiGAN's MLP with skips)."""
+
+    def __init__(self, in_features: int, width: int, layers: int) -> None:
+        super().__init__()
+        self.first = nn.Linear(in_features, width)
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.out_features = width
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.first(x))
+        for layer in self.layers:
+            h = h + F.relu(layer(h))
+        return h
+
+
+class BigBiGANDiscriminator(nn.Module):
+    """D: a tuple of slots (images at D's resolution, latents, auxiliary features) -> K logits (joint head).
+
+    Slots, grouping of rows by gradient and ``features``/``head`` as in the paper's
+    :class:`gali.engine.nets.paper.Discriminator`; with ``unary_heads``, ``features`` returns
+    ``[h_x, h_z, h_joint]`` concatenated and :meth:`head_weight` the three heads as one grouped head.
+    """
+
+    def __init__(self, resolution: int = 128, latent_dim: int = 120, width: float = 1.0, *,
+                 slot_kinds: Sequence[str], num_classes: int, extra_dim: int | None = None,
+                 attention_resolution: int = 64, unary_heads: bool = False) -> None:
+        super().__init__()
+        _check_resolution(resolution, "BigBiGANDiscriminator")
+        slot_kinds = tuple(slot_kinds)
+        if not slot_kinds or any(k not in (IMAGE, LATENT, EXTRA) for k in slot_kinds):
+            raise ValueError(f"slot_kinds must be a non-empty sequence of image, latent, extra; got {slot_kinds!r}")
+        if EXTRA in slot_kinds and (extra_dim is None or extra_dim < 1):
+            raise ValueError(f"an 'extra' slot needs extra_dim >= 1 (the feature width); got {extra_dim!r}")
+        if unary_heads and not (IMAGE in slot_kinds and LATENT in slot_kinds):
+            raise ValueError("unary heads score the image and the latent branch alone: the tuples need both kinds")
+        self.resolution, self.latent_dim, self.num_classes = resolution, latent_dim, num_classes
+        self.slot_kinds, self.extra_dim = slot_kinds, extra_dim if EXTRA in slot_kinds else None
+        self.unary_heads = unary_heads
+        ch = scaled(BIGGAN_CH, width)
+        mlp = scaled(MLP_WIDTH, width)
+        branches: dict[str, nn.Module] = {}
+        widths: dict[str, int] = {}
+        if IMAGE in slot_kinds:
+            layers: list[nn.Module] = []
+            side = resolution
+            for i, (c_in, c_out, down) in enumerate(D_ARCH[resolution]):
+                layers.append(DiscriminatorBlock(c_in * ch or 3, c_out * ch, down, first=i == 0))
+                side //= 2 if down else 1
+                if side == attention_resolution:
+                    layers.append(SelfAttention(c_out * ch))
+            branches[IMAGE], widths[IMAGE] = nn.Sequential(*layers), D_ARCH[resolution][-1][1] * ch
+        if LATENT in slot_kinds:
+            branches[LATENT] = ResidualMLP(latent_dim, mlp, MLP_RESIDUAL_LAYERS)
+            widths[LATENT] = mlp
+        if self.extra_dim is not None:
+            branches[EXTRA] = ResidualMLP(self.extra_dim, scaled(EXTRA_WIDTH, width), 1)
+            widths[EXTRA] = scaled(EXTRA_WIDTH, width)
+        self.branches = nn.ModuleDict(branches)
+        self.joint = ResidualMLP(sum(widths[k] for k in slot_kinds), mlp, MLP_RESIDUAL_LAYERS)
+        self.head = nn.Linear(mlp, num_classes)
+        if unary_heads:
+            self.unary_image = nn.Linear(widths[IMAGE] * slot_kinds.count(IMAGE), num_classes)
+            self.unary_latent = nn.Linear(widths[LATENT] * slot_kinds.count(LATENT), num_classes)
+        _init(self)
+        _spectral_norm_all(self)
+
+    def _branch(self, kind: str, x: Tensor) -> Tensor:
+        if kind == IMAGE:
+            if tuple(x.shape[1:]) != (3, self.resolution, self.resolution):
+                raise ValueError(f"BigBiGANDiscriminator takes images of shape (N, 3, {self.resolution}, "
+                                 f"{self.resolution}) in its image slots, got {tuple(x.shape)}")
+            return F.relu(self.branches[IMAGE](x)).sum(dim=(2, 3))  # BigGAN's sum pool
+        return self.branches[kind](x)
+
+    def features(self, slots: Sequence[Tensor | Sequence[Tensor]]) -> Tensor:
+        """(N, F): the joint MLP's output, or [h_x, h_z, h_joint] with unary heads; rows grouped by gradient."""
+        blocks = [list(s) if isinstance(s, list | tuple) else [s] for s in slots]
+        if len(blocks) != len(self.slot_kinds):
+            raise ValueError(f"BigBiGANDiscriminator was built for {len(self.slot_kinds)} slots {self.slot_kinds}, "
+                             f"got {len(blocks)}")
+        parts = [_grouped_by_gradient(lambda x, kind=kind: self._branch(kind, x), slot)
+                 for kind, slot in zip(self.slot_kinds, blocks, strict=True)]
+        joint = self.joint(torch.cat(parts, dim=1))
+        if not self.unary_heads:
+            return joint
+        images = torch.cat([p for p, k in zip(parts, self.slot_kinds, strict=True) if k == IMAGE], dim=1)
+        latents = torch.cat([p for p, k in zip(parts, self.slot_kinds, strict=True) if k == LATENT], dim=1)
+        return torch.cat([images, latents, joint], dim=1)
+
+    def head_weight(self) -> tuple[Tensor, Tensor, int]:
+        """(weight (G·K, F), bias (G·K,), G): the head(s) over :meth:`features`, G = 3 with unary heads, else 1."""
+        if not self.unary_heads:
+            return self.head.weight, self.head.bias, 1
+        heads = (self.unary_image, self.unary_latent, self.head)
+        return (torch.block_diag(*(h.weight for h in heads)), torch.cat([h.bias for h in heads]), len(heads))
+
+    def forward(self, slots: Sequence[Tensor | Sequence[Tensor]]) -> Tensor:
+        """(N, G·K) logits: the joint head's K, after the unary heads' with ``unary_heads``."""
+        weight, bias, _ = self.head_weight()
+        return F.linear(self.features(slots), weight, bias)
+
+
+def _grouped_by_gradient(branch: Callable[[Tensor], Tensor], blocks: list[Tensor]) -> Tensor:
+    """``branch`` over the row blocks of one slot, at most twice: the blocks that need a gradient, then the rest.
+
+    A backward into the inputs then skips the rows that have none (real images, prior z); D has no batch
+    statistics, so the grouping changes no value.
+    """
+    outputs: dict[int, Tensor] = {}
+    for needs_grad in (True, False):
+        group = [i for i, b in enumerate(blocks) if b.requires_grad == needs_grad]
+        if group:
+            out = branch(torch.cat([blocks[i] for i in group]))
+            outputs.update(zip(group, out.split([blocks[i].shape[0] for i in group]), strict=True))
+    return torch.cat([outputs[i] for i in range(len(blocks))])
