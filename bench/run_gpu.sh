@@ -4,7 +4,8 @@
 #   bench-kernels kernel benchmarks                      bench-step   the full-step benchmark
 #   train-kernels a short demo run per kernel path       train-graph  the same, eager and CUDA-graphed
 #   torchrun      a 1-GPU torchrun run (NCCL process group, CUDA graph on), then resumed under torchrun
-# and, only when named (it takes up to 6 minutes of the 8):
+# and, only when named (not timed on a GPU yet; identity takes up to 6 minutes of the 8):
+#   bench-imagenet the step benchmark of the imagenet128-gali4 networks at full width: baseline, fp32, bf16, bf16-graph
 #   identity      ALI vs GALI-4 on the digits at 10x the demo's budget, identity and pixel-MSE (gali reproduce)
 # Writes logs and JSON under ${OUT:-bench/out}. The default stages must finish in 8 minutes on one H100/H200.
 # Usage (on a machine with a CUDA GPU, torch and triton installed): bash bench/run_gpu.sh [stage ...]
@@ -15,8 +16,9 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 GALI_CACHE=${GALI_CACHE:-/tmp/gali-cache}
 stages=${*:-tests bench-kernels bench-step train-kernels train-graph torchrun}
 for stage in $stages; do
-  case $stage in tests|bench-kernels|bench-step|train-kernels|train-graph|torchrun|identity) ;;
-    *) echo "unknown stage '$stage'; stages: tests bench-kernels bench-step train-kernels train-graph torchrun identity" >&2
+  case $stage in tests|bench-kernels|bench-step|train-kernels|train-graph|torchrun|bench-imagenet|identity) ;;
+    *) echo "unknown stage '$stage'; stages: tests bench-kernels bench-step train-kernels train-graph torchrun" \
+            "bench-imagenet identity" >&2
        exit 2 ;;
   esac
 done
@@ -43,8 +45,13 @@ for stage in $stages; do
         --benchmark-columns=median,min,rounds --benchmark-json="$out/bench-kernels.json" 2>&1 \
         | tee "$out/bench-kernels.txt" | tail -40 ;;
     bench-step)
-      python3 -m pytest -q bench/test_step.py -p no:cacheprovider --benchmark-columns=median,min,rounds \
-        --benchmark-json="$out/bench-step.json" 2>&1 | tee "$out/bench-step.txt" | tail -30 ;;
+      python3 -m pytest -q bench/test_step.py -k "not imagenet128" -p no:cacheprovider \
+        --benchmark-columns=median,min,rounds --benchmark-json="$out/bench-step.json" 2>&1 \
+        | tee "$out/bench-step.txt" | tail -30 ;;
+    bench-imagenet)
+      timeout 300 python3 -m pytest -q bench/test_step.py -k imagenet128 -p no:cacheprovider \
+        --benchmark-columns=median,min,rounds --benchmark-json="$out/bench-imagenet.json" 2>&1 \
+        | tee "$out/bench-imagenet.txt" | tail -12 ;;
     train-kernels)
       for impl in triton ref; do
         gali train run.device=cuda compute.kernel_impl=$impl run.kimg=10 run.tick_kimg=2.5 run.snapshot_kimg=10 \

@@ -77,3 +77,22 @@ def test_channels_last_is_passed_to_the_backend(backend: str, id_folder: Callabl
         x = next(iter(p)).x
         assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
         assert x.is_contiguous() != channels_last
+
+
+def test_backend_auto_is_dali_only_on_a_cuda_device_with_dali_installed(monkeypatch) -> None:
+    import importlib.util
+
+    from gali.pipelines import resolve_backend
+
+    assert resolve_backend("torch", torch.device("cuda")) == "torch"  # an explicit backend is kept
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert resolve_backend("auto", torch.device("cuda")) == "dali"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+
+    def no_namespace(name):
+        raise ModuleNotFoundError(name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_namespace)
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
