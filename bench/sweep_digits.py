@@ -47,6 +47,7 @@ RECIPES: dict[str, list[str]] = {
     "z4-lr-ge4e-4": [*BASE, "model.latent_dim=4", "optim.lr_ge=4e-4"],
     "z8-lr-d1e-4-ge4e-4": [*BASE, "model.latent_dim=8", "optim.lr_d=1e-4", "optim.lr_ge=4e-4"],
     "z8-lr-ge6e-4": [*BASE, "model.latent_dim=8", "optim.lr_ge=6e-4"],
+    "z8-lr-ge4e-4-ema4": [*BASE, "model.latent_dim=8", "optim.lr_ge=4e-4", "run.ema_kimg=4"],
 }
 SPLIT = "test"  # the snapshot record's keys end with the held-out split: identity_test, ...
 

@@ -3,10 +3,10 @@
     errors, files, ranges   base modules: errors that name the fix, atomic writes, NVTX ranges
     config                  the config machinery and the presets
     method                  tuple specs, chains, losses, noise schedule
-    nets                    architectures, layers, G/E/D, feature models, inference chains
+    nets                    architectures, layers, the paper's and BigBiGAN-class G/E/D, feature models, inference
     step                    one update: eager, graphed, precision, optimizers, the paper baseline
     metrics                 evaluation metrics as pure functions
-    loop                    the training loop, checkpoints, logs, grids, ``gali profile``
+    loop                    the training loop, checkpoints, moving averages, logs, grids, gali profile and info
     eval                    ``gali eval`` and ``gali reproduce``
     cli                     argument parsing and dispatch
 

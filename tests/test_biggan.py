@@ -36,7 +36,7 @@ def _step(arch: str, tuples: str, *, latent_dim: int = 12, encoder_resolution: i
     spec = load_spec(tuples)
     nets = build_networks(model, MethodConfig(tuples=tuples), spec, resolution=model.resolution, device=CPU)
     step = build_step(nets, spec, MethodConfig(tuples=tuples), OptimConfig(), latent_dim,
-                      ComputeConfig(kernel_impl="ref", channels_last=False, **compute))
+                      ComputeConfig(**{"kernel_impl": "ref", "channels_last": False, **compute}))
     return step, nets, model
 
 
@@ -64,6 +64,14 @@ def test_a_training_step_runs_and_moves_every_network(arch, latent_dim, encoder_
     for name in ("G", "E", "D"):
         after = getattr(nets, name).state_dict()
         assert any(not torch.equal(v, after[k]) for k, v in before[name].items()), name
+
+
+def test_a_channels_last_step_runs_at_the_smallest_width():
+    """Channel counts stay >= 2: a 1-channel channels-last activation crashed torch 2.13's CPU kernels."""
+    step, _, _ = _step("biggan128", "gali4", encoder_resolution=256, channels_last=True)
+    out = step.step(_images(256), torch.tensor(0.1))
+    assert torch.isfinite(out["loss_d"]) and min(m.out_channels for m in step.nets.E.modules()
+                                                 if isinstance(m, nn.Conv2d)) >= 2
 
 
 @pytest.mark.parametrize("tuples", ["ali", "gali4", "gali8", "gali-mix"])

@@ -35,10 +35,15 @@ class TinyE(nn.Module):
 
 
 class TinyD(nn.Module):
+    resolution = R
+
     def __init__(self) -> None:
         super().__init__()
         self.joint = nn.Linear(PIXELS + DZ, F)
         self.head = nn.Linear(F, K)
+
+    def head_weight(self) -> tuple[Tensor, Tensor, int]:
+        return self.head.weight, self.head.bias, 1
 
     def features(self, slots: list[list[Tensor]]) -> Tensor:
         images, latents = (torch.cat(blocks) for blocks in slots)

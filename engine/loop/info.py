@@ -12,7 +12,7 @@ from torch import nn
 from gali.engine.loop.config import Config
 from gali.engine.method.tuple_spec import load_spec
 from gali.engine.nets.networks import Networks, build_networks
-from gali.engine.step.cost import measure_step_cost
+from gali.engine.step.cost import COST_BATCHES, measure_step_cost
 
 # fp32 weight, its gradient and Adam's two moments
 BYTES_PER_TRAINED_PARAMETER = 16
@@ -48,7 +48,7 @@ def describe(cfg: Config) -> str:
     lines += [f"  {name:<{width}}  {count / 1e6:10.3f} M" for name, count in counts.items()]
     lines += [
         f"training step (forward and backward of every chain call and of D over all {spec.num_classes} tuples), "
-        "measured on the CPU at batches of 2 and 4 and scaled:",
+        f"measured on the CPU at batches of {COST_BATCHES[0]} and {COST_BATCHES[1]} and scaled:",
         f"  model FLOPs   {cost.flops_per_image / 1e9:10.3f} GFLOP per real image, "
         f"{cost.flops_per_image * batch / 1e12:.3f} TFLOP per step of {batch}",
         f"  activations   {cost.activation_bytes_per_image / 2**20:10.2f} MiB per real image (fp32), "

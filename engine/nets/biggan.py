@@ -2,7 +2,7 @@
 
 The same slot interface as the paper networks (:mod:`gali.engine.nets.paper`), so every tuple spec runs
 with them. ``width`` scales every channel count (1.0 is BigGAN's ch = 96 for G and D and ResNet-50's
-64 base channels for E); the tables below are BigGAN-PyTorch's ``G_arch``/``D_arch`` and ResNet-50's
+64 base channels for E; never below 2); the tables below are BigGAN-PyTorch's ``G_arch``/``D_arch`` and ResNet-50's
 stages, read by generic classes.
 
 - **G** (:class:`BigGANGenerator`): hierarchical latent: z is split into one chunk for the first
@@ -67,6 +67,12 @@ D_ARCH = {  # (in, out, downsample); in = 0 is the RGB input
     256: ((0, 1, True), (1, 2, True), (2, 4, True), (4, 8, True), (8, 8, True), (8, 16, True), (16, 16, False)),
 }
 BIGGAN_RESOLUTIONS = tuple(G_ARCH)
+
+
+def _channels(base: int, width: float) -> int:
+    """A scaled channel count, at least 2: in channels-last, a 1-channel activation crashed torch 2.13's CPU
+    kernels (a double free in the ResNet stem at width 0.02, measured on the development machine)."""
+    return max(2, scaled(base, width))
 
 
 def _check_resolution(resolution: int, who: str) -> None:
@@ -173,7 +179,7 @@ class BigGANGenerator(nn.Module):
                              "140 at 256²)")
         self.resolution, self.latent_dim = resolution, latent_dim
         self.chunk = latent_dim // (len(arch) + 1)
-        ch = scaled(BIGGAN_CH, width)
+        ch = _channels(BIGGAN_CH, width)
         self.first_channels = arch[0][0] * ch
         self.linear = nn.Linear(self.chunk, 4 * 4 * self.first_channels)
         blocks: list[nn.Module] = []
@@ -233,7 +239,7 @@ class ResNetEncoder(nn.Module):
         if resolution < 32:
             raise ValueError(f"ResNetEncoder needs images of at least 32²; got {resolution}")
         self.resolution, self.latent_dim = resolution, latent_dim
-        base = scaled(RESNET_CH, width)
+        base = _channels(RESNET_CH, width)
         self.stem = nn.Sequential(nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(base),
                                   nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
         blocks: list[nn.Module] = []
@@ -326,7 +332,7 @@ class BigBiGANDiscriminator(nn.Module):
         self.resolution, self.latent_dim, self.num_classes = resolution, latent_dim, num_classes
         self.slot_kinds, self.extra_dim = slot_kinds, extra_dim if EXTRA in slot_kinds else None
         self.unary_heads = unary_heads
-        ch = scaled(BIGGAN_CH, width)
+        ch = _channels(BIGGAN_CH, width)
         mlp = scaled(MLP_WIDTH, width)
         branches: dict[str, nn.Module] = {}
         widths: dict[str, int] = {}
