@@ -58,6 +58,8 @@ class RunConfig:
                    snapshots, gali eval, sample and reconstruct use (0 = no average: the live weights);
     ema_rampup:    ... at most this fraction of the images seen so far (0 = no ramp-up);
     ema_start_kimg: ... and the live weights themselves until this many kimg (gali.engine.loop.ema).
+    ema_bn_batches: the averages' BatchNorm statistics are recomputed on this many training batches
+                   before each snapshot (E on x, G on mu_E(x)) and saved so; 0 keeps the live networks'.
     identity_images: the snapshots' identity metric fits its classifier on at most this many labelled
                    training images (pixels; gali.engine.metrics.identity); 0 turns it off. Unlabelled
                    data skips it.
@@ -80,6 +82,7 @@ class RunConfig:
     ema_kimg: float = 0.0
     ema_rampup: float = 0.05
     ema_start_kimg: float = 0.0
+    ema_bn_batches: int = 10
     identity_images: int = 5000
 
     def validate(self) -> None:
@@ -98,6 +101,7 @@ class RunConfig:
         check_positive("run.milestone_kimg", self.milestone_kimg, allow_zero=True)
         check_positive("run.identity_images", self.identity_images, allow_zero=True)
         check_positive("run.snapshot_bn_recalibrate", self.snapshot_bn_recalibrate, allow_zero=True)
+        check_positive("run.ema_bn_batches", self.ema_bn_batches, allow_zero=True)
         for key in ("ema_kimg", "ema_rampup", "ema_start_kimg"):
             check_positive(f"run.{key}", getattr(self, key), allow_zero=True)
 

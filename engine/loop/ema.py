@@ -5,9 +5,12 @@ After every step each averaged parameter moves toward the live one,
 every ``half_life`` images: ``run.ema_kimg`` thousand, or, with ``run.ema_rampup`` = r > 0, at most
 r × the images seen so far (early averages forget the random start quickly). Before
 ``run.ema_start_kimg`` the average is the live weights (β = 0). Buffers (BatchNorm statistics) are
-copied, not averaged. The averaged G and E draw the snapshots' grids, are measured by the snapshots'
-held-out metrics and are what ``gali eval``, ``gali sample`` and ``gali reconstruct`` load by default;
-they live in the checkpoint as ``G_ema`` and ``E_ema`` and are resumed exactly.
+copied, not averaged; since they belong to the live weights, the snapshots recompute them on real
+images (``run.ema_bn_batches``) before they measure, draw and save the averages.
+
+The averaged G and E draw the snapshots' grids, are measured by the snapshots' held-out metrics and
+are what ``gali eval``, ``gali sample`` and ``gali reconstruct`` load by default; they live in the
+checkpoint as ``G_ema`` and ``E_ema`` and are resumed exactly.
 """
 
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """The ``run.snapshot_kimg`` cadence: image grids, the held-out metrics and the checkpoint.
 
-Grids and metrics come from the moving averages of G and E when the run keeps them (``run.ema_kimg``),
-else from the live networks. The held-out metrics (:func:`gali.engine.metrics.reconstruction.held_out_metrics`) are the
+Grids and metrics come from the moving averages of G and E when the run keeps them
+(``run.ema_kimg``), their BatchNorm statistics first recomputed on ``run.ema_bn_batches`` real
+training batches (between snapshots they carry the live networks'), else from the live networks.
+The held-out metrics (:func:`gali.engine.metrics.reconstruction.held_out_metrics`) are the
 reconstruction MSE, E's mean σ and μ spread, and, for labelled data, the identity metric with a
-classifier fitted once per run on up to ``run.identity_images`` training images; with
-``run.snapshot_bn_recalibrate`` = N > 0, each is measured a second time (``*_bn_recal``) on copies of G
-and E whose BatchNorm statistics were recomputed on N training batches
+classifier fitted once per run on up to ``run.identity_images`` training images. With
+``run.snapshot_bn_recalibrate`` = N > 0 each is measured a second time (``*_bn_recal``) on copies of
+G and E whose BatchNorm statistics were recomputed on N training batches
 (:func:`gali.engine.nets.inference.recalibrate_batch_norm`).
 
 Grids are drawn from fixed inputs chosen at the start of a run (a seeded z, the first held-out
@@ -79,6 +81,9 @@ class Snapshots:
         self.nets, self.world = nets, world
         # What the grids and held-out metrics show: the moving averages of G and E when the run keeps them.
         self.shown = (ema.G, ema.E) if ema is not None else (nets.G, nets.E)
+        # The averages' BatchNorm statistics, copied from the live networks, belong to other weights: they are
+        # recomputed on real images before each snapshot measures, draws and saves them (run.ema_bn_batches).
+        self.ema_bn_batches = cfg.run.ema_bn_batches if ema is not None else 0
         self.with_buffers = tuple(dict.fromkeys((nets.G, nets.E, nets.D, *self.shown)))  # averaged over ranks
         self.mask_fill, self.kernel_impl = cfg.method.mask_fill, cfg.compute.kernel_impl
         self.keep, self.milestone_images = cfg.run.keep_checkpoints, int(cfg.run.milestone_kimg * 1000)
@@ -106,6 +111,7 @@ class Snapshots:
         """
         images_seen = checkpoint.progress.images_seen
         average_buffers(self.world, self.with_buffers)
+        self._recalibrate_averages()
         figures = self._measure_and_draw(images_seen, run_log) if self.world.is_main else {}
         # After the snapshot's own random draws: the checkpoint's RNG state is where training goes on from.
         self._save(checkpoint, run_log)
@@ -124,7 +130,18 @@ class Snapshots:
     def save_checkpoint(self, checkpoint: Checkpoint, run_log: RunLog | SilentRunLog) -> None:
         """A checkpoint outside the cadence (a stopped run): collective; rank 0 writes."""
         average_buffers(self.world, self.with_buffers)
+        self._recalibrate_averages()
         self._save(checkpoint, run_log)
+
+    def _recalibrate_averages(self) -> None:
+        """The averaged G's and E's BatchNorm statistics from real training images (rank 0's, on every rank)."""
+        if not self.ema_bn_batches:
+            return
+        G, E = self.shown
+        if self.world.is_main:
+            recalibrate_batch_norm(G, E, itertools.islice((b.x for b in self.train_images), self.ema_bn_batches))
+        for buffer in (b for net in (G, E) for b in net.buffers() if b.is_floating_point()):
+            self.world.broadcast_tensor(buffer)
 
     def _save(self, checkpoint: Checkpoint, run_log: RunLog | SilentRunLog) -> None:
         """The checkpoint (collective; rank 0 writes), then the old ones beyond ``run.keep_checkpoints`` pruned."""
