@@ -140,7 +140,7 @@ class Snapshots:
         G, E = self.shown
         if self.world.is_main:
             recalibrate_batch_norm(G, E, itertools.islice((b.x for b in self.train_images), self.ema_bn_batches))
-        for buffer in (b for net in (G, E) for b in net.buffers() if b.is_floating_point()):
+        for buffer in (b for net in (G, E) for b in net.buffers()):  # the counters too: ranks compare them
             self.world.broadcast_tensor(buffer)
 
     def _save(self, checkpoint: Checkpoint, run_log: RunLog | SilentRunLog) -> None:
