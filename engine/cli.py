@@ -155,6 +155,22 @@ def _positive(text: str) -> int:
     return value
 
 
+def _native_build(args: argparse.Namespace) -> None:
+    from gali.pipelines.native import build
+
+    library = build(force=args.force, log=print)
+    print(f"DALI masks plugin: {library}")
+
+
+def _add_native_commands(commands: argparse._SubParsersAction) -> None:
+    native = commands.add_parser("native", help="the native DALI masks operator (pipelines/native)")
+    tools = native.add_subparsers(dest="native_command", required=True)
+    build = tools.add_parser("build", help="build the plugin into the cache (CMake, the C++ compiler, nvcc if found) "
+                             "and print where; pipelines build it on first use anyway")
+    build.add_argument("--force", action="store_true", help="rebuild even if this DALI's build exists")
+    build.set_defaults(func=_native_build)
+
+
 def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="check, prepare and describe data sets (any source layout)")
     tools = data.add_subparsers(dest="data_command", required=True)
@@ -332,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     presets.set_defaults(func=_presets)
 
     _add_data_commands(commands)
+    _add_native_commands(commands)
     _add_eval_commands(commands)
     return parser
 

@@ -31,6 +31,9 @@ Mask kinds, with parameters per sample:
   :func:`sample_stroke_params` draws (integer endpoints, half-integer radii) every step is exact on
   images up to 2048 pixels a side, so kernel and reference agree bit for bit on any device; other
   parameters may differ on pixels within rounding of the boundary (GPU FMA contraction).
+- ``"dense"``: a given mask, uint8 or bool (B, H, W) or (B, 1, H, W), nonzero = masked: the per-sample
+  masks a pipeline drew (``gali.pipelines.masks``). The kernel reads one byte per pixel instead of
+  computing the mask, so the pass stays one pass and moves N·e/C + B·H·W bytes more than a drawn kind.
 
 Limits: x, y made contiguous (channels-last inputs are copied); fp32/bf16/fp16; batch ≤ 65535 on the
 Triton path (the grid's second axis); the stroke count is a compile-time constant of the kernel (a new
@@ -56,9 +59,10 @@ from gali.kernels._launch import Impl, device_guard, tl, triton, use_triton
 __all__ = ["MaskComposite", "mask_composite", "mask_composite_ref", "sample_box_params", "sample_stroke_params"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_KINDS = ("box", "stroke")
+_KINDS = ("box", "stroke", "dense")
+_KIND_CODE = {kind: code for code, kind in enumerate(_KINDS)}  # the kernels' KIND constexpr
 
-Kind = Literal["box", "stroke"]
+Kind = Literal["box", "stroke", "dense"]
 
 
 class MaskComposite(NamedTuple):
@@ -77,6 +81,8 @@ class MaskComposite(NamedTuple):
 
 def _mask_ref(params: Tensor, kind: str, height: int, width: int) -> Tensor:
     """Boolean (B, 1, H, W) mask from canonical params, by broadcast comparisons against index grids."""
+    if kind == "dense":
+        return params.view(-1, 1, height, width) != 0
     rows = torch.arange(height, device=params.device).view(1, height, 1)
     cols = torch.arange(width, device=params.device).view(1, 1, width)
     if kind == "box":
@@ -134,9 +140,13 @@ def mask_composite_ref(
 if triton is not None:
 
     @triton.jit
-    def _mask_block(params_ptr, b, row, col, IS_BOX: tl.constexpr, NUM_STROKES: tl.constexpr):
-        """The mask (True = masked) of one block of pixels of sample b, from its parameters."""
-        if IS_BOX:
+    def _mask_block(params_ptr, b, offs, inside, W, hw, KIND: tl.constexpr, NUM_STROKES: tl.constexpr):
+        """The mask (True = masked) of the pixels ``offs`` (flat within the image) of sample b, from its parameters."""
+        row = offs // W
+        col = offs % W
+        if KIND == 2:  # "dense" (_KINDS order: box 0, stroke 1, dense 2): the given mask's bytes
+            mask = tl.load(params_ptr + b.to(tl.int64) * hw + offs, mask=inside, other=0) != 0
+        elif KIND == 0:
             p = params_ptr + b * 4
             top = tl.load(p)
             left = tl.load(p + 1)
@@ -186,7 +196,7 @@ if triton is not None:
         W,
         fill,
         std_value,
-        IS_BOX: tl.constexpr,
+        KIND: tl.constexpr,
         NUM_STROKES: tl.constexpr,
         HAS_Y: tl.constexpr,
         HAS_NOISE: tl.constexpr,
@@ -198,7 +208,7 @@ if triton is not None:
         hw = H * W
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < hw
-        m = _mask_block(params_ptr, b, offs // W, offs % W, IS_BOX, NUM_STROKES)
+        m = _mask_block(params_ptr, b, offs, inside, W, hw, KIND, NUM_STROKES)
         b64 = b.to(tl.int64)
         # via fp32: the interpreter converts int1 straight to bf16 bits (1 -> the smallest subnormal)
         tl.store(mask_ptr + b64 * hw + offs, tl.where(m, 1.0, 0.0).to(mask_ptr.dtype.element_ty), mask=inside)
@@ -225,7 +235,7 @@ if triton is not None:
         C,
         H,
         W,
-        IS_BOX: tl.constexpr,
+        KIND: tl.constexpr,
         NUM_STROKES: tl.constexpr,
         HAS_G_MASKED: tl.constexpr,
         HAS_G_MIX: tl.constexpr,
@@ -238,7 +248,7 @@ if triton is not None:
         hw = H * W
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < hw
-        m = _mask_block(params_ptr, b, offs // W, offs % W, IS_BOX, NUM_STROKES)
+        m = _mask_block(params_ptr, b, offs, inside, W, hw, KIND, NUM_STROKES)
         b64 = b.to(tl.int64)
         for c in range(C):
             at = (b64 * C + c) * hw + offs
@@ -311,8 +321,8 @@ def _mask_composite_op(
             W,
             fill,
             noise_std,
-            IS_BOX=kind == "box",
-            NUM_STROKES=1 if kind == "box" else params.shape[1],
+            KIND=_KIND_CODE[kind],
+            NUM_STROKES=params.shape[1] if kind == "stroke" else 1,
             HAS_Y=y is not None,
             HAS_NOISE=y is not None and noise is not None,
             STD_IN_TENSOR=noise_std_tensor is not None,
@@ -355,8 +365,8 @@ def _mask_composite_backward_op(
             C,
             H,
             W,
-            IS_BOX=kind == "box",
-            NUM_STROKES=1 if kind == "box" else params.shape[1],
+            KIND=_KIND_CODE[kind],
+            NUM_STROKES=params.shape[1] if kind == "stroke" else 1,
             HAS_G_MASKED=g_masked is not None and need_x,
             HAS_G_MIX=g_mix is not None,
             NEED_X=need_x,
@@ -421,10 +431,11 @@ def mask_composite(
 
     Args:
         x: (B, C, H, W) float32/bfloat16/float16 image, e.g. real data or a generator output.
-        params: per-sample mask parameters: int (B, 4) for kind='box', float (B, S, 5) for 'stroke';
-            from :func:`sample_box_params` / :func:`sample_stroke_params`. No gradient.
+        params: per-sample mask parameters: int (B, 4) for kind='box', float (B, S, 5) for 'stroke'
+            (from :func:`sample_box_params` / :func:`sample_stroke_params`), or the masks themselves,
+            uint8/bool (B, H, W) or (B, 1, H, W), for 'dense'. No gradient.
         y: optional (B, C, H, W) image of x's dtype pasted inside the mask (GALI-mix's G(E(M(x)))).
-        kind: 'box' or 'stroke'.
+        kind: 'box', 'stroke' or 'dense'.
         fill: value written into masked pixels of ``masked`` (−2, just outside tanh's range, docs/method.md §5 item 6).
         noise: optional (B, C, H, W) standard-normal draw added to ``mix`` as D's instance noise.
         noise_std: its scale, a float or a 0-d tensor on x's device (a tensor keeps a changing schedule
@@ -478,6 +489,16 @@ def _check_inputs(
         if params.dtype.is_floating_point or params.dtype.is_complex or params.dtype == torch.bool:
             raise TypeError(f"mask_composite: params for kind='box' must be an integer tensor, got {params.dtype}")
         params = params.to(torch.int32)
+    elif kind == "dense":
+        height, width = x.shape[2:]
+        if params.shape not in ((batch, height, width), (batch, 1, height, width)):
+            raise ValueError(
+                f"mask_composite: params for kind='dense' must be the masks, shape (B, H, W) = ({batch}, {height}, "
+                f"{width}) or (B, 1, H, W), got {tuple(params.shape)}"
+            )
+        if params.dtype not in (torch.uint8, torch.bool):
+            raise TypeError(f"mask_composite: params for kind='dense' must be uint8 or bool masks, got {params.dtype}")
+        params = params.reshape(batch, height, width).to(torch.uint8)
     else:
         if params.dim() != 3 or params.shape[0] != batch or params.shape[2] != 5 or params.shape[1] < 1:
             raise ValueError(

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import torch
 
+from gali.engine.errors import ConfigError
+
 from .config import DataConfig
 from .contract import Batch, Pipeline, check_batch
 from .digits import cache_root, default_digits_root, prepare_digits
+from .masks import MaskArgs
 from .synthetic import SPLIT_IMAGES, SyntheticPipeline
 from .torch_files import TorchFilePipeline
 
@@ -42,6 +45,7 @@ def make_pipeline(
     rank: int = 0,
     world_size: int = 1,
     channels_last: bool = False,
+    masks: MaskArgs | None = None,
 ) -> Pipeline:
     """Build the pipeline that ``cfg`` names for ``split`` ('train' or 'test') on this rank.
 
@@ -52,8 +56,10 @@ def make_pipeline(
     says), backend 'dali' (``DaliPipeline``) with NVIDIA DALI; backend 'synthetic' reads nothing and draws
     random batches on the device (10 classes, an epoch as long as CIFAR-10's split). ``channels_last``
     (the engine passes ``compute.channels_last``) delivers every backend's ``x`` in the channels-last
-    memory format. Raises ``ConfigError`` for an invalid ``cfg`` and ``DataError`` for unusable data,
-    before any batch is produced.
+    memory format. ``masks`` (``MaskSpec.args``) adds each sample's inpainting masks to its batch: the DALI
+    backend draws them with the native operator (built on first use), the torch backend with its Python
+    reference, bit for bit alike; indexed sources only (not 'webdataset', not 'synthetic'). Raises
+    ``ConfigError`` for an invalid ``cfg`` and ``DataError`` for unusable data, before any batch is produced.
     """
     cfg.validate()
     backend = resolve_backend(cfg.backend, device)
@@ -69,7 +75,12 @@ def make_pipeline(
     if backend == "synthetic":
         if split not in SPLIT_IMAGES:
             raise ValueError(f"split must be one of {tuple(SPLIT_IMAGES)}, got {split!r}")
+        if masks is not None:
+            raise ConfigError("data.backend", "'synthetic' draws no masks; use image files or method.mask_source=step")
         return SyntheticPipeline(num_images=SPLIT_IMAGES[split], resolution=cfg.resolution, **common)
+    if masks is not None and cfg.source == "webdataset":
+        raise ConfigError("data.source", "'webdataset' shards have no per-sample index to seed pipeline masks from; "
+                                         "use image folders or a file list, or method.mask_source=step")
 
     if cfg.source == "digits":
         root = prepare_digits(
@@ -80,7 +91,7 @@ def make_pipeline(
     if backend == "dali":
         from .dali import DaliPipeline  # nvidia-dali is an optional dependency
 
-        return DaliPipeline(cfg, root, split=split, **common)
+        return DaliPipeline(cfg, root, split=split, masks=masks, **common)
     return TorchFilePipeline(
         root,
         split=split,
@@ -89,5 +100,6 @@ def make_pipeline(
         prefetch=cfg.prefetch,
         source="folder" if cfg.source == "digits" else cfg.source,
         augment=cfg.augment,
+        masks=masks,
         **common,
     )

@@ -7,7 +7,10 @@ incomplete last batch is dropped, so shapes are static and a captured step can r
   ``channels_last=True`` (the engine passes ``compute.channels_last``), values in [-1, 1], already on the
   training device;
 - ``labels``: int64, shape (B,), on the same device, in ``[0, len(class_names))``; ``None`` where
-  the data has no labels.
+  the data has no labels;
+- ``masks``: uint8, shape (B, M, R, R), on the same device, values 0 or 1 (1 = masked): each sample's
+  inpainting masks, a function of (seed, sample index, slot) alone (``gali.pipelines.masks``), where the
+  pipeline was asked for them (``make_pipeline(..., masks=)``); else ``None``.
 
 ``set_epoch(epoch, start_batch)`` fixes the order of the next epoch from (seed, epoch) alone and
 starts the next pass at batch ``start_batch`` of it, so a run resumed mid-epoch sees the same
@@ -38,6 +41,7 @@ class Batch:
 
     x: Tensor  # float32 (B, 3, R, R) in [-1, 1] on the training device
     labels: Tensor | None  # int64 (B,) on the same device, or None
+    masks: Tensor | None = None  # uint8 (B, M, R, R), 1 = masked, on the same device, or None
 
 
 @runtime_checkable
@@ -135,11 +139,13 @@ def check_batch(
     resolution: int,
     device: torch.device | str,
     num_classes: int | None = None,
+    num_masks: int | None = None,
 ) -> None:
     """Raise ``DataError`` naming the first way ``batch`` breaks the batch contract.
 
     Checks type, shape, dtype, device, contiguity and the value range of ``x`` (no NaN/inf, within
-    [-1, 1]) and of ``labels`` (within ``[0, num_classes)`` when ``num_classes`` is given). The
+    [-1, 1]), of ``labels`` (within ``[0, num_classes)`` when ``num_classes`` is given) and of ``masks``
+    (present with M masks of 0s and 1s when ``num_masks`` is given, absent when it is None). The
     value checks read the tensors back to the host, so call this on a first batch, not every step.
     """
     where = "batch contract violated"
@@ -164,6 +170,7 @@ def check_batch(
     if lo < -1.0 or hi > 1.0:
         raise DataError(f"{where}: x spans [{lo:.4g}, {hi:.4g}], expected values within [-1, 1]")
 
+    _check_masks(batch.masks, where, (batch_size, num_masks, resolution, resolution), device)
     labels = batch.labels
     if labels is None:
         return
@@ -179,3 +186,21 @@ def check_batch(
         lo_l, hi_l = int(labels.min()), int(labels.max())
         if lo_l < 0 or hi_l >= num_classes:
             raise DataError(f"{where}: labels span [{lo_l}, {hi_l}], expected within [0, {num_classes})")
+
+
+def _check_masks(masks: Tensor | None, where: str, expected: tuple[int, int | None, int, int],
+                 device: torch.device) -> None:
+    if expected[1] is None:
+        if masks is not None:
+            raise DataError(f"{where}: the batch holds masks, but none were asked for")
+        return
+    if not isinstance(masks, Tensor):
+        raise DataError(f"{where}: masks must be a torch.Tensor of shape {expected}, got {type(masks).__name__}")
+    if tuple(masks.shape) != expected:
+        raise DataError(f"{where}: masks have shape {tuple(masks.shape)}, expected {expected} (B, M, R, R)")
+    if masks.dtype != torch.uint8:
+        raise DataError(f"{where}: masks have dtype {masks.dtype}, expected torch.uint8")
+    if not _same_device(masks.device, device):
+        raise DataError(f"{where}: masks are on {masks.device}, expected the training device {device}")
+    if int(masks.max()) > 1:
+        raise DataError(f"{where}: masks hold values up to {int(masks.max())}, expected 0 (kept) and 1 (masked)")

@@ -47,6 +47,7 @@ from gali.engine.errors import ConfigError, DataError
 
 from .config import DataConfig
 from .contract import Batch, batches_per_rank, check_rank, check_split_size, check_start_batch, epoch_order, pixels_to_x
+from .masks import MaskArgs
 from .sources import IMAGE_EXTENSIONS, FileIndex, ShardIndex, open_split
 from .torch_files import decode_problem
 
@@ -70,7 +71,8 @@ def _build_dali_pipeline(
     index: FileIndex | ShardIndex,
     *,
     files: list[str],
-    labels: list[int],
+    sample_ids: list[int],
+    masks: MaskArgs | None,
     shard_id: int,
     num_shards: int,
     resolution: int,
@@ -78,10 +80,11 @@ def _build_dali_pipeline(
     decode_device: str,
     layout: str,
 ):
-    """The DALI pipeline's operators: read, decode, crop/resize to R×R, (flip), uint8 in ``layout``; plus the labels."""
+    """The DALI pipeline's operators: read, decode, crop/resize to R×R, (flip), uint8 in ``layout``; plus the
+    labels (image files: each image's index in the split, its label looked up after) and the masks."""
     if isinstance(index, FileIndex):
         encoded, labels = fn.readers.file(
-            file_root=str(index.base), files=files, labels=labels, shard_id=shard_id, num_shards=num_shards,
+            file_root=str(index.base), files=files, labels=sample_ids, shard_id=shard_id, num_shards=num_shards,
             random_shuffle=False, name=READER,
         )
     else:
@@ -111,7 +114,10 @@ def _build_dali_pipeline(
         )
         mirror = 0
     images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout=layout, mirror=mirror)
-    return images, labels
+    if masks is None:
+        return images, labels
+    ids = fn.cast(labels, dtype=types.INT64)
+    return images, labels, fn.gali_masks(ids.gpu() if decode_device == "mixed" else ids, **masks.as_kwargs())
 
 
 def _digits_to_int(text: torch.Tensor) -> torch.Tensor:
@@ -149,6 +155,7 @@ class DaliPipeline:
         rank: int = 0,
         world_size: int = 1,
         channels_last: bool = False,
+        masks: MaskArgs | None = None,
     ) -> None:
         if batch_size < 1 or seed < 0:
             raise ValueError(f"need batch_size >= 1 and seed >= 0; got {batch_size}, {seed}")
@@ -168,6 +175,14 @@ class DaliPipeline:
         self.num_threads = max(1, cfg.workers)
         self.prefetch = cfg.prefetch
         self.batches_per_rank = batches_per_rank(n, batch_size, world_size)
+        self.masks = masks
+        if masks is not None:
+            if not isinstance(self.index, FileIndex):
+                raise ConfigError("data.source", "webdataset shards have no per-sample index to seed pipeline masks "
+                                                 "from; use image folders or a file list, or method.mask_source=step")
+            from .native import load  # the plugin, built on first use
+
+            load()
         self.epoch = 0
         self.start_batch = 0
         self._iterator: DALIGenericIterator | None = None
@@ -194,12 +209,12 @@ class DaliPipeline:
 
     def _build(self) -> DALIGenericIterator:
         files: list[str] = []
-        labels: list[int] = []
+        sample_ids: list[int] = []
         if isinstance(self.index, FileIndex):
             # Every rank's rest of the epoch, rank after rank: DALI's contiguous shard ``rank`` is this rank's.
             order = self._epoch_order()[:, self.start_batch * self.batch_size :].reshape(-1)
             files = [os.fsdecode(p) for p in self.index.paths[order]]
-            labels = self.index.labels[order].tolist()
+            sample_ids = order.tolist()
         cuda = self.device.type == "cuda"
         device_id = None
         if cuda:
@@ -207,7 +222,8 @@ class DaliPipeline:
         pipe = _build_dali_pipeline(
             self.index,
             files=files,
-            labels=labels,
+            sample_ids=sample_ids,
+            masks=self.masks,
             shard_id=self.rank if files else (self.rank + self.epoch) % self.world_size,
             num_shards=self.world_size,
             resolution=self.resolution,
@@ -220,8 +236,9 @@ class DaliPipeline:
             seed=int(np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1)[0] >> 1),
             prefetch_queue_depth=self.prefetch,
         )
+        outputs = ["x", "labels"] + (["masks"] if self.masks is not None else [])
         return DALIGenericIterator(
-            [pipe], ["x", "labels"], reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=False
+            [pipe], outputs, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=False
         )
 
     def __iter__(self) -> Iterator[Batch]:
@@ -236,7 +253,8 @@ class DaliPipeline:
                     continue
                 pixels = out["x"].permute(0, 3, 1, 2) if self.channels_last else out["x"]
                 x = pixels_to_x(pixels, self.device, channels_last=self.channels_last)
-                yield Batch(x=x, labels=self._labels(out["labels"]).to(self.device, non_blocking=True))
+                masks = out["masks"].to(self.device, non_blocking=True) if self.masks is not None else None
+                yield Batch(x=x, labels=self._labels(out["labels"]).to(self.device, non_blocking=True), masks=masks)
                 if done == self.batches_per_rank:
                     break
         except RuntimeError as e:
@@ -244,8 +262,8 @@ class DaliPipeline:
             raise self._data_error(str(e), done) from e
 
     def _labels(self, raw: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.index, FileIndex):
-            return raw.reshape(-1).to(torch.int64)
+        if isinstance(self.index, FileIndex):  # the reader's labels are the images' indices in the split
+            return torch.from_numpy(self.index.labels)[raw.reshape(-1).cpu().to(torch.int64)]
         return _digits_to_int(raw.reshape(raw.shape[0], -1).cpu())
 
     def _data_error(self, message: str, done: int) -> DataError:

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_
 from gali.engine.errors import DataError
 
 from .contract import Batch, batches_per_rank, check_rank, check_split_size, check_start_batch, epoch_order, pixels_to_x
+from .masks import MaskArgs, draw_masks
 from .sources import SPLITS, SplitIndex, open_split
 
 CROP_SCALE = (0.08, 1.0)
@@ -169,8 +170,8 @@ class _Unreadable:
     message: str
 
 
-def _collate(items: Sequence[tuple[torch.Tensor, int] | _Unreadable]) -> list[torch.Tensor] | _Unreadable:
-    """``default_collate`` of the items (images, labels), or the first unreadable one among them."""
+def _collate(items: Sequence[tuple[torch.Tensor, ...] | _Unreadable]) -> list[torch.Tensor] | _Unreadable:
+    """``default_collate`` of the items (images, labels[, masks]), or the first unreadable one among them."""
     for item in items:
         if isinstance(item, _Unreadable):
             return item
@@ -178,23 +179,26 @@ def _collate(items: Sequence[tuple[torch.Tensor, int] | _Unreadable]) -> list[to
 
 
 class SourceDataset(Dataset):
-    """Map-style dataset over a ``SplitIndex``; item (epoch, i) is (uint8 (3, R, R) tensor, int label).
+    """Map-style dataset over a ``SplitIndex``; item (epoch, i) is (uint8 (3, R, R) tensor, int label), and
+    with ``masks`` also item i's uint8 (M, R, R) masks (``masks.draw_masks``, the native operator's reference).
 
     ``augment_seed`` None gives the eval transform; an int draws the augmentation of item i in
     ``epoch`` from (augment_seed, epoch, i). An item that cannot be read raises its ``DataError`` in the
     main process (no workers), and is returned as ``_Unreadable`` in a DataLoader worker.
     """
 
-    def __init__(self, index: SplitIndex, resolution: int, data_root: Path, augment_seed: int | None) -> None:
+    def __init__(self, index: SplitIndex, resolution: int, data_root: Path, augment_seed: int | None,
+                 masks: MaskArgs | None = None) -> None:
         self.index = index
         self.resolution = resolution
         self.data_root = str(data_root)
         self.augment_seed = augment_seed
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int] | _Unreadable:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...] | _Unreadable:
         epoch, i = key
         rng = None if self.augment_seed is None else np.random.default_rng([self.augment_seed, epoch, i])
         try:
@@ -205,7 +209,10 @@ class SourceDataset(Dataset):
             if get_worker_info() is None:
                 raise  # in the main process: the error (and its cause) as it is
             return _Unreadable(str(e))
-        return torch.from_numpy(pixels), int(self.index.labels[i])
+        item = (torch.from_numpy(pixels), int(self.index.labels[i]))
+        if self.masks is None:
+            return item
+        return *item, torch.from_numpy(draw_masks([i], self.masks)[0])
 
 
 class ShardedEpochSampler(Sampler[int]):
@@ -261,7 +268,8 @@ class TorchFilePipeline:
 
     ``source`` is 'folder', 'filelist' or 'webdataset' (the layouts of ``gali.pipelines.sources``);
     ``augment`` applies to split 'train' only; ``prefetch`` is the DataLoader's prefetch_factor (used
-    with workers); ``channels_last`` delivers ``x`` in ``torch.channels_last`` memory format.
+    with workers); ``channels_last`` delivers ``x`` in ``torch.channels_last`` memory format; ``masks``
+    adds each sample's masks to its batch, drawn in the workers.
     """
 
     def __init__(
@@ -280,6 +288,7 @@ class TorchFilePipeline:
         source: str = "folder",
         augment: bool = False,
         channels_last: bool = False,
+        masks: MaskArgs | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -303,7 +312,7 @@ class TorchFilePipeline:
         self._sampler = ShardedEpochSampler(n, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
         augment_seed = seed if augment and split == "train" else None
         self._loader = DataLoader(
-            SourceDataset(index, resolution, root, augment_seed),
+            SourceDataset(index, resolution, root, augment_seed, masks),
             batch_size=batch_size,
             sampler=_EpochKeys(self._sampler),
             num_workers=workers,
@@ -332,9 +341,10 @@ class TorchFilePipeline:
             for batch in self._loader:
                 if isinstance(batch, _Unreadable):  # a worker's error, handed back as data (see ``_Unreadable``)
                     raise DataError(batch.message)
-                images, labels = batch
+                images, labels, *masks = batch
                 x = pixels_to_x(images, self.device, channels_last=self.channels_last)
-                yield Batch(x=x, labels=labels.to(self.device, non_blocking=True))
+                yield Batch(x=x, labels=labels.to(self.device, non_blocking=True),
+                            masks=masks[0].to(self.device, non_blocking=True) if masks else None)
         except DataError as e:
             # An error raised below the loader comes with a traceback through the DataLoader's frames that
             # forms a reference cycle with the exception and pins the loader's iterator until a later

@@ -65,9 +65,6 @@ from gali.engine.metrics import (
 )
 from gali.engine.nets.feature_models import load_feature_model, resize_to
 from gali.engine.nets.inference import (
-    EVAL_MASK_MAX,
-    EVAL_MASK_MIN,
-    EVAL_MASK_RESOLUTION,
     evaluation_box_params,
     inpaint,
     recalibrate_batch_norm,
@@ -75,6 +72,7 @@ from gali.engine.nets.inference import (
 )
 from gali.pipelines import Batch, cache_root, default_digits_root, make_pipeline
 from gali.pipelines.config import DataConfig
+from gali.pipelines.masks import EVAL_MASK_MAX, EVAL_MASK_MIN, EVAL_MASK_RESOLUTION, MaskArgs, MaskSpec
 
 LOADER_BATCH_MAX = 256
 # The metrics of ``gali eval``, with what each measures.
@@ -201,40 +199,48 @@ class SplitBatches:
     the largest loader batch (at most :data:`LOADER_BATCH_MAX`) that divides its size, which drops
     nothing, and re-cut here into ``batch_size`` with a partial last batch. The order is the
     pipeline's seeded shuffle of epoch 0, the same for any loader batch. ``num_images`` is the
-    number of images an iteration yields.
+    number of images an iteration yields. ``masks`` asks the pipeline for each image's masks.
     """
 
     def __init__(self, data: DataConfig, split: str, *, batch_size: int, device: torch.device, seed: int,
-                 limit: int | None = None) -> None:
-        pipeline = make_pipeline(data, split=split, batch_size=1, device=device, seed=seed)
+                 limit: int | None = None, masks: MaskArgs | None = None) -> None:
+        pipeline = make_pipeline(data, split=split, batch_size=1, device=device, seed=seed, masks=masks)
         n = pipeline.num_images
         loader_batch = max(d for d in range(1, min(n, LOADER_BATCH_MAX) + 1) if n % d == 0)
         if loader_batch > 1:
-            pipeline = make_pipeline(data, split=split, batch_size=loader_batch, device=device, seed=seed)
+            pipeline = make_pipeline(data, split=split, batch_size=loader_batch, device=device, seed=seed, masks=masks)
         pipeline.set_epoch(0)
         self.pipeline = pipeline
         self.batch_size = batch_size
         self.num_images = n if limit is None else min(n, limit)
 
     def __iter__(self) -> Iterator[Batch]:
-        xs: list[Tensor] = []
-        labels: list[Tensor] = []
-        held = seen = 0
+        held: list[Batch] = []
+        count = seen = 0
         for batch in self.pipeline:
-            xs.append(batch.x)
-            if batch.labels is not None:
-                labels.append(batch.labels)
-            held += batch.x.shape[0]
-            while held >= self.batch_size or (held and seen + held >= self.num_images):
-                x = torch.cat(xs)
-                y = torch.cat(labels) if labels else None
-                take = min(self.batch_size, held, self.num_images - seen)
-                yield Batch(x=x[:take], labels=None if y is None else y[:take])
+            held.append(batch)
+            count += batch.x.shape[0]
+            while count >= self.batch_size or (count and seen + count >= self.num_images):
+                joined = _join(held)
+                take = min(self.batch_size, count, self.num_images - seen)
+                yield _cut(joined, slice(0, take))
                 seen += take
                 if seen >= self.num_images:
                     return
-                xs, labels = [x[take:]], ([] if y is None else [y[take:]])
-                held -= take
+                held, count = [_cut(joined, slice(take, None))], count - take
+
+
+def _join(batches: list[Batch]) -> Batch:
+    """The batches end to end (labels and masks where the batches have them)."""
+    def cat(name: str) -> Tensor | None:
+        parts = [getattr(b, name) for b in batches]
+        return None if parts[0] is None else torch.cat(parts)
+    return Batch(x=cat("x"), labels=cat("labels"), masks=cat("masks"))
+
+
+def _cut(batch: Batch, rows: slice) -> Batch:
+    return Batch(x=batch.x[rows], labels=None if batch.labels is None else batch.labels[rows],
+                 masks=None if batch.masks is None else batch.masks[rows])
 
 
 def _dataset_identity(data: DataConfig) -> dict[str, Any]:
@@ -263,7 +269,8 @@ class _SplitMeasures:
     probe_x: list[np.ndarray] = field(default_factory=list)
     probe_y: list[np.ndarray] = field(default_factory=list)
     reference_features: list[Tensor] = field(default_factory=list)
-    boxes: Tensor | None = None
+    boxes: Tensor | None = None  # the evaluation boxes by position in the split, or None (pipeline masks)
+    coverage: list[Tensor] = field(default_factory=list)  # the inpainting masks' fraction of each image
     images: int = 0
 
 
@@ -306,9 +313,17 @@ class _Evaluation:
             log(f"BatchNorm statistics of E and G recomputed on {self.recalibrated} training images")
         self.classifier = self._identity_classifier() if "recon-identity" in metrics else None
 
-    def _batches(self, split: str, limit: int | None = None) -> SplitBatches:
+    def _batches(self, split: str, limit: int | None = None, masks: MaskArgs | None = None) -> SplitBatches:
         o = self.options
-        return SplitBatches(self.data, split, batch_size=o.batch_size, device=self.device, seed=o.seed, limit=limit)
+        return SplitBatches(self.data, split, batch_size=o.batch_size, device=self.device, seed=o.seed, limit=limit,
+                            masks=masks)
+
+    def _pipeline_masks(self) -> MaskArgs | None:
+        """The evaluation boxes drawn per sample by the pipeline, for runs trained with pipeline masks."""
+        if self.cfg.method.mask_source != "pipeline":
+            return None
+        side = self.data.resolution
+        return MaskSpec(kind_weights=(0.0, 1.0, 0.0), seed=self.options.seed).args(1, side, side)
 
     def _feature_mse(self, x: Tensor, y: Tensor) -> float:
         o = self.options
@@ -362,7 +377,7 @@ class _Evaluation:
                                            np.concatenate(identity["labels"]))
             features = "pixels" if self.feature_model is None else self._feature_settings()
             results["recon-identity"] = {**result.to_dict(), **common, "features": features}
-        if split.boxes is not None:
+        if "inpaint" in wanted:
             results["inpaint"] = {**self._inpaint_result(split), **common}
         if "probe" in wanted:
             results["probe"] = self._probe(np.concatenate(split.probe_x), np.concatenate(split.probe_y))
@@ -377,8 +392,9 @@ class _Evaluation:
         measured = _SplitMeasures()
         if not per_image and not need_reference:
             return measured
-        batches = self._batches(o.split, limit=None if per_image else o.fid_reference_images)
-        if "inpaint" in wanted:
+        pipeline_masks = self._pipeline_masks() if "inpaint" in wanted else None
+        batches = self._batches(o.split, limit=None if per_image else o.fid_reference_images, masks=pipeline_masks)
+        if "inpaint" in wanted and pipeline_masks is None:
             measured.boxes = evaluation_box_params(batches.num_images, self.data.resolution, seed=o.seed,
                                                    device=self.device)
         for batch in batches:
@@ -396,10 +412,14 @@ class _Evaluation:
                     measured.identity["real"].append(self._identity_features(x_g))
                     measured.identity["recon"].append(self._identity_features(x_hat))
                     measured.identity["labels"].append(batch.labels.cpu().numpy())
-            if measured.boxes is not None:
-                params = measured.boxes[measured.images:measured.images + x.shape[0]]
-                masked, _, composite = inpaint(self.G, self.E, x, params, fill=self.cfg.method.mask_fill)
+            if "inpaint" in wanted:
+                if batch.masks is not None:  # the pipeline's, one per sample: the same for any batch size or order
+                    params, kind = batch.masks[:, 0], "dense"
+                else:
+                    params, kind = measured.boxes[measured.images:measured.images + x.shape[0]], "box"
+                masked, _, composite = inpaint(self.G, self.E, x, params, kind=kind, fill=self.cfg.method.mask_fill)
                 per_batch["inpaint"].append(masked_pixel_mse(x, composite, masked.mask))
+                measured.coverage.append(masked.mask.mean((1, 2, 3)).cpu())
                 if self.feature_model is not None:
                     per_batch["inpaint_feature"].append(self._feature_mse(x, composite))
             if "probe" in wanted:
@@ -415,16 +435,21 @@ class _Evaluation:
         return measured
 
     def _inpaint_result(self, split: _SplitMeasures) -> dict[str, Any]:
-        assert split.boxes is not None
-        sides = split.boxes[:, 2:].cpu()
         with_features = self.feature_model is not None
+        coverage = torch.cat(split.coverage)
+        mask = {"kind": "box", "sides": f"{EVAL_MASK_MIN}..{EVAL_MASK_MAX} on {EVAL_MASK_RESOLUTION}^2, "
+                                        f"scaled to {self.data.resolution}^2, fully inside the image",
+                "source": "drawn by position in the split" if split.boxes is not None else
+                          "drawn per sample by the pipeline (gali.pipelines.masks, kind eval_box)",
+                "coverage": [round(float(coverage.min()), 4), round(float(coverage.max()), 4)],
+                "seed": self.options.seed, "fill": self.cfg.method.mask_fill}
+        if split.boxes is not None:
+            sides = split.boxes[:, 2:].cpu()
+            mask["drawn_sides"] = [int(sides.min()), int(sides.max())]
         return {
             "pixel_mse": summarize(split.per_batch["inpaint"]).to_dict(),
             "feature_mse": summarize(split.per_batch["inpaint_feature"]).to_dict() if with_features else None,
-            "mask": {"kind": "box", "sides": f"{EVAL_MASK_MIN}..{EVAL_MASK_MAX} on {EVAL_MASK_RESOLUTION}^2, "
-                                             f"scaled to {self.data.resolution}^2, fully inside the image",
-                     "drawn_sides": [int(sides.min()), int(sides.max())], "seed": self.options.seed,
-                     "fill": self.cfg.method.mask_fill},
+            "mask": mask,
             **(self._feature_settings() if with_features else {}),
         }
 
@@ -534,9 +559,10 @@ def _table_cells(name: str, r: dict[str, Any]) -> tuple[str, str]:
         feature = r["feature_mse"]
         extra = f"; feature-MSE {feature['mean']:.5f} ± {feature['std']:.5f}" if feature else ""
         mask = r["mask"]
-        low, high = mask["drawn_sides"]
-        return cell, (f"masked pixels only; box sides {low}-{high} px, seed {mask['seed']}, "
-                      f"{r['images']} {r['split']} images{extra}")
+        low, high = mask["coverage"]
+        where = "per sample by the pipeline" if "drawn_sides" not in mask else "by position"
+        return cell, (f"masked pixels only; boxes drawn {where}, covering {100 * low:.0f}-{100 * high:.0f} % of an "
+                      f"image, seed {mask['seed']}, {r['images']} {r['split']} images{extra}")
     if name == "recon-identity":
         return (f"{r['accuracy']:.3f}", f"real images {r['ceiling']:.3f}, chance {r['chance']:.3f}; nearest own "
                                         f"input {r['nearest']:.3f}; {r['images']} {r['split']} images")

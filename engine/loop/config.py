@@ -137,9 +137,24 @@ class Config:
                 f"got {self.data.resolution}, but model.arch={self.model.arch!r}{encoder} takes {expected}x{expected} "
                 f"images; set data.resolution={expected} or pick another model.arch",
             )
-        if self.model.data_resolution != self.model.resolution and load_spec(self.method.tuples).mask_indices:
+        masks = load_spec(self.method.tuples).mask_indices
+        if self.model.data_resolution != self.model.resolution and masks:
             raise ConfigError("model.encoder_resolution", f"tuple spec {self.method.tuples!r} masks and mixes images, "
                               "which needs one resolution for E, G and D; set model.encoder_resolution=0")
+        if self.method.mask_source == "pipeline":
+            self._check_pipeline_masks(len(masks))
+
+    def _check_pipeline_masks(self, num_masks: int) -> None:
+        """``method.mask_source=pipeline`` needs a spec with masks and a pipeline that knows each sample's index."""
+        if not num_masks:
+            raise ConfigError("method.mask_source", f"tuple spec {self.method.tuples!r} has no mask<n>/mix<n> slot; "
+                                                    "set method.mask_source=step (or a spec with masks, e.g. gali-mix)")
+        if self.data.backend == "synthetic" or self.data.source == "webdataset":
+            what = "data.backend" if self.data.backend == "synthetic" else "data.source"
+            raise ConfigError(what, f"{getattr(self.data, what.split('.')[1])!r} has no per-sample index to seed "
+                                    "pipeline masks from; use image folders, a file list or the digits, or set "
+                                    "method.mask_source=step")
+        self.method.pipeline_masks(num_masks, self.data.resolution, self.run.seed)  # its ranges fit the images
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

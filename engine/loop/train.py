@@ -100,7 +100,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
     seed_everything(cfg.run.seed)  # the same on every rank: the networks start equal
     spec = load_spec(cfg.method.tuples)
     batch_size = cfg.run.batch_size
-    pipeline = _training_pipeline(cfg, world, device)
+    pipeline = _training_pipeline(cfg, world, device, len(spec.mask_indices))
     if resume_from is not None:
         _check_resume_point(resume_from, cfg, len(pipeline))
     nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=device)
@@ -135,7 +135,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
                 if ema is not None:
                     ema.restart()
             phase = step_phase(progress.iteration, cfg.optim.n_dis)
-            ticks.add(step.step(batch.x, noise.at_epoch(epoch), phase))
+            ticks.add(step.step(batch.x, noise.at_epoch(epoch), phase, batch.masks))
             progress.advance(epoch, batch_size)
             if ema is not None:
                 ema.update(progress.images_seen, batch_size)
@@ -188,11 +188,13 @@ def _batches_from(pipeline: Pipeline, progress: Progress) -> Iterator[tuple[int,
             yield epoch, batch
 
 
-def _training_pipeline(cfg: Config, world: World, device: torch.device) -> Pipeline:
-    """This rank's shard of the training split, in batches of its share of ``run.batch_size``."""
+def _training_pipeline(cfg: Config, world: World, device: torch.device, num_masks: int) -> Pipeline:
+    """This rank's shard of the training split, in batches of its share of ``run.batch_size`` (with the
+    spec's ``num_masks`` masks per image where ``method.mask_source`` is 'pipeline')."""
     return make_pipeline(cfg.data, split="train", batch_size=local_batch_size(cfg.run.batch_size, world),
                          device=device, seed=cfg.run.seed, rank=world.rank, world_size=world.size,
-                         channels_last=cfg.compute.channels_last)
+                         channels_last=cfg.compute.channels_last,
+                         masks=cfg.method.pipeline_masks(num_masks, cfg.data.resolution, cfg.run.seed))
 
 
 def _open_run_log(cfg: Config, resume_from: ResumePoint | None, spec: TupleSpec, pipeline: Pipeline,

@@ -3,7 +3,9 @@
 ``E(...)`` is the stochastic encoder's sample μ + σ·ε with its own ε per call; ``G(...)`` the
 generator; ``M(...)`` the frozen feature model (which resizes its input itself); ``mask<n>(img)`` and
 ``mix<n>(img, fill)`` the fused :func:`gali.kernels.mask_composite.mask_composite` with one box draw
-per sample for each n, shared by every use of that n within the step.
+per sample for each n, shared by every use of that n within the step; or, where the batch brings its
+masks (``method.mask_source = "pipeline"``: uint8 (B, M, H, W), one per n in order), mask n is the
+batch's, read by the op's dense kind.
 """
 
 from __future__ import annotations
@@ -40,23 +42,30 @@ class ChainEvaluator:
         self.method = method
         self.kernel_impl = kernel_impl
         self.encoding: tuple[Tensor, Tensor] | None = None
+        self.mask_kind = "box"  # of the masks of the last evaluate: 'box' (drawn here) or 'dense' (the batch's)
 
-    def evaluate(self, spec: TupleSpec, x: Tensor, z: Tensor) -> dict[Expr, Tensor]:
+    def evaluate(self, spec: TupleSpec, x: Tensor, z: Tensor, masks: Tensor | None = None) -> dict[Expr, Tensor]:
+        """Every chain variable of ``spec``; ``masks`` (B, M, H, W) are the batch's, None draws boxes here."""
         self.encoding = None
-        side = x.shape[-1]
-        max_size = self.method.mask_max_size or side
-        masks = {
-            n: sample_box_params(x.shape[0], side, side, min_size=self.method.mask_min_size,
-                                 max_size=max_size, device=x.device)
-            for n in spec.mask_indices
-        }
+        if masks is None:
+            side = x.shape[-1]
+            self.mask_kind = "box"
+            drawn = {n: sample_box_params(x.shape[0], side, side, min_size=self.method.mask_min_size,
+                                          max_size=self.method.mask_max_size or side, device=x.device)
+                     for n in spec.mask_indices}
+        else:
+            if masks.shape[1] != len(spec.mask_indices):
+                raise ValueError(f"the batch has {masks.shape[1]} masks per image but tuple spec needs "
+                                 f"{len(spec.mask_indices)} (mask{list(spec.mask_indices)})")
+            self.mask_kind = "dense"
+            drawn = {n: masks[:, slot] for slot, n in enumerate(spec.mask_indices)}
         values: dict[Expr, Tensor] = {}
         for node in spec.variables():
-            values[node] = self.apply(node, [values[a] for a in node.args], x, z, masks)
+            values[node] = self.apply(node, [values[a] for a in node.args], x, z, drawn)
         return values
 
     def apply(self, node: Expr, args: list[Tensor], x: Tensor, z: Tensor, masks: dict[int, Tensor]) -> Tensor:
-        """One chain variable from its arguments' values."""
+        """One chain variable from its arguments' values; ``masks`` maps n to mask n (of ``mask_kind``)."""
         op = node.op
         if op == "x":
             return x
@@ -75,7 +84,9 @@ class ChainEvaluator:
         params = masks[int(op[-1])]
         with annotate("gali/mask_composite"):
             if op.startswith("mask"):
-                return mask_composite(args[0], params, fill=self.method.mask_fill, impl=self.kernel_impl).masked
+                return mask_composite(args[0], params, kind=self.mask_kind, fill=self.method.mask_fill,
+                                      impl=self.kernel_impl).masked
             # Under autocast G's output may be bf16 while x is fp32: the composite takes x's dtype.
             y = args[1].to(args[0].dtype)
-            return mask_composite(args[0], params, y=y, fill=self.method.mask_fill, impl=self.kernel_impl).mix
+            return mask_composite(args[0], params, y=y, kind=self.mask_kind, fill=self.method.mask_fill,
+                                  impl=self.kernel_impl).mix

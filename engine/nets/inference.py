@@ -13,9 +13,7 @@ from torch import Tensor, nn
 
 from gali.engine.nets.feature_models import resize_to
 from gali.kernels.mask_composite import MaskComposite, mask_composite, sample_box_params
-
-# Evaluation boxes of docs/method.md §5 item 5: sides 8..54 on 64x64 images, fully inside the image.
-EVAL_MASK_MIN, EVAL_MASK_MAX, EVAL_MASK_RESOLUTION = 8, 54, 64
+from gali.pipelines.masks import eval_box_range
 
 
 @torch.no_grad()
@@ -101,19 +99,19 @@ def evaluation_box_params(n: int, resolution: int, *, seed: int, device: torch.d
     the image (docs/method.md §5 item 5). Drawn on the CPU from a seeded generator, so the boxes do not
     depend on the device or on the training RNG, and moved to ``device``.
     """
-    min_size = max(1, round(EVAL_MASK_MIN * resolution / EVAL_MASK_RESOLUTION))
-    max_size = max(min_size, round(EVAL_MASK_MAX * resolution / EVAL_MASK_RESOLUTION))
+    min_size, max_size = eval_box_range(resolution)
     generator = torch.Generator().manual_seed(seed)
     params = sample_box_params(n, resolution, resolution, min_size=min_size, max_size=max_size, generator=generator)
     return params.to(device)
 
 
-def inpaint(G: nn.Module, E: nn.Module, x: Tensor, params: Tensor, *, fill: float = -2.0,
+def inpaint(G: nn.Module, E: nn.Module, x: Tensor, params: Tensor, *, kind: str = "box", fill: float = -2.0,
             impl: str = "auto") -> tuple[MaskComposite, Tensor, Tensor]:
     """The inpainting chain: (the masked input with its mask, G(μ_E(masked x)), the composite).
 
-    The composite keeps x outside each box and takes the inpainting inside it.
+    ``params`` are boxes (``kind='box'``) or given masks (``'dense'``, a pipeline's); the composite keeps x
+    outside each mask and takes the inpainting inside it.
     """
-    masked = mask_composite(x, params, fill=fill, impl=impl)
+    masked = mask_composite(x, params, kind=kind, fill=fill, impl=impl)
     inpainted = reconstruction_chain(G, E, masked.masked, depth=1)[1]
-    return masked, inpainted, mask_composite(x, params, y=inpainted, fill=fill, impl=impl).mix
+    return masked, inpainted, mask_composite(x, params, y=inpainted, kind=kind, fill=fill, impl=impl).mix

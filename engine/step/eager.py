@@ -89,14 +89,18 @@ class GaliStep:
         w_true, w_pair = loss_weights(spec.num_classes, method.loss_weights, method.objective)
         self.w_true, self.w_pair = w_true.to(self.device), w_pair.to(self.device)
 
-    def discriminate(self, x: Tensor, noise_std: Tensor, *, chains_grad: bool = True) -> dict[str, Tensor]:
-        """Forward only: chains, tuples, one D call, both losses (graph kept for the updates)."""
+    def discriminate(self, x: Tensor, noise_std: Tensor, masks: Tensor | None = None, *,
+                     chains_grad: bool = True) -> dict[str, Tensor]:
+        """Forward only: chains, tuples, one D call, both losses (graph kept for the updates).
+
+        ``masks``: the batch's masks (``method.mask_source = "pipeline"``), None to draw boxes in the step.
+        """
         batch = x.shape[0]
         k = self.spec.num_classes
         with fp32_spectral_norm(self.spectral_normed, self.device.type), self.precision.autocast():
             z = torch.randn(batch, self.latent_dim, device=x.device)
             with torch.set_grad_enabled(chains_grad and torch.is_grad_enabled()), annotate("gali/chains"):
-                values = self.chains.evaluate(self.spec, x, z)
+                values = self.chains.evaluate(self.spec, x, z, masks)
             slots = []  # each slot as K row blocks, one per class: D groups them by whether they need a gradient
             for position, kind in enumerate(self.spec.slot_kinds):
                 blocks = [values[cls[position]] for cls in self.spec.classes]
@@ -135,22 +139,22 @@ class GaliStep:
             out["loss_ge"] = loss_ge + self.method.alice_lambda * recon
         return out
 
-    def step(self, x: Tensor, noise_std: Tensor, phase: str = "both") -> dict[str, Tensor]:
-        """One update; ``phase`` is 'both' (simultaneous), 'd' or 'ge' (alternating)."""
+    def step(self, x: Tensor, noise_std: Tensor, phase: str = "both", masks: Tensor | None = None) -> dict[str, Tensor]:
+        """One update; ``phase`` is 'both' (simultaneous), 'd' or 'ge' (alternating); ``masks`` the batch's."""
         check_phase(phase)
         if self.compute.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with annotate("gali/step"):
-            return self.update(x, noise_std, phase)
+            return self.update(x, noise_std, phase, masks)
 
-    def update(self, x: Tensor, noise_std: Tensor, phase: str) -> dict[str, Tensor]:
+    def update(self, x: Tensor, noise_std: Tensor, phase: str, masks: Tensor | None = None) -> dict[str, Tensor]:
         """The capturable body: forward, both gradients, both optimizer steps; no host sync.
 
         The spectral-norm weights are computed once for the forward and both backward passes (a block
         recomputed under activation checkpointing then sees the very weights of the forward).
         """
         with fp32_spectral_norm(self.spectral_normed, self.device.type):
-            out = self.discriminate(x, noise_std, chains_grad=phase != "d")
+            out = self.discriminate(x, noise_std, masks, chains_grad=phase != "d")
             steps_d, steps_ge = phase in ("both", "d"), phase in ("both", "ge")
             if steps_d:
                 with annotate("gali/backward_D"):

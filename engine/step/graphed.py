@@ -36,40 +36,42 @@ class GraphedStep:
         self.captures = inner.device.type == "cuda"
         self._x: Tensor | None = None
         self._noise_std: Tensor | None = None
+        self._masks: Tensor | None = None
         self._eager_calls: dict[str, int] = dict.fromkeys(PHASES, 0)
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[str, dict[str, Tensor]] = {}
 
-    def step(self, x: Tensor, noise_std: Tensor, phase: str = "both") -> dict[str, Tensor]:
+    def step(self, x: Tensor, noise_std: Tensor, phase: str = "both", masks: Tensor | None = None) -> dict[str, Tensor]:
         check_phase(phase)
-        self._load(x, noise_std)
+        self._load(x, noise_std, masks)
         assert self._x is not None and self._noise_std is not None
         with annotate("gali/step"):
             if phase in self._graphs:
                 self._graphs[phase].replay()
                 return self._outputs[phase]
             if not self.captures:
-                return self.inner.update(self._x, self._noise_std, phase)
+                return self.inner.update(self._x, self._noise_std, phase, self._masks)
             if self._eager_calls[phase] < self.warmup:
                 self._eager_calls[phase] += 1
                 side = torch.cuda.Stream(self.inner.device)
                 side.wait_stream(torch.cuda.current_stream(self.inner.device))
                 with torch.cuda.stream(side):
-                    out = self.inner.update(self._x, self._noise_std, phase)
+                    out = self.inner.update(self._x, self._noise_std, phase, self._masks)
                 torch.cuda.current_stream(self.inner.device).wait_stream(side)
                 return out
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._outputs[phase] = self.inner.update(self._x, self._noise_std, phase)
+                self._outputs[phase] = self.inner.update(self._x, self._noise_std, phase, self._masks)
             self._graphs[phase] = graph
             graph.replay()  # capture records without running: this replay is the step itself
             return self._outputs[phase]
 
-    def _load(self, x: Tensor, noise_std: Tensor) -> None:
+    def _load(self, x: Tensor, noise_std: Tensor, masks: Tensor | None) -> None:
         if self._x is None:
             layout = torch.channels_last if self.inner.compute.channels_last else torch.contiguous_format
             self._x = torch.empty_like(x, device=self.inner.device, memory_format=layout)
             self._noise_std = torch.zeros((), device=self.inner.device)
+            self._masks = None if masks is None else torch.empty_like(masks, device=self.inner.device)
         want = (tuple(self._x.shape), self._x.dtype, self._x.device)
         got = (tuple(x.shape), x.dtype, x.device)
         if got != want:
@@ -82,8 +84,15 @@ class GraphedStep:
         if noise_std.dim() != 0 or not noise_std.dtype.is_floating_point:
             raise GaliError(f"graphed step: noise_std must be a 0-d float tensor, got shape "
                             f"{tuple(noise_std.shape)} {noise_std.dtype}")
+        if (masks is None) != (self._masks is None) or (
+                masks is not None and (masks.shape, masks.dtype) != (self._masks.shape, self._masks.dtype)):
+            raise GaliError(f"graphed step: batch masks are {None if masks is None else tuple(masks.shape)} but the "
+                            f"step was built for {None if self._masks is None else tuple(self._masks.shape)}; a CUDA "
+                            "graph replays one static shape (keep method.mask_source fixed during a run)")
         self._x.copy_(x)
         self._noise_std.copy_(noise_std)
+        if masks is not None:
+            self._masks.copy_(masks)
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()

@@ -42,7 +42,10 @@ def _gen(seed: int = 0) -> torch.Generator:
 def _params(kind: str, n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     if kind == "box":
         return sample_box_params(n, h, w, generator=_gen(seed))
-    return sample_stroke_params(n, h, w, num_strokes=3, max_thickness=4, generator=_gen(seed))
+    strokes = sample_stroke_params(n, h, w, num_strokes=3, max_thickness=4, generator=_gen(seed))
+    if kind == "dense":  # a given mask: the strokes' pixels, as a pipeline would hand them over
+        return mask_composite_ref(torch.zeros(n, 1, h, w, device=DEVICE), strokes, kind="stroke").mask[:, 0].byte()
+    return strokes
 
 
 def _inputs(shape, dtype, seed=0, grad=True):
@@ -60,7 +63,7 @@ def _both(x, params, y=None, **kw) -> tuple[MaskComposite, MaskComposite]:
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["box", "stroke"])
+@pytest.mark.parametrize("kind", ["box", "stroke", "dense"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(3, 3, 7, 9), (1, 2, 5, 4)], ids=["odd", "batch1"])
 def test_forward_and_gradients_match_ref(kind, dtype, shape):
@@ -107,7 +110,7 @@ def test_gradient_of_one_output_and_one_input(used):
     assert y.grad is None
 
 
-@pytest.mark.parametrize("kind", ["box", "stroke"])
+@pytest.mark.parametrize("kind", ["box", "stroke", "dense"])
 def test_without_y(kind):
     x, _, _ = _inputs((2, 3, 5, 6), torch.bfloat16)
     params = _params(kind, 2, 5, 6)
@@ -121,7 +124,7 @@ def test_without_y(kind):
 
 
 @pytest.mark.parametrize("impl", ["triton", "ref"])
-@pytest.mark.parametrize("kind", ["box", "stroke"])
+@pytest.mark.parametrize("kind", ["box", "stroke", "dense"])
 def test_outside_is_x_inside_is_fill_or_y(impl, kind):
     x, y, noise = _inputs((3, 2, 9, 7), torch.float32, grad=False)
     params = _params(kind, 3, 9, 7, seed=1)
@@ -133,6 +136,18 @@ def test_outside_is_x_inside_is_fill_or_y(impl, kind):
     noisy = mask_composite(x, params, y, kind=kind, noise=noise, noise_std=0.25, impl=impl)
     torch.testing.assert_close(noisy.mix, out.mix + 0.25 * noise, atol=1e-6, rtol=1e-6)
     assert torch.equal(noisy.masked, out.masked)
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+@pytest.mark.parametrize("shape", ["BHW", "B1HW"])
+def test_dense_kind_reads_the_given_mask(impl, shape):
+    """A dense mask drawn from box parameters gives the box kind's outputs exactly, bool or uint8."""
+    x, y, _ = _inputs((3, 2, 6, 7), torch.float32, grad=False)
+    boxes = _params("box", 3, 6, 7, seed=2)
+    box = mask_composite(x, boxes, y, kind="box", impl=impl)
+    dense = box.mask.bool() if shape == "B1HW" else box.mask[:, 0].byte()
+    out = mask_composite(x, dense, y, kind="dense", impl=impl)
+    assert torch.equal(out.mask, box.mask) and torch.equal(out.masked, box.masked) and torch.equal(out.mix, box.mix)
 
 
 @pytest.mark.parametrize("impl", ["triton", "ref"])
@@ -305,6 +320,8 @@ def _bad_calls():
         ("params for kind='box' must be an integer", dict(x=x, params=box.float())),
         ("params for kind='stroke' must have shape", dict(x=x, params=stroke[..., :4], kind="stroke")),
         ("params for kind='stroke' must be floating", dict(x=x, params=stroke.int(), kind="stroke")),
+        ("params for kind='dense' must be the masks", dict(x=x, params=x[:, 0, :3].byte(), kind="dense")),
+        ("params for kind='dense' must be uint8 or bool", dict(x=x, params=x[:, 0], kind="dense")),
         ("y must have x's shape", dict(x=x, params=box, y=x[:1])),
         ("y must match x's dtype", dict(x=x, params=box, y=x.half())),
         ("noise is added to mix, which needs y", dict(x=x, params=box, noise=x)),
