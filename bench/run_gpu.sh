@@ -7,6 +7,8 @@
 # and, only when named (not timed on a GPU yet; identity takes up to 6 minutes of the 8):
 #   bench-imagenet the step benchmark of the imagenet128-gali4 networks at full width: baseline, fp32, bf16, bf16-graph
 #   identity      ALI vs GALI-4 on the digits at 10x the demo's budget, identity and pixel-MSE (gali reproduce)
+#   native-masks  the masks operator's CUDA routine against its CPU routine (identical bytes) and its time per
+#                 batch of 64 x 4 masks at 256x256, through the DALI-free harness of pipelines/native (CMake, nvcc)
 # Writes logs and JSON under ${OUT:-bench/out}. The default stages must finish in 8 minutes on one H100/H200.
 # Usage (on a machine with a CUDA GPU, torch and triton installed): bash bench/run_gpu.sh [stage ...]
 set -uo pipefail
@@ -16,9 +18,9 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 GALI_CACHE=${GALI_CACHE:-/tmp/gali-cache}
 stages=${*:-tests bench-kernels bench-step train-kernels train-graph torchrun}
 for stage in $stages; do
-  case $stage in tests|bench-kernels|bench-step|train-kernels|train-graph|torchrun|bench-imagenet|identity) ;;
+  case $stage in tests|bench-kernels|bench-step|train-kernels|train-graph|torchrun|bench-imagenet|identity|native-masks) ;;
     *) echo "unknown stage '$stage'; stages: tests bench-kernels bench-step train-kernels train-graph torchrun" \
-            "bench-imagenet identity" >&2
+            "bench-imagenet identity native-masks" >&2
        exit 2 ;;
   esac
 done
@@ -74,5 +76,18 @@ for stage in $stages; do
       timeout 360 gali reproduce --methods ali,gali4 --kimg "$(python3 -c "print(10 * $demo_kimg)")" --probe-draws 10 \
         --out-dir /tmp/gali-identity run.device=cuda data.workers=4 2>&1 | tee "$out/identity.txt" | tail -12
       cp /tmp/gali-identity/reproduce.md /tmp/gali-identity/reproduce.json "$out/" 2>/dev/null ;;
+    native-masks)
+      { cmake -S pipelines/native -B /tmp/gali-harness -DGALI_NATIVE_DALI=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null \
+          && cmake --build /tmp/gali-harness -j 8 >/dev/null && echo "harness built"
+        # 64 samples x 4 masks at 256x256: boxes, evaluation boxes and 4-stroke masks mixed, coverage 5..60 %
+        masks="--seed 7 --first-id 0 --count 64 --masks 4 --height 256 --width 256 --kind-weights 1,1,2"
+        masks+=" --box-min 1 --box-max 256 --eval-min 32 --eval-max 216 --strokes 4 --max-thickness 32"
+        masks+=" --min-pixels 3277 --max-pixels 39322 --max-tries 8"
+        for device in cpu cuda; do
+          echo "$device: $(/tmp/gali-harness/gali_masks_harness $masks --device $device --repeat 20 \
+            --out /tmp/gali-masks-$device.bin)"
+        done
+        cmp /tmp/gali-masks-cpu.bin /tmp/gali-masks-cuda.bin && echo "cuda and cpu masks identical"
+      } 2>&1 | tee "$out/native-masks.txt" ;;
   esac
 done

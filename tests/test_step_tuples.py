@@ -41,8 +41,8 @@ def record_step(step: GaliStep, monkeypatch, noise: float = 0.0) -> dict:
     seen: dict = {}
     evaluate, features, head = step.chains.evaluate, step.nets.D.features, step_module.kway_head
 
-    def spy_evaluate(spec, x, z):
-        values = evaluate(spec, x, z)
+    def spy_evaluate(spec, x, z, masks=None):
+        values = evaluate(spec, x, z, masks)
         seen["values"] = {str(node): value for node, value in values.items()}
         return values
 
@@ -163,6 +163,27 @@ def test_each_encoder_call_draws_its_own_noise(monkeypatch):
     for i in range(4):
         for j in range(i + 1, 4):
             assert not torch.allclose(latents[i], latents[j])
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed-twin"])
+def test_pipeline_masks_reach_the_encoder_inputs(graphed):
+    """With the batch's masks (method.mask_source=pipeline), E(mask1(x)) sees x with fill exactly where mask 1 is."""
+    from gali.engine.step.graphed import GraphedStep
+    from gali.pipelines.masks import MaskSpec, draw_masks
+
+    step = make_step("gali-mix", mask_source="pipeline")
+    runner = GraphedStep(step) if graphed else step
+    args = MaskSpec(kind_weights=(1.0, 0.0, 1.0)).args(len(step.spec.mask_indices), 32, 32)
+    masks = torch.from_numpy(draw_masks(range(BATCH), args))
+    inputs = []
+    step.nets.E.register_forward_pre_hook(lambda _, a: inputs.append(a[0].detach().clone()))
+    x = images()
+    runner.step(x, torch.tensor(0.0), "both", masks)
+    hidden = masks[:, :1].bool().expand_as(x)
+    assert hidden.any() and (~hidden).any()
+    assert torch.equal(inputs[0], torch.where(hidden, torch.tensor(step.method.mask_fill), x))  # E(mask1(x)) first
+    with pytest.raises(ValueError, match="needs 4"):
+        step.step(x, torch.tensor(0.0), "both", masks[:, :2])
 
 
 def test_instance_noise_only_on_image_slots(monkeypatch):

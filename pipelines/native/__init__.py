@@ -27,15 +27,16 @@ from gali.engine.errors import GaliError
 
 from ..digits import cache_root
 
-__all__ = ["LIBRARY", "NativeBuildError", "build", "build_folder", "load"]
+__all__ = ["HARNESS", "LIBRARY", "NativeBuildError", "build", "build_folder", "load"]
 
 SOURCES = Path(__file__).resolve().parent
 LIBRARY = "libgali_masks.so"
+HARNESS = "gali_masks_harness"  # the same routine without DALI (CPU, and CUDA where built): tests, bench/run_gpu.sh
 _SOURCE_SUFFIXES = (".h", ".cc", ".cu", ".txt")
 _loaded: dict[str, Path] = {}  # build folder name (DALI version, source hash) -> the library loaded in this process
 # What CMake prints when the C++ compiler is missing or broken.
-_NO_COMPILER = ("No CMAKE_CXX_COMPILER could be found", "not a full path to an existing compiler",
-                "is not able to compile a simple test program")
+_NO_COMPILER = ("No CMAKE_CXX_COMPILER could be found", "Could not find compiler set in environment variable CXX",
+                "not a full path to an existing compiler", "is not able to compile a simple test program")
 
 
 class NativeBuildError(GaliError):
@@ -80,7 +81,8 @@ def _failure(step: str, output: str, log_path: Path) -> NativeBuildError:
 
 
 def build(*, force: bool = False, log: Callable[[str], None] | None = None) -> Path:
-    """Build the plugin unless this DALI's build of these sources exists; return the library's path."""
+    """Build the plugin (and the harness beside it) unless this DALI's build of these sources exists;
+    return the library's path."""
     folder = build_folder()
     library = folder / LIBRARY
     if library.is_file() and not force:
@@ -97,7 +99,7 @@ def build(*, force: bool = False, log: Callable[[str], None] | None = None) -> P
     steps = [
         ("CMake configure", [cmake, "-S", str(SOURCES), "-B", str(work / "cmake"), "-DCMAKE_BUILD_TYPE=Release",
                              f"-DPython3_EXECUTABLE={sys.executable}", f"-DGALI_NATIVE_CUDA={cuda}"]),
-        ("CMake build", [cmake, "--build", str(work / "cmake"), "--target", "gali_masks", "--parallel",
+        ("CMake build", [cmake, "--build", str(work / "cmake"), "--target", "gali_masks", HARNESS, "--parallel",
                          str(os.cpu_count() or 1)]),
     ]
     if log:
@@ -109,7 +111,8 @@ def build(*, force: bool = False, log: Callable[[str], None] | None = None) -> P
         log_path.write_text(output)
         if done.returncode != 0:
             raise _failure(step, output, log_path)
-    shutil.copy2(work / "cmake" / LIBRARY, work / LIBRARY)
+    for product in (LIBRARY, HARNESS):
+        shutil.copy2(work / "cmake" / product, work / product)
     shutil.rmtree(work / "cmake")
     if force:
         shutil.rmtree(folder, ignore_errors=True)

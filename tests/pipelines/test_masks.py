@@ -84,7 +84,8 @@ def test_stroke_distribution_matches_the_step_sampler():
 
 def test_stroke_pixels_are_mask_composites_and_strokes_are_connected_of_their_width():
     rows, cols = grids(20, 18)
-    params = sample_stroke_params(50, 20, 18, num_strokes=2, max_thickness=6, generator=torch.Generator().manual_seed(1))
+    seeded = torch.Generator().manual_seed(1)
+    params = sample_stroke_params(50, 20, 18, num_strokes=2, max_thickness=6, generator=seeded)
     for sample in params:
         strokes = [(int(x0), int(y0), int(x1), int(y1), int(2 * r)) for x0, y0, x1, y1, r in sample.tolist()]
         want = mask_composite_ref(torch.zeros(1, 1, 20, 18), sample[None], kind="stroke").mask[0, 0].bool().numpy()
