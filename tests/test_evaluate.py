@@ -144,6 +144,39 @@ def test_json_is_written_next_to_the_checkpoint_and_merged(setup, tmp_path):
     assert "inpaint" in report.table and "feature-mse" in report.table
 
 
+def test_inpaint_takes_the_pipelines_per_sample_masks_for_runs_trained_with_them(setup, tmp_path, monkeypatch):
+    """A run with method.mask_source=pipeline is evaluated on the pipeline's per-image evaluation boxes: the same
+    mask for an image whatever the batch size."""
+    from gali.engine.eval import protocol
+
+    cfg = load_config("demo", [*TINY, "method.tuples=gali-mix", "method.mask_source=pipeline"])
+    seed_everything(0)
+    nets = build_networks(cfg.model, cfg.method, load_spec(cfg.method.tuples), resolution=cfg.data.resolution,
+                          device=CPU)
+    checkpoint = save_checkpoint(tmp_path / "checkpoint-0000000032.pt",
+                                 {"config": cfg.to_dict(), "kimg": 0.032, "epoch": 1, "extra_dim": None,
+                                  "G": nets.G.state_dict(), "E": nets.E.state_dict(), "D": nets.D.state_dict()})
+    used: dict[int, dict[bytes, Tensor]] = {}
+    inpaint = protocol.inpaint
+
+    def spy(G, E, x, params, *, kind, **kwargs):
+        assert kind == "dense"
+        for image, mask in zip(x, params, strict=True):
+            used[batch_size][image.numpy().tobytes()] = mask.clone()
+        return inpaint(G, E, x, params, kind=kind, **kwargs)
+
+    monkeypatch.setattr(protocol, "inpaint", spy)
+    for batch_size in (50, 77):
+        used[batch_size] = {}
+        result = evaluate(checkpoint, "inpaint", EvalOptions(batch_size=batch_size), log=lambda line: None)
+        mask = result.results["inpaint"]["mask"]
+        assert "per sample by the pipeline" in mask["source"] and "drawn_sides" not in mask
+        low, high = mask["coverage"]  # rounded to 4 digits; sides 4..27 at 32²
+        assert 16 / 1024 - 1e-4 <= low <= high <= 27 * 27 / 1024 + 1e-4
+    assert used[50].keys() == used[77].keys() and len(used[50]) > 300
+    assert all(torch.equal(used[50][key], used[77][key]) for key in used[50])
+
+
 def test_probe_reports_test_error_over_draws(setup):
     checkpoint, _, _, _ = setup
     result = evaluate(checkpoint, "probe", EvalOptions(probe_labelled=200, probe_draws=2, probe_pool=500),
