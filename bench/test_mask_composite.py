@@ -65,27 +65,30 @@ IMPLS = {
 
 
 def _bytes(shape: tuple[int, ...], dtype: torch.dtype, params: torch.Tensor) -> int:
+    """Bytes moved by forward + backward; the parameters (a dense kind's masks) are read by both."""
     batch, channels, height, width = shape
     n, e = batch * channels * height * width, torch.tensor([], dtype=dtype).element_size()
-    return (5 * n + n // channels) * e + 4 * n * e + params.numel() * params.element_size()
+    return (5 * n + n // channels) * e + 4 * n * e + 2 * params.numel() * params.element_size()
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph"] if CUDA else ["eager"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("kind", ["box", "stroke"])
+@pytest.mark.parametrize("kind", ["box", "stroke", "dense"])
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_mask_composite(benchmark, cuda_graphed, impl, kind, dtype, shape, mode):
-    if impl == "loop" and kind == "stroke":
+    if impl == "loop" and kind != "box":
         pytest.skip("the authors' code has box masks only")
     if impl == "loop" and mode == "graph":
         pytest.skip("the per-sample loop reads the parameters on the host: not capturable")
     batch, _, height, width = shape
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    if kind == "box":
-        params = sample_box_params(batch, height, width, generator=g)
-    else:
+    if kind == "stroke":
         params = sample_stroke_params(batch, height, width, generator=g)
+    else:
+        params = sample_box_params(batch, height, width, generator=g)
+    if kind == "dense":  # a pipeline's masks, read from memory: the same boxes as bytes
+        params = mask_composite_ref(torch.zeros(batch, 1, height, width, device=DEVICE), params).mask[:, 0].byte()
     x, y, noise, g_masked, g_mix = (torch.randn(shape, generator=g, device=DEVICE).to(dtype) for _ in range(5))
     x.requires_grad_(True)
     y.requires_grad_(True)
