@@ -51,6 +51,7 @@ from gali.engine.metrics import (
     IdentityClassifier,
     feature_mse,
     fid_implementation,
+    fit_identity_classifier,
     frechet_distance,
     kernel_inception_distance,
     linear_probe,
@@ -340,14 +341,13 @@ class _Evaluation:
                                 name=f"the feature network {o.feature_model}").cpu().numpy()
 
     def _identity_classifier(self) -> IdentityClassifier:
-        features, labels = [], []
-        for batch in self._batches("train", limit=self.options.identity_images):
-            if batch.labels is None:
-                raise DataError(f"metric 'recon-identity' needs labelled images; the train split of data source "
-                                f"{self.data.source!r} has no labels")
-            features.append(self._identity_features(resize_to(batch.x, self.G.resolution)))
-            labels.append(batch.labels.cpu().numpy())
-        return IdentityClassifier(np.concatenate(features), np.concatenate(labels))
+        limit = self.options.identity_images
+        classifier = fit_identity_classifier(((b.x, b.labels) for b in self._batches("train", limit=limit)),
+                                             lambda x: self._identity_features(resize_to(x, self.G.resolution)), limit)
+        if classifier is None:
+            raise DataError(f"metric 'recon-identity' needs labelled images; the train split of data source "
+                            f"{self.data.source!r} has no labels")
+        return classifier
 
     @torch.no_grad()
     def _probe_features(self, x: Tensor) -> np.ndarray:

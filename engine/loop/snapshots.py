@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import itertools
 
-import numpy as np
 import torch
 
 from gali.engine.errors import DataError
@@ -31,7 +30,7 @@ from gali.engine.loop.grids import inpainting_grid, reconstruction_grid, tile
 from gali.engine.loop.run_log import RunLog, SilentRunLog
 from gali.engine.loop.ticks import Cadence
 from gali.engine.method.tuple_spec import TupleSpec
-from gali.engine.metrics.identity import IdentityClassifier, pixel_features
+from gali.engine.metrics.identity import IdentityClassifier, fit_identity_classifier, pixel_features
 from gali.engine.metrics.reconstruction import held_out_metrics
 from gali.engine.nets.feature_models import resize_to
 from gali.engine.nets.inference import evaluation_box_params, recalibrate_batch_norm, sample_images
@@ -51,22 +50,15 @@ def held_out_images(cfg: Config, device: torch.device, batch_size: int) -> tuple
 
 def identity_classifier(cfg: Config, pipeline: Pipeline) -> IdentityClassifier | None:
     """The identity classifier on up to ``run.identity_images`` labelled images of the training split's
-    ``pipeline``; None when it is off or the data has no labels."""
+    ``pipeline``; None when it is off or the data has no labels or one class."""
     if not cfg.run.identity_images:
         return None
-    features, labels, count = [], [], 0
-    for batch in pipeline:
-        if batch.labels is None:
-            return None
-        features.append(pixel_features(resize_to(batch.x, cfg.model.resolution)))  # as G draws them
-        labels.append(batch.labels.cpu().numpy())
-        count += len(batch.labels)
-        if count >= cfg.run.identity_images:
-            break
-    labels_all = np.concatenate(labels)[:cfg.run.identity_images]
-    if len(np.unique(labels_all)) < 2:
+    try:
+        return fit_identity_classifier(((b.x, b.labels) for b in pipeline),
+                                       lambda x: pixel_features(resize_to(x, cfg.model.resolution)),  # as G draws
+                                       cfg.run.identity_images)
+    except DataError:  # one class: nothing to tell apart
         return None
-    return IdentityClassifier(np.concatenate(features)[:cfg.run.identity_images], labels_all)
 
 
 class Snapshots:

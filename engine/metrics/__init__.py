@@ -15,7 +15,13 @@ from gali.engine.metrics.fid import (
     load_inception,
     to_uint8_range,
 )
-from gali.engine.metrics.identity import IdentityClassifier, IdentityResult, nearest_own_fraction, pixel_features
+from gali.engine.metrics.identity import (
+    IdentityClassifier,
+    IdentityResult,
+    fit_identity_classifier,
+    nearest_own_fraction,
+    pixel_features,
+)
 from gali.engine.metrics.probe import PROBE_C_GRID, ProbeResult, linear_probe, probe_validation_size
 from gali.engine.metrics.reconstruction import (
     Summary,
@@ -37,6 +43,7 @@ __all__ = [
     "Summary",
     "feature_mse",
     "fid_implementation",
+    "fit_identity_classifier",
     "frechet_distance",
     "held_out_metrics",
     "kernel_inception_distance",

@@ -16,6 +16,7 @@ Everything here takes arrays the caller has computed, so each number can be chec
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,3 +103,19 @@ def nearest_own_fraction(real: np.ndarray, reconstructed: np.ndarray, chunk: int
 def pixel_features(x: Tensor) -> np.ndarray:
     """Images (B, C, H, W) as (B, C·H·W) float64 rows: the identity metric's default features."""
     return x.detach().double().flatten(1).cpu().numpy()
+
+
+def fit_identity_classifier(batches: Iterable[tuple[Tensor, Tensor | None]], features: Callable[[Tensor], np.ndarray],
+                            limit: int) -> IdentityClassifier | None:
+    """The classifier of the ``features`` of the first ``limit`` images of (images, labels) ``batches``;
+    None when the images have no labels (``DataError`` for fewer than two classes)."""
+    rows, labels, count = [], [], 0
+    for x, y in batches:
+        if y is None:
+            return None
+        rows.append(features(x))
+        labels.append(y.cpu().numpy())
+        count += len(y)
+        if count >= limit:
+            break
+    return IdentityClassifier(np.concatenate(rows)[:limit], np.concatenate(labels)[:limit])
