@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from gali.engine.metrics.identity import IdentityClassifier, pixel_features
 from gali.engine.nets.feature_models import FeatureModel, resize_to
-from gali.engine.nets.inference import encoding_stats, sample_images
+from gali.engine.nets.inference import encode, encoding_stats, sample_images
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def held_out_metrics(G: nn.Module, E: nn.Module, batches: Iterable[tuple[Tensor,
     total, count = 0.0, 0
     mus, log_sigmas, real, reconstructed, labels = [], [], [], [], []
     for x, y in batches:
-        mu, log_sigma = _eval_encoding(E, x)
+        mu, log_sigma = encode(E, x)
         x_hat = sample_images(G, mu)
         x = resize_to(x, x_hat.shape[-1])  # compared at G's resolution
         total += pixel_mse(x, x_hat) * x.shape[0]  # the batch's mean, weighted by its images
@@ -130,13 +130,3 @@ def held_out_metrics(G: nn.Module, E: nn.Module, batches: Iterable[tuple[Tensor,
         figures |= {"identity": result.accuracy, "identity_nearest": result.nearest,
                     "identity_ceiling": result.ceiling}
     return figures
-
-
-@torch.no_grad()
-def _eval_encoding(E: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(μ, log σ) of E in eval mode."""
-    was_training = E.training
-    E.eval()
-    mu, log_sigma = E(x)
-    E.train(was_training)
-    return mu, log_sigma

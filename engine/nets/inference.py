@@ -27,21 +27,25 @@ def sample_images(G: nn.Module, z: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def encode(E: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """E's (μ, log σ) of x in eval mode."""
+    was_training = E.training
+    E.eval()
+    mu, log_sigma = E(x)
+    E.train(was_training)
+    return mu, log_sigma
+
+
+@torch.no_grad()
 def reconstruction_chain(G: nn.Module, E: nn.Module, x: Tensor, depth: int = 2) -> list[Tensor]:
     """[x, G(μ_E(x)), G(μ_E(G(μ_E(x)))), ...] with E and G in eval mode and z = μ (docs/method.md §3.1).
 
     E encodes x as given; the first entry is x at G's resolution (:func:`resize_to`, a no-op unless E sees
     more pixels than G draws), so every entry can be compared with every other.
     """
-    was_training = G.training, E.training
-    G.eval()
-    E.eval()
     chain = [x]
     for _ in range(depth):
-        mu, _ = E(chain[-1])
-        chain.append(G(mu))
-    G.train(was_training[0])
-    E.train(was_training[1])
+        chain.append(sample_images(G, encode(E, chain[-1])[0]))
     chain[0] = resize_to(x, chain[1].shape[-1])
     return chain
 
