@@ -1,4 +1,5 @@
-"""BigBiGAN-class networks at 128² and 256²: every tuple spec runs, unary heads, checkpointing, resolutions, sizes."""
+"""BigBiGAN-class networks at 128² and 256²: every tuple spec runs, unary heads, checkpointing, resolutions, sizes,
+the RevNet encoder."""
 
 import copy
 
@@ -29,10 +30,10 @@ TINY = ["data.backend=synthetic", f"model.width={WIDTH}", "run.batch_size=2"]
 
 
 def _step(arch: str, tuples: str, *, latent_dim: int = 12, encoder_resolution: int = 0, unary: bool = True,
-          **compute):
+          encoder_block: str = "bottleneck", **compute):
     torch.manual_seed(0)
     model = ModelConfig(arch=arch, latent_dim=latent_dim, width=WIDTH, encoder_resolution=encoder_resolution,
-                        unary_heads=unary)
+                        unary_heads=unary, encoder_block=encoder_block)
     spec = load_spec(tuples)
     nets = build_networks(model, MethodConfig(tuples=tuples), spec, resolution=model.resolution, device=CPU)
     step = build_step(nets, spec, MethodConfig(tuples=tuples), OptimConfig(), latent_dim,
@@ -113,8 +114,9 @@ def test_unary_heads_add_their_k_way_losses_with_weight_one(monkeypatch):
     assert plain.nets.D.head_weight()[2] == 1 and d.head_weight()[2] == 3
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    plain, _, _ = _step("biggan128", "gali4")
+@pytest.mark.parametrize("encoder_block", ["bottleneck", "revnet"])
+def test_activation_checkpointing_gives_the_same_gradients(encoder_block):
+    plain, _, _ = _step("biggan128", "gali4", encoder_block=encoder_block)
     checkpointed = copy.deepcopy(plain)
     assert sum(biggan.set_activation_checkpointing(net, True) for net in
                (checkpointed.nets.G, checkpointed.nets.E, checkpointed.nets.D)) > 10
@@ -125,6 +127,62 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in step.d_params + step.ge_params])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # recomputation reorders nothing but float sums
+
+
+def test_a_reversible_block_inverts_exactly():
+    """(x1, x2) from (y1, y2) to float64 rounding, with BatchNorm statistics and affine parameters far from 0 and 1."""
+    torch.manual_seed(0)
+    block = biggan.ReversibleBlock(16, 4).double().eval()
+    generator = torch.Generator().manual_seed(2)
+    for m in block.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            for tensor in (m.weight, m.bias, m.running_mean):
+                tensor.data = torch.randn(m.num_features, generator=generator, dtype=torch.float64)
+            m.running_var.data = torch.rand(m.num_features, generator=generator, dtype=torch.float64) + 0.5
+    x = torch.randn(3, 16, 8, 8, generator=generator, dtype=torch.float64)
+    with torch.no_grad():
+        y = block(x)
+        recovered = block.inverse(y)
+    assert (y - x).abs().max() > 0.1  # F and G are far from zero
+    torch.testing.assert_close(recovered, x, rtol=0, atol=1e-10)
+
+
+def test_a_training_step_runs_with_the_revnet_encoder():
+    """Reversible units after each stage's first (bottleneck) block, channels >= 2 in channels-last, finite
+    gradients in every parameter of E."""
+    step, nets, _ = _step("biggan128", "gali4", encoder_block="revnet", channels_last=True)
+    blocks = list(nets.E.blocks)
+    assert [type(b).__name__ for b in blocks[:4]] == ["Bottleneck", "ReversibleBlock", "ReversibleBlock",
+                                                      "Bottleneck"]
+    assert sum(isinstance(b, biggan.ReversibleBlock) for b in blocks) == sum(biggan.RESNET_STAGES) - 4
+    assert min(m.out_channels for m in nets.E.modules() if isinstance(m, nn.Conv2d)) >= 2
+    out = step.step(_images(128), torch.tensor(0.1))  # the gradients it stepped with stay in .grad
+    assert torch.isfinite(out["loss_d"]) and torch.isfinite(out["loss_ge"]) and out["p_true"].shape == (4,)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in nets.E.parameters())
+    mu, log_sigma = nets.E(_images(256))  # resized to E's 128²
+    assert mu.shape == log_sigma.shape == (2, 12)
+    out_features, pooled = nets.E.features(_images(128))
+    assert out_features.shape == (2, 24) and pooled.shape == (2, nets.E.out.in_features)
+
+
+def test_the_bottleneck_encoder_is_the_default_and_bad_encoder_blocks_are_refused():
+    count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
+    encoders = []
+    for block in (None, "bottleneck", "revnet"):
+        torch.manual_seed(0)
+        encoders.append(biggan.ResNetEncoder(128, 12, WIDTH, **({} if block is None else {"block": block})))
+    default, bottleneck, revnet = encoders
+    assert ModelConfig().encoder_block == "bottleneck" and count(default) == count(bottleneck) != count(revnet)
+    assert all(torch.equal(v, bottleneck.state_dict()[k]) for k, v in default.state_dict().items())
+    with torch.device("meta"):
+        full = biggan.ResNetEncoder(128, 120)
+    assert count(full) - count(full.out) == 25_557_032 - 2048 * 1000 - 1000  # torchvision's ResNet-50 less its fc
+    with pytest.raises(ConfigError, match=r"model.encoder_block.*accepted: bottleneck, revnet"):
+        ModelConfig(arch="biggan128", encoder_block="resnet").validate()
+    with pytest.raises(ConfigError, match=r"model.encoder_block.*paper's networks"):
+        load_config("demo", ["model.encoder_block=revnet"])
+    with pytest.raises(ValueError, match="block is one of bottleneck, revnet"):
+        biggan.ResNetEncoder(128, 12, WIDTH, block="resnet")
 
 
 def test_d_sees_its_resolution_in_every_slot_and_e_its_own_in_every_call():

@@ -15,8 +15,15 @@ stages, read by generic classes.
 - **E** (:class:`ResNetEncoder`): ResNet-50 v1 (7×7 stem, max-pool, bottleneck stages 3-4-6-3 of
   widths 64-128-256-512 ×4, BatchNorm), global average pool, one Linear to 2·d_z (μ, log σ). Its input
   resolution may be higher than G's output (BigBiGAN's 256 → 128): any image it is given is resized to
-  its own resolution first (:func:`gali.engine.nets.feature_models.resize_to`). BigBiGAN's encoder is
-  a ResNet-v2 or RevNet with an MLP head; RevNets are not built here.
+  its own resolution first (:func:`gali.engine.nets.feature_models.resize_to`). With ``block="revnet"``
+  (``model.encoder_block``; BigBiGAN found RevNet encoders better than ResNets of the same depth) every
+  block of a stage after its first is RevNet's reversible unit (:class:`ReversibleBlock`, Gomez et al.
+  2017) at the same channels; the first stays a bottleneck, the stage's transition (the change of
+  channels, and stride 2 from the second stage on), as RevNet downsamples in units that are not
+  reversible. The units are pre-activation, so a BN → ReLU comes before the pool. They train by plain
+  autograd: RevNet's memory-saving backward (recomputing each unit's input from its output) is not
+  built, activation checkpointing recomputes the units instead. BigBiGAN's encoder also has an MLP
+  head; ours is one Linear.
 - **D** (:class:`BigBiGANDiscriminator`): an image branch that is BigGAN's D trunk (residual
   down-blocks with spectral norm, self-attention, ReLU, sum pool), a latent branch and a joint MLP, each
   a Linear followed by residual Linear layers (``h + ReLU(Linear(h))``, spectral norm: BigBiGAN's "MLP
@@ -49,6 +56,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gali.engine.method.tuple_spec import EXTRA, IMAGE, LATENT
 from gali.engine.nets.arch import scaled
+from gali.engine.nets.config import ENCODER_BLOCKS
 from gali.engine.nets.feature_models import resize_to
 
 BIGGAN_CH = 96  # BigGAN's base channel count at width 1
@@ -231,13 +239,54 @@ class Bottleneck(CheckpointedBlock):
         return F.relu(self.convs(x) + self.shortcut(x))
 
 
-class ResNetEncoder(nn.Module):
-    """E: image in [-1, 1] (any square size: resized to E's ``resolution``) -> (μ, log σ), each (B, d_z)."""
+def _preactivation_bottleneck(channels: int, width: int) -> nn.Sequential:
+    """BN → ReLU → 1×1 → BN → ReLU → 3×3 → BN → ReLU → 1×1, channels → width → width → channels (ResNet v2's)."""
+    return nn.Sequential(
+        nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, width, 1, bias=False),
+        nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, channels, 1, bias=False),
+    )
 
-    def __init__(self, resolution: int = 128, latent_dim: int = 120, width: float = 1.0) -> None:
+
+class ReversibleBlock(CheckpointedBlock):
+    """RevNet's reversible unit: the channels split into halves (x1, x2), y1 = x1 + F(x2), y2 = x2 + G(y1).
+
+    F and G are the bottleneck's shape at half the channels, pre-activation (``channels/2 → width/2 → width/2 →
+    channels/2``, the inner width at least 2 as :func:`_channels`), so each unit has about half a bottleneck's
+    parameters; no ReLU follows the sums, which keeps the unit invertible (:meth:`inverse`).
+    """
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__()
+        self.f = _preactivation_bottleneck(channels // 2, max(2, width // 2))
+        self.g = _preactivation_bottleneck(channels // 2, max(2, width // 2))
+
+    def block(self, x: Tensor) -> Tensor:
+        x1, x2 = x.chunk(2, dim=1)
+        y1 = x1 + self.f(x2)
+        return torch.cat((y1, x2 + self.g(y1)), dim=1)
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """The unit's input from its output: x2 = y2 − G(y1), x1 = y1 − F(x2); exact up to rounding while F's and
+        G's BatchNorms normalise as they did in the forward (eval mode, or training mode on the same batch)."""
+        y1, y2 = y.chunk(2, dim=1)
+        x2 = y2 - self.g(y1)
+        return torch.cat((y1 - self.f(x2), x2), dim=1)
+
+
+class ResNetEncoder(nn.Module):
+    """E: image in [-1, 1] (any square size: resized to E's ``resolution``) -> (μ, log σ), each (B, d_z).
+
+    ``block``: ``"bottleneck"`` (ResNet-50) or ``"revnet"`` (reversible units after each stage's first block).
+    """
+
+    def __init__(self, resolution: int = 128, latent_dim: int = 120, width: float = 1.0, *,
+                 block: str = "bottleneck") -> None:
         super().__init__()
         if resolution < 32:
             raise ValueError(f"ResNetEncoder needs images of at least 32²; got {resolution}")
+        if block not in ENCODER_BLOCKS:
+            raise ValueError(f"ResNetEncoder's block is one of {', '.join(ENCODER_BLOCKS)}; got {block!r}")
         self.resolution, self.latent_dim = resolution, latent_dim
         base = _channels(RESNET_CH, width)
         self.stem = nn.Sequential(nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(base),
@@ -247,8 +296,13 @@ class ResNetEncoder(nn.Module):
         for stage, depth in enumerate(RESNET_STAGES):
             width_stage = base * 2 ** stage
             for i in range(depth):
-                blocks.append(Bottleneck(c_in, width_stage, stride=2 if i == 0 and stage > 0 else 1))
+                if block == "revnet" and i > 0:
+                    blocks.append(ReversibleBlock(c_in, width_stage))
+                else:
+                    blocks.append(Bottleneck(c_in, width_stage, stride=2 if i == 0 and stage > 0 else 1))
                 c_in = 4 * width_stage
+        if block == "revnet":  # the last units' sums are not normalised: ResNet v2's and RevNet's final BN → ReLU
+            blocks += [nn.BatchNorm2d(c_in), nn.ReLU()]
         self.blocks = nn.Sequential(*blocks)
         self.out = nn.Linear(c_in, 2 * latent_dim)
         _init(self)

@@ -10,6 +10,7 @@ from gali.engine.errors import ConfigError
 # The image side each architecture's G and D work at.
 ARCH_RESOLUTION = {"svhn32": 32, "celeba64": 64, "biggan128": 128, "biggan256": 256}
 PAPER_ARCHS = ("svhn32", "celeba64")
+ENCODER_BLOCKS = ("bottleneck", "revnet")  # the biggan archs' E: ResNet-50's bottlenecks, or RevNet's units
 
 
 @dataclass
@@ -25,6 +26,9 @@ class ModelConfig:
                           (gali.engine.nets.feature_models.resize_to).
     unary_heads:          biggan archs: D also scores the image and the latent branch alone with K-way heads
                           (BigBiGAN's s_x and s_z), summed into both losses with weight 1.
+    encoder_block:        biggan archs: E's blocks, "bottleneck" (ResNet-50) or "revnet" (RevNet's reversible
+                          units after each stage's first block, which stays a bottleneck transition;
+                          BigBiGAN found RevNet encoders better than ResNets of the same depth).
     """
 
     arch: str = "svhn32"
@@ -33,6 +37,7 @@ class ModelConfig:
     attention_resolution: int = 64
     encoder_resolution: int = 0
     unary_heads: bool = False
+    encoder_block: str = "bottleneck"
 
     @property
     def resolution(self) -> int:
@@ -50,9 +55,11 @@ class ModelConfig:
         check_positive("model.width", self.width)
         check_positive("model.attention_resolution", self.attention_resolution, allow_zero=True)
         check_positive("model.encoder_resolution", self.encoder_resolution, allow_zero=True)
+        check_choice("model.encoder_block", self.encoder_block, ENCODER_BLOCKS)
         if self.arch in PAPER_ARCHS:
             for key, value, default in (("encoder_resolution", self.encoder_resolution, 0),
-                                        ("unary_heads", self.unary_heads, False)):
+                                        ("unary_heads", self.unary_heads, False),
+                                        ("encoder_block", self.encoder_block, "bottleneck")):
                 if value != default:
                     raise ConfigError(f"model.{key}", f"the paper's networks ({self.arch}) have no such option; "
                                       "use model.arch=biggan128 or biggan256, or drop it")

@@ -306,7 +306,7 @@ def build_models(
 
         return (
             biggan.BigGANGenerator(cfg.resolution, cfg.latent_dim, cfg.width, cfg.attention_resolution),
-            biggan.ResNetEncoder(cfg.data_resolution, cfg.latent_dim, cfg.width),
+            biggan.ResNetEncoder(cfg.data_resolution, cfg.latent_dim, cfg.width, block=cfg.encoder_block),
             biggan.BigBiGANDiscriminator(cfg.resolution, cfg.latent_dim, cfg.width, slot_kinds=slot_kinds,
                                          num_classes=num_classes, extra_dim=extra_dim,
                                          attention_resolution=cfg.attention_resolution,
