@@ -82,7 +82,10 @@ def _sample(args: argparse.Namespace) -> None:
     cfg, nets, _ = load_networks(args.checkpoint, device, ema=not args.live)
     z = torch.randn(args.n, cfg.model.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
     out = Path(args.out or Path(args.checkpoint).with_suffix(".samples.png"))
-    save_grid(sample_images(nets.G, z), out, columns=math.ceil(math.sqrt(args.n)))
+    columns = math.ceil(math.sqrt(args.n))
+    classes = cfg.model.label_classes  # a class-conditional G draws class i % C in row i
+    labels = torch.arange(args.n, device=device) // columns % classes if classes else None
+    save_grid(sample_images(nets.G, z, labels), out, columns=columns)
     print(f"wrote {args.n} samples to {out}")
 
 
@@ -95,9 +98,9 @@ def _reconstruct(args: argparse.Namespace) -> None:
     device = resolve_device("auto")
     cfg, nets, _ = load_networks(args.checkpoint, device, ema=not args.live)
     pipeline = make_pipeline(cfg.data, split=args.split, batch_size=args.n, device=device, seed=args.seed)
-    x = next(iter(pipeline)).x
+    batch = next(iter(pipeline))
     out = Path(args.out or Path(args.checkpoint).with_suffix(".reconstructions.png"))
-    save_reconstruction_grid(nets.G, nets.E, x, out)
+    save_reconstruction_grid(nets.G, nets.E, batch.x, out, batch.labels if cfg.model.label_classes else None)
     print(f"wrote rows x, G(E(x)), G(E(G(E(x)))) of {args.n} {args.split} images to {out}")
 
 

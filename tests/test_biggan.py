@@ -2,6 +2,7 @@
 the RevNet encoder."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from gali.engine.errors import ConfigError
 from gali.engine.loop.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from gali.engine.loop.config import load_config
+from gali.engine.loop.train import train
 from gali.engine.method.config import MethodConfig
 from gali.engine.method.losses import loss_weights
 from gali.engine.method.tuple_spec import load_spec
@@ -30,10 +32,10 @@ TINY = ["data.backend=synthetic", f"model.width={WIDTH}", "run.batch_size=2"]
 
 
 def _step(arch: str, tuples: str, *, latent_dim: int = 12, encoder_resolution: int = 0, unary: bool = True,
-          encoder_block: str = "bottleneck", **compute):
+          encoder_block: str = "bottleneck", label_classes: int = 0, **compute):
     torch.manual_seed(0)
     model = ModelConfig(arch=arch, latent_dim=latent_dim, width=WIDTH, encoder_resolution=encoder_resolution,
-                        unary_heads=unary, encoder_block=encoder_block)
+                        unary_heads=unary, encoder_block=encoder_block, label_classes=label_classes)
     spec = load_spec(tuples)
     nets = build_networks(model, MethodConfig(tuples=tuples), spec, resolution=model.resolution, device=CPU)
     step = build_step(nets, spec, MethodConfig(tuples=tuples), OptimConfig(), latent_dim,
@@ -89,8 +91,8 @@ def test_unary_heads_add_their_k_way_losses_with_weight_one(monkeypatch):
     seen = {}
     features = nets.D.features
 
-    def spy(slots):
-        seen["h"] = features(slots)
+    def spy(slots, labels=None):
+        seen["h"] = features(slots, labels)
         return seen["h"]
 
     monkeypatch.setattr(nets.D, "features", spy)
@@ -211,6 +213,54 @@ def test_masked_specs_need_one_resolution_and_paper_nets_refuse_the_new_options(
         load_config("imagenet128-gali4-e256", [*TINY, "data.resolution=128"])
     with pytest.raises(ValueError, match="latent_dim 13 is not a multiple of 6"):
         biggan.BigGANGenerator(128, 13, WIDTH)
+
+
+def test_class_conditioning_reaches_g_and_the_joint_features_of_d():
+    """model.label_classes: every G block and D's joint MLP take each row's label; a step without labels is refused."""
+    step, nets, _ = _step("biggan128", "gali4", label_classes=3, unary=False)
+    z = torch.randn(2, 12, generator=torch.Generator().manual_seed(2))
+    nets.G.eval()
+    with torch.no_grad():
+        a, b = nets.G(z, torch.tensor([0, 1])), nets.G(z, torch.tensor([0, 2]))
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])  # row 1's label changed only row 1
+    x, latents = _images(128), torch.randn(2, 12)
+    slots = [[x, x], [latents, latents]]  # two tuple classes of the same rows
+    nets.D.eval()  # no spectral-norm power iteration between the two calls
+    with torch.no_grad():
+        h = nets.D.features(slots, torch.tensor([0, 1]))
+        h_other = nets.D.features(slots, torch.tensor([2, 1]))
+    assert torch.equal(h[:2], h[2:])  # each block's rows carry the batch's labels
+    assert not torch.allclose(h[0], h_other[0]) and torch.equal(h[1], h_other[1])
+    nets.D.train()
+    out = step.step(x, torch.tensor(0.1), "both", labels=torch.tensor([0, 2]))
+    assert torch.isfinite(out["loss_d"]) and torch.isfinite(out["loss_ge"])
+    with pytest.raises(ValueError, match=r"class-conditional \(model.label_classes=3\).*labels"):
+        step.step(x, torch.tensor(0.1))
+    unconditional, _, _ = _step("biggan128", "gali4", unary=False)
+    assert unconditional.nets.G.label_classes == 0 and unconditional.nets.G.shared is None
+
+
+def test_class_conditional_runs_check_the_datas_classes_and_train(tmp_path):
+    """A two-class image folder at 128² (8 training, 4 held-out images): the data's classes are checked, then a
+    class-conditional run trains, snapshots (held-out metrics, grids) and checkpoints."""
+    from PIL import Image
+
+    for split, count in (("train", 4), ("test", 2)):
+        for label in ("a", "b"):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(count):
+                color = (40 + 100 * (label == "b"), 20 * i, 200)
+                Image.new("RGB", (128, 128), color).save(tmp_path / "data" / split / label / f"{i}.png")
+    data = ["data.source=folder", f"data.root={tmp_path / 'data'}", "data.backend=torch", "data.workers=0"]
+    with pytest.raises(ConfigError, match=r"model.label_classes.*paper's networks"):
+        load_config("demo", ["model.label_classes=10"])
+    with pytest.raises(ConfigError, match=r"model.label_classes.*got 3, but the training data has 2 classes"):
+        train(load_config("imagenet128-ali", [*TINY, *data, "model.label_classes=3", f"run.out_dir={tmp_path}"]))
+    overrides = [*TINY, *data, "model.label_classes=2", "run.kimg=0.004", "run.snapshot_kimg=0.004",
+                 "run.tick_kimg=0.002", "run.grid_size=2", "run.identity_images=0", "run.ema_kimg=0",
+                 f"run.out_dir={tmp_path / 'runs'}"]
+    result = train(load_config("imagenet128-ali", overrides), log=lambda line: None)
+    assert result.kimg == pytest.approx(0.004) and math.isfinite(result.recon_mse)
 
 
 def test_a_checkpoint_of_the_new_networks_round_trips(tmp_path):

@@ -17,11 +17,13 @@ PIXELS = 3 * R * R
 
 
 class TinyG(nn.Module):
+    label_classes = 0  # unconditional
+
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Linear(DZ, PIXELS, bias=False)
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.net(z).view(-1, 3, R, R)
 
 
@@ -45,7 +47,7 @@ class TinyD(nn.Module):
     def head_weight(self) -> tuple[Tensor, Tensor, int]:
         return self.head.weight, self.head.bias, 1
 
-    def features(self, slots: list[list[Tensor]]) -> Tensor:
+    def features(self, slots: list[list[Tensor]], labels: Tensor | None = None) -> Tensor:
         images, latents = (torch.cat(blocks) for blocks in slots)
         return self.joint(torch.cat([images.flatten(1), latents], dim=1))
 

@@ -245,7 +245,7 @@ def test_held_out_metrics_give_mse_encoding_spread_and_identity():
             return mu, torch.full_like(mu, -1.0)
 
     class Generator(nn.Module):  # a constant image of value μ
-        def forward(self, z: Tensor) -> Tensor:
+        def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
             return z[:, :1, None, None].expand(-1, 3, 2, 2)
 
     x = torch.rand(10, 3, 2, 2) * 2 - 1

@@ -372,7 +372,7 @@ def test_batch_norm_recalibration_replaces_the_statistics_by_their_average_on_re
     first_bn.running_mean.fill_(7.0)  # statistics from elsewhere (e.g. generated images)
     weights = {k: v.clone() for k, v in E.state_dict().items() if "running" not in k and "num_batches" not in k}
     batches = [torch.rand(6, 3, 32, 32) * 2 - 1 for _ in range(3)]
-    assert recalibrate_batch_norm(G, E, batches) == 18
+    assert recalibrate_batch_norm(G, E, [(b, None) for b in batches]) == 18
     assert not E.training and not G.training and first_bn.momentum == 0.1
     # the first BN's input is the first conv's output on every image: its mean over the three batches
     with torch.no_grad():

@@ -181,7 +181,7 @@ class _MeanEncoder(nn.Module):
 
 
 class _FlatGenerator(nn.Module):
-    def forward(self, z):
+    def forward(self, z, labels=None):
         return torch.full((z.shape[0], 3, 8, 8), 0.5)
 
 

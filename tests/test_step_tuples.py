@@ -41,14 +41,14 @@ def record_step(step: GaliStep, monkeypatch, noise: float = 0.0) -> dict:
     seen: dict = {}
     evaluate, features, head = step.chains.evaluate, step.nets.D.features, step_module.kway_head
 
-    def spy_evaluate(spec, x, z, masks=None):
-        values = evaluate(spec, x, z, masks)
+    def spy_evaluate(spec, x, z, masks=None, labels=None):
+        values = evaluate(spec, x, z, masks, labels)
         seen["values"] = {str(node): value for node, value in values.items()}
         return values
 
-    def spy_features(slots):
+    def spy_features(slots, labels=None):
         seen["slots"] = [torch.cat(blocks).detach().clone() for blocks in slots]  # K row blocks per slot
-        return features(slots)
+        return features(slots, labels)
 
     def spy_head(h, w, b, labels, *args, **kwargs):
         seen["labels"] = labels.clone()

@@ -310,7 +310,7 @@ class _Evaluation:
         self.recalibrated = 0
         if options.bn_recalibrate:
             batches = self._batches("train", limit=options.bn_recalibrate * options.batch_size)
-            self.recalibrated = recalibrate_batch_norm(self.G, self.E, (b.x for b in batches))
+            self.recalibrated = recalibrate_batch_norm(self.G, self.E, ((b.x, b.labels) for b in batches))
             log(f"BatchNorm statistics of E and G recomputed on {self.recalibrated} training images")
         self.classifier = self._identity_classifier() if "recon-identity" in metrics else None
 
@@ -400,7 +400,8 @@ class _Evaluation:
         for batch in batches:
             x, per_batch = batch.x, measured.per_batch
             if wanted & {"pixel-mse", "feature-mse", "recon-identity"}:
-                x_g, x_hat = reconstruction_chain(self.G, self.E, x, depth=1)  # x_g: x at G's resolution
+                # x_g: x at G's resolution; a class-conditional G takes x's labels
+                x_g, x_hat = reconstruction_chain(self.G, self.E, x, depth=1, labels=batch.labels)
                 if "pixel-mse" in wanted:
                     per_batch["pixel"].append(pixel_mse(x_g, x_hat))
                 if "feature-mse" in wanted:
@@ -417,7 +418,8 @@ class _Evaluation:
                     params, kind = batch.masks[:, 0], "dense"
                 else:
                     params, kind = measured.boxes[measured.images:measured.images + x.shape[0]], "box"
-                masked, _, composite = inpaint(self.G, self.E, x, params, kind=kind, fill=self.cfg.method.mask_fill)
+                masked, _, composite = inpaint(self.G, self.E, x, params, kind=kind, fill=self.cfg.method.mask_fill,
+                                               labels=batch.labels)
                 per_batch["inpaint"].append(masked_pixel_mse(x, composite, masked.mask))
                 measured.coverage.append(masked.mask.mean((1, 2, 3)).cpu())
                 if self.feature_model is not None:
@@ -523,7 +525,9 @@ class _Evaluation:
         for start in range(0, o.fid_samples, o.batch_size):
             n = min(o.batch_size, o.fid_samples - start)
             z = torch.randn(n, self.cfg.model.latent_dim, generator=generator).to(self.device)
-            features.append(self.inception(to_uint8_range(self.G(z))).cpu())
+            classes = self.cfg.model.label_classes  # a class-conditional G: labels uniform over the classes
+            labels = torch.randint(classes, (n,), generator=generator).to(self.device) if classes else None
+            features.append(self.inception(to_uint8_range(self.G(z, labels))).cpu())
         return torch.cat(features)
 
     def _fid_kid(self, reference: tuple[Tensor, Path, bool]) -> dict[str, dict[str, Any]]:

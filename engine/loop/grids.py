@@ -39,23 +39,24 @@ def save_grid(images: Tensor, path: str | Path, *, columns: int) -> Path:
     return save_png(tile(images, columns=columns), path)
 
 
-def reconstruction_grid(G: nn.Module, E: nn.Module, x: Tensor) -> np.ndarray:
-    """Rows x, G(E(x)), G(E(G(E(x)))), one column per image of ``x``."""
-    return tile(torch.cat(reconstruction_chain(G, E, x)), columns=x.shape[0])
+def reconstruction_grid(G: nn.Module, E: nn.Module, x: Tensor, labels: Tensor | None = None) -> np.ndarray:
+    """Rows x, G(E(x)), G(E(G(E(x)))), one column per image of ``x`` (``labels``: x's, for a conditional G)."""
+    return tile(torch.cat(reconstruction_chain(G, E, x, labels=labels)), columns=x.shape[0])
 
 
-def save_reconstruction_grid(G: nn.Module, E: nn.Module, x: Tensor, path: str | Path) -> Path:
+def save_reconstruction_grid(G: nn.Module, E: nn.Module, x: Tensor, path: str | Path,
+                             labels: Tensor | None = None) -> Path:
     """Rows of x, G(E(x)), G(E(G(E(x)))) for the given images."""
-    return save_png(reconstruction_grid(G, E, x), path)
+    return save_png(reconstruction_grid(G, E, x, labels), path)
 
 
 def inpainting_grid(G: nn.Module, E: nn.Module, x: Tensor, params: Tensor, *, fill: float = -2.0,
-                    impl: str = "auto") -> np.ndarray:
+                    impl: str = "auto", labels: Tensor | None = None) -> np.ndarray:
     """Rows x, masked x, G(μ_E(masked x)) and the composite (x outside the box, the inpainting inside).
 
     ``params`` are box parameters, one row per image (see
     :func:`gali.engine.nets.inference.evaluation_box_params`); ``fill`` is the value the encoder sees in
     masked pixels (shown black in the grid). The composite is the inpainted image that docs/method.md §4 evaluates.
     """
-    masked, inpainted, composite = inpaint(G, E, x, params, fill=fill, impl=impl)
+    masked, inpainted, composite = inpaint(G, E, x, params, fill=fill, impl=impl, labels=labels)
     return tile(torch.cat([x, masked.masked, inpainted, composite]), columns=x.shape[0])

@@ -89,7 +89,12 @@ class Snapshots:
         n = self.grid_size = cfg.run.grid_size
         generator = torch.Generator().manual_seed(cfg.run.seed)
         self.grid_z = torch.randn(n * n, cfg.model.latent_dim, generator=generator).to(device)
-        self.grid_x = next(iter(self.pipeline)).x[:n]
+        # a class-conditional G draws class i % C in row i; the reconstructions take the images' own labels
+        classes = cfg.model.label_classes
+        self.grid_labels = (torch.arange(n * n, device=device) // n % classes) if classes else None
+        first = next(iter(self.pipeline))
+        self.grid_x = first.x[:n]
+        self.grid_x_labels = first.labels[:n] if classes else None
         self.grid_masks = (evaluation_box_params(n, self.grid_x.shape[-1], seed=cfg.run.seed, device=device)
                            if spec.mask_indices else None)
 
@@ -131,7 +136,8 @@ class Snapshots:
             return
         G, E = self.shown
         if self.world.is_main:
-            recalibrate_batch_norm(G, E, itertools.islice((b.x for b in self.train_images), self.ema_bn_batches))
+            recalibrate_batch_norm(G, E, itertools.islice(((b.x, b.labels) for b in self.train_images),
+                                                          self.ema_bn_batches))
         for buffer in (b for net in (G, E) for b in net.buffers()):  # the counters too: ranks compare them
             self.world.broadcast_tensor(buffer)
 
@@ -148,14 +154,14 @@ class Snapshots:
         figures = held_out_metrics(G, E, ((b.x, b.labels) for b in self.pipeline), self.classifier)
         if self.recalibrate_batches:  # the same measures with BatchNorm statistics of real data, on copies
             G_real, E_real = copy.deepcopy(G), copy.deepcopy(E)
-            recalibrate_batch_norm(G_real, E_real, itertools.islice((b.x for b in self.train_images),
+            recalibrate_batch_norm(G_real, E_real, itertools.islice(((b.x, b.labels) for b in self.train_images),
                                                                     self.recalibrate_batches))
             recalibrated = held_out_metrics(G_real, E_real, ((b.x, b.labels) for b in self.pipeline), self.classifier)
             figures |= {f"{k}_bn_recal": v for k, v in recalibrated.items() if k != "identity_ceiling"}
-        grids = {"samples": tile(sample_images(G, self.grid_z), columns=self.grid_size),
-                 "reconstructions": reconstruction_grid(G, E, self.grid_x)}
+        grids = {"samples": tile(sample_images(G, self.grid_z, self.grid_labels), columns=self.grid_size),
+                 "reconstructions": reconstruction_grid(G, E, self.grid_x, self.grid_x_labels)}
         if self.grid_masks is not None:
             grids["inpainting"] = inpainting_grid(G, E, self.grid_x, self.grid_masks, fill=self.mask_fill,
-                                                  impl=self.kernel_impl)
+                                                  impl=self.kernel_impl, labels=self.grid_x_labels)
         run_log.images(grids, images_seen)
         return figures

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from gali.engine.errors import GaliError
+from gali.engine.errors import ConfigError, GaliError
 from gali.engine.files import write_text_atomic
 from gali.engine.loop.checkpoint import Checkpoint, Progress, latest_checkpoint
 from gali.engine.loop.config import Config, config_from_dict, dump_config
@@ -101,6 +101,7 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
     spec = load_spec(cfg.method.tuples)
     batch_size = cfg.run.batch_size
     pipeline = _training_pipeline(cfg, world, device, len(spec.mask_indices))
+    _check_label_classes(cfg, pipeline)
     if resume_from is not None:
         _check_resume_point(resume_from, cfg, len(pipeline))
     nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=device)
@@ -135,7 +136,8 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
                 if ema is not None:
                     ema.restart()
             phase = step_phase(progress.iteration, cfg.optim.n_dis)
-            ticks.add(step.step(batch.x, noise.at_epoch(epoch), phase, batch.masks))
+            labels = batch.labels if cfg.model.label_classes else None  # for class-conditional networks only
+            ticks.add(step.step(batch.x, noise.at_epoch(epoch), phase, batch.masks, labels))
             progress.advance(epoch, batch_size)
             if ema is not None:
                 ema.update(progress.images_seen, batch_size)
@@ -195,6 +197,15 @@ def _training_pipeline(cfg: Config, world: World, device: torch.device, num_mask
                          device=device, seed=cfg.run.seed, rank=world.rank, world_size=world.size,
                          channels_last=cfg.compute.channels_last,
                          masks=cfg.method.pipeline_masks(num_masks, cfg.data.resolution, cfg.run.seed))
+
+
+def _check_label_classes(cfg: Config, pipeline: Pipeline) -> None:
+    """Class-conditional networks need labels of exactly ``model.label_classes`` classes."""
+    classes = len(pipeline.class_names)
+    if cfg.model.label_classes and classes != cfg.model.label_classes:
+        found = f"{classes} classes" if classes else "no labels"
+        raise ConfigError("model.label_classes", f"got {cfg.model.label_classes}, but the training data has {found}; "
+                          f"set model.label_classes={classes}")
 
 
 def _open_run_log(cfg: Config, resume_from: ResumePoint | None, spec: TupleSpec, pipeline: Pipeline,

@@ -43,10 +43,14 @@ class ChainEvaluator:
         self.kernel_impl = kernel_impl
         self.encoding: tuple[Tensor, Tensor] | None = None
         self.mask_kind = "box"  # of the masks of the last evaluate: 'box' (drawn here) or 'dense' (the batch's)
+        self.labels: Tensor | None = None  # the labels of the last evaluate, for G
 
-    def evaluate(self, spec: TupleSpec, x: Tensor, z: Tensor, masks: Tensor | None = None) -> dict[Expr, Tensor]:
-        """Every chain variable of ``spec``; ``masks`` (B, M, H, W) are the batch's, None draws boxes here."""
+    def evaluate(self, spec: TupleSpec, x: Tensor, z: Tensor, masks: Tensor | None = None,
+                 labels: Tensor | None = None) -> dict[Expr, Tensor]:
+        """Every chain variable of ``spec``; ``masks`` (B, M, H, W) are the batch's, None draws boxes here;
+        ``labels`` (B,) go to every G call (a class-conditional G's; an unconditional one ignores them)."""
         self.encoding = None
+        self.labels = labels
         if masks is None:
             side = x.shape[-1]
             self.mask_kind = "box"
@@ -77,7 +81,7 @@ class ChainEvaluator:
                 self.encoding = (mu, log_sigma)
             return mu + log_sigma.exp() * torch.randn_like(mu)
         if op == "G":
-            return self.nets.G(args[0])
+            return self.nets.G(args[0], self.labels)
         if op == "M":
             assert self.nets.M is not None, "a spec with M(...) needs the networks' feature model"
             return self.nets.M(args[0])

@@ -113,7 +113,7 @@ def held_out_metrics(G: nn.Module, E: nn.Module, batches: Iterable[tuple[Tensor,
     mus, log_sigmas, real, reconstructed, labels = [], [], [], [], []
     for x, y in batches:
         mu, log_sigma = encode(E, x)
-        x_hat = sample_images(G, mu)
+        x_hat = sample_images(G, mu, y)  # y: x's labels, for a class-conditional G
         x = resize_to(x, x_hat.shape[-1])  # compared at G's resolution
         total += pixel_mse(x, x_hat) * x.shape[0]  # the batch's mean, weighted by its images
         count += x.shape[0]

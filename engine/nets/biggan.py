@@ -7,7 +7,8 @@ stages, read by generic classes.
 
 - **G** (:class:`BigGANGenerator`): hierarchical latent: z is split into one chunk for the first
   Linear (to 4×4×16ch) and one per residual up-block, whose conditional BatchNorms take their gains
-  and biases from that chunk (no class embedding: the data's labels are not used). Each block is
+  and biases from that chunk, concatenated with a shared class embedding of the labels (BigGAN's
+  ``shared``, 128 wide) when ``label_classes`` > 0 (``model.label_classes``), else unconditional. Each block is
   BN → ReLU → 2× nearest upsample → 3×3 conv → BN → ReLU → 3×3 conv, plus a 1×1 conv of the upsampled
   input; SAGAN self-attention after the block that reaches ``attention_resolution``; then BN → ReLU
   → 3×3 conv to RGB, plus the engine's per-pixel ``output_bias`` (started at the mean training image,
@@ -33,7 +34,11 @@ stages, read by generic classes.
   ``features = [h_x, h_z, h_joint]``, which ``kernels.kway_head_grouped`` turns into the sum of the
   three heads' K-way losses, each with weight 1 (BigBiGAN sums its three scores' losses unweighted),
   for both L_D and L_GE. D sees images at its own resolution (the step resizes every image slot to
-  ``D.resolution`` before instance noise).
+  ``D.resolution`` before instance noise). With ``label_classes`` > 0 an embedding of each row's label
+  (spectral-normalised, the joint MLP's width) joins the joint MLP's input: D judges (tuple, label).
+  BigGAN's D projects the embedding onto its features instead (a per-label term in the logit); in a
+  K-way head that would be a per-row weight matrix, which the fused head does not take, so the label
+  conditions the joint features, and through them all K logits (the unary heads stay unconditional).
 
 ``activation_checkpointing`` (``compute.activation_checkpointing``) recomputes each residual block in
 the backward instead of storing its activations (``torch.utils.checkpoint``, non-reentrant). The step
@@ -60,6 +65,7 @@ from gali.engine.nets.config import ENCODER_BLOCKS
 from gali.engine.nets.feature_models import resize_to
 
 BIGGAN_CH = 96  # BigGAN's base channel count at width 1
+SHARED_DIM = 128  # BigGAN's shared class embedding, joined to every G block's z chunk
 RESNET_CH = 64  # ResNet-50's stem width at width 1
 RESNET_STAGES = (3, 4, 6, 3)
 MLP_WIDTH, MLP_RESIDUAL_LAYERS = 2048, 3  # D's latent branch and joint MLP: Linear + 3 residual layers
@@ -91,9 +97,9 @@ def _check_resolution(resolution: int, who: str) -> None:
 def _init(module: nn.Module) -> None:
     """BigGAN's init: orthogonal weights, zero biases; BatchNorm γ = 1, β = 0."""
     for m in module.modules():
-        if isinstance(m, nn.Conv2d | nn.Linear):
+        if isinstance(m, nn.Conv2d | nn.Linear | nn.Embedding):
             nn.init.orthogonal_(m.weight)
-            if m.bias is not None:
+            if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
 
@@ -101,6 +107,16 @@ def _spectral_norm_all(module: nn.Module) -> None:
     for m in list(module.modules()):
         if isinstance(m, nn.Conv2d | nn.Linear):
             spectral_norm(m, n_power_iterations=1)
+
+
+def check_labels(labels: Tensor | None, label_classes: int, rows: int, who: str) -> None:
+    """A class-conditional network needs one int64 label per row; an unconditional one ignores labels."""
+    if not label_classes:
+        return
+    if labels is None or labels.shape != (rows,) or labels.dtype != torch.int64:
+        got = "none" if labels is None else f"{tuple(labels.shape)} {labels.dtype}"
+        raise ValueError(f"{who} is class-conditional (model.label_classes={label_classes}): it needs int64 labels "
+                         f"of shape ({rows},), got {got}; the data must have labels")
 
 
 class CheckpointedBlock(nn.Module):
@@ -177,7 +193,7 @@ class BigGANGenerator(nn.Module):
     """G: z (B, d_z) -> image (B, 3, R, R) in [-1, 1], R = 128 or 256; d_z splits into len(blocks) + 1 chunks."""
 
     def __init__(self, resolution: int = 128, latent_dim: int = 120, width: float = 1.0,
-                 attention_resolution: int = 64) -> None:
+                 attention_resolution: int = 64, label_classes: int = 0) -> None:
         super().__init__()
         _check_resolution(resolution, "BigGANGenerator")
         arch = G_ARCH[resolution]
@@ -185,8 +201,10 @@ class BigGANGenerator(nn.Module):
             raise ValueError(f"BigGANGenerator at {resolution}² splits z into {len(arch) + 1} equal chunks; "
                              f"latent_dim {latent_dim} is not a multiple of {len(arch) + 1} (BigGAN: 120 at 128², "
                              "140 at 256²)")
-        self.resolution, self.latent_dim = resolution, latent_dim
+        self.resolution, self.latent_dim, self.label_classes = resolution, latent_dim, label_classes
         self.chunk = latent_dim // (len(arch) + 1)
+        self.shared = nn.Embedding(label_classes, SHARED_DIM) if label_classes else None
+        cond_dim = self.chunk + (SHARED_DIM if label_classes else 0)
         ch = _channels(BIGGAN_CH, width)
         self.first_channels = arch[0][0] * ch
         self.linear = nn.Linear(self.chunk, 4 * 4 * self.first_channels)
@@ -194,7 +212,7 @@ class BigGANGenerator(nn.Module):
         side = 4
         for c_in, c_out in arch:
             side *= 2
-            blocks.append(GeneratorBlock(c_in * ch, c_out * ch, self.chunk))
+            blocks.append(GeneratorBlock(c_in * ch, c_out * ch, cond_dim))
             if side == attention_resolution:
                 blocks.append(SelfAttention(c_out * ch))
         self.blocks = nn.ModuleList(blocks)
@@ -204,11 +222,16 @@ class BigGANGenerator(nn.Module):
         _init(self)
         _spectral_norm_all(self)
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        """G(z), or G(z, y) when class-conditional (``labels``: int64 (B,))."""
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"BigGANGenerator takes latents of shape (B, {self.latent_dim}), got {tuple(z.shape)}")
+        check_labels(labels, self.label_classes, z.shape[0], "BigGANGenerator")
         chunks = z.split(self.chunk, dim=1)
         h = self.linear(chunks[0]).view(z.shape[0], self.first_channels, 4, 4)
+        if self.shared is not None:
+            embedding = self.shared(labels)
+            chunks = (chunks[0], *(torch.cat((chunk, embedding), dim=1) for chunk in chunks[1:]))
         conditions = iter(chunks[1:])
         for block in self.blocks:
             h = block(h, next(conditions)) if isinstance(block, GeneratorBlock) else block(h)
@@ -373,7 +396,7 @@ class BigBiGANDiscriminator(nn.Module):
 
     def __init__(self, resolution: int = 128, latent_dim: int = 120, width: float = 1.0, *,
                  slot_kinds: Sequence[str], num_classes: int, extra_dim: int | None = None,
-                 attention_resolution: int = 64, unary_heads: bool = False) -> None:
+                 attention_resolution: int = 64, unary_heads: bool = False, label_classes: int = 0) -> None:
         super().__init__()
         _check_resolution(resolution, "BigBiGANDiscriminator")
         slot_kinds = tuple(slot_kinds)
@@ -385,7 +408,7 @@ class BigBiGANDiscriminator(nn.Module):
             raise ValueError("unary heads score the image and the latent branch alone: the tuples need both kinds")
         self.resolution, self.latent_dim, self.num_classes = resolution, latent_dim, num_classes
         self.slot_kinds, self.extra_dim = slot_kinds, extra_dim if EXTRA in slot_kinds else None
-        self.unary_heads = unary_heads
+        self.unary_heads, self.label_classes = unary_heads, label_classes
         ch = _channels(BIGGAN_CH, width)
         mlp = scaled(MLP_WIDTH, width)
         branches: dict[str, nn.Module] = {}
@@ -406,7 +429,9 @@ class BigBiGANDiscriminator(nn.Module):
             branches[EXTRA] = ResidualMLP(self.extra_dim, scaled(EXTRA_WIDTH, width), 1)
             widths[EXTRA] = scaled(EXTRA_WIDTH, width)
         self.branches = nn.ModuleDict(branches)
-        self.joint = ResidualMLP(sum(widths[k] for k in slot_kinds), mlp, MLP_RESIDUAL_LAYERS)
+        self.label_embedding = nn.Linear(label_classes, mlp, bias=False) if label_classes else None  # one-hot in
+        self.joint = ResidualMLP(sum(widths[k] for k in slot_kinds) + (mlp if label_classes else 0), mlp,
+                                 MLP_RESIDUAL_LAYERS)
         self.head = nn.Linear(mlp, num_classes)
         if unary_heads:
             self.unary_image = nn.Linear(widths[IMAGE] * slot_kinds.count(IMAGE), num_classes)
@@ -422,15 +447,24 @@ class BigBiGANDiscriminator(nn.Module):
             return F.relu(self.branches[IMAGE](x)).sum(dim=(2, 3))  # BigGAN's sum pool
         return self.branches[kind](x)
 
-    def features(self, slots: Sequence[Tensor | Sequence[Tensor]]) -> Tensor:
-        """(N, F): the joint MLP's output, or [h_x, h_z, h_joint] with unary heads; rows grouped by gradient."""
+    def features(self, slots: Sequence[Tensor | Sequence[Tensor]], labels: Tensor | None = None) -> Tensor:
+        """(N, F): the joint MLP's output, or [h_x, h_z, h_joint] with unary heads; rows grouped by gradient.
+
+        ``labels`` (class-conditional D only): int64 (B,), the labels of one row block, the same for every
+        block of a slot (the step's K classes of one batch).
+        """
         blocks = [list(s) if isinstance(s, list | tuple) else [s] for s in slots]
         if len(blocks) != len(self.slot_kinds):
             raise ValueError(f"BigBiGANDiscriminator was built for {len(self.slot_kinds)} slots {self.slot_kinds}, "
                              f"got {len(blocks)}")
+        check_labels(labels, self.label_classes, blocks[0][0].shape[0], "BigBiGANDiscriminator")
         parts = [_grouped_by_gradient(lambda x, kind=kind: self._branch(kind, x), slot)
                  for kind, slot in zip(self.slot_kinds, blocks, strict=True)]
-        joint = self.joint(torch.cat(parts, dim=1))
+        joint_in = parts
+        if self.label_embedding is not None:
+            one_hot = F.one_hot(labels, self.label_classes).to(parts[0].dtype).repeat(len(blocks[0]), 1)
+            joint_in = [*parts, self.label_embedding(one_hot)]
+        joint = self.joint(torch.cat(joint_in, dim=1))
         if not self.unary_heads:
             return joint
         images = torch.cat([p for p, k in zip(parts, self.slot_kinds, strict=True) if k == IMAGE], dim=1)
@@ -444,10 +478,10 @@ class BigBiGANDiscriminator(nn.Module):
         heads = (self.unary_image, self.unary_latent, self.head)
         return (torch.block_diag(*(h.weight for h in heads)), torch.cat([h.bias for h in heads]), len(heads))
 
-    def forward(self, slots: Sequence[Tensor | Sequence[Tensor]]) -> Tensor:
+    def forward(self, slots: Sequence[Tensor | Sequence[Tensor]], labels: Tensor | None = None) -> Tensor:
         """(N, G·K) logits: the joint head's K, after the unary heads' with ``unary_heads``."""
         weight, bias, _ = self.head_weight()
-        return F.linear(self.features(slots), weight, bias)
+        return F.linear(self.features(slots, labels), weight, bias)
 
 
 def _grouped_by_gradient(branch: Callable[[Tensor], Tensor], blocks: list[Tensor]) -> Tensor:

@@ -29,6 +29,9 @@ class ModelConfig:
     encoder_block:        biggan archs: E's blocks, "bottleneck" (ResNet-50) or "revnet" (RevNet's reversible
                           units after each stage's first block, which stays a bottleneck transition;
                           BigBiGAN found RevNet encoders better than ResNets of the same depth).
+    label_classes:        biggan archs: 0 (unconditional, BigBiGAN's choice), or the number of classes of the
+                          data's labels: G's blocks and D's joint MLP then take each image's label (BigGAN's
+                          class conditioning; the fake rows carry the real batch's labels).
     """
 
     arch: str = "svhn32"
@@ -38,6 +41,7 @@ class ModelConfig:
     encoder_resolution: int = 0
     unary_heads: bool = False
     encoder_block: str = "bottleneck"
+    label_classes: int = 0
 
     @property
     def resolution(self) -> int:
@@ -56,10 +60,12 @@ class ModelConfig:
         check_positive("model.attention_resolution", self.attention_resolution, allow_zero=True)
         check_positive("model.encoder_resolution", self.encoder_resolution, allow_zero=True)
         check_choice("model.encoder_block", self.encoder_block, ENCODER_BLOCKS)
+        check_positive("model.label_classes", self.label_classes, allow_zero=True)
         if self.arch in PAPER_ARCHS:
             for key, value, default in (("encoder_resolution", self.encoder_resolution, 0),
                                         ("unary_heads", self.unary_heads, False),
-                                        ("encoder_block", self.encoder_block, "bottleneck")):
+                                        ("encoder_block", self.encoder_block, "bottleneck"),
+                                        ("label_classes", self.label_classes, 0)):
                 if value != default:
                     raise ConfigError(f"model.{key}", f"the paper's networks ({self.arch}) have no such option; "
                                       "use model.arch=biggan128 or biggan256, or drop it")

@@ -17,11 +17,11 @@ from gali.pipelines.masks import eval_box_range
 
 
 @torch.no_grad()
-def sample_images(G: nn.Module, z: Tensor) -> Tensor:
-    """G(z) in eval mode."""
+def sample_images(G: nn.Module, z: Tensor, labels: Tensor | None = None) -> Tensor:
+    """G(z) in eval mode (G(z, labels) for a class-conditional G; others ignore the labels)."""
     was_training = G.training
     G.eval()
-    images = G(z)
+    images = G(z, labels)
     G.train(was_training)
     return images
 
@@ -37,15 +37,17 @@ def encode(E: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def reconstruction_chain(G: nn.Module, E: nn.Module, x: Tensor, depth: int = 2) -> list[Tensor]:
+def reconstruction_chain(G: nn.Module, E: nn.Module, x: Tensor, depth: int = 2,
+                         labels: Tensor | None = None) -> list[Tensor]:
     """[x, G(μ_E(x)), G(μ_E(G(μ_E(x)))), ...] with E and G in eval mode and z = μ (docs/method.md §3.1).
 
     E encodes x as given; the first entry is x at G's resolution (:func:`resize_to`, a no-op unless E sees
-    more pixels than G draws), so every entry can be compared with every other.
+    more pixels than G draws), so every entry can be compared with every other. ``labels``: x's, for a
+    class-conditional G.
     """
     chain = [x]
     for _ in range(depth):
-        chain.append(sample_images(G, encode(E, chain[-1])[0]))
+        chain.append(sample_images(G, encode(E, chain[-1])[0], labels))
     chain[0] = resize_to(x, chain[1].shape[-1])
     return chain
 
@@ -63,8 +65,9 @@ def encoding_stats(mu: Tensor, log_sigma: Tensor) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def recalibrate_batch_norm(G: nn.Module, E: nn.Module, batches: Iterable[Tensor]) -> int:
-    """Recompute E's and G's BatchNorm running statistics on real data: E on x, G on μ_E(x).
+def recalibrate_batch_norm(G: nn.Module, E: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]]) -> int:
+    """Recompute E's and G's BatchNorm running statistics on real data: E on x, G on μ_E(x) (and x's labels,
+    for a class-conditional G), from (x, labels) ``batches``.
 
     During training E's statistics average over every image it was called on (under GALI-4 mostly
     generated ones: x, G(E(x)) and G(z) each step) and G's over its inputs E(x) and z ~ N(0, I);
@@ -82,8 +85,8 @@ def recalibrate_batch_norm(G: nn.Module, E: nn.Module, batches: Iterable[Tensor]
     E.train()
     G.train()
     images = 0
-    for x in batches:
-        G(E(x)[0])
+    for x, labels in batches:
+        G(E(x)[0], labels)
         images += x.shape[0]
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
@@ -110,12 +113,12 @@ def evaluation_box_params(n: int, resolution: int, *, seed: int, device: torch.d
 
 
 def inpaint(G: nn.Module, E: nn.Module, x: Tensor, params: Tensor, *, kind: str = "box", fill: float = -2.0,
-            impl: str = "auto") -> tuple[MaskComposite, Tensor, Tensor]:
+            impl: str = "auto", labels: Tensor | None = None) -> tuple[MaskComposite, Tensor, Tensor]:
     """The inpainting chain: (the masked input with its mask, G(μ_E(masked x)), the composite).
 
     ``params`` are boxes (``kind='box'``) or given masks (``'dense'``, a pipeline's); the composite keeps x
-    outside each mask and takes the inpainting inside it.
+    outside each mask and takes the inpainting inside it. ``labels``: x's, for a class-conditional G.
     """
     masked = mask_composite(x, params, kind=kind, fill=fill, impl=impl)
-    inpainted = reconstruction_chain(G, E, masked.masked, depth=1)[1]
+    inpainted = reconstruction_chain(G, E, masked.masked, depth=1, labels=labels)[1]
     return masked, inpainted, mask_composite(x, params, y=inpainted, kind=kind, fill=fill, impl=impl).mix

@@ -60,6 +60,7 @@ class PaperNetwork(nn.Module):
         self.arch = arch
         self.resolution = ARCH_RESOLUTION[arch]
         self.latent_dim = latent_dim
+        self.label_classes = 0  # the paper's networks are unconditional: they ignore labels
 
 
 class Generator(PaperNetwork):
@@ -80,7 +81,8 @@ class Generator(PaperNetwork):
         self.output_bias = nn.Parameter(torch.zeros(3, self.resolution, self.resolution))
         init_weights(self)
 
-    def forward(self, z: Tensor) -> Tensor:
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        """G(z); ``labels`` are ignored (the same call as a class-conditional G's)."""
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(
                 f"Generator ({self.arch}) takes latents of shape (B, {self.latent_dim}), got {tuple(z.shape)}"
@@ -255,8 +257,8 @@ class Discriminator(PaperNetwork):
                     f"(N={rows} from slot 0), got {got[0] if len(got) == 1 else f'row blocks {got}'}"
                 )
 
-    def features(self, slots: Sequence[Slot]) -> Tensor:
-        """(N, F): the joint MLP's output, i.e. the input of ``head``.
+    def features(self, slots: Sequence[Slot], labels: Tensor | None = None) -> Tensor:
+        """(N, F): the joint MLP's output, i.e. the input of ``head``; ``labels`` are ignored (unconditional).
 
         A slot is one (N, ...) tensor or a sequence of row blocks that stack to it (the step passes
         one block per tuple class). Each branch runs at most twice: once over the blocks, of all its
@@ -305,12 +307,13 @@ def build_models(
         from gali.engine.nets import biggan
 
         return (
-            biggan.BigGANGenerator(cfg.resolution, cfg.latent_dim, cfg.width, cfg.attention_resolution),
+            biggan.BigGANGenerator(cfg.resolution, cfg.latent_dim, cfg.width, cfg.attention_resolution,
+                                   cfg.label_classes),
             biggan.ResNetEncoder(cfg.data_resolution, cfg.latent_dim, cfg.width, block=cfg.encoder_block),
             biggan.BigBiGANDiscriminator(cfg.resolution, cfg.latent_dim, cfg.width, slot_kinds=slot_kinds,
                                          num_classes=num_classes, extra_dim=extra_dim,
                                          attention_resolution=cfg.attention_resolution,
-                                         unary_heads=cfg.unary_heads),
+                                         unary_heads=cfg.unary_heads, label_classes=cfg.label_classes),
         )
     generator = Generator(cfg.arch, cfg.latent_dim, cfg.width)
     encoder = Encoder(cfg.arch, cfg.latent_dim, cfg.width)

@@ -64,8 +64,10 @@ def _measure(step: GaliStep, batch: int, resolution: int, device: torch.device) 
         return t
 
     x = torch.rand(batch, 3, resolution, resolution, device=device) * 2 - 1
+    classes = step.nets.G.label_classes  # class-conditional networks take one label per image
+    labels = torch.randint(classes, (batch,), device=device) if classes else None
     with FlopCounterMode(display=False) as counter:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = step.discriminate(x, torch.tensor(0.0, device=device))
+            out = step.discriminate(x, torch.tensor(0.0, device=device), labels=labels)
         (out["loss_d"] + out["loss_ge"]).backward()
     return counter.get_total_flops(), sum(saved.values())

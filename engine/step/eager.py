@@ -89,18 +89,20 @@ class GaliStep:
         w_true, w_pair = loss_weights(spec.num_classes, method.loss_weights, method.objective)
         self.w_true, self.w_pair = w_true.to(self.device), w_pair.to(self.device)
 
-    def discriminate(self, x: Tensor, noise_std: Tensor, masks: Tensor | None = None, *,
-                     chains_grad: bool = True) -> dict[str, Tensor]:
+    def discriminate(self, x: Tensor, noise_std: Tensor, masks: Tensor | None = None, labels: Tensor | None = None,
+                     *, chains_grad: bool = True) -> dict[str, Tensor]:
         """Forward only: chains, tuples, one D call, both losses (graph kept for the updates).
 
-        ``masks``: the batch's masks (``method.mask_source = "pipeline"``), None to draw boxes in the step.
+        ``masks``: the batch's masks (``method.mask_source = "pipeline"``), None to draw boxes in the step;
+        ``labels``: the batch's labels for class-conditional networks (``model.label_classes``): every
+        tuple row i, real or generated, carries label i, so all K classes see the data's label distribution.
         """
         batch = x.shape[0]
         k = self.spec.num_classes
         with fp32_spectral_norm(self.spectral_normed, self.device.type), self.precision.autocast():
             z = torch.randn(batch, self.latent_dim, device=x.device)
             with torch.set_grad_enabled(chains_grad and torch.is_grad_enabled()), annotate("gali/chains"):
-                values = self.chains.evaluate(self.spec, x, z, masks)
+                values = self.chains.evaluate(self.spec, x, z, masks, labels)
             slots = []  # each slot as K row blocks, one per class: D groups them by whether they need a gradient
             for position, kind in enumerate(self.spec.slot_kinds):
                 blocks = [values[cls[position]] for cls in self.spec.classes]
@@ -109,7 +111,7 @@ class GaliStep:
                     blocks = [block + noise_std * _randn_in_layout(block) for block in blocks]
                 slots.append(blocks)
             with annotate("gali/D"):
-                features = self.nets.D.features(slots)
+                features = self.nets.D.features(slots, labels)
             # The head's weight is the cached fp32 spectral-normalised one, cast to h's dtype; with unary heads
             # (BigBiGAN's D) it is three K-way heads over [h_x, h_z, h_joint], their losses summed.
             weight, bias, groups = self.nets.D.head_weight()
@@ -139,22 +141,25 @@ class GaliStep:
             out["loss_ge"] = loss_ge + self.method.alice_lambda * recon
         return out
 
-    def step(self, x: Tensor, noise_std: Tensor, phase: str = "both", masks: Tensor | None = None) -> dict[str, Tensor]:
-        """One update; ``phase`` is 'both' (simultaneous), 'd' or 'ge' (alternating); ``masks`` the batch's."""
+    def step(self, x: Tensor, noise_std: Tensor, phase: str = "both", masks: Tensor | None = None,
+             labels: Tensor | None = None) -> dict[str, Tensor]:
+        """One update; ``phase`` is 'both' (simultaneous), 'd' or 'ge' (alternating); ``masks`` and ``labels``
+        the batch's (see :meth:`discriminate`)."""
         check_phase(phase)
         if self.compute.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with annotate("gali/step"):
-            return self.update(x, noise_std, phase, masks)
+            return self.update(x, noise_std, phase, masks, labels)
 
-    def update(self, x: Tensor, noise_std: Tensor, phase: str, masks: Tensor | None = None) -> dict[str, Tensor]:
+    def update(self, x: Tensor, noise_std: Tensor, phase: str, masks: Tensor | None = None,
+               labels: Tensor | None = None) -> dict[str, Tensor]:
         """The capturable body: forward, both gradients, both optimizer steps; no host sync.
 
         The spectral-norm weights are computed once for the forward and both backward passes (a block
         recomputed under activation checkpointing then sees the very weights of the forward).
         """
         with fp32_spectral_norm(self.spectral_normed, self.device.type):
-            out = self.discriminate(x, noise_std, masks, chains_grad=phase != "d")
+            out = self.discriminate(x, noise_std, masks, labels, chains_grad=phase != "d")
             steps_d, steps_ge = phase in ("both", "d"), phase in ("both", "ge")
             if steps_d:
                 with annotate("gali/backward_D"):

@@ -37,41 +37,44 @@ class GraphedStep:
         self._x: Tensor | None = None
         self._noise_std: Tensor | None = None
         self._masks: Tensor | None = None
+        self._labels: Tensor | None = None
         self._eager_calls: dict[str, int] = dict.fromkeys(PHASES, 0)
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[str, dict[str, Tensor]] = {}
 
-    def step(self, x: Tensor, noise_std: Tensor, phase: str = "both", masks: Tensor | None = None) -> dict[str, Tensor]:
+    def step(self, x: Tensor, noise_std: Tensor, phase: str = "both", masks: Tensor | None = None,
+             labels: Tensor | None = None) -> dict[str, Tensor]:
         check_phase(phase)
-        self._load(x, noise_std, masks)
+        self._load(x, noise_std, masks, labels)
         assert self._x is not None and self._noise_std is not None
         with annotate("gali/step"):
             if phase in self._graphs:
                 self._graphs[phase].replay()
                 return self._outputs[phase]
             if not self.captures:
-                return self.inner.update(self._x, self._noise_std, phase, self._masks)
+                return self.inner.update(self._x, self._noise_std, phase, self._masks, self._labels)
             if self._eager_calls[phase] < self.warmup:
                 self._eager_calls[phase] += 1
                 side = torch.cuda.Stream(self.inner.device)
                 side.wait_stream(torch.cuda.current_stream(self.inner.device))
                 with torch.cuda.stream(side):
-                    out = self.inner.update(self._x, self._noise_std, phase, self._masks)
+                    out = self.inner.update(self._x, self._noise_std, phase, self._masks, self._labels)
                 torch.cuda.current_stream(self.inner.device).wait_stream(side)
                 return out
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._outputs[phase] = self.inner.update(self._x, self._noise_std, phase, self._masks)
+                self._outputs[phase] = self.inner.update(self._x, self._noise_std, phase, self._masks, self._labels)
             self._graphs[phase] = graph
             graph.replay()  # capture records without running: this replay is the step itself
             return self._outputs[phase]
 
-    def _load(self, x: Tensor, noise_std: Tensor, masks: Tensor | None) -> None:
+    def _load(self, x: Tensor, noise_std: Tensor, masks: Tensor | None, labels: Tensor | None) -> None:
         if self._x is None:
             layout = torch.channels_last if self.inner.compute.channels_last else torch.contiguous_format
             self._x = torch.empty_like(x, device=self.inner.device, memory_format=layout)
             self._noise_std = torch.zeros((), device=self.inner.device)
             self._masks = None if masks is None else torch.empty_like(masks, device=self.inner.device)
+            self._labels = None if labels is None else torch.empty_like(labels, device=self.inner.device)
         want = (tuple(self._x.shape), self._x.dtype, self._x.device)
         got = (tuple(x.shape), x.dtype, x.device)
         if got != want:
@@ -84,15 +87,16 @@ class GraphedStep:
         if noise_std.dim() != 0 or not noise_std.dtype.is_floating_point:
             raise GaliError(f"graphed step: noise_std must be a 0-d float tensor, got shape "
                             f"{tuple(noise_std.shape)} {noise_std.dtype}")
-        if (masks is None) != (self._masks is None) or (
-                masks is not None and (masks.shape, masks.dtype) != (self._masks.shape, self._masks.dtype)):
-            raise GaliError(f"graphed step: batch masks are {None if masks is None else tuple(masks.shape)} but the "
-                            f"step was built for {None if self._masks is None else tuple(self._masks.shape)}; a CUDA "
-                            "graph replays one static shape (keep method.mask_source fixed during a run)")
+        for name, given, static in (("masks", masks, self._masks), ("labels", labels, self._labels)):
+            if (given is None) != (static is None) or (
+                    given is not None and (given.shape, given.dtype) != (static.shape, static.dtype)):
+                raise GaliError(f"graphed step: batch {name} are {None if given is None else tuple(given.shape)} but "
+                                f"the step was built for {None if static is None else tuple(static.shape)}; a CUDA "
+                                "graph replays one static shape (every batch has them, or none does)")
+            if given is not None:
+                static.copy_(given)
         self._x.copy_(x)
         self._noise_std.copy_(noise_std)
-        if masks is not None:
-            self._masks.copy_(masks)
 
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
