@@ -51,7 +51,7 @@ attention gain 0; spectral norm is attached after the init.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +63,7 @@ from gali.engine.method.tuple_spec import EXTRA, IMAGE, LATENT
 from gali.engine.nets.arch import scaled
 from gali.engine.nets.config import ENCODER_BLOCKS
 from gali.engine.nets.feature_models import resize_to
+from gali.engine.nets.layers import branch_outputs
 
 BIGGAN_CH = 96  # BigGAN's base channel count at width 1
 SHARED_DIM = 128  # BigGAN's shared class embedding, joined to every G block's z chunk
@@ -458,8 +459,7 @@ class BigBiGANDiscriminator(nn.Module):
             raise ValueError(f"BigBiGANDiscriminator was built for {len(self.slot_kinds)} slots {self.slot_kinds}, "
                              f"got {len(blocks)}")
         check_labels(labels, self.label_classes, blocks[0][0].shape[0], "BigBiGANDiscriminator")
-        parts = [_grouped_by_gradient(lambda x, kind=kind: self._branch(kind, x), slot)
-                 for kind, slot in zip(self.slot_kinds, blocks, strict=True)]
+        parts = branch_outputs(self._branch, self.slot_kinds, blocks)
         joint_in = parts
         if self.label_embedding is not None:
             one_hot = F.one_hot(labels, self.label_classes).to(parts[0].dtype).repeat(len(blocks[0]), 1)
@@ -482,18 +482,3 @@ class BigBiGANDiscriminator(nn.Module):
         """(N, G·K) logits: the joint head's K, after the unary heads' with ``unary_heads``."""
         weight, bias, _ = self.head_weight()
         return F.linear(self.features(slots, labels), weight, bias)
-
-
-def _grouped_by_gradient(branch: Callable[[Tensor], Tensor], blocks: list[Tensor]) -> Tensor:
-    """``branch`` over the row blocks of one slot, at most twice: the blocks that need a gradient, then the rest.
-
-    A backward into the inputs then skips the rows that have none (real images, prior z); D has no batch
-    statistics, so the grouping changes no value.
-    """
-    outputs: dict[int, Tensor] = {}
-    for needs_grad in (True, False):
-        group = [i for i, b in enumerate(blocks) if b.requires_grad == needs_grad]
-        if group:
-            out = branch(torch.cat([blocks[i] for i in group]))
-            outputs.update(zip(group, out.split([blocks[i].shape[0] for i in group]), strict=True))
-    return torch.cat([outputs[i] for i in range(len(blocks))])

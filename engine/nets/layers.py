@@ -3,10 +3,14 @@
 The layers whose kernel covers their whole input (E's and D's last convolution, G's first transposed
 convolution) run as one GEMM; ``set_layer_impl(net, 'ref')`` switches them back to ``nn.Conv``'s own
 forward, the twin the paper-structured baseline runs. Same parameters and state-dict keys either way.
+``branch_outputs`` runs a discriminator's branches over a tuple's slots, grouped by gradient (both D's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -92,3 +96,30 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+
+
+def branch_outputs(branch: Callable[[str, Tensor], Tensor], slot_kinds: Sequence[str],
+                   blocks: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """Each slot's ``branch(kind, rows)`` output, its row blocks stacked: D's branches over a tuple's slots.
+
+    ``blocks[i]`` are slot i's row blocks (one per tuple class). Each kind's branch runs at most twice,
+    over the blocks of all its slots that require a gradient, then over the rest: a backward into the
+    inputs (the G/E update) then skips the rows that have none (real images, prior z: half of GALI-4's
+    image rows) instead of computing their input gradients inside one batched call. D has no batch
+    statistics, so the grouping changes no value.
+    """
+    parts: dict[int, Tensor] = {}
+    for kind in dict.fromkeys(slot_kinds):
+        slots = [i for i, k in enumerate(slot_kinds) if k == kind]
+        kind_blocks = [b for i in slots for b in blocks[i]]
+        outputs: dict[int, Tensor] = {}  # the branch's output of each block, by its position in kind_blocks
+        for needs_grad in (True, False):
+            group = [j for j, b in enumerate(kind_blocks) if b.requires_grad == needs_grad]
+            if group:
+                out = branch(kind, torch.cat([kind_blocks[j] for j in group]))
+                outputs.update(zip(group, out.split([kind_blocks[j].shape[0] for j in group]), strict=True))
+        start = 0
+        for i in slots:
+            parts[i] = torch.cat([outputs[j] for j in range(start, start + len(blocks[i]))])
+            start += len(blocks[i])
+    return [parts[i] for i in range(len(blocks))]

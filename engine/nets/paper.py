@@ -34,7 +34,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from gali.engine.method.tuple_spec import EXTRA, IMAGE, LATENT
 from gali.engine.nets.arch import ARCH_RESOLUTION, arch_spec, scaled
 from gali.engine.nets.config import PAPER_ARCHS, ModelConfig
-from gali.engine.nets.layers import init_weights, make_conv
+from gali.engine.nets.layers import branch_outputs, init_weights, make_conv
 
 __all__ = ["Discriminator", "Encoder", "Generator", "build_models"]
 
@@ -261,29 +261,12 @@ class Discriminator(PaperNetwork):
         """(N, F): the joint MLP's output, i.e. the input of ``head``; ``labels`` are ignored (unconditional).
 
         A slot is one (N, ...) tensor or a sequence of row blocks that stack to it (the step passes
-        one block per tuple class). Each branch runs at most twice: once over the blocks, of all its
-        slots, that require a gradient and once over the rest. A backward into the inputs (the G/E
-        update) then skips the rows that have no gradient (real images, prior z: half of GALI-4's
-        image rows) instead of computing their input gradients inside one batched call. D has no
-        batch statistics, so the grouping changes no value.
+        one block per tuple class); the branches run grouped by gradient (:func:`branch_outputs`).
         """
         blocks = [list(s) if isinstance(s, list | tuple) else [s] for s in slots]
         self._check_slots(blocks)
-        parts: dict[int, Tensor] = {}
-        for kind, branch in self.branches.items():
-            idx = [i for i, k in enumerate(self.slot_kinds) if k == kind]
-            kind_blocks = [b for i in idx for b in blocks[i]]
-            outputs: dict[int, Tensor] = {}  # branch output of each block, by its position in kind_blocks
-            for needs_grad in (True, False):
-                group = [j for j, b in enumerate(kind_blocks) if b.requires_grad == needs_grad]
-                if group:
-                    out = branch(torch.cat([kind_blocks[j] for j in group]))
-                    outputs.update(zip(group, out.split([kind_blocks[j].shape[0] for j in group]), strict=True))
-            start = 0
-            for i in idx:
-                parts[i] = torch.cat([outputs[j] for j in range(start, start + len(blocks[i]))])
-                start += len(blocks[i])
-        return self.joint(torch.cat([parts[i] for i in range(len(slots))], dim=1))
+        parts = branch_outputs(lambda kind, x: self.branches[kind](x), self.slot_kinds, blocks)
+        return self.joint(torch.cat(parts, dim=1))
 
     def forward(self, slots: Sequence[Slot]) -> Tensor:
         """(N, K) logits."""
