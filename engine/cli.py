@@ -294,7 +294,7 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     repro.add_argument("--preset", default="demo", help="preset every method starts from")
     repro.add_argument("--kimg", type=float, default=None,
                        help="training budget per method (default: gali.engine.eval.reproduce.DEFAULT_KIMG, 8; "
-                       "the demo preset's own is 60)")
+                       "the demo preset's own is 80)")
     repro.add_argument("--methods", default="ali,alice,gali4,gali8,gali-mix", help="comma-separated tuple specs")
     repro.add_argument("--seeds", type=_positive, default=1,
                        help="train each method from seeds --seed .. --seed+N-1; the table gives mean ± std over them")

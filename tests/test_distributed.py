@@ -18,7 +18,7 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 # 1,437 digits training images: 22 global batches of 64 per epoch; snapshots every 4 steps (256 images).
 TINY = ["run.device=cpu", "model.width=0.125", "model.latent_dim=8", "run.batch_size=64", "data.workers=0",
         "run.kimg=0.512", "run.tick_kimg=0.128", "run.snapshot_kimg=0.256", "run.grid_size=2",
-        "run.tensorboard=off", "run.progress=lines"]
+        "run.tensorboard=off", "run.progress=lines", "run.identity_images=0"]  # no identity classifier per rank
 
 
 def torchrun(*args: str, ranks: int = 2, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -10,9 +10,10 @@ from gali.engine.errors import GaliError
 from gali.engine.eval.protocol import EvalOptions
 from gali.engine.eval.reproduce import METHODS, PAPER, MethodRow, ReproduceOptions, SeedRun, reproduce, reproduce_table
 
+# no identity classifier in the training snapshots, a small one in the evaluation: the wiring is tested here
 TINY = ("model.width=0.25", "model.latent_dim=32", "data.workers=0", "run.batch_size=32", "run.tick_kimg=0.05",
-        "run.grid_size=2")
-FAST_EVAL = EvalOptions(probe_labelled=200, probe_draws=2, probe_pool=500)
+        "run.grid_size=2", "run.identity_images=0")
+FAST_EVAL = EvalOptions(probe_labelled=200, probe_draws=2, probe_pool=500, identity_images=300)
 
 
 def _run(seed: int, pixel: float, identity: float = 0.5) -> SeedRun:
@@ -76,7 +77,8 @@ def test_reproduce_trains_evaluates_and_repeats_itself(tmp_path, monkeypatch):
     assert [r["method"] for r in document["rows"]] == list(METHODS) and document["kimg"] == 0.1
     # the same seed gives the same numbers, another seed others (through the CLI, for one of the methods)
     code = main(["reproduce", "--kimg", "0.1", "--methods", "gali4", "--seeds", "2", "--out-dir", str(tmp_path / "b"),
-                 "--probe-labelled", "200", "--probe-draws", "2", "--probe-pool", "500", *TINY])
+                 "--probe-labelled", "200", "--probe-draws", "2", "--probe-pool", "500", "--identity-images", "300",
+                 *TINY])
     assert code == 0
     (again,) = json.loads((tmp_path / "b" / "reproduce.json").read_text())["rows"]
     first = next(row for row in report.rows if row.method == "gali4").runs[0].results
