@@ -153,15 +153,7 @@ def check_batch(
         raise DataError(f"{where}: expected a gali.pipelines.Batch, got {type(batch).__name__}")
     device = torch.device(device)
     x = batch.x
-    if not isinstance(x, Tensor):
-        raise DataError(f"{where}: x must be a torch.Tensor, got {type(x).__name__}")
-    expected_shape = (batch_size, 3, resolution, resolution)
-    if tuple(x.shape) != expected_shape:
-        raise DataError(f"{where}: x has shape {tuple(x.shape)}, expected {expected_shape} (B, 3, R, R)")
-    if x.dtype != torch.float32:
-        raise DataError(f"{where}: x has dtype {x.dtype}, expected torch.float32")
-    if not _same_device(x.device, device):
-        raise DataError(f"{where}: x is on {x.device}, expected the training device {device}")
+    _check_tensor(where, "x", x, (batch_size, 3, resolution, resolution), "(B, 3, R, R)", torch.float32, device)
     if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         raise DataError(f"{where}: x is neither contiguous nor channels-last (strides {x.stride()})")
     if not bool(torch.isfinite(x).all()):
@@ -174,18 +166,26 @@ def check_batch(
     labels = batch.labels
     if labels is None:
         return
-    if not isinstance(labels, Tensor):
-        raise DataError(f"{where}: labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if tuple(labels.shape) != (batch_size,):
-        raise DataError(f"{where}: labels have shape {tuple(labels.shape)}, expected ({batch_size},)")
-    if labels.dtype != torch.int64:
-        raise DataError(f"{where}: labels have dtype {labels.dtype}, expected torch.int64")
-    if not _same_device(labels.device, device):
-        raise DataError(f"{where}: labels are on {labels.device}, expected the training device {device}")
+    _check_tensor(where, "labels", labels, (batch_size,), "(B,)", torch.int64, device)
     if num_classes is not None:
         lo_l, hi_l = int(labels.min()), int(labels.max())
         if lo_l < 0 or hi_l >= num_classes:
             raise DataError(f"{where}: labels span [{lo_l}, {hi_l}], expected within [0, {num_classes})")
+
+
+def _check_tensor(where: str, name: str, t: object, shape: tuple[int | None, ...], layout: str, dtype: torch.dtype,
+                  device: torch.device) -> None:
+    """``DataError`` unless the batch's ``name`` is a tensor of ``shape`` (``layout`` names its axes), ``dtype``,
+    on ``device``."""
+    has, are = ("have", "are") if name.endswith("s") else ("has", "is")
+    if not isinstance(t, Tensor):
+        raise DataError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise DataError(f"{where}: {name} {has} shape {tuple(t.shape)}, expected {shape} {layout}")
+    if t.dtype != dtype:
+        raise DataError(f"{where}: {name} {has} dtype {t.dtype}, expected {dtype}")
+    if not _same_device(t.device, device):
+        raise DataError(f"{where}: {name} {are} on {t.device}, expected the training device {device}")
 
 
 def _check_masks(masks: Tensor | None, where: str, expected: tuple[int, int | None, int, int],
@@ -194,13 +194,6 @@ def _check_masks(masks: Tensor | None, where: str, expected: tuple[int, int | No
         if masks is not None:
             raise DataError(f"{where}: the batch holds masks, but none were asked for")
         return
-    if not isinstance(masks, Tensor):
-        raise DataError(f"{where}: masks must be a torch.Tensor of shape {expected}, got {type(masks).__name__}")
-    if tuple(masks.shape) != expected:
-        raise DataError(f"{where}: masks have shape {tuple(masks.shape)}, expected {expected} (B, M, R, R)")
-    if masks.dtype != torch.uint8:
-        raise DataError(f"{where}: masks have dtype {masks.dtype}, expected torch.uint8")
-    if not _same_device(masks.device, device):
-        raise DataError(f"{where}: masks are on {masks.device}, expected the training device {device}")
+    _check_tensor(where, "masks", masks, expected, "(B, M, R, R)", torch.uint8, device)
     if int(masks.max()) > 1:
         raise DataError(f"{where}: masks hold values up to {int(masks.max())}, expected 0 (kept) and 1 (masked)")

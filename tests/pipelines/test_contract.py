@@ -46,6 +46,24 @@ def test_names_each_violation(broken, message: str) -> None:
         check_batch(broken(good()), batch_size=4, resolution=8, device="cpu", num_classes=3)
 
 
+@pytest.mark.parametrize(
+    ("masks", "num_masks", "message"),
+    [
+        (torch.zeros(4, 2, 8, 8, dtype=torch.uint8), None, r"holds masks, but none were asked for"),
+        (None, 2, r"masks must be a torch.Tensor"),
+        (torch.zeros(4, 1, 8, 8, dtype=torch.uint8), 2, r"masks have shape \(4, 1, 8, 8\), expected \(4, 2, 8, 8\)"),
+        (torch.zeros(4, 2, 8, 8), 2, r"masks have dtype torch.float32, expected torch.uint8"),
+        (torch.full((4, 2, 8, 8), 255, dtype=torch.uint8), 2, r"values up to 255"),
+    ],
+)
+def test_names_each_mask_violation(masks, num_masks, message: str) -> None:
+    batch = Batch(x=good().x, labels=good().labels, masks=masks)
+    with pytest.raises(DataError, match=r"batch contract violated: .*" + message):
+        check_batch(batch, batch_size=4, resolution=8, device="cpu", num_masks=num_masks)
+    check_batch(Batch(x=batch.x, labels=None, masks=torch.ones(4, 2, 8, 8, dtype=torch.uint8)), batch_size=4,
+                resolution=8, device="cpu", num_masks=2)
+
+
 def test_device_without_index_matches_any_index() -> None:
     from gali.pipelines.contract import _same_device
 
