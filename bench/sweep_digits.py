@@ -48,6 +48,9 @@ RECIPES: dict[str, list[str]] = {
     "z8-lr-d1e-4-ge4e-4": [*BASE, "model.latent_dim=8", "optim.lr_d=1e-4", "optim.lr_ge=4e-4"],
     "z8-lr-ge6e-4": [*BASE, "model.latent_dim=8", "optim.lr_ge=6e-4"],
     "z8-lr-ge4e-4-ema4": [*BASE, "model.latent_dim=8", "optim.lr_ge=4e-4", "run.ema_kimg=4"],
+    # batch 64 trains about 1.2x more images per second than 32 on the 2-core CPU: 100 kimg in the demo's time
+    "demo-b64": ["run.batch_size=64"],
+    "demo-b64-lr1.5": ["run.batch_size=64", "optim.lr=3e-4", "optim.lr_ge=6e-4"],
 }
 SPLIT = "test"  # the snapshot record's keys end with the held-out split: identity_test, ...
 

@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,16 +43,21 @@ def record_training(out: Path, overrides: list[str]) -> None:
     save = checkpoint_module.Checkpoint.save
 
     def save_and_dump(self, path):
-        written = save(self, path)
+        # the dump first: state_dict() is collective, and after the write it would make rank 1 wait for it
         state = {k: v for k, v in self.state_dict().items() if k not in ("rng", "rng_ranks")}
         torch.save(state, out / f"rank{rank}-{self.progress.images_seen:010d}.pt")
-        return written
+        return save(self, path)
 
     eager.average_gradients = counting
     checkpoint_module.Checkpoint.save = save_and_dump
+    if rank == 0:  # a slow disk under rank 0's writes: rank 1 must still wait for the last checkpoint
+        sync = os.fsync
+        os.fsync = lambda fd: (time.sleep(0.2), sync(fd))[1]
     result = train(load_config("demo", overrides), log=print)
+    checkpoints = sorted(p.name for p in result.run_dir.glob("checkpoint-*.pt"))  # what rank 0 wrote, at return
     (out / f"rank{rank}.json").write_text(json.dumps({"reductions": len(reductions), "run_dir": str(result.run_dir),
-                                                      "images": int(result.kimg * 1000)}))
+                                                      "images": int(result.kimg * 1000),
+                                                      "checkpoints_at_return": checkpoints}))
 
 
 def record_gradients(out: Path) -> None:

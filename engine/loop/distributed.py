@@ -84,6 +84,11 @@ class World:
         if self.size > 1:
             torch.manual_seed(derived_seed(seed, self.rank))
 
+    def barrier(self) -> None:
+        """Wait until every rank is here (on the CPU group; nothing in a world of one)."""
+        if self.size > 1:
+            dist.barrier(group=self.cpu_group)
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()

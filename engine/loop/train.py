@@ -158,9 +158,11 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
             # Stop: a signal on any rank, agreed at this step boundary, ends the run with a checkpoint.
             if not done and world.any(stop.requested):
                 snapshots.save_checkpoint(checkpoint, run_log)
+                world.barrier()  # no rank tears down its process group while rank 0 still writes
                 raise RunStopped.after(stop, progress.images_seen, run_log.run_dir)
 
-    # Done.
+    # Done: every rank waits for rank 0's last writes before any tears down its process group.
+    world.barrier()
     result = TrainResult(run_dir=run_log.run_dir, kimg=progress.images_seen / 1000,
                          recon_mse=held_out.get("recon_mse", float("nan")),
                          images_per_second=(progress.images_seen - images_at_start) / max(clock.seconds(), 1e-9),
