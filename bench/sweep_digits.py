@@ -51,6 +51,8 @@ RECIPES: dict[str, list[str]] = {
     # batch 64 trains about 1.2x more images per second than 32 on the 2-core CPU: 100 kimg in the demo's time
     "demo-b64": ["run.batch_size=64"],
     "demo-b64-lr1.5": ["run.batch_size=64", "optim.lr=3e-4", "optim.lr_ge=6e-4"],
+    "demo-lr-ge6e-4": ["optim.lr_ge=6e-4"],
+    "demo-noise0": ["method.instance_noise=0"],
 }
 SPLIT = "test"  # the snapshot record's keys end with the held-out split: identity_test, ...
 
