@@ -130,11 +130,11 @@ def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint(tmp_path):
 SLOW_DISK = "import os, time; sync = os.fsync; os.fsync = lambda fd: (time.sleep(0.05), sync(fd))[1]; "
 
 
-def wait_for_a_partial_file(run_dir: Path, after_checkpoints_beyond: set[str], timeout: float = 60.0) -> None:
-    """Wait for a checkpoint not in ``after_checkpoints_beyond``, then return as soon as the run is writing a
+def wait_for_a_partial_file(run_dir: Path, known_checkpoints: set[str], timeout: float = 60.0) -> None:
+    """Wait for a checkpoint not in ``known_checkpoints``, then return as soon as the run is writing a
     file (a ``.tmp`` exists: on the slow disk, for 50 ms or more)."""
     deadline = time.monotonic() + timeout
-    while not {p.name for p in run_dir.glob("checkpoint-*.pt")} - after_checkpoints_beyond:
+    while not {p.name for p in run_dir.glob("checkpoint-*.pt")} - known_checkpoints:
         assert time.monotonic() < deadline, f"no new checkpoint in {run_dir} within {timeout} s"
         time.sleep(0.002)
     while not list(run_dir.glob("*.tmp")):
@@ -164,7 +164,7 @@ def test_twenty_sigkills_at_random_moments_lose_no_checkpoint(tmp_path):
         if kill % 2:
             time.sleep(rng.uniform(0.0, 2.0))
         else:  # every other kill waits for one new checkpoint and then a write under way: some surely land mid-write
-            wait_for_a_partial_file(next(out.iterdir()), after_checkpoints_beyond=seen)
+            wait_for_a_partial_file(next(out.iterdir()), known_checkpoints=seen)
         run.kill()
         run.wait()
         run_dir = next(out.iterdir(), None) if out.exists() else None
