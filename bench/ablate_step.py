@@ -41,16 +41,23 @@ VARIANTS = ("defaults", "conv-layers", "no-grouping", "randn_like-noise")
 def _step(variant: str) -> GaliStep | GraphedStep:
     torch.manual_seed(0)
     spec = load_spec("gali4")
-    G, E, D = build_models(ModelConfig(arch="svhn32", latent_dim=LATENT), slot_kinds=spec.slot_kinds,
-                           num_classes=spec.num_classes)
+    G, E, D = build_models(
+        ModelConfig(arch="svhn32", latent_dim=LATENT), slot_kinds=spec.slot_kinds, num_classes=spec.num_classes
+    )
     if variant == "conv-layers":
         for net in (G, E, D):
             set_layer_impl(net, "ref")
     if variant == "no-grouping":
         grouped = D.features
         D.features = lambda slots: grouped([torch.cat(blocks) for blocks in slots])
-    return build_step(Networks(G=G, E=E, D=D), spec, MethodConfig(tuples="gali4"), OptimConfig(), LATENT,
-                      ComputeConfig(precision="fp32"))
+    return build_step(
+        Networks(G=G, E=E, D=D),
+        spec,
+        MethodConfig(tuples="gali4"),
+        OptimConfig(),
+        LATENT,
+        ComputeConfig(precision="fp32"),
+    )
 
 
 def main() -> None:
@@ -73,8 +80,10 @@ def main() -> None:
     base = statistics.median(seconds["defaults"])
     for variant, times in seconds.items():
         median = statistics.median(times)
-        print(f"{variant:18s} {median * 1e3:7.0f} ms  {median / base:.3f}x defaults  "
-              f"(each: {', '.join(f'{t * 1e3:.0f}' for t in times)} ms)")
+        print(
+            f"{variant:18s} {median * 1e3:7.0f} ms  {median / base:.3f}x defaults  "
+            f"(each: {', '.join(f'{t * 1e3:.0f}' for t in times)} ms)"
+        )
 
 
 if __name__ == "__main__":

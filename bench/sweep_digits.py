@@ -82,17 +82,33 @@ def run(args: argparse.Namespace) -> None:
                     continue
                 if folder.exists():  # an interrupted run: start it again from scratch
                     subprocess.run(["rm", "-rf", str(folder)], check=True)
-                command = [sys.executable, "-m", "gali", "train", "--preset", "demo", *overrides,
-                           f"method.tuples={method}", f"run.seed={seed}", f"run.kimg={args.kimg}",
-                           f"run.snapshot_kimg={args.snapshot_kimg}", f"run.tick_kimg={args.snapshot_kimg}",
-                           f"run.out_dir={folder}", "run.progress=lines", "run.tensorboard=off",
-                           "run.keep_checkpoints=1"]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "gali",
+                    "train",
+                    "--preset",
+                    "demo",
+                    *overrides,
+                    f"method.tuples={method}",
+                    f"run.seed={seed}",
+                    f"run.kimg={args.kimg}",
+                    f"run.snapshot_kimg={args.snapshot_kimg}",
+                    f"run.tick_kimg={args.snapshot_kimg}",
+                    f"run.out_dir={folder}",
+                    "run.progress=lines",
+                    "run.tensorboard=off",
+                    "run.keep_checkpoints=1",
+                ]
                 start = time.perf_counter()
                 result = subprocess.run(command, capture_output=True, text=True)
                 seconds = time.perf_counter() - start
                 last = snapshots(folder)[-1:] or [{}]
-                print(f"{recipe} {method} seed {seed}: {seconds:.0f} s, rc {result.returncode}, last snapshot "
-                      f"{json.dumps(last[0])}", flush=True)
+                print(
+                    f"{recipe} {method} seed {seed}: {seconds:.0f} s, rc {result.returncode}, last snapshot "
+                    f"{json.dumps(last[0])}",
+                    flush=True,
+                )
                 if result.returncode:
                     print(result.stderr[-2000:], flush=True)
 
@@ -117,11 +133,20 @@ def _value(records: list[dict], key: str) -> tuple[float, float, int]:
 
 def report(args: argparse.Namespace) -> None:
     table = collect(Path(args.out))
-    columns = ("identity", "identity_bn_recal", "identity_nearest", "recon_mse", "recon_mse_bn_recal", "e_sigma",
-               "e_mu_spread")
-    lines = ["| recipe | method | kimg | seeds | identity | identity, BN recal. | nearest | pixel-MSE "
-             "| pixel-MSE, BN recal. | E σ | μ spread |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    columns = (
+        "identity",
+        "identity_bn_recal",
+        "identity_nearest",
+        "recon_mse",
+        "recon_mse_bn_recal",
+        "e_sigma",
+        "e_mu_spread",
+    )
+    lines = [
+        "| recipe | method | kimg | seeds | identity | identity, BN recal. | nearest | pixel-MSE "
+        "| pixel-MSE, BN recal. | E σ | μ spread |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (recipe, method), by_kimg in sorted(table.items()):
         for kimg in sorted(by_kimg):
             records = by_kimg[kimg]
@@ -130,15 +155,26 @@ def report(args: argparse.Namespace) -> None:
                 mean, std, n = _value(records, key)
                 cells.append("—" if not n else f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}")
             lines.append(f"| {recipe} | {method} | {kimg} | {len(records)} | {' | '.join(cells)} |")
-    lines += ["", "BatchNorm statistics: identity with the statistics recomputed on "
-              "real images minus identity with the running statistics of training, per snapshot",
-              "", "| recipe | method | snapshots | mean difference | min | max |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "BatchNorm statistics: identity with the statistics recomputed on "
+        "real images minus identity with the running statistics of training, per snapshot",
+        "",
+        "| recipe | method | snapshots | mean difference | min | max |",
+        "|---|---|---|---|---|---|",
+    ]
     for (recipe, method), by_kimg in sorted(table.items()):
-        differences = [r[f"identity_bn_recal_{SPLIT}"] - r[f"identity_{SPLIT}"] for records in by_kimg.values()
-                       for r in records if f"identity_bn_recal_{SPLIT}" in r]
+        differences = [
+            r[f"identity_bn_recal_{SPLIT}"] - r[f"identity_{SPLIT}"]
+            for records in by_kimg.values()
+            for r in records
+            if f"identity_bn_recal_{SPLIT}" in r
+        ]
         if differences:
-            lines.append(f"| {recipe} | {method} | {len(differences)} | {np.mean(differences):+.3f} "
-                         f"| {min(differences):+.3f} | {max(differences):+.3f} |")
+            lines.append(
+                f"| {recipe} | {method} | {len(differences)} | {np.mean(differences):+.3f} "
+                f"| {min(differences):+.3f} | {max(differences):+.3f} |"
+            )
     text = "\n".join(lines)
     print(text)
     if args.markdown:
@@ -159,8 +195,9 @@ def _plot(table: dict[tuple[str, str], dict[float, list[dict]]], path: Path) -> 
         for axis, key in ((left, "identity"), (right, "recon_mse")):
             stats = [_value(by_kimg[k], key) for k in kimgs]
             means, stds = np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
-            line, = axis.plot(kimgs, means, marker="o", ms=3, label=f"{recipe} {method}",
-                              linestyle="-" if method == "gali4" else "--")
+            (line,) = axis.plot(
+                kimgs, means, marker="o", ms=3, label=f"{recipe} {method}", linestyle="-" if method == "gali4" else "--"
+            )
             axis.fill_between(kimgs, means - stds, means + stds, color=line.get_color(), alpha=0.15)
     left.set(xlabel="kimg", ylabel="identity accuracy of reconstructions (test)", ylim=(0, 1))
     right.set(xlabel="kimg", ylabel="pixel-MSE of reconstructions (test)")

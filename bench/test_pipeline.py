@@ -64,11 +64,13 @@ def test_pipeline_epoch(benchmark, photos, backend, resolution):
         return seen
 
     images = benchmark.pedantic(one_epoch, rounds=3, warmup_rounds=1)
-    benchmark.extra_info.update({
-        "images": images,
-        "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
-        "workers": WORKERS,
-        "torch": torch.__version__,
-    })
+    benchmark.extra_info.update(
+        {
+            "images": images,
+            "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
+            "workers": WORKERS,
+            "torch": torch.__version__,
+        }
+    )
     if benchmark.stats is not None:  # None under --benchmark-disable
         benchmark.extra_info["images/s"] = images / benchmark.stats.stats.median

@@ -47,8 +47,12 @@ from gali.engine.step.paper import PaperStep
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH, LATENT = 100, 256
 # Dense tensor-core peaks (TFLOP/s) by device name and autocast dtype; fp32 is the non-tensor-core rate.
-PEAK_TFLOPS = {("H100", torch.bfloat16): 989.0, ("H100", torch.float32): 67.0,
-               ("H200", torch.bfloat16): 989.0, ("H200", torch.float32): 67.0}
+PEAK_TFLOPS = {
+    ("H100", torch.bfloat16): 989.0,
+    ("H100", torch.float32): 67.0,
+    ("H200", torch.bfloat16): 989.0,
+    ("H200", torch.float32): 67.0,
+}
 
 
 @dataclass(frozen=True)
@@ -73,10 +77,16 @@ PRESETS = {
     "celeba64-gali-mix": Preset("celeba64", 64, "gali-mix"),
     # the imagenet128-gali4 preset's networks (BigGAN ch96 G, ResNet-50 E, BigBiGAN-class D with unary heads)
     # at full width on a GPU; at 1/16 width and batch 16 on the CPU, where the full networks take minutes a step
-    "imagenet128-gali4": Preset("biggan128", 128, "gali4", latent_dim=120, unary_heads=True,
-                                width=1.0 if DEVICE.type == "cuda" else 1 / 16,
-                                batch=BATCH if DEVICE.type == "cuda" else 16,
-                                modes=("baseline", "fp32", "bf16", "bf16-graph")),
+    "imagenet128-gali4": Preset(
+        "biggan128",
+        128,
+        "gali4",
+        latent_dim=120,
+        unary_heads=True,
+        width=1.0 if DEVICE.type == "cuda" else 1 / 16,
+        batch=BATCH if DEVICE.type == "cuda" else 16,
+        modes=("baseline", "fp32", "bf16", "bf16-graph"),
+    ),
 }
 MODES = {  # mode -> (compute settings, warm-up steps)
     "baseline": (None, 1),
@@ -88,8 +98,12 @@ MODES = {  # mode -> (compute settings, warm-up steps)
     "graph": (ComputeConfig(precision="fp32", cuda_graph=True), 5),
     "bf16-graph": (ComputeConfig(precision="bf16", cuda_graph=True), 5),
 }
-CASES = [pytest.param(preset, mode, id=f"{preset}-{mode}") for preset, spec in PRESETS.items() for mode in MODES
-         if spec.modes is None or mode in spec.modes]
+CASES = [
+    pytest.param(preset, mode, id=f"{preset}-{mode}")
+    for preset, spec in PRESETS.items()
+    for mode in MODES
+    if spec.modes is None or mode in spec.modes
+]
 _baseline_seconds: dict[str, float] = {}
 _model_flops: dict[str, int] = {}
 
@@ -125,8 +139,9 @@ def _count_model_flops(preset: Preset) -> int:
     The count ``gali info`` prints (:func:`gali.engine.step.cost.measure_step_cost`), scaled to the batch.
     """
     nets, spec = _networks(preset)
-    cost = measure_step_cost(nets, spec, MethodConfig(tuples=preset.tuples), preset.latent_dim, preset.resolution,
-                             device=DEVICE)
+    cost = measure_step_cost(
+        nets, spec, MethodConfig(tuples=preset.tuples), preset.latent_dim, preset.resolution, device=DEVICE
+    )
     return round(cost.flops_per_image * preset.batch)
 
 
@@ -141,8 +156,18 @@ def test_step(benchmark, preset_name: str, mode: str) -> None:
     if preset_name not in _model_flops:
         _model_flops[preset_name] = _count_model_flops(preset)
     step = _runner(preset, mode, compute)
-    x = torch.rand(preset.batch, 3, preset.resolution, preset.resolution, device=DEVICE,
-                   generator=torch.Generator(DEVICE).manual_seed(1)) * 2 - 1
+    x = (
+        torch.rand(
+            preset.batch,
+            3,
+            preset.resolution,
+            preset.resolution,
+            device=DEVICE,
+            generator=torch.Generator(DEVICE).manual_seed(1),
+        )
+        * 2
+        - 1
+    )
     noise = torch.tensor(0.1, device=DEVICE)
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -159,18 +184,24 @@ def test_step(benchmark, preset_name: str, mode: str) -> None:
     flops = _model_flops[preset_name]
     dtype = torch.bfloat16 if compute is not None and compute.precision == "bf16" else torch.float32
     device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
-    peak = next((tflops for (name, kind), tflops in PEAK_TFLOPS.items() if name in device_name and kind == dtype),
-                None)
+    peak = next((tflops for (name, kind), tflops in PEAK_TFLOPS.items() if name in device_name and kind == dtype), None)
     achieved = flops / seconds / 1e12
-    benchmark.extra_info.update({
-        "device": device_name,
-        "images/s": preset.batch / seconds,
-        "ms/step": seconds * 1e3,
-        "speedup_vs_baseline": (_baseline_seconds[preset_name] / seconds) if preset_name in _baseline_seconds
-        else None,
-        "model_flops/step": flops,
-        "achieved_tflops": achieved,
-        "fraction_of_peak": achieved / peak if peak else None,
-        "peak_memory_mb": (torch.cuda.max_memory_allocated() if DEVICE.type == "cuda"
-                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
-    })
+    benchmark.extra_info.update(
+        {
+            "device": device_name,
+            "images/s": preset.batch / seconds,
+            "ms/step": seconds * 1e3,
+            "speedup_vs_baseline": (_baseline_seconds[preset_name] / seconds)
+            if preset_name in _baseline_seconds
+            else None,
+            "model_flops/step": flops,
+            "achieved_tflops": achieved,
+            "fraction_of_peak": achieved / peak if peak else None,
+            "peak_memory_mb": (
+                torch.cuda.max_memory_allocated()
+                if DEVICE.type == "cuda"
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            )
+            / 2**20,
+        }
+    )

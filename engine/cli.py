@@ -1,19 +1,19 @@
 """The ``gali`` command: train, sample, reconstruct, presets, data tools, eval, reproduce.
 
-    gali train [--preset NAME|FILE.toml] [--dry-run] [section.key=value ...]
-    gali train --resume RUN_DIR|CHECKPOINT [section.key=value ...]
-    gali profile [--preset NAME|FILE.toml] [--steps 20] [section.key=value ...]
-    gali info [--preset NAME|FILE.toml] [section.key=value ...]
-    gali sample CHECKPOINT [--out FILE.png] [--n 64] [--seed 0]
-    gali reconstruct CHECKPOINT [--out FILE.png] [--n 16] [--split test]
-    gali presets
-    gali data check ROOT [--workers N]
-    gali data prepare SRC DST --resolution R --shards N [--format jpeg|png] [--workers N] [--seed 0]
-    gali data stats ROOT [--workers N]
-    gali eval CHECKPOINT [data.key=value ...] [--metrics pixel-mse,feature-mse,recon-identity,probe,fid,kid,inpaint]
-              [--split test] [options]
-    gali reproduce [--preset demo] [--kimg K] [--seeds N] [--methods ali,alice,gali4,gali8,gali-mix] [--inception FILE]
-                   [options] [section.key=value ...]
+gali train [--preset NAME|FILE.toml] [--dry-run] [section.key=value ...]
+gali train --resume RUN_DIR|CHECKPOINT [section.key=value ...]
+gali profile [--preset NAME|FILE.toml] [--steps 20] [section.key=value ...]
+gali info [--preset NAME|FILE.toml] [section.key=value ...]
+gali sample CHECKPOINT [--out FILE.png] [--n 64] [--seed 0]
+gali reconstruct CHECKPOINT [--out FILE.png] [--n 16] [--split test]
+gali presets
+gali data check ROOT [--workers N]
+gali data prepare SRC DST --resolution R --shards N [--format jpeg|png] [--workers N] [--seed 0]
+gali data stats ROOT [--workers N]
+gali eval CHECKPOINT [data.key=value ...] [--metrics pixel-mse,feature-mse,recon-identity,probe,fid,kid,inpaint]
+          [--split test] [options]
+gali reproduce [--preset demo] [--kimg K] [--seeds N] [--methods ali,alice,gali4,gali8,gali-mix] [--inception FILE]
+               [options] [section.key=value ...]
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ LIVE_HELP = "use the live weights of G and E, not the moving averages the checkp
 def _train(args: argparse.Namespace) -> None:
     if args.resume is not None:
         if args.preset is not None or args.dry_run:
-            raise GaliError("gali train --resume takes the config from the checkpoint: drop --preset/--dry-run "
-                            "and give section.key=value overrides only (e.g. run.kimg=200 to train longer)")
+            raise GaliError(
+                "gali train --resume takes the config from the checkpoint: drop --preset/--dry-run "
+                "and give section.key=value overrides only (e.g. run.kimg=200 to train longer)"
+            )
         from gali.engine.loop.train import resume
 
         resume(args.resume, args.overrides)
@@ -168,8 +170,11 @@ def _native_build(args: argparse.Namespace) -> None:
 def _add_native_commands(commands: argparse._SubParsersAction) -> None:
     native = commands.add_parser("native", help="the native DALI masks operator (pipelines/native)")
     tools = native.add_subparsers(dest="native_command", required=True)
-    build = tools.add_parser("build", help="build the plugin into the cache (CMake, the C++ compiler, nvcc if found) "
-                             "and print where; pipelines build it on first use anyway")
+    build = tools.add_parser(
+        "build",
+        help="build the plugin into the cache (CMake, the C++ compiler, nvcc if found) "
+        "and print where; pipelines build it on first use anyway",
+    )
     build.add_argument("--force", action="store_true", help="rebuild even if this DALI's build exists")
     build.set_defaults(func=_native_build)
 
@@ -205,11 +210,20 @@ def _eval_options(args: argparse.Namespace, data_overrides: Sequence[str] = ()):
     from gali.engine.eval.protocol import EvalOptions
 
     return EvalOptions(
-        batch_size=args.batch_size, seed=args.seed, data_overrides=tuple(data_overrides),
-        probe_labelled=args.probe_labelled, probe_validation=args.probe_validation, probe_draws=args.probe_draws,
-        probe_pool=args.probe_pool, inception=args.inception, inception_input_size=args.inception_input_size,
-        fid_samples=args.fid_samples, fid_reference_images=args.fid_reference_images, cache_dir=args.fid_cache,
-        identity_images=args.identity_images, bn_recalibrate=args.bn_recalibrate,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        data_overrides=tuple(data_overrides),
+        probe_labelled=args.probe_labelled,
+        probe_validation=args.probe_validation,
+        probe_draws=args.probe_draws,
+        probe_pool=args.probe_pool,
+        inception=args.inception,
+        inception_input_size=args.inception_input_size,
+        fid_samples=args.fid_samples,
+        fid_reference_images=args.fid_reference_images,
+        cache_dir=args.fid_cache,
+        identity_images=args.identity_images,
+        bn_recalibrate=args.bn_recalibrate,
     )
 
 
@@ -219,9 +233,14 @@ def _eval(args: argparse.Namespace) -> None:
     from gali.engine.eval.protocol import evaluate
 
     options = replace(
-        _eval_options(args, args.overrides), split=args.split, feature_model=args.feature_model,
-        feature_arch=args.feature_arch, feature_input_size=args.feature_input_size,
-        feature_resize=args.feature_resize, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+        _eval_options(args, args.overrides),
+        split=args.split,
+        feature_model=args.feature_model,
+        feature_arch=args.feature_arch,
+        feature_input_size=args.feature_input_size,
+        feature_resize=args.feature_resize,
+        kid_subsets=args.kid_subsets,
+        kid_subset_size=args.kid_subset_size,
         ema=not args.live,
     )
     report = evaluate(args.checkpoint, args.metrics, options)
@@ -234,8 +253,13 @@ def _reproduce(args: argparse.Namespace) -> None:
 
     budget = {} if args.kimg is None else {"kimg": args.kimg}
     options = ReproduceOptions(
-        **budget, preset=args.preset, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        seed=args.seed, seeds=args.seeds, out_dir=args.out_dir, overrides=tuple(args.overrides),
+        **budget,
+        preset=args.preset,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        seed=args.seed,
+        seeds=args.seeds,
+        out_dir=args.out_dir,
+        overrides=tuple(args.overrides),
         evaluation=_eval_options(args),
     )
     report = reproduce(options)
@@ -246,24 +270,45 @@ def _reproduce(args: argparse.Namespace) -> None:
 def _add_eval_options(parser: argparse.ArgumentParser) -> None:
     """Options of the evaluation protocol (docs/method.md §4.1) common to eval and reproduce."""
     parser.add_argument("--batch-size", type=_positive, default=100, help="images per batch; the ± is over batches")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the data order, masks, probe draws and z (reproduce: and of training)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the data order, masks, probe draws and z (reproduce: and of training)",
+    )
     parser.add_argument("--probe-labelled", type=_positive, default=1000, help="labelled images per SVM")
-    parser.add_argument("--probe-validation", type=_positive, default=None,
-                        help="validation images for choosing C (default min(10000, (N - labelled) / 2))")
+    parser.add_argument(
+        "--probe-validation",
+        type=_positive,
+        default=None,
+        help="validation images for choosing C (default min(10000, (N - labelled) / 2))",
+    )
     parser.add_argument("--probe-draws", type=_positive, default=100, help="random labelled sets (SVMs) averaged")
     parser.add_argument("--probe-pool", type=_positive, default=20_000, help="most training images read for the probe")
-    parser.add_argument("--identity-images", type=_positive, default=20_000,
-                        help="most training images the recon-identity classifier is fitted on")
-    parser.add_argument("--bn-recalibrate", type=int, default=0, metavar="N",
-                        help="recompute E's and G's BatchNorm statistics on N training batches first (E on x, "
-                        "G on mu_E(x)); 0 keeps the checkpoint's")
-    parser.add_argument("--inception", help="local TorchScript Inception for FID/KID (clean-fid/StyleGAN3 "
-                        "inception-2015-12-05.pt, or forward(x) -> (N, D)); never downloaded")
+    parser.add_argument(
+        "--identity-images",
+        type=_positive,
+        default=20_000,
+        help="most training images the recon-identity classifier is fitted on",
+    )
+    parser.add_argument(
+        "--bn-recalibrate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="recompute E's and G's BatchNorm statistics on N training batches first (E on x, "
+        "G on mu_E(x)); 0 keeps the checkpoint's",
+    )
+    parser.add_argument(
+        "--inception",
+        help="local TorchScript Inception for FID/KID (clean-fid/StyleGAN3 "
+        "inception-2015-12-05.pt, or forward(x) -> (N, D)); never downloaded",
+    )
     parser.add_argument("--inception-input-size", type=_positive, default=299, help="side images are resized to")
     parser.add_argument("--fid-samples", type=_positive, default=10_000, help="generated images for FID/KID")
-    parser.add_argument("--fid-reference-images", type=_positive, default=50_000,
-                        help="most real images of the split for FID/KID")
+    parser.add_argument(
+        "--fid-reference-images", type=_positive, default=50_000, help="most real images of the split for FID/KID"
+    )
     parser.add_argument("--fid-cache", help="folder of cached reference features (default $GALI_CACHE/fid)")
 
 
@@ -271,14 +316,16 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     from gali.engine.eval.protocol import METRICS  # scikit-learn and torchmetrics load only when used
 
     evaluation = commands.add_parser(
-        "eval", help="evaluate a checkpoint: table on stdout, JSON next to it",
+        "eval",
+        help="evaluate a checkpoint: table on stdout, JSON next to it",
         epilog="metrics: " + "; ".join(f"{name}: {what}" for name, what in METRICS.items()),
     )
     evaluation.add_argument("checkpoint")
     evaluation.add_argument("--metrics", default="pixel-mse", help=f"comma-separated, of {', '.join(METRICS)}")
     evaluation.add_argument("--split", default="test", choices=("train", "test"))
-    evaluation.add_argument("--feature-model", help="frozen feature network for feature-MSE (TorchScript or "
-                            "state dict); never downloaded")
+    evaluation.add_argument(
+        "--feature-model", help="frozen feature network for feature-MSE (TorchScript or state dict); never downloaded"
+    )
     evaluation.add_argument("--feature-arch", help="architecture of a state-dict --feature-model: svhn-multidigit")
     evaluation.add_argument("--feature-input-size", type=int, default=0, help="resize before it (0 = data resolution)")
     evaluation.add_argument("--feature-resize", choices=("nearest", "bilinear"), default="nearest")
@@ -286,22 +333,38 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     evaluation.add_argument("--kid-subsets", type=_positive, default=100)
     evaluation.add_argument("--kid-subset-size", type=_positive, default=1000)
     _add_eval_options(evaluation)
-    evaluation.add_argument("overrides", nargs="*", metavar="data.key=value",
-                            help="right after CHECKPOINT, before the options: e.g. a moved data.root")
+    evaluation.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="data.key=value",
+        help="right after CHECKPOINT, before the options: e.g. a moved data.root",
+    )
     evaluation.set_defaults(func=_eval)
 
     repro = commands.add_parser("reproduce", help="train ALI, ALICE, GALI-4, GALI-8, GALI-mix at one budget; one table")
     repro.add_argument("--preset", default="demo", help="preset every method starts from")
-    repro.add_argument("--kimg", type=float, default=None,
-                       help="training budget per method (default: gali.engine.eval.reproduce.DEFAULT_KIMG, 8; "
-                       "the demo preset's own is 80)")
+    repro.add_argument(
+        "--kimg",
+        type=float,
+        default=None,
+        help="training budget per method (default: gali.engine.eval.reproduce.DEFAULT_KIMG, 8; "
+        "the demo preset's own is 80)",
+    )
     repro.add_argument("--methods", default="ali,alice,gali4,gali8,gali-mix", help="comma-separated tuple specs")
-    repro.add_argument("--seeds", type=_positive, default=1,
-                       help="train each method from seeds --seed .. --seed+N-1; the table gives mean ± std over them")
+    repro.add_argument(
+        "--seeds",
+        type=_positive,
+        default=1,
+        help="train each method from seeds --seed .. --seed+N-1; the table gives mean ± std over them",
+    )
     repro.add_argument("--out-dir", default="runs/reproduce", help="run folders and reproduce.md/.json go here")
     _add_eval_options(repro)
-    repro.add_argument("overrides", nargs="*", metavar="section.key=value",
-                       help="applied to every method, e.g. data.source=folder data.root=DIR")
+    repro.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="applied to every method, e.g. data.source=folder data.root=DIR",
+    )
     repro.set_defaults(func=_reproduce)
 
 
@@ -312,20 +375,27 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train from a preset plus section.key=value overrides")
     train.add_argument("--preset", help="preset name (see `gali presets`) or a .toml file (default: demo)")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    train.add_argument("--resume", metavar="RUN_DIR|CHECKPOINT",
-                       help="continue an interrupted run from its newest readable checkpoint, in its run folder")
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR|CHECKPOINT",
+        help="continue an interrupted run from its newest readable checkpoint, in its run folder",
+    )
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
     train.set_defaults(func=_train)
 
-    profile = commands.add_parser("profile", help="a short run with NVTX ranges under torch.profiler; "
-                                  "writes trace.json and prints the nsys command")
+    profile = commands.add_parser(
+        "profile",
+        help="a short run with NVTX ranges under torch.profiler; writes trace.json and prints the nsys command",
+    )
     profile.add_argument("--preset", default="demo", help="preset name or .toml path (default: demo)")
     profile.add_argument("--steps", type=_positive, default=20, help="training steps to record (default: 20)")
     profile.add_argument("overrides", nargs="*", help="section.key=value overrides")
     profile.set_defaults(func=_profile)
 
-    info = commands.add_parser("info", help="parameters per network, FLOPs and activation memory per training "
-                               "image: size a run before starting it")
+    info = commands.add_parser(
+        "info",
+        help="parameters per network, FLOPs and activation memory per training image: size a run before starting it",
+    )
     info.add_argument("--preset", default="demo", help="preset name or .toml path (default: demo)")
     info.add_argument("overrides", nargs="*", help="section.key=value overrides")
     info.set_defaults(func=_info)

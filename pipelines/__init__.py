@@ -19,8 +19,16 @@ from .masks import MaskArgs
 from .synthetic import SPLIT_IMAGES, SyntheticPipeline
 from .torch_files import TorchFilePipeline
 
-__all__ = ["Batch", "Pipeline", "cache_root", "check_batch", "default_digits_root", "make_pipeline", "prepare_digits",
-           "resolve_backend"]
+__all__ = [
+    "Batch",
+    "Pipeline",
+    "cache_root",
+    "check_batch",
+    "default_digits_root",
+    "make_pipeline",
+    "prepare_digits",
+    "resolve_backend",
+]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -79,8 +87,11 @@ def make_pipeline(
             raise ConfigError("data.backend", "'synthetic' draws no masks; use image files or method.mask_source=step")
         return SyntheticPipeline(num_images=SPLIT_IMAGES[split], resolution=cfg.resolution, **common)
     if masks is not None and cfg.source == "webdataset":
-        raise ConfigError("data.source", "'webdataset' shards have no per-sample index to seed pipeline masks from; "
-                                         "use image folders or a file list, or method.mask_source=step")
+        raise ConfigError(
+            "data.source",
+            "'webdataset' shards have no per-sample index to seed pipeline masks from; "
+            "use image folders or a file list, or method.mask_source=step",
+        )
 
     if cfg.source == "digits":
         root = prepare_digits(

@@ -173,8 +173,15 @@ def check_batch(
             raise DataError(f"{where}: labels span [{lo_l}, {hi_l}], expected within [0, {num_classes})")
 
 
-def _check_tensor(where: str, name: str, t: object, shape: tuple[int | None, ...], layout: str, dtype: torch.dtype,
-                  device: torch.device) -> None:
+def _check_tensor(
+    where: str,
+    name: str,
+    t: object,
+    shape: tuple[int | None, ...],
+    layout: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
     """``DataError`` unless the batch's ``name`` is a tensor of ``shape`` (``layout`` names its axes), ``dtype``,
     on ``device``."""
     has, are = ("have", "are") if name.endswith("s") else ("has", "is")
@@ -188,8 +195,9 @@ def _check_tensor(where: str, name: str, t: object, shape: tuple[int | None, ...
         raise DataError(f"{where}: {name} {are} on {t.device}, expected the training device {device}")
 
 
-def _check_masks(masks: Tensor | None, where: str, expected: tuple[int, int | None, int, int],
-                 device: torch.device) -> None:
+def _check_masks(
+    masks: Tensor | None, where: str, expected: tuple[int, int | None, int, int], device: torch.device
+) -> None:
     if expected[1] is None:
         if masks is not None:
             raise DataError(f"{where}: the batch holds masks, but none were asked for")

@@ -84,21 +84,35 @@ def _build_dali_pipeline(
     labels (image files: each image's index in the split, its label looked up after) and the masks."""
     if isinstance(index, FileIndex):
         encoded, labels = fn.readers.file(
-            file_root=str(index.base), files=files, labels=sample_ids, shard_id=shard_id, num_shards=num_shards,
-            random_shuffle=False, name=READER,
+            file_root=str(index.base),
+            files=files,
+            labels=sample_ids,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            random_shuffle=False,
+            name=READER,
         )
     else:
         encoded, cls = fn.readers.webdataset(
-            paths=index.shards, ext=[WDS_IMAGE_EXT, "cls"], case_sensitive_extensions=False,
-            missing_component_behavior="skip", shard_id=shard_id, num_shards=num_shards, random_shuffle=True,
+            paths=index.shards,
+            ext=[WDS_IMAGE_EXT, "cls"],
+            case_sensitive_extensions=False,
+            missing_component_behavior="skip",
+            shard_id=shard_id,
+            num_shards=num_shards,
+            random_shuffle=True,
             name=READER,
         )
         labels = fn.pad(cls, fill_value=0)  # the .cls text, zero-padded to the longest in the batch
     size = [resolution, resolution]
     if augment:
         images = fn.decoders.image_random_crop(
-            encoded, device=decode_device, output_type=types.RGB, adjust_orientation=False,
-            random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+            encoded,
+            device=decode_device,
+            output_type=types.RGB,
+            adjust_orientation=False,
+            random_area=[0.08, 1.0],
+            random_aspect_ratio=[3 / 4, 4 / 3],
         )
         images = fn.resize(images, size=size, antialias=True, interp_type=types.INTERP_LINEAR)
         mirror = fn.random.coin_flip(probability=0.5)
@@ -109,8 +123,12 @@ def _build_dali_pipeline(
         side = dmath.min(h, w)
         top, left = (h - side) * 0.5, (w - side) * 0.5
         images = fn.resize(
-            images, size=size, roi_start=fn.stack(top, left), roi_end=fn.stack(top + side, left + side),
-            antialias=True, interp_type=types.INTERP_LINEAR,
+            images,
+            size=size,
+            roi_start=fn.stack(top, left),
+            roi_end=fn.stack(top + side, left + side),
+            antialias=True,
+            interp_type=types.INTERP_LINEAR,
         )
         mirror = 0
     images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout=layout, mirror=mirror)
@@ -178,8 +196,11 @@ class DaliPipeline:
         self.masks = masks
         if masks is not None:
             if not isinstance(self.index, FileIndex):
-                raise ConfigError("data.source", "webdataset shards have no per-sample index to seed pipeline masks "
-                                                 "from; use image folders or a file list, or method.mask_source=step")
+                raise ConfigError(
+                    "data.source",
+                    "webdataset shards have no per-sample index to seed pipeline masks "
+                    "from; use image folders or a file list, or method.mask_source=step",
+                )
             from .native import load  # the plugin, built on first use
 
             load()

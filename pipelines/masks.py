@@ -107,24 +107,33 @@ class MaskSpec:
 
     def args(self, num_masks: int, height: int, width: int) -> MaskArgs:
         """The operator's arguments for ``num_masks`` masks of height × width; ``ConfigError`` if impossible."""
-        if len(self.kind_weights) != len(KINDS) or any(not w >= 0 for w in self.kind_weights) or not sum(
-                self.kind_weights) > 0:
-            raise ConfigError("method.mask_kinds", f"weights of {KINDS} must be >= 0 with a positive sum, "
-                                                   f"got {self.kind_weights}")
+        if (
+            len(self.kind_weights) != len(KINDS)
+            or any(not w >= 0 for w in self.kind_weights)
+            or not sum(self.kind_weights) > 0
+        ):
+            raise ConfigError(
+                "method.mask_kinds", f"weights of {KINDS} must be >= 0 with a positive sum, got {self.kind_weights}"
+            )
         total = sum(self.kind_weights)
         weights = tuple(round(w / total * WEIGHT_SCALE) for w in self.kind_weights)
         side = min(height, width)
         box_max = self.box_max or side
         if not 1 <= self.box_min <= box_max <= side:
-            raise ConfigError("method.mask_max_size", f"box sides {self.box_min}..{box_max} do not fit a "
-                                                      f"{height}x{width} image; keep 1 <= min <= max <= {side}")
+            raise ConfigError(
+                "method.mask_max_size",
+                f"box sides {self.box_min}..{box_max} do not fit a "
+                f"{height}x{width} image; keep 1 <= min <= max <= {side}",
+            )
         if not 1 <= self.num_strokes <= MAX_STROKES:
             raise ConfigError("method.mask_strokes", f"got {self.num_strokes}; must be in 1..{MAX_STROKES}")
         if self.max_thickness < 0:
             raise ConfigError("method.mask_max_thickness", f"got {self.max_thickness}; must be >= 0 (0 = R // 8)")
         if not 0.0 <= self.min_coverage <= self.max_coverage <= 1.0:
-            raise ConfigError("method.mask_min_coverage", f"coverage range [{self.min_coverage}, "
-                                                          f"{self.max_coverage}] must lie within [0, 1], min <= max")
+            raise ConfigError(
+                "method.mask_min_coverage",
+                f"coverage range [{self.min_coverage}, {self.max_coverage}] must lie within [0, 1], min <= max",
+            )
         if self.max_tries < 1:
             raise ConfigError("method.mask_max_tries", f"got {self.max_tries}; must be >= 1")
         if not 0 <= self.seed < 1 << 63:
@@ -132,10 +141,19 @@ class MaskSpec:
         pixels = height * width
         eval_min, eval_max = eval_box_range(side)
         return MaskArgs(
-            mask_seed=self.seed, num_masks=num_masks, height=height, width=width, kind_weights=weights,
-            box_min=self.box_min, box_max=box_max, eval_min=eval_min, eval_max=eval_max,
-            num_strokes=self.num_strokes, max_thickness=self.max_thickness or max(1, side // 8),
-            min_pixels=math.ceil(self.min_coverage * pixels), max_pixels=math.floor(self.max_coverage * pixels),
+            mask_seed=self.seed,
+            num_masks=num_masks,
+            height=height,
+            width=width,
+            kind_weights=weights,
+            box_min=self.box_min,
+            box_max=box_max,
+            eval_min=eval_min,
+            eval_max=eval_max,
+            num_strokes=self.num_strokes,
+            max_thickness=self.max_thickness or max(1, side // 8),
+            min_pixels=math.ceil(self.min_coverage * pixels),
+            max_pixels=math.floor(self.max_coverage * pixels),
             max_tries=self.max_tries,
         )
 
@@ -173,9 +191,15 @@ def stroke_mask(strokes: Sequence[tuple[int, int, int, int, int]], rows: np.ndar
     for x0, y0, x1, y1, t in strokes:
         ex, ey, dx, dy = x1 - x0, y1 - y0, cols - x0, rows - y0
         along, length2, t2 = dx * ex + dy * ey, ex * ex + ey * ey, t * t
-        mask |= np.where(along <= 0, 4 * (dx * dx + dy * dy) <= t2,
-                         np.where(along >= length2, 4 * ((dx - ex) ** 2 + (dy - ey) ** 2) <= t2,
-                                  4 * (dx * ey - dy * ex) ** 2 <= t2 * length2))
+        mask |= np.where(
+            along <= 0,
+            4 * (dx * dx + dy * dy) <= t2,
+            np.where(
+                along >= length2,
+                4 * ((dx - ex) ** 2 + (dy - ey) ** 2) <= t2,
+                4 * (dx * ey - dy * ex) ** 2 <= t2 * length2,
+            ),
+        )
     return mask
 
 
@@ -187,8 +211,16 @@ def _candidate(stream: _Stream, a: MaskArgs, rows: np.ndarray, cols: np.ndarray)
         low, high = (a.box_min, a.box_max) if u < w_box else (a.eval_min, a.eval_max)
         h, w = stream.uniform(low, high), stream.uniform(low, high)
         return box_mask(stream.uniform(0, a.height - h), stream.uniform(0, a.width - w), h, w, rows, cols)
-    strokes = [(stream.uniform(0, a.width - 1), stream.uniform(0, a.height - 1), stream.uniform(0, a.width - 1),
-                stream.uniform(0, a.height - 1), stream.uniform(1, a.max_thickness)) for _ in range(a.num_strokes)]
+    strokes = [
+        (
+            stream.uniform(0, a.width - 1),
+            stream.uniform(0, a.height - 1),
+            stream.uniform(0, a.width - 1),
+            stream.uniform(0, a.height - 1),
+            stream.uniform(1, a.max_thickness),
+        )
+        for _ in range(a.num_strokes)
+    ]
     return stroke_mask(strokes, rows, cols)
 
 

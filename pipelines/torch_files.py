@@ -187,8 +187,14 @@ class SourceDataset(Dataset):
     main process (no workers), and is returned as ``_Unreadable`` in a DataLoader worker.
     """
 
-    def __init__(self, index: SplitIndex, resolution: int, data_root: Path, augment_seed: int | None,
-                 masks: MaskArgs | None = None) -> None:
+    def __init__(
+        self,
+        index: SplitIndex,
+        resolution: int,
+        data_root: Path,
+        augment_seed: int | None,
+        masks: MaskArgs | None = None,
+    ) -> None:
         self.index = index
         self.resolution = resolution
         self.data_root = str(data_root)
@@ -343,8 +349,11 @@ class TorchFilePipeline:
                     raise DataError(batch.message)
                 images, labels, *masks = batch
                 x = pixels_to_x(images, self.device, channels_last=self.channels_last)
-                yield Batch(x=x, labels=labels.to(self.device, non_blocking=True),
-                            masks=masks[0].to(self.device, non_blocking=True) if masks else None)
+                yield Batch(
+                    x=x,
+                    labels=labels.to(self.device, non_blocking=True),
+                    masks=masks[0].to(self.device, non_blocking=True) if masks else None,
+                )
         except DataError as e:
             # An error raised below the loader comes with a traceback through the DataLoader's frames that
             # forms a reference cycle with the exception and pins the loader's iterator until a later

@@ -1,11 +1,11 @@
 """What tests/test_distributed.py runs on every rank under torchrun (not a test module itself).
 
-    torchrun --nproc-per-node 2 tests/distributed_worker.py train OUT section.key=value ...
-        trains, dumping each rank's networks and optimizer state at every checkpoint to
-        OUT/rank<r>-<images>.pt, and the number of gradient reductions per step to OUT/rank<r>.json;
-    torchrun --nproc-per-node 2 tests/distributed_worker.py gradients OUT
-        one 2-rank step next to the same step taken alone on each rank's batch, their gradients to
-        OUT/gradients-rank<r>.pt.
+torchrun --nproc-per-node 2 tests/distributed_worker.py train OUT section.key=value ...
+    trains, dumping each rank's networks and optimizer state at every checkpoint to
+    OUT/rank<r>-<images>.pt, and the number of gradient reductions per step to OUT/rank<r>.json;
+torchrun --nproc-per-node 2 tests/distributed_worker.py gradients OUT
+    one 2-rank step next to the same step taken alone on each rank's batch, their gradients to
+    OUT/gradients-rank<r>.pt.
 """
 
 import copy
@@ -55,9 +55,16 @@ def record_training(out: Path, overrides: list[str]) -> None:
         os.fsync = lambda fd: (time.sleep(0.2), sync(fd))[1]
     result = train(load_config("demo", overrides), log=print)
     checkpoints = sorted(p.name for p in result.run_dir.glob("checkpoint-*.pt"))  # what rank 0 wrote, at return
-    (out / f"rank{rank}.json").write_text(json.dumps({"reductions": len(reductions), "run_dir": str(result.run_dir),
-                                                      "images": int(result.kimg * 1000),
-                                                      "checkpoints_at_return": checkpoints}))
+    (out / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "reductions": len(reductions),
+                "run_dir": str(result.run_dir),
+                "images": int(result.kimg * 1000),
+                "checkpoints_at_return": checkpoints,
+            }
+        )
+    )
 
 
 def record_gradients(out: Path) -> None:
@@ -65,8 +72,9 @@ def record_gradients(out: Path) -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)  # the same networks on both ranks
     spec = load_spec("gali4")
-    G, E, D = build_models(ModelConfig(latent_dim=8, width=0.125), slot_kinds=spec.slot_kinds,
-                           num_classes=spec.num_classes)
+    G, E, D = build_models(
+        ModelConfig(latent_dim=8, width=0.125), slot_kinds=spec.slot_kinds, num_classes=spec.num_classes
+    )
     nets = Networks(G=G, E=E, D=D)
     args = (spec, MethodConfig(), OptimConfig(lr=1e-3), 8, ComputeConfig(kernel_impl="ref"))
     together = GaliStep(nets, *args, world_size=2)
@@ -75,9 +83,13 @@ def record_gradients(out: Path) -> None:
     for step in (alone, together):  # the same random draws in both
         torch.manual_seed(100 + rank)
         step.step(x, torch.tensor(0.1))
-    torch.save({"alone": [p.grad for p in alone.d_params + alone.ge_params],
-                "together": [p.grad for p in together.d_params + together.ge_params]},
-               out / f"gradients-rank{rank}.pt")
+    torch.save(
+        {
+            "alone": [p.grad for p in alone.d_params + alone.ge_params],
+            "together": [p.grad for p in together.d_params + together.ge_params],
+        },
+        out / f"gradients-rank{rank}.pt",
+    )
     dist.destroy_process_group()
 
 

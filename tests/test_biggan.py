@@ -26,20 +26,47 @@ from gali.kernels.kway_head import kway_losses
 
 WIDTH = 1 / 48  # ch = 2 in G and D, 1 base channel in E: seconds per step on a CPU
 CPU = torch.device("cpu")
-PRESETS = ("imagenet128-gali4", "imagenet128-ali", "imagenet128-gali-mix", "imagenet256-gali4",
-           "imagenet128-gali4-e256")
+PRESETS = (
+    "imagenet128-gali4",
+    "imagenet128-ali",
+    "imagenet128-gali-mix",
+    "imagenet256-gali4",
+    "imagenet128-gali4-e256",
+)
 TINY = ["data.backend=synthetic", f"model.width={WIDTH}", "run.batch_size=2"]
 
 
-def _step(arch: str, tuples: str, *, latent_dim: int = 12, encoder_resolution: int = 0, unary: bool = True,
-          encoder_block: str = "bottleneck", label_classes: int = 0, **compute):
+def _step(
+    arch: str,
+    tuples: str,
+    *,
+    latent_dim: int = 12,
+    encoder_resolution: int = 0,
+    unary: bool = True,
+    encoder_block: str = "bottleneck",
+    label_classes: int = 0,
+    **compute,
+):
     torch.manual_seed(0)
-    model = ModelConfig(arch=arch, latent_dim=latent_dim, width=WIDTH, encoder_resolution=encoder_resolution,
-                        unary_heads=unary, encoder_block=encoder_block, label_classes=label_classes)
+    model = ModelConfig(
+        arch=arch,
+        latent_dim=latent_dim,
+        width=WIDTH,
+        encoder_resolution=encoder_resolution,
+        unary_heads=unary,
+        encoder_block=encoder_block,
+        label_classes=label_classes,
+    )
     spec = load_spec(tuples)
     nets = build_networks(model, MethodConfig(tuples=tuples), spec, resolution=model.resolution, device=CPU)
-    step = build_step(nets, spec, MethodConfig(tuples=tuples), OptimConfig(), latent_dim,
-                      ComputeConfig(**{"kernel_impl": "ref", "channels_last": False, **compute}))
+    step = build_step(
+        nets,
+        spec,
+        MethodConfig(tuples=tuples),
+        OptimConfig(),
+        latent_dim,
+        ComputeConfig(**{"kernel_impl": "ref", "channels_last": False, **compute}),
+    )
     return step, nets, model
 
 
@@ -56,8 +83,10 @@ def test_every_imagenet_preset_builds(preset):
     assert nets.E.resolution == cfg.data.resolution and nets.G.resolution == cfg.model.resolution
 
 
-@pytest.mark.parametrize(("arch", "latent_dim", "encoder_resolution", "data"), [
-    ("biggan128", 12, 0, 128), ("biggan256", 14, 0, 256), ("biggan128", 12, 256, 256)])
+@pytest.mark.parametrize(
+    ("arch", "latent_dim", "encoder_resolution", "data"),
+    [("biggan128", 12, 0, 128), ("biggan256", 14, 0, 256), ("biggan128", 12, 256, 256)],
+)
 def test_a_training_step_runs_and_moves_every_network(arch, latent_dim, encoder_resolution, data):
     step, nets, _ = _step(arch, "gali4", latent_dim=latent_dim, encoder_resolution=encoder_resolution)
     nets.G.init_output_bias(_images(data, batch=4))  # resized to G's side
@@ -73,8 +102,10 @@ def test_a_channels_last_step_runs_at_the_smallest_width():
     """Channel counts stay >= 2: a 1-channel channels-last activation crashed torch 2.13's CPU kernels."""
     step, _, _ = _step("biggan128", "gali4", encoder_resolution=256, channels_last=True)
     out = step.step(_images(256), torch.tensor(0.1))
-    assert torch.isfinite(out["loss_d"]) and min(m.out_channels for m in step.nets.E.modules()
-                                                 if isinstance(m, nn.Conv2d)) >= 2
+    assert (
+        torch.isfinite(out["loss_d"])
+        and min(m.out_channels for m in step.nets.E.modules() if isinstance(m, nn.Conv2d)) >= 2
+    )
 
 
 @pytest.mark.parametrize("tuples", ["ali", "gali4", "gali8", "gali-mix"])
@@ -120,8 +151,13 @@ def test_unary_heads_add_their_k_way_losses_with_weight_one(monkeypatch):
 def test_activation_checkpointing_gives_the_same_gradients(encoder_block):
     plain, _, _ = _step("biggan128", "gali4", encoder_block=encoder_block)
     checkpointed = copy.deepcopy(plain)
-    assert sum(biggan.set_activation_checkpointing(net, True) for net in
-               (checkpointed.nets.G, checkpointed.nets.E, checkpointed.nets.D)) > 10
+    assert (
+        sum(
+            biggan.set_activation_checkpointing(net, True)
+            for net in (checkpointed.nets.G, checkpointed.nets.E, checkpointed.nets.D)
+        )
+        > 10
+    )
     grads = []
     for step in (plain, checkpointed):
         torch.manual_seed(3)
@@ -154,8 +190,7 @@ def test_a_training_step_runs_with_the_revnet_encoder():
     gradients in every parameter of E."""
     step, nets, _ = _step("biggan128", "gali4", encoder_block="revnet", channels_last=True)
     blocks = list(nets.E.blocks)
-    assert [type(b).__name__ for b in blocks[:4]] == ["Bottleneck", "ReversibleBlock", "ReversibleBlock",
-                                                      "Bottleneck"]
+    assert [type(b).__name__ for b in blocks[:4]] == ["Bottleneck", "ReversibleBlock", "ReversibleBlock", "Bottleneck"]
     assert sum(isinstance(b, biggan.ReversibleBlock) for b in blocks) == sum(biggan.RESNET_STAGES) - 4
     assert min(m.out_channels for m in nets.E.modules() if isinstance(m, nn.Conv2d)) >= 2
     out = step.step(_images(128), torch.tensor(0.1))  # the gradients it stepped with stay in .grad
@@ -192,8 +227,9 @@ def test_d_sees_its_resolution_in_every_slot_and_e_its_own_in_every_call():
     spec = load_spec(cfg.method.tuples)
     torch.manual_seed(0)
     nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=CPU)
-    step = build_step(nets, spec, cfg.method, cfg.optim, cfg.model.latent_dim,
-                      ComputeConfig(kernel_impl="ref", channels_last=False))
+    step = build_step(
+        nets, spec, cfg.method, cfg.optim, cfg.model.latent_dim, ComputeConfig(kernel_impl="ref", channels_last=False)
+    )
     e_inputs, d_inputs = [], []
     nets.E.stem.register_forward_pre_hook(lambda m, args: e_inputs.append(tuple(args[0].shape[-2:])))
     nets.D.branches["image"].register_forward_pre_hook(lambda m, args: d_inputs.append(tuple(args[0].shape[-2:])))
@@ -256,9 +292,18 @@ def test_class_conditional_runs_check_the_datas_classes_and_train(tmp_path):
         load_config("demo", ["model.label_classes=10"])
     with pytest.raises(ConfigError, match=r"model.label_classes.*got 3, but the training data has 2 classes"):
         train(load_config("imagenet128-ali", [*TINY, *data, "model.label_classes=3", f"run.out_dir={tmp_path}"]))
-    overrides = [*TINY, *data, "model.label_classes=2", "run.kimg=0.004", "run.snapshot_kimg=0.004",
-                 "run.tick_kimg=0.002", "run.grid_size=2", "run.identity_images=0", "run.ema_kimg=0",
-                 f"run.out_dir={tmp_path / 'runs'}"]
+    overrides = [
+        *TINY,
+        *data,
+        "model.label_classes=2",
+        "run.kimg=0.004",
+        "run.snapshot_kimg=0.004",
+        "run.tick_kimg=0.002",
+        "run.grid_size=2",
+        "run.identity_images=0",
+        "run.ema_kimg=0",
+        f"run.out_dir={tmp_path / 'runs'}",
+    ]
     result = train(load_config("imagenet128-ali", overrides), log=lambda line: None)
     assert result.kimg == pytest.approx(0.004) and math.isfinite(result.recon_mse)
 
@@ -282,8 +327,9 @@ def test_full_size_parameter_counts_match_the_published_networks(monkeypatch):
     the 1000 x 1536 projection embedding); ResNet-50 23.5 M without its classifier, plus our 2048 x 2·d_z head."""
     monkeypatch.setattr(biggan, "_spectral_norm_all", lambda module: None)  # no parameters of its own; slow on meta
     with torch.device("meta"):
-        G, E, D = build_models(ModelConfig(arch="biggan128", latent_dim=120), slot_kinds=("image", "latent"),
-                               num_classes=4)
+        G, E, D = build_models(
+            ModelConfig(arch="biggan128", latent_dim=120), slot_kinds=("image", "latent"), num_classes=4
+        )
     count = lambda net: sum(p.numel() for p in net.parameters())  # noqa: E731
     assert count(G) == pytest.approx(70.4e6, rel=0.04)
     assert count(D.branches["image"]) == pytest.approx(88.0e6 - 1000 * 1536, rel=0.01)

@@ -8,8 +8,16 @@ from gali.engine.errors import ConfigError
 from gali.engine.loop.config import config_from_dict, dump_config, load_config, preset_names
 
 PAPER_PRESETS = [
-    "svhn32-ali", "svhn32-alice", "svhn32-gali4", "svhn32-gali8", "svhn32-gali-pt",
-    "celeba64-ali", "celeba64-alice", "celeba64-gali4", "celeba64-gali-mix", "celeba64-gali-pt",
+    "svhn32-ali",
+    "svhn32-alice",
+    "svhn32-gali4",
+    "svhn32-gali8",
+    "svhn32-gali-pt",
+    "celeba64-ali",
+    "celeba64-alice",
+    "celeba64-gali4",
+    "celeba64-gali-mix",
+    "celeba64-gali-pt",
 ]
 
 

@@ -16,9 +16,20 @@ from gali.engine.loop.distributed import World, init_world, local_batch_size
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 # 1,437 digits training images: 22 global batches of 64 per epoch; snapshots every 4 steps (256 images).
-TINY = ["run.device=cpu", "model.width=0.125", "model.latent_dim=8", "run.batch_size=64", "data.workers=0",
-        "run.kimg=0.512", "run.tick_kimg=0.128", "run.snapshot_kimg=0.256", "run.grid_size=2",
-        "run.tensorboard=off", "run.progress=lines", "run.identity_images=0"]  # no identity classifier per rank
+TINY = [
+    "run.device=cpu",
+    "model.width=0.125",
+    "model.latent_dim=8",
+    "run.batch_size=64",
+    "data.workers=0",
+    "run.kimg=0.512",
+    "run.tick_kimg=0.128",
+    "run.snapshot_kimg=0.256",
+    "run.grid_size=2",
+    "run.tensorboard=off",
+    "run.progress=lines",
+    "run.identity_images=0",
+]  # no identity classifier per rank
 
 
 def torchrun(*args: str, ranks: int = 2, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -45,8 +56,10 @@ def test_two_ranks_train_one_model_with_one_reduction_per_side_per_step(two_rank
     dumps = sorted(out.glob("rank0-*.pt"))
     assert [p.name for p in dumps] == ["rank0-0000000256.pt", "rank0-0000000512.pt"]
     for rank0 in dumps:  # bit-identical networks and optimizer states on both ranks
-        a, b = torch.load(rank0, weights_only=True), torch.load(rank0.with_name(rank0.name.replace("rank0", "rank1")),
-                                                                 weights_only=True)
+        a, b = (
+            torch.load(rank0, weights_only=True),
+            torch.load(rank0.with_name(rank0.name.replace("rank0", "rank1")), weights_only=True),
+        )
         for name in ("G", "E", "D"):
             assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
         for side in ("opt_d", "opt_ge"):
@@ -108,8 +121,7 @@ def test_cuda_ranks_without_a_gpu_are_refused(monkeypatch):
 
 @pytest.mark.slow
 def test_an_indivisible_batch_under_torchrun_stops_before_any_work(tmp_path):
-    done = torchrun("-m", "gali", "train", *TINY, "run.batch_size=33", f"run.out_dir={tmp_path / 'runs'}",
-                    cwd=tmp_path)
+    done = torchrun("-m", "gali", "train", *TINY, "run.batch_size=33", f"run.out_dir={tmp_path / 'runs'}", cwd=tmp_path)
     assert done.returncode != 0 and "2 ranks cannot share evenly" in done.stderr
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 

@@ -31,8 +31,9 @@ def _perturb(net: nn.Module, seed: int) -> None:
                 b.add_(1.0)
 
 
-@pytest.mark.parametrize(("images_seen", "rampup", "half_life"), [(100_000, 0.0, 2000.0), (10_000, 0.05, 500.0),
-                                                                   (100_000, 0.05, 2000.0)])
+@pytest.mark.parametrize(
+    ("images_seen", "rampup", "half_life"), [(100_000, 0.0, 2000.0), (10_000, 0.05, 500.0), (100_000, 0.05, 2000.0)]
+)
 def test_average_moves_toward_the_live_weights_by_the_half_life(images_seen, rampup, half_life):
     _, nets = _nets()
     ema = WeightAverage(nets, ema_kimg=2.0, rampup=rampup, start_kimg=0.0)
@@ -50,7 +51,7 @@ def test_average_moves_toward_the_live_weights_by_the_half_life(images_seen, ram
     start = ema.G.output_bias.detach().clone()
     for _ in range(10):
         ema.update(images_seen, 32)
-    torch.testing.assert_close(ema.G.output_bias, nets.G.output_bias + beta ** 10 * (start - nets.G.output_bias))
+    torch.testing.assert_close(ema.G.output_bias, nets.G.output_bias + beta**10 * (start - nets.G.output_bias))
 
 
 def test_before_the_start_the_average_is_the_live_weights():
@@ -59,8 +60,9 @@ def test_before_the_start_the_average_is_the_live_weights():
     _perturb(nets.E, seed=2)
     assert ema.beta(1000, 32) == 0.0 and ema.beta(1032, 32) > 0.99
     ema.update(1000, 32)
-    assert all(torch.equal(a, b) for a, b in zip(ema.E.state_dict().values(), nets.E.state_dict().values(),
-                                                 strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(ema.E.state_dict().values(), nets.E.state_dict().values(), strict=True)
+    )
     assert all(not p.requires_grad for p in ema.E.parameters())
 
 

@@ -63,14 +63,24 @@ def setup(tmp_path_factory):
     mp.setenv("GALI_CACHE", str(root / "cache"))
     cfg = load_config("demo", TINY)
     seed_everything(0)
-    nets = build_networks(cfg.model, cfg.method, load_spec(cfg.method.tuples), resolution=cfg.data.resolution,
-                           device=CPU)
+    nets = build_networks(
+        cfg.model, cfg.method, load_spec(cfg.method.tuples), resolution=cfg.data.resolution, device=CPU
+    )
     x = next(iter(make_pipeline(cfg.data, split="train", batch_size=32, device=CPU, seed=0))).x
     nets.G.init_output_bias(x)
     (root / "run").mkdir()
-    checkpoint = save_checkpoint(root / "run" / "checkpoint-0000000032.pt",
-                                 {"config": cfg.to_dict(), "kimg": 0.032, "epoch": 1, "extra_dim": None,
-                                  "G": nets.G.state_dict(), "E": nets.E.state_dict(), "D": nets.D.state_dict()})
+    checkpoint = save_checkpoint(
+        root / "run" / "checkpoint-0000000032.pt",
+        {
+            "config": cfg.to_dict(),
+            "kimg": 0.032,
+            "epoch": 1,
+            "extra_dim": None,
+            "G": nets.G.state_dict(),
+            "E": nets.E.state_dict(),
+            "D": nets.D.state_dict(),
+        },
+    )
     torch.jit.save(torch.jit.script(InceptionLike()), str(root / "inception.pt"))
     torch.jit.save(torch.jit.script(Features()), str(root / "features.pt"))
     torch.jit.save(torch.jit.script(Vector()), str(root / "vector.pt"))
@@ -109,8 +119,14 @@ def test_pixel_mse_matches_the_reconstruction_error_of_every_image(setup):
 
 def test_fid_kid_run_end_to_end_offline_with_a_cached_reference(setup):
     checkpoint, _, root, _ = setup
-    options = EvalOptions(inception=str(root / "inception.pt"), inception_input_size=64, fid_samples=300,
-                          kid_subsets=5, kid_subset_size=200, cache_dir=str(root / "fid"))
+    options = EvalOptions(
+        inception=str(root / "inception.pt"),
+        inception_input_size=64,
+        fid_samples=300,
+        kid_subsets=5,
+        kid_subset_size=200,
+        cache_dir=str(root / "fid"),
+    )
     lines: list[str] = []
     first = evaluate(checkpoint, "fid,kid", options, log=lines.append).results
     assert np.isfinite(first["fid"]["value"]) and first["fid"]["value"] > 0
@@ -131,8 +147,9 @@ def test_json_is_written_next_to_the_checkpoint_and_merged(setup, tmp_path):
     checkpoint = tmp_path / "checkpoint-0000000032.pt"
     checkpoint.write_bytes(setup[0].read_bytes())
     evaluate(checkpoint, "pixel-mse", EvalOptions(), log=lambda line: None)
-    report = evaluate(checkpoint, "inpaint,feature-mse", EvalOptions(feature_model=str(root / "features.pt")),
-                      log=lambda line: None)
+    report = evaluate(
+        checkpoint, "inpaint,feature-mse", EvalOptions(feature_model=str(root / "features.pt")), log=lambda line: None
+    )
     assert report.json_path == checkpoint.with_name("checkpoint-0000000032.eval.json")
     document = json.loads(report.json_path.read_text())
     assert document["checkpoint"] == str(checkpoint) and document["config"]["method"]["tuples"] == "gali4"
@@ -151,11 +168,21 @@ def test_inpaint_takes_the_pipelines_per_sample_masks_for_runs_trained_with_them
 
     cfg = load_config("demo", [*TINY, "method.tuples=gali-mix", "method.mask_source=pipeline"])
     seed_everything(0)
-    nets = build_networks(cfg.model, cfg.method, load_spec(cfg.method.tuples), resolution=cfg.data.resolution,
-                          device=CPU)
-    checkpoint = save_checkpoint(tmp_path / "checkpoint-0000000032.pt",
-                                 {"config": cfg.to_dict(), "kimg": 0.032, "epoch": 1, "extra_dim": None,
-                                  "G": nets.G.state_dict(), "E": nets.E.state_dict(), "D": nets.D.state_dict()})
+    nets = build_networks(
+        cfg.model, cfg.method, load_spec(cfg.method.tuples), resolution=cfg.data.resolution, device=CPU
+    )
+    checkpoint = save_checkpoint(
+        tmp_path / "checkpoint-0000000032.pt",
+        {
+            "config": cfg.to_dict(),
+            "kimg": 0.032,
+            "epoch": 1,
+            "extra_dim": None,
+            "G": nets.G.state_dict(),
+            "E": nets.E.state_dict(),
+            "D": nets.D.state_dict(),
+        },
+    )
     used: dict[int, dict[bytes, Tensor]] = {}
     inpaint = protocol.inpaint
 
@@ -179,8 +206,9 @@ def test_inpaint_takes_the_pipelines_per_sample_masks_for_runs_trained_with_them
 
 def test_probe_reports_test_error_over_draws(setup):
     checkpoint, _, _, _ = setup
-    result = evaluate(checkpoint, "probe", EvalOptions(probe_labelled=200, probe_draws=2, probe_pool=500),
-                      log=lambda line: None).results["probe"]
+    result = evaluate(
+        checkpoint, "probe", EvalOptions(probe_labelled=200, probe_draws=2, probe_pool=500), log=lambda line: None
+    ).results["probe"]
     assert result["n"] == 2 and result["labelled"] == 200 and result["validation"] == 150
     assert result["train_images_read"] == 500 and 0 <= result["mean"] < 0.9  # ten classes: chance is 0.9
 
@@ -194,8 +222,12 @@ def test_recon_identity_reports_ceiling_accuracy_and_nearest(setup):
     assert result["accuracy"] < 0.3 and result["nearest"] < 0.05
     assert result["images"] == report.results["pixel-mse"]["images"]
     assert "recon-identity" in report.table and f"real images {result['ceiling']:.3f}" in report.table
-    with_features = evaluate(checkpoint, "recon-identity", EvalOptions(identity_images=600,
-                             feature_model=str(root / "features.pt")), log=lambda line: None)
+    with_features = evaluate(
+        checkpoint,
+        "recon-identity",
+        EvalOptions(identity_images=600, feature_model=str(root / "features.pt")),
+        log=lambda line: None,
+    )
     assert with_features.results["recon-identity"]["features"]["feature_model"] == str(root / "features.pt")
 
 
@@ -204,28 +236,41 @@ def test_bn_recalibration_changes_the_figures_and_not_the_checkpoint(setup):
     before = checkpoint.read_bytes()
     plain = evaluate(checkpoint, "pixel-mse", EvalOptions(), log=lambda line: None).results["pixel-mse"]
     lines: list[str] = []
-    recalibrated = evaluate(checkpoint, "pixel-mse", EvalOptions(bn_recalibrate=2, batch_size=50),
-                            log=lines.append).results["pixel-mse"]
+    recalibrated = evaluate(
+        checkpoint, "pixel-mse", EvalOptions(bn_recalibrate=2, batch_size=50), log=lines.append
+    ).results["pixel-mse"]
     assert plain["bn_recalibrated_images"] == 0 and recalibrated["bn_recalibrated_images"] == 100
     assert recalibrated["mean"] != plain["mean"]
     assert any("recomputed on 100 training images" in line for line in lines)
     assert checkpoint.read_bytes() == before
 
 
-@pytest.mark.parametrize(("metrics", "options", "error", "message"), [
-    ("pixel-mse,psnr", {}, GaliError, r"unknown metric 'psnr' in --metrics; accepted .*pixel-mse.*inpaint"),
-    ("fid", {}, GaliError, r"need --inception PATH"),
-    ("feature-mse", {}, GaliError, r"needs --feature-model PATH"),
-    ("fid", {"inception": "/nowhere/inception-2015-12-05.pt"}, DataError,
-     r"/nowhere/inception-2015-12-05.pt do not exist.*--inception"),
-    ("feature-mse", {"feature_model": "/nowhere/net.pt"}, GaliError, r"--feature-model /nowhere/net.pt does not exist"),
-    ("probe", {"probe_labelled": 5000}, DataError, r"5000 labelled training images.*--probe-labelled"),
-    ("probe", {"split": "train"}, GaliError, r"use --split test"),
-    ("recon-identity", {"split": "train"}, GaliError, r"'recon-identity' fits its classifier.*use --split test"),
-    ("pixel-mse", {"bn_recalibrate": -1}, GaliError, r"--bn-recalibrate must be >= 0"),
-    ("recon-identity", {"identity_images": 0}, GaliError, r"--identity-images must be >= 1"),
-    ("pixel-mse", {"data_overrides": ("run.kimg=3",)}, GaliError, r"only data\.\* overrides.*run\.kimg=3"),
-])
+@pytest.mark.parametrize(
+    ("metrics", "options", "error", "message"),
+    [
+        ("pixel-mse,psnr", {}, GaliError, r"unknown metric 'psnr' in --metrics; accepted .*pixel-mse.*inpaint"),
+        ("fid", {}, GaliError, r"need --inception PATH"),
+        ("feature-mse", {}, GaliError, r"needs --feature-model PATH"),
+        (
+            "fid",
+            {"inception": "/nowhere/inception-2015-12-05.pt"},
+            DataError,
+            r"/nowhere/inception-2015-12-05.pt do not exist.*--inception",
+        ),
+        (
+            "feature-mse",
+            {"feature_model": "/nowhere/net.pt"},
+            GaliError,
+            r"--feature-model /nowhere/net.pt does not exist",
+        ),
+        ("probe", {"probe_labelled": 5000}, DataError, r"5000 labelled training images.*--probe-labelled"),
+        ("probe", {"split": "train"}, GaliError, r"use --split test"),
+        ("recon-identity", {"split": "train"}, GaliError, r"'recon-identity' fits its classifier.*use --split test"),
+        ("pixel-mse", {"bn_recalibrate": -1}, GaliError, r"--bn-recalibrate must be >= 0"),
+        ("recon-identity", {"identity_images": 0}, GaliError, r"--identity-images must be >= 1"),
+        ("pixel-mse", {"data_overrides": ("run.kimg=3",)}, GaliError, r"only data\.\* overrides.*run\.kimg=3"),
+    ],
+)
 def test_bad_inputs_raise_errors_that_name_them(setup, metrics, options, error, message):
     checkpoint, _, _, _ = setup
     with pytest.raises(error, match=message):

@@ -17,8 +17,17 @@ def _losses(run_dir):
 def test_triton_and_reference_kernels_give_the_same_losses_step_by_step(tmp_path, monkeypatch):
     """GALI-mix exercises both ops (the K-way head and the mask composite); fp32, same seed."""
     monkeypatch.setenv("GALI_CACHE", str(tmp_path / "cache"))
-    common = ["method.tuples=gali-mix", "model.width=0.125", "model.latent_dim=16", "run.batch_size=8",
-              "data.workers=0", "run.kimg=0.032", "run.tick_kimg=0.008", "run.snapshot_kimg=1", "run.grid_size=2"]
+    common = [
+        "method.tuples=gali-mix",
+        "model.width=0.125",
+        "model.latent_dim=16",
+        "run.batch_size=8",
+        "data.workers=0",
+        "run.kimg=0.032",
+        "run.tick_kimg=0.008",
+        "run.snapshot_kimg=1",
+        "run.grid_size=2",
+    ]
     runs = {}
     for impl in ("triton", "ref"):
         cfg = load_config("demo", [*common, f"compute.kernel_impl={impl}", f"run.out_dir={tmp_path / impl}"])

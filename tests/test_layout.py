@@ -53,8 +53,7 @@ def layer(name: str) -> int | None:
 
 
 def test_every_engine_module_belongs_to_a_listed_layer():
-    unlisted = sorted(name for name in MODULES if name.startswith("gali.engine.")
-                      and name.split(".")[2] not in LAYERS)
+    unlisted = sorted(name for name in MODULES if name.startswith("gali.engine.") and name.split(".")[2] not in LAYERS)
     assert not unlisted, f"add these to a layer of docs/architecture.md and LAYERS: {unlisted}"
 
 
@@ -77,7 +76,7 @@ def test_no_module_imports_itself_back():
 
     def visit(node: str, trail: list[str], done: set[str]) -> None:
         if node in trail:
-            cycles.append(" -> ".join([*trail[trail.index(node):], node]))
+            cycles.append(" -> ".join([*trail[trail.index(node) :], node]))
             return
         if node in done:
             return
@@ -93,8 +92,10 @@ def test_no_module_imports_itself_back():
 
 
 def test_every_engine_module_imports_in_a_fresh_interpreter_in_layer_order():
-    names = sorted((name for name in MODULES if name.startswith("gali.engine.") and not name.endswith(".__main__")),
-                   key=lambda n: (layer(n), n))  # a __main__ runs its program when imported
+    names = sorted(
+        (name for name in MODULES if name.startswith("gali.engine.") and not name.endswith(".__main__")),
+        key=lambda n: (layer(n), n),
+    )  # a __main__ runs its program when imported
     code = f"import importlib\nfor name in {names!r}:\n    importlib.import_module(name)\n"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

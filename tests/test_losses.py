@@ -72,8 +72,8 @@ def test_logit_gradients_match_the_closed_form(k):
     labels = torch.arange(k).repeat_interleave(batch)
     w_true, w_pair = (w.double() for w in loss_weights(k))
     loss_d, loss_ge = kway_losses(logits, labels, w_true, w_pair, 1 / batch)
-    grad_d, = torch.autograd.grad(loss_d, logits, retain_graph=True)
-    grad_ge, = torch.autograd.grad(loss_ge, logits)
+    (grad_d,) = torch.autograd.grad(loss_d, logits, retain_graph=True)
+    (grad_ge,) = torch.autograd.grad(loss_ge, logits)
     p = logits.detach().softmax(1)
     onehot = F.one_hot(labels, k).double()
     assert torch.allclose(grad_d, w_true[labels, None] * (p - onehot) / batch)
@@ -127,8 +127,9 @@ def test_rejected_objectives_match_their_definitions(k):
     assert loss_ge.item() == pytest.approx(want_minimax, rel=1e-9) and loss_ge.item() == pytest.approx(-loss_d.item())
     w_true, w_pair = loss_weights(k, objective="misclassification")
     assert w_pair.abs().sum() == 0  # the head contributes nothing to the G/E loss
-    assert misclassification_loss(logits, labels, k, 1 / batch).item() == pytest.approx(want_misclassification,
-                                                                                        rel=1e-6)
+    assert misclassification_loss(logits, labels, k, 1 / batch).item() == pytest.approx(
+        want_misclassification, rel=1e-6
+    )
 
 
 def test_misclassification_loss_stays_finite_when_d_is_certain():

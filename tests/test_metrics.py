@@ -55,8 +55,12 @@ def test_feature_mse_compares_network_outputs_after_resizing():
 
 def test_feature_mse_names_a_network_whose_output_has_no_batch_dimension():
     with pytest.raises(GaliError, match=r"the feature network /m\.pt must return one \(B, D\).*returned \(5,\)"):
-        metrics.feature_mse(lambda t: t.sum(dim=(0, 2, 3)).repeat(5)[:5], torch.zeros(2, 3, 4, 4),
-                            torch.zeros(2, 3, 4, 4), name="the feature network /m.pt")
+        metrics.feature_mse(
+            lambda t: t.sum(dim=(0, 2, 3)).repeat(5)[:5],
+            torch.zeros(2, 3, 4, 4),
+            torch.zeros(2, 3, 4, 4),
+            name="the feature network /m.pt",
+        )
 
 
 def _blobs(n: int, classes: int, dim: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -165,8 +169,9 @@ class NoBatch(nn.Module):
         return x.mean()
 
 
-@pytest.mark.parametrize(("cls", "dim", "call"),
-                         [(InceptionLike, 12, "return_features=True"), (PlainFeatures, 7, "model(x) on")])
+@pytest.mark.parametrize(
+    ("cls", "dim", "call"), [(InceptionLike, 12, "return_features=True"), (PlainFeatures, 7, "model(x) on")]
+)
 def test_load_inception_accepts_both_torchscript_forms(tmp_path, cls, dim, call):
     path = tmp_path / "net.pt"
     torch.jit.save(torch.jit.script(cls()), str(path))

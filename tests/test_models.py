@@ -322,11 +322,13 @@ def test_full_kernel_layers_match_their_reference_twin(kind: str, layout: torch.
 def test_models_use_the_gemm_layers_exactly_where_the_kernel_covers_the_input() -> None:
     for arch in ("svhn32", "celeba64"):
         g, e, d = build_models(ModelConfig(arch=arch, width=0.125), slot_kinds=("image", "latent"), num_classes=4)
-        assert [isinstance(m, PointInputConvTranspose2d) for m in g.modules() if isinstance(m, nn.ConvTranspose2d)] \
-            == [True] + [False] * 4
+        assert [isinstance(m, PointInputConvTranspose2d) for m in g.modules() if isinstance(m, nn.ConvTranspose2d)] == [
+            True
+        ] + [False] * 4
         for net in (e, d):
-            assert [isinstance(m, FullKernelConv2d) for m in net.modules() if isinstance(m, nn.Conv2d)] \
-                == [False] * 4 + [True]
+            assert [isinstance(m, FullKernelConv2d) for m in net.modules() if isinstance(m, nn.Conv2d)] == [
+                False
+            ] * 4 + [True]
     with pytest.raises(ValueError, match=r"layer impl must be one of \('gemm', 'ref'\), got 'cuda'"):
         set_layer_impl(g, "cuda")
 

@@ -21,8 +21,11 @@ BATCH, LATENT = 4, 8
 def test_paper_step_and_fast_step_compute_the_same_update(spec_name):
     torch.manual_seed(0)
     spec = load_spec(spec_name)
-    G, E, D = build_models(ModelConfig(arch="svhn32", latent_dim=LATENT, width=0.125), slot_kinds=spec.slot_kinds,
-                           num_classes=spec.num_classes)
+    G, E, D = build_models(
+        ModelConfig(arch="svhn32", latent_dim=LATENT, width=0.125),
+        slot_kinds=spec.slot_kinds,
+        num_classes=spec.num_classes,
+    )
     D.eval()  # freeze the power iteration: the baseline's K D calls would otherwise advance it K times
     method = MethodConfig(tuples=spec_name, mask_min_size=4)
     nets = Networks(G=G, E=E, D=D)

@@ -10,9 +10,18 @@ from gali.engine.loop.profile import nsys_command
 from gali.engine.loop.ticks import TickStats
 from gali.engine.ranges import ranges_enabled
 
-TINY = ["model.width=0.125", "model.latent_dim=16", "run.batch_size=16", "data.workers=0", "run.grid_size=2",
-        "run.kimg=0.032", "run.tick_kimg=0.016", "run.snapshot_kimg=0.032", "run.progress=lines",
-        "run.tensorboard=off"]
+TINY = [
+    "model.width=0.125",
+    "model.latent_dim=16",
+    "run.batch_size=16",
+    "data.workers=0",
+    "run.grid_size=2",
+    "run.kimg=0.032",
+    "run.tick_kimg=0.016",
+    "run.snapshot_kimg=0.032",
+    "run.progress=lines",
+    "run.tensorboard=off",
+]
 STEP_RANGES = {"gali/step", "gali/chains", "gali/D", "gali/head", "gali/backward_D", "gali/backward_GE", "gali/optim"}
 
 
@@ -36,8 +45,17 @@ def test_gali_profile_writes_a_trace_with_every_step_range(tmp_path, monkeypatch
     names = [e["name"] for e in sorted(ranges, key=lambda e: (e["ts"], -e["dur"]))]  # in the order entered
     assert STEP_RANGES | {"gali/data"} <= traced
     # the loop: fetch a batch, then one step with its phases in order
-    assert names[:9] == ["gali/data", "gali/step", "gali/chains", "gali/D", "gali/head", "gali/backward_D",
-                         "gali/backward_GE", "gali/optim", "gali/data"]
+    assert names[:9] == [
+        "gali/data",
+        "gali/step",
+        "gali/chains",
+        "gali/D",
+        "gali/head",
+        "gali/backward_D",
+        "gali/backward_GE",
+        "gali/optim",
+        "gali/data",
+    ]
     assert names.count("gali/step") == 2
     assert not ranges_enabled()
 

@@ -11,16 +11,32 @@ from gali.engine.eval.protocol import EvalOptions
 from gali.engine.eval.reproduce import METHODS, PAPER, MethodRow, ReproduceOptions, SeedRun, reproduce, reproduce_table
 
 # no identity classifier in the training snapshots, a small one in the evaluation: the wiring is tested here
-TINY = ("model.width=0.25", "model.latent_dim=32", "data.workers=0", "run.batch_size=32", "run.tick_kimg=0.05",
-        "run.grid_size=2", "run.identity_images=0")
+TINY = (
+    "model.width=0.25",
+    "model.latent_dim=32",
+    "data.workers=0",
+    "run.batch_size=32",
+    "run.tick_kimg=0.05",
+    "run.grid_size=2",
+    "run.identity_images=0",
+)
 FAST_EVAL = EvalOptions(probe_labelled=200, probe_draws=2, probe_pool=500, identity_images=300)
 
 
 def _run(seed: int, pixel: float, identity: float = 0.5) -> SeedRun:
-    return SeedRun(seed=seed, run_dir=Path("r"), checkpoint=Path("c.pt"), images_per_second=100.0, train_seconds=1.0,
-                   eval_seconds=1.0, results={"pixel-mse": {"mean": pixel, "std": 0.001},
-                                              "probe": {"mean": 0.125, "std": 0.0125},
-                                              "recon-identity": {"accuracy": identity, "ceiling": 0.9}})
+    return SeedRun(
+        seed=seed,
+        run_dir=Path("r"),
+        checkpoint=Path("c.pt"),
+        images_per_second=100.0,
+        train_seconds=1.0,
+        eval_seconds=1.0,
+        results={
+            "pixel-mse": {"mean": pixel, "std": 0.001},
+            "probe": {"mean": 0.125, "std": 0.0125},
+            "recon-identity": {"accuracy": identity, "ceiling": 0.9},
+        },
+    )
 
 
 def _row(method: str, pixel: float) -> MethodRow:
@@ -47,13 +63,16 @@ def test_several_seeds_give_mean_and_std_over_seeds():
     assert row.cell("fid", "value") == "—"  # not measured
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"methods": ("ali", "bigbigan")}, r"unknown method 'bigbigan' in --methods; accepted .*gali-mix"),
-    ({"overrides": ("method.tuples=gali8",)}, r"method.tuples=gali8: set by gali reproduce itself"),
-    ({"overrides": ("run.kimg=3",)}, r"run.kimg=3: set by gali reproduce itself"),
-    ({"kimg": 0}, r"--kimg must be > 0"),
-    ({"seeds": 0}, r"--seeds must be >= 1"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"methods": ("ali", "bigbigan")}, r"unknown method 'bigbigan' in --methods; accepted .*gali-mix"),
+        ({"overrides": ("method.tuples=gali8",)}, r"method.tuples=gali8: set by gali reproduce itself"),
+        ({"overrides": ("run.kimg=3",)}, r"run.kimg=3: set by gali reproduce itself"),
+        ({"kimg": 0}, r"--kimg must be > 0"),
+        ({"seeds": 0}, r"--seeds must be >= 1"),
+    ],
+)
 def test_bad_options_are_refused_before_training(tmp_path, options, message):
     with pytest.raises(GaliError, match=message):
         reproduce(ReproduceOptions(out_dir=str(tmp_path), **options), log=lambda line: None)
@@ -76,9 +95,28 @@ def test_reproduce_trains_evaluates_and_repeats_itself(tmp_path, monkeypatch):
     document = json.loads(report.json_path.read_text())
     assert [r["method"] for r in document["rows"]] == list(METHODS) and document["kimg"] == 0.1
     # the same seed gives the same numbers, another seed others (through the CLI, for one of the methods)
-    code = main(["reproduce", "--kimg", "0.1", "--methods", "gali4", "--seeds", "2", "--out-dir", str(tmp_path / "b"),
-                 "--probe-labelled", "200", "--probe-draws", "2", "--probe-pool", "500", "--identity-images", "300",
-                 *TINY])
+    code = main(
+        [
+            "reproduce",
+            "--kimg",
+            "0.1",
+            "--methods",
+            "gali4",
+            "--seeds",
+            "2",
+            "--out-dir",
+            str(tmp_path / "b"),
+            "--probe-labelled",
+            "200",
+            "--probe-draws",
+            "2",
+            "--probe-pool",
+            "500",
+            "--identity-images",
+            "300",
+            *TINY,
+        ]
+    )
     assert code == 0
     (again,) = json.loads((tmp_path / "b" / "reproduce.json").read_text())["rows"]
     first = next(row for row in report.rows if row.method == "gali4").runs[0].results

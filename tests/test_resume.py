@@ -19,10 +19,22 @@ from gali.engine.loop.train import resume, train
 # (1,920 images: batch 16 of epoch 2); the run ends at 2,016 images.
 # On the CPU: bit-exact replay is the claim (some CUDA kernels are not run-to-run deterministic). The
 # run keeps moving averages of G and E and recalibrates copies at each snapshot: both must resume exactly.
-TINY = ["run.device=cpu", "model.width=0.125", "model.latent_dim=8", "run.batch_size=32", "data.workers=0",
-        "run.kimg=2", "run.tick_kimg=0.32", "run.snapshot_kimg=0.64", "run.grid_size=2", "run.tensorboard=off",
-        "run.progress=lines", "run.ema_kimg=0.5", "run.snapshot_bn_recalibrate=2",
-        "run.identity_images=0"]  # the identity metric is tested in test_train; resume does not read it
+TINY = [
+    "run.device=cpu",
+    "model.width=0.125",
+    "model.latent_dim=8",
+    "run.batch_size=32",
+    "data.workers=0",
+    "run.kimg=2",
+    "run.tick_kimg=0.32",
+    "run.snapshot_kimg=0.64",
+    "run.grid_size=2",
+    "run.tensorboard=off",
+    "run.progress=lines",
+    "run.ema_kimg=0.5",
+    "run.snapshot_bn_recalibrate=2",
+    "run.identity_images=0",
+]  # the identity metric is tested in test_train; resume does not read it
 
 
 class Interrupted(Exception):
@@ -100,8 +112,9 @@ def test_a_run_resumed_mid_epoch_ends_where_the_uninterrupted_run_ends(uninterru
 
 
 @pytest.mark.slow
-def test_resume_after_an_epoch_boundary_from_a_checkpoint_file_through_the_cli(uninterrupted, tmp_path,
-                                                                                monkeypatch, cache):
+def test_resume_after_an_epoch_boundary_from_a_checkpoint_file_through_the_cli(
+    uninterrupted, tmp_path, monkeypatch, cache
+):
     """``gali train --resume FILE run.kimg=...``: the checkpoint after the first epoch, trained past the old end."""
     reference_dir, reference = uninterrupted
     monkeypatch.setenv("GALI_CACHE", str(cache))

@@ -18,8 +18,16 @@ from gali.engine.loop.grids import inpainting_grid, tile
 from gali.engine.loop.run_log import RunLog, format_duration, format_tick, resolve_progress, resolve_tensorboard
 from gali.engine.nets.inference import evaluation_box_params
 
-TICK = {"kimg": 4.0, "epoch": 2, "iteration": 125, "images_per_s": 100.0, "noise_std": 0.05,
-        "loss_d": 1.2345, "loss_ge": 2.5, "p_true": [0.25, 0.5]}
+TICK = {
+    "kimg": 4.0,
+    "epoch": 2,
+    "iteration": 125,
+    "images_per_s": 100.0,
+    "noise_std": 0.05,
+    "loss_d": 1.2345,
+    "loss_ge": 2.5,
+    "p_true": [0.25, 0.5],
+}
 
 
 class FakeTerminal(io.StringIO):
@@ -70,8 +78,9 @@ def test_lines_mode_logs_one_line_per_tick_and_appends_jsonl(tmp_path):
 
 
 def test_the_bar_redraws_one_line_and_messages_print_above_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("gali.engine.loop.run_log.shutil.get_terminal_size",
-                        lambda fallback: os.terminal_size((80, 24)))
+    monkeypatch.setattr(
+        "gali.engine.loop.run_log.shutil.get_terminal_size", lambda fallback: os.terminal_size((80, 24))
+    )
     terminal = FakeTerminal()
     lines: list[str] = []
     run_log = RunLog(tmp_path, total_kimg=10, progress="auto", log=lines.append, stream=terminal)
@@ -92,8 +101,9 @@ def test_the_bar_redraws_one_line_and_messages_print_above_it(tmp_path, monkeypa
 
 
 def test_full_width_bar_carries_every_field(tmp_path, monkeypatch):
-    monkeypatch.setattr("gali.engine.loop.run_log.shutil.get_terminal_size",
-                        lambda fallback: os.terminal_size((400, 24)))
+    monkeypatch.setattr(
+        "gali.engine.loop.run_log.shutil.get_terminal_size", lambda fallback: os.terminal_size((400, 24))
+    )
     terminal = FakeTerminal()
     run_log = RunLog(tmp_path, total_kimg=10, progress="bar", log=lambda line: None, stream=terminal)
     run_log.tick(TICK)
@@ -111,7 +121,10 @@ def test_grids_are_written_at_a_stable_name_and_per_snapshot(tmp_path):
     run_log.close()
     assert written == {"samples": tmp_path / "samples.png"}
     assert sorted(p.name for p in tmp_path.glob("samples*.png")) == [
-        "samples-0000040000.png", "samples-0000080000.png", "samples.png"]
+        "samples-0000040000.png",
+        "samples-0000080000.png",
+        "samples.png",
+    ]
     with Image.open(tmp_path / "samples.png") as latest, Image.open(tmp_path / "samples-0000040000.png") as old:
         assert latest.size == (12, 8)
         np.testing.assert_array_equal(np.asarray(latest), second)
@@ -147,8 +160,9 @@ def test_tensorboard_on_without_the_package_names_the_key_and_the_extra(monkeypa
     assert resolve_tensorboard("off") is False
 
 
-@pytest.mark.parametrize(("override", "key"), [("run.tensorboard=yes", "run.tensorboard"),
-                                               ("run.progress=tqdm", "run.progress")])
+@pytest.mark.parametrize(
+    ("override", "key"), [("run.tensorboard=yes", "run.tensorboard"), ("run.progress=tqdm", "run.progress")]
+)
 def test_bad_logging_keys_name_themselves_and_the_accepted_values(override, key):
     with pytest.raises(ConfigError) as info:
         load_config("demo", [override])

@@ -27,10 +27,19 @@ BATCH, LATENT = 4, 8
 def make_step(spec_name: str = "gali4", seed: int = 0, **compute) -> GaliStep:
     torch.manual_seed(seed)
     spec = load_spec(spec_name)
-    G, E, D = build_models(ModelConfig(arch="svhn32", latent_dim=LATENT, width=0.125), slot_kinds=spec.slot_kinds,
-                           num_classes=spec.num_classes)
-    return GaliStep(Networks(G=G, E=E, D=D), spec, MethodConfig(tuples=spec_name), OptimConfig(lr=1e-3), LATENT,
-                    ComputeConfig(**{"kernel_impl": "ref", **compute}))
+    G, E, D = build_models(
+        ModelConfig(arch="svhn32", latent_dim=LATENT, width=0.125),
+        slot_kinds=spec.slot_kinds,
+        num_classes=spec.num_classes,
+    )
+    return GaliStep(
+        Networks(G=G, E=E, D=D),
+        spec,
+        MethodConfig(tuples=spec_name),
+        OptimConfig(lr=1e-3),
+        LATENT,
+        ComputeConfig(**{"kernel_impl": "ref", **compute}),
+    )
 
 
 def images(seed: int = 1, batch: int = BATCH) -> torch.Tensor:
@@ -182,6 +191,7 @@ def test_graph_ready_step_with_capturable_adam_makes_no_host_sync(monkeypatch):
     def forbidden(name):
         def guarded(*args, **kwargs):
             raise AssertionError(f"host sync: Tensor.{name} called inside the step")
+
         return guarded
 
     for name in ("item", "tolist", "cpu", "numpy", "__bool__"):
@@ -193,8 +203,9 @@ def test_graph_ready_step_with_capturable_adam_makes_no_host_sync(monkeypatch):
 
 def test_build_step_gives_the_eager_twin_on_cpu_and_converts_layout():
     step = make_step()
-    runner = build_step(step.nets, step.spec, step.method, OptimConfig(), LATENT,
-                        ComputeConfig(cuda_graph=True, channels_last=True))
+    runner = build_step(
+        step.nets, step.spec, step.method, OptimConfig(), LATENT, ComputeConfig(cuda_graph=True, channels_last=True)
+    )
     assert isinstance(runner, GaliStep)
     conv = next(m for m in runner.nets.D.modules() if isinstance(m, nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -212,8 +223,14 @@ def test_compiled_step_matches_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     eager = make_step("gali-mix", kernel_impl="triton")
     compiled = copy.deepcopy(eager)
-    runner = build_step(compiled.nets, compiled.spec, compiled.method, OptimConfig(lr=1e-3), LATENT,
-                        ComputeConfig(compile=True, kernel_impl="triton"))
+    runner = build_step(
+        compiled.nets,
+        compiled.spec,
+        compiled.method,
+        OptimConfig(lr=1e-3),
+        LATENT,
+        ComputeConfig(compile=True, kernel_impl="triton"),
+    )
     assert "features" in vars(runner.nets.D)  # the instance now holds the compiled trunk
     (want,), (got,) = run(eager, steps=1, noise=0.0), run(runner, steps=1, noise=0.0)
     for name in ("loss_d", "loss_ge", "grad_norm_d", "grad_norm_ge"):

@@ -23,13 +23,23 @@ def make_step(spec_name: str, seed: int = 0, **method) -> GaliStep:
     torch.manual_seed(seed)
     spec = load_spec(spec_name)
     extra_dim = EXTRA if spec.uses_feature_model else None
-    G, E, D = build_models(ModelConfig(arch="svhn32", latent_dim=LATENT, width=0.125), slot_kinds=spec.slot_kinds,
-                           num_classes=spec.num_classes, extra_dim=extra_dim)
+    G, E, D = build_models(
+        ModelConfig(arch="svhn32", latent_dim=LATENT, width=0.125),
+        slot_kinds=spec.slot_kinds,
+        num_classes=spec.num_classes,
+        extra_dim=extra_dim,
+    )
     M = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, EXTRA)).requires_grad_(False) if extra_dim else None
     nets = Networks(G=G, E=E, D=D, M=M, extra_dim=extra_dim)
     # NCHW: tests call discriminate() on the same batch as step(), and the layout decides where each noise draw lands
-    return GaliStep(nets, spec, MethodConfig(tuples=spec_name, **method), OptimConfig(lr=1e-3),
-                    LATENT, ComputeConfig(channels_last=False, kernel_impl="ref"))
+    return GaliStep(
+        nets,
+        spec,
+        MethodConfig(tuples=spec_name, **method),
+        OptimConfig(lr=1e-3),
+        LATENT,
+        ComputeConfig(channels_last=False, kernel_impl="ref"),
+    )
 
 
 def images(seed: int = 1) -> torch.Tensor:
@@ -61,8 +71,19 @@ def record_step(step: GaliStep, monkeypatch, noise: float = 0.0) -> dict:
     return seen
 
 
-ALL_SPECS = ["ali", "alice", "gali4", "gali8", "gali-mix", "gali-pt", "ali-pt", "alice-pt", "gali4-masked",
-             "ali-masked", "alice-masked"]
+ALL_SPECS = [
+    "ali",
+    "alice",
+    "gali4",
+    "gali8",
+    "gali-mix",
+    "gali-pt",
+    "ali-pt",
+    "alice-pt",
+    "gali4-masked",
+    "ali-masked",
+    "alice-masked",
+]
 
 
 @pytest.mark.parametrize("name", ALL_SPECS)
@@ -77,7 +98,7 @@ def test_each_spec_builds_exactly_its_classes(name, monkeypatch):
         width = {"image": (3, 32, 32), "latent": (LATENT,), "extra": (EXTRA,)}[kind]
         assert slot.shape == (k * BATCH, *width)
         for cls, exprs in enumerate(spec.classes):  # noise 0: each block of rows is its chain variable
-            torch.testing.assert_close(slot[cls * BATCH:(cls + 1) * BATCH], seen["values"][str(exprs[position])])
+            torch.testing.assert_close(slot[cls * BATCH : (cls + 1) * BATCH], seen["values"][str(exprs[position])])
     assert set(seen["out"]) >= {"loss_d", "loss_ge", "p_true"}
     assert ("recon" in seen["out"]) == (step.spec.reconstruction is not None)
     assert {"e_sigma", "e_mu_spread"} <= set(seen["out"])  # every spec encodes the real (or masked) batch
@@ -114,8 +135,11 @@ def test_misclassification_is_refused_on_the_fused_head():
     from gali.engine.errors import ConfigError
     from gali.engine.loop.config import load_config
 
-    with pytest.raises(ConfigError, match=r"compute.kernel_impl.*no form of method.objective='misclassification'.*"
-                                          r"compute.kernel_impl=ref"):
+    with pytest.raises(
+        ConfigError,
+        match=r"compute.kernel_impl.*no form of method.objective='misclassification'.*"
+        r"compute.kernel_impl=ref",
+    ):
         load_config("demo", ["method.objective=misclassification", "compute.kernel_impl=triton"])
     assert load_config("demo", ["method.objective=misclassification"]).compute.kernel_impl == "auto"
 
@@ -123,8 +147,11 @@ def test_misclassification_is_refused_on_the_fused_head():
 def network_calls(step: GaliStep) -> dict[str, int]:
     """How often one step calls E, G and M, counted by forward hooks on the networks."""
     calls = {"E": 0, "G": 0, "M": 0}
-    hooks = [getattr(step.nets, op).register_forward_hook(lambda *_, op=op: calls.__setitem__(op, calls[op] + 1))
-             for op in calls if getattr(step.nets, op) is not None]
+    hooks = [
+        getattr(step.nets, op).register_forward_hook(lambda *_, op=op: calls.__setitem__(op, calls[op] + 1))
+        for op in calls
+        if getattr(step.nets, op) is not None
+    ]
     step.step(images(), torch.tensor(0.1))
     for hook in hooks:
         hook.remove()
@@ -142,8 +169,9 @@ def test_gali4_costs_three_encoder_and_three_generator_calls():
     assert network_calls(step) == {"E": 3, "G": 3, "M": 0}
 
 
-@pytest.mark.parametrize(("phase", "want"), [("both", [(2 * BATCH, True), (2 * BATCH, False)]),
-                                             ("d", [(4 * BATCH, False)])])
+@pytest.mark.parametrize(
+    ("phase", "want"), [("both", [(2 * BATCH, True), (2 * BATCH, False)]), ("d", [(4 * BATCH, False)])]
+)
 def test_gali4_image_rows_without_a_gradient_get_their_own_d_call(phase, want):
     """G's rows (G(z), G(E(G(z)))) and the real rows (x twice) reach D's image branch in separate calls."""
     step = make_step("gali4")
@@ -243,8 +271,9 @@ def test_simultaneous_step_takes_each_gradient_from_its_own_loss(name):
     for got, want in zip(_grads(stepped.ge_params), _grads(ge_twin.ge_params), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     # The test can fail: one backward of L_D + L_GE would have mixed G/E's loss into D.
-    assert any(not torch.allclose(g, m) for g, m in zip(_grads(stepped.d_params), _grads(both_twin.d_params),
-                                                         strict=True))
+    assert any(
+        not torch.allclose(g, m) for g, m in zip(_grads(stepped.d_params), _grads(both_twin.d_params), strict=True)
+    )
     after = [p.detach() for p in stepped.d_params + stepped.ge_params]
     assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True) if b.numel() > 1)
 
@@ -291,15 +320,18 @@ def test_step_makes_no_host_sync(monkeypatch):
             if not inside_optimizer:
                 raise AssertionError(f"host sync: Tensor.{name} called inside the step")
             return original(*args, **kwargs)
+
         return guarded
 
     for optimizer in (step.opt_d, step.opt_ge):
+
         def exempt(*args, _step=optimizer.step, **kwargs):
             inside_optimizer.append(True)
             try:
                 return _step(*args, **kwargs)
             finally:
                 inside_optimizer.pop()
+
         monkeypatch.setattr(optimizer, "step", exempt)
     for name in ("item", "tolist", "cpu", "numpy", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden(name))

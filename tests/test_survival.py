@@ -23,9 +23,20 @@ from gali.engine.step import eager
 from gali.engine.step.eager import GaliStep
 
 # The digits' 1,437 training images: 44 batches of 32 per epoch; a checkpoint every 20 steps.
-TINY = ["run.device=cpu", "model.width=0.125", "model.latent_dim=8", "run.batch_size=32", "data.workers=0",
-        "run.kimg=1.6", "run.tick_kimg=0.064", "run.snapshot_kimg=0.64", "run.grid_size=2", "run.tensorboard=off",
-        "run.progress=lines", "run.identity_images=0"]  # no identity classifier to fit at each start
+TINY = [
+    "run.device=cpu",
+    "model.width=0.125",
+    "model.latent_dim=8",
+    "run.batch_size=32",
+    "data.workers=0",
+    "run.kimg=1.6",
+    "run.tick_kimg=0.064",
+    "run.snapshot_kimg=0.64",
+    "run.grid_size=2",
+    "run.tensorboard=off",
+    "run.progress=lines",
+    "run.identity_images=0",
+]  # no identity classifier to fit at each start
 
 
 def gali(*args: str, cache: Path, cwd: Path, ranks: int = 1, prelude: str = "") -> subprocess.Popen:
@@ -34,16 +45,27 @@ def gali(*args: str, cache: Path, cwd: Path, ranks: int = 1, prelude: str = "") 
     ``prelude`` is Python run first in a single-process child (a test's stand-in for a slow disk).
     """
     if prelude:
-        launcher = [sys.executable, "-c", prelude + "import sys; from gali.engine.cli import main; "
-                    "sys.exit(main(sys.argv[1:]))"]
+        launcher = [
+            sys.executable,
+            "-c",
+            prelude + "import sys; from gali.engine.cli import main; sys.exit(main(sys.argv[1:]))",
+        ]
     elif ranks == 1:
         launcher = [sys.executable, "-m", "gali"]
     else:
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={ranks}", "--standalone",
-                    "-m", "gali"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={ranks}",
+            "--standalone",
+            "-m",
+            "gali",
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GALI_CACHE": str(cache)}
-    return subprocess.Popen([*launcher, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [*launcher, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def finish(process: subprocess.Popen) -> int:
@@ -111,8 +133,9 @@ def test_sigint_stops_the_same_way_without_a_traceback_or_a_temporary_file(tmp_p
 @pytest.mark.slow
 def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint(tmp_path):
     cache = tmp_path / "cache"
-    run = gali("train", *TINY, "run.batch_size=64", f"run.out_dir={tmp_path / 'runs'}", cache=cache, cwd=tmp_path,
-               ranks=2)
+    run = gali(
+        "train", *TINY, "run.batch_size=64", f"run.out_dir={tmp_path / 'runs'}", cache=cache, cwd=tmp_path, ranks=2
+    )
     wait_for_ticks(run, 2)
     run.send_signal(signal.SIGTERM)  # the agent passes it on to both ranks
     _, stderr = run.communicate(timeout=300)
@@ -147,8 +170,15 @@ def test_twenty_sigkills_at_random_moments_lose_no_checkpoint(tmp_path):
     """A checkpoint every step on a slow disk: kills land during atomic writes, snapshots and steps alike."""
     cache, out = tmp_path / "cache", tmp_path / "runs"
     # lean snapshots (no averages to recalibrate; TINY fits no identity classifier), so that many kills land in writes
-    every_step = [*TINY, "run.snapshot_kimg=0.032", "run.tick_kimg=0.032", "run.kimg=2.4", "run.keep_checkpoints=0",
-                  "run.ema_kimg=0", f"run.out_dir={out}"]
+    every_step = [
+        *TINY,
+        "run.snapshot_kimg=0.032",
+        "run.tick_kimg=0.032",
+        "run.kimg=2.4",
+        "run.keep_checkpoints=0",
+        "run.ema_kimg=0",
+        f"run.out_dir={out}",
+    ]
     rng = random.Random(0)
     seen: set[str] = set()
     mid_write = 0
@@ -193,10 +223,12 @@ def _step() -> GaliStep:
 
     torch.manual_seed(0)
     spec = load_spec("gali4")
-    G, E, D = build_models(ModelConfig(latent_dim=8, width=0.125), slot_kinds=spec.slot_kinds,
-                           num_classes=spec.num_classes)
-    return GaliStep(Networks(G=G, E=E, D=D), spec, MethodConfig(), OptimConfig(lr=1e-3), 8,
-                    ComputeConfig(kernel_impl="ref"))
+    G, E, D = build_models(
+        ModelConfig(latent_dim=8, width=0.125), slot_kinds=spec.slot_kinds, num_classes=spec.num_classes
+    )
+    return GaliStep(
+        Networks(G=G, E=E, D=D), spec, MethodConfig(), OptimConfig(lr=1e-3), 8, ComputeConfig(kernel_impl="ref")
+    )
 
 
 @pytest.mark.parametrize("side", ["d", "ge"])
@@ -251,8 +283,11 @@ def test_a_full_disk_stops_the_run_naming_the_folder_and_keeps_the_earlier_check
 
     monkeypatch.setattr(checkpoint_module.torch, "save", full_on_the_second)
     cfg = load_config("demo", [*TINY, f"run.out_dir={tmp_path}"])
-    with pytest.raises(GaliError, match=r"no space left on the device of .* while writing checkpoint-0000001280\.pt: "
-                                        r"the partial file was removed and the earlier checkpoints are intact"):
+    with pytest.raises(
+        GaliError,
+        match=r"no space left on the device of .* while writing checkpoint-0000001280\.pt: "
+        r"the partial file was removed and the earlier checkpoints are intact",
+    ):
         train(cfg, log=lambda line: None)
     run_dir = next(tmp_path.glob("0*"))
     assert sorted(p.name for p in run_dir.iterdir() if "checkpoint" in p.name) == ["checkpoint-0000000640.pt"]
@@ -265,8 +300,11 @@ def test_pruning_keeps_the_newest_the_milestones_and_survives_a_failed_delete(tm
         (tmp_path / f"checkpoint-{100 * i:010d}.pt").write_bytes(b"")
     stuck = tmp_path / f"checkpoint-{200:010d}.pt"
     unlink, lines = Path.unlink, []
-    monkeypatch.setattr(Path, "unlink", lambda self, *a: (_ for _ in ()).throw(PermissionError("busy"))
-                        if self == stuck else unlink(self, *a))
+    monkeypatch.setattr(
+        Path,
+        "unlink",
+        lambda self, *a: (_ for _ in ()).throw(PermissionError("busy")) if self == stuck else unlink(self, *a),
+    )
     deleted = prune_checkpoints(tmp_path, keep=3, milestone_images=400, log=lines.append)
     kept = sorted(int(p.stem.split("-")[1]) for p in tmp_path.glob("checkpoint-*.pt"))
     assert kept == [100, 200, 400, 800, 900, 1000]  # newest 3, first of each 400-image interval, the stuck one
@@ -274,11 +312,17 @@ def test_pruning_keeps_the_newest_the_milestones_and_survives_a_failed_delete(tm
     assert prune_checkpoints(tmp_path, keep=0, milestone_images=0, log=lines.append) == []  # 0 keeps all
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("optim.lr=nan", "optim.lr"), ("run.kimg=inf", "run.kimg"), ("run.kimg=nan", "run.kimg"),
-    ("run.snapshot_kimg=0.0001", "run.snapshot_kimg"), ("run.tick_kimg=0.0005", "run.tick_kimg"),
-    ("run.keep_checkpoints=-1", "run.keep_checkpoints"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("optim.lr=nan", "optim.lr"),
+        ("run.kimg=inf", "run.kimg"),
+        ("run.kimg=nan", "run.kimg"),
+        ("run.snapshot_kimg=0.0001", "run.snapshot_kimg"),
+        ("run.tick_kimg=0.0005", "run.tick_kimg"),
+        ("run.keep_checkpoints=-1", "run.keep_checkpoints"),
+    ],
+)
 def test_values_that_would_crash_later_are_refused_at_start_up(override, key):
     with pytest.raises(ConfigError) as info:
         load_config("demo", [override])
@@ -309,8 +353,16 @@ def test_a_run_that_cannot_start_leaves_no_run_folder(tmp_path, monkeypatch):
                     Image.new("RGB", (32, 32), (i * 6, 0, 0)).save(folder / f"{i}.png")
                 else:
                     (folder / f"{i}.png").write_bytes(b"not a png")
-    cfg = load_config("demo", [*TINY, "data.source=folder", f"data.root={tmp_path / 'data'}", "run.batch_size=8",
-                               f"run.out_dir={tmp_path / 'runs'}"])
+    cfg = load_config(
+        "demo",
+        [
+            *TINY,
+            "data.source=folder",
+            f"data.root={tmp_path / 'data'}",
+            "run.batch_size=8",
+            f"run.out_dir={tmp_path / 'runs'}",
+        ],
+    )
     with pytest.raises(DataError, match=r"\.png"):
         train(cfg, log=lambda line: None)
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())

@@ -20,8 +20,14 @@ from gali.engine.nets.networks import build_networks
 from gali.pipelines import make_pipeline
 
 # A smaller demo that still learns: the SVHN-32 nets at quarter width.
-SHORT = ["model.width=0.25", "model.latent_dim=32", "run.batch_size=32", "data.workers=0",
-         "run.tick_kimg=1", "run.grid_size=4"]
+SHORT = [
+    "model.width=0.25",
+    "model.latent_dim=32",
+    "run.batch_size=32",
+    "data.workers=0",
+    "run.tick_kimg=1",
+    "run.grid_size=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +62,12 @@ def test_a_short_run_lowers_reconstruction_error_below_a_fresh_model(tmp_path, m
     result = train(cfg, log=lambda line: None)
     device = torch.device("cpu")
     seed_everything(cfg.run.seed)
-    fresh = build_networks(cfg.model, cfg.method, load_spec(cfg.method.tuples), resolution=cfg.data.resolution,
-                           device=device)
-    train_batch = next(iter(make_pipeline(cfg.data, split="train", batch_size=cfg.run.batch_size, device=device,
-                                          seed=cfg.run.seed)))
+    fresh = build_networks(
+        cfg.model, cfg.method, load_spec(cfg.method.tuples), resolution=cfg.data.resolution, device=device
+    )
+    train_batch = next(
+        iter(make_pipeline(cfg.data, split="train", batch_size=cfg.run.batch_size, device=device, seed=cfg.run.seed))
+    )
     fresh.G.init_output_bias(train_batch.x)  # what the loop does first: G outputs the mean image
     test = make_pipeline(cfg.data, split="test", batch_size=100, device=device, seed=cfg.run.seed)
     fresh_mse = held_out_metrics(fresh.G, fresh.E, ((b.x, None) for b in test))["recon_mse"]
@@ -81,15 +89,16 @@ def test_demo_run_folder_holds_config_metrics_checkpoints_and_grids(demo_run):
         assert r["images_per_s"] > 0 and r["loss_d"] > 0 and r["loss_ge"] > 0
     assert ticks[0]["noise_std"] > ticks[-1]["noise_std"]  # linear decay by epoch
     assert result.kimg == pytest.approx(6.0, abs=cfg.run.batch_size / 1000)
-    assert sorted(p.name for p in run.glob("checkpoint-*.pt")) == ["checkpoint-0000003008.pt",
-                                                                  "checkpoint-0000006016.pt"]
+    assert sorted(p.name for p in run.glob("checkpoint-*.pt")) == [
+        "checkpoint-0000003008.pt",
+        "checkpoint-0000006016.pt",
+    ]
     with Image.open(run / "samples.png") as im:
         assert im.size == (4 * 32, 4 * 32)
     with Image.open(run / "reconstructions.png") as im:
         assert im.size == (4 * 32, 3 * 32)
     for name in ("samples", "reconstructions"):
-        assert sorted(p.name for p in run.glob(f"{name}-*.png")) == [f"{name}-0000003008.png",
-                                                                     f"{name}-0000006016.png"]
+        assert sorted(p.name for p in run.glob(f"{name}-*.png")) == [f"{name}-0000003008.png", f"{name}-0000006016.png"]
     assert not list(run.glob("inpainting*.png"))  # gali4 masks nothing
     assert bool(list(run.glob("events.out.tfevents.*"))) == tensorboard_available()  # run.tensorboard=auto
     assert any("img/s" in line and "eta" in line for line in lines) and "done:" in lines[-1]
@@ -98,9 +107,18 @@ def test_demo_run_folder_holds_config_metrics_checkpoints_and_grids(demo_run):
 @pytest.mark.slow
 def test_gali_mix_run_writes_inpainting_grids(tmp_path, monkeypatch, digits_cache):
     monkeypatch.setenv("GALI_CACHE", str(digits_cache))
-    overrides = [*SHORT, "method.tuples=gali-mix", "run.grid_size=3", "run.batch_size=8", "run.kimg=0.016",
-                 "run.tick_kimg=0.008", "run.snapshot_kimg=1", "run.tensorboard=off", "run.progress=lines",
-                 f"run.out_dir={tmp_path}"]
+    overrides = [
+        *SHORT,
+        "method.tuples=gali-mix",
+        "run.grid_size=3",
+        "run.batch_size=8",
+        "run.kimg=0.016",
+        "run.tick_kimg=0.008",
+        "run.snapshot_kimg=1",
+        "run.tensorboard=off",
+        "run.progress=lines",
+        f"run.out_dir={tmp_path}",
+    ]
     lines: list[str] = []
     result = train(load_config("demo", overrides), log=lines.append)
     run = result.run_dir
@@ -112,8 +130,11 @@ def test_gali_mix_run_writes_inpainting_grids(tmp_path, monkeypatch, digits_cach
     ticks = [r for r in records if "loss_d" in r]
     assert [r["kimg"] for r in ticks] == [0.008, 0.016] and all(len(r["p_true"]) == 8 for r in ticks)
     assert records[-1] == {"event": "snapshot", "kimg": 0.016, **{f"{k}_test": v for k, v in result.held_out.items()}}
-    assert set(result.held_out) == {"recon_mse", "e_sigma", "e_mu_spread", "identity", "identity_nearest",
-                                    "identity_ceiling"} and result.held_out["recon_mse"] == result.recon_mse
+    assert (
+        set(result.held_out)
+        == {"recon_mse", "e_sigma", "e_mu_spread", "identity", "identity_nearest", "identity_ceiling"}
+        and result.held_out["recon_mse"] == result.recon_mse
+    )
     assert not list(run.glob("events.out.tfevents.*"))  # run.tensorboard=off
     assert sum(line.startswith("kimg ") and "img/s" in line and "eta" in line for line in lines) == 2
 
@@ -160,8 +181,16 @@ def test_gali_pt_trains_with_a_torchscript_feature_model_from_a_path(tmp_path, m
     path = tmp_path / "features.pt"
     with pytest.warns(DeprecationWarning):  # TorchScript is deprecated in recent torch, still the portable format
         torch.jit.save(torch.jit.script(feature_net), path)
-    overrides = [*SHORT, "method.tuples=gali-pt", f"method.feature_model={path}", "method.feature_input_size=16",
-                 "method.feature_resize=bilinear", "run.kimg=0.128", "run.snapshot_kimg=1", f"run.out_dir={tmp_path}"]
+    overrides = [
+        *SHORT,
+        "method.tuples=gali-pt",
+        f"method.feature_model={path}",
+        "method.feature_input_size=16",
+        "method.feature_resize=bilinear",
+        "run.kimg=0.128",
+        "run.snapshot_kimg=1",
+        f"run.out_dir={tmp_path}",
+    ]
     result = train(load_config("demo", overrides), log=lambda line: None)
     assert len(result.last_stats["p_true"]) == 4 and result.last_stats["loss_ge"] > 0
     _, nets, _ = load_networks(next(result.run_dir.glob("checkpoint-*.pt")), torch.device("cpu"))

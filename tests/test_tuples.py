@@ -39,18 +39,33 @@ EXPECTED = {
     # The paper's ablations and baselines (docs/method.md §2.5), in the forms their descriptions choose.
     "ali-pt": [("x", "E(x)", "M(x)"), ("G(z)", "z", "M(G(z))")],
     "alice-pt": [("x", "E(x)"), ("G(z)", "z")],
-    "gali4-masked": [("x", "E(mask1(x))"), ("x", "E(mask2(G(E(mask1(x)))))"), ("G(z)", "z"),
-                     ("G(E(mask3(G(z))))", "z")],
+    "gali4-masked": [
+        ("x", "E(mask1(x))"),
+        ("x", "E(mask2(G(E(mask1(x)))))"),
+        ("G(z)", "z"),
+        ("G(E(mask3(G(z))))", "z"),
+    ],
     "ali-masked": [("x", "E(mask1(x))"), ("G(z)", "z")],
     "alice-masked": [("x", "E(mask1(x))"), ("G(z)", "z")],
 }
-RECONSTRUCTION = {"alice": ("x", "G(E(x))"), "alice-pt": ("M(x)", "M(G(E(x)))"),
-                  "alice-masked": ("x", "G(E(mask1(x)))")}
+RECONSTRUCTION = {
+    "alice": ("x", "G(E(x))"),
+    "alice-pt": ("M(x)", "M(G(E(x)))"),
+    "alice-masked": ("x", "G(E(mask1(x)))"),
+}
 # Network calls per step, docs/method.md §3.6 (ALICE adds G(E(x)) for its pixel loss).
 CALLS = {
-    "ali": (1, 1, 0), "alice": (1, 2, 0), "gali4": (3, 3, 0), "gali8": (3, 3, 0),
-    "gali-mix": (4, 3, 0), "gali-pt": (3, 3, 3), "ali-pt": (1, 1, 2), "alice-pt": (1, 2, 2),
-    "gali4-masked": (3, 3, 0), "ali-masked": (1, 1, 0), "alice-masked": (1, 2, 0),
+    "ali": (1, 1, 0),
+    "alice": (1, 2, 0),
+    "gali4": (3, 3, 0),
+    "gali8": (3, 3, 0),
+    "gali-mix": (4, 3, 0),
+    "gali-pt": (3, 3, 3),
+    "ali-pt": (1, 1, 2),
+    "alice-pt": (1, 2, 2),
+    "gali4-masked": (3, 3, 0),
+    "ali-masked": (1, 1, 0),
+    "alice-masked": (1, 2, 0),
 }
 
 

@@ -117,8 +117,9 @@ def section_names(config: Any) -> list[str]:
 def set_value(config: Any, key: str, value: Any, *, aliases: Mapping[str, str] = {}) -> None:
     """Set ``section.name`` of ``config`` to ``value``, type-checked; a deprecated alias warns and is renamed."""
     if key in aliases:
-        warnings.warn(f"config key '{key}' is deprecated and will be removed; use '{aliases[key]}'",
-                      FutureWarning, stacklevel=3)
+        warnings.warn(
+            f"config key '{key}' is deprecated and will be removed; use '{aliases[key]}'", FutureWarning, stacklevel=3
+        )
         key = aliases[key]
     sections = section_names(config)
     section_name, _, name = key.partition(".")
@@ -132,8 +133,15 @@ def set_value(config: Any, key: str, value: Any, *, aliases: Mapping[str, str] =
     setattr(section, name, _coerce(key, value, hints[name]))
 
 
-def fill_sections(config: Any, table: Mapping[str, Any], *, origin: str, overrides: Sequence[str] = (),
-                  skip: Sequence[str] = (), aliases: Mapping[str, str] = {}) -> None:
+def fill_sections(
+    config: Any,
+    table: Mapping[str, Any],
+    *,
+    origin: str,
+    overrides: Sequence[str] = (),
+    skip: Sequence[str] = (),
+    aliases: Mapping[str, str] = {},
+) -> None:
     """Set ``config``'s sections from ``{section: {key: value}}`` tables, then from ``key=value`` overrides.
 
     Top-level keys in ``skip`` (a preset's name, say) are the caller's; any other must be a table.

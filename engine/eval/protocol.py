@@ -81,7 +81,7 @@ METRICS: dict[str, str] = {
     "pixel-mse": "reconstruction pixel-MSE in [0, 1] space, z = mu_E(x), mean ± std over batches",
     "feature-mse": "reconstruction feature-MSE with the network given by --feature-model",
     "recon-identity": "accuracy of a linear classifier of real training images on the reconstructions, "
-                      "beside its accuracy on the real images and the nearest-own-input fraction",
+    "beside its accuracy on the real images and the nearest-own-input fraction",
     "probe": "linear-SVM test error (%) on the encoder's last hidden layers and output",
     "fid": "FID of samples G(z) against the evaluation split (needs --inception)",
     "kid": "KID of samples G(z) against the evaluation split (needs --inception)",
@@ -153,34 +153,54 @@ def parse_metrics(names: str | Sequence[str]) -> tuple[str, ...]:
     parsed = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
     unknown = [n for n in parsed if n not in METRICS]
     if unknown or not parsed:
-        raise GaliError(f"unknown metric {', '.join(map(repr, unknown)) or '(none given)'} in --metrics; "
-                        f"accepted (comma-separated): {', '.join(METRICS)}")
+        raise GaliError(
+            f"unknown metric {', '.join(map(repr, unknown)) or '(none given)'} in --metrics; "
+            f"accepted (comma-separated): {', '.join(METRICS)}"
+        )
     return parsed
 
 
 def _check_options(metrics: tuple[str, ...], options: EvalOptions) -> None:
     """Reject contradictory or missing options before any work, naming the option."""
-    for name in ("batch_size", "identity_images", "probe_labelled", "probe_draws", "probe_pool", "inception_input_size",
-                 "fid_samples", "fid_reference_images", "kid_subsets", "kid_subset_size"):
+    for name in (
+        "batch_size",
+        "identity_images",
+        "probe_labelled",
+        "probe_draws",
+        "probe_pool",
+        "inception_input_size",
+        "fid_samples",
+        "fid_reference_images",
+        "kid_subsets",
+        "kid_subset_size",
+    ):
         value = getattr(options, name)
         if value < 1:
             raise GaliError(f"--{name.replace('_', '-')} must be >= 1; got {value}")
     if options.split not in ("train", "test"):
         raise GaliError(f"--split must be 'train' or 'test'; got {options.split!r}")
     if "feature-mse" in metrics and not options.feature_model:
-        raise GaliError("metric 'feature-mse' needs --feature-model PATH (a TorchScript file, or a state dict "
-                        "with --feature-arch); nothing is downloaded")
+        raise GaliError(
+            "metric 'feature-mse' needs --feature-model PATH (a TorchScript file, or a state dict "
+            "with --feature-arch); nothing is downloaded"
+        )
     if {"fid", "kid"} & set(metrics) and not options.inception:
-        raise GaliError("metrics 'fid' and 'kid' need --inception PATH, a local TorchScript Inception "
-                        "(clean-fid/StyleGAN3 inception-2015-12-05.pt); nothing is downloaded")
+        raise GaliError(
+            "metrics 'fid' and 'kid' need --inception PATH, a local TorchScript Inception "
+            "(clean-fid/StyleGAN3 inception-2015-12-05.pt); nothing is downloaded"
+        )
     if "probe" in metrics and options.split == "train":
-        raise GaliError("metric 'probe' fits its SVMs on the training split and tests on --split; "
-                        "use --split test (a held-out split) for it")
+        raise GaliError(
+            "metric 'probe' fits its SVMs on the training split and tests on --split; "
+            "use --split test (a held-out split) for it"
+        )
     if options.bn_recalibrate < 0:
         raise GaliError(f"--bn-recalibrate must be >= 0 (batches of the training split); got {options.bn_recalibrate}")
     if "recon-identity" in metrics and options.split == "train":
-        raise GaliError("metric 'recon-identity' fits its classifier on the training split and tests on --split; "
-                        "use --split test (a held-out split) for it")
+        raise GaliError(
+            "metric 'recon-identity' fits its classifier on the training split and tests on --split; "
+            "use --split test (a held-out split) for it"
+        )
     if options.feature_resize not in ("nearest", "bilinear"):
         raise GaliError(f"--feature-resize must be 'nearest' or 'bilinear'; got {options.feature_resize!r}")
 
@@ -203,8 +223,17 @@ class SplitBatches:
     number of images an iteration yields. ``masks`` asks the pipeline for each image's masks.
     """
 
-    def __init__(self, data: DataConfig, split: str, *, batch_size: int, device: torch.device, seed: int,
-                 limit: int | None = None, masks: MaskArgs | None = None) -> None:
+    def __init__(
+        self,
+        data: DataConfig,
+        split: str,
+        *,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        limit: int | None = None,
+        masks: MaskArgs | None = None,
+    ) -> None:
         pipeline = make_pipeline(data, split=split, batch_size=1, device=device, seed=seed, masks=masks)
         n = pipeline.num_images
         loader_batch = max(d for d in range(1, min(n, LOADER_BATCH_MAX) + 1) if n % d == 0)
@@ -233,15 +262,20 @@ class SplitBatches:
 
 def _join(batches: list[Batch]) -> Batch:
     """The batches end to end (labels and masks where the batches have them)."""
+
     def cat(name: str) -> Tensor | None:
         parts = [getattr(b, name) for b in batches]
         return None if parts[0] is None else torch.cat(parts)
+
     return Batch(x=cat("x"), labels=cat("labels"), masks=cat("masks"))
 
 
 def _cut(batch: Batch, rows: slice) -> Batch:
-    return Batch(x=batch.x[rows], labels=None if batch.labels is None else batch.labels[rows],
-                 masks=None if batch.masks is None else batch.masks[rows])
+    return Batch(
+        x=batch.x[rows],
+        labels=None if batch.labels is None else batch.labels[rows],
+        masks=None if batch.masks is None else batch.masks[rows],
+    )
 
 
 def _dataset_identity(data: DataConfig) -> dict[str, Any]:
@@ -265,7 +299,8 @@ class _SplitMeasures:
     """What one pass over the evaluation split measured: per-batch values, probe features, Inception features."""
 
     per_batch: dict[str, list[float]] = field(
-        default_factory=lambda: {k: [] for k in ("pixel", "feature", "inpaint", "inpaint_feature")})
+        default_factory=lambda: {k: [] for k in ("pixel", "feature", "inpaint", "inpaint_feature")}
+    )
     identity: dict[str, list[np.ndarray]] = field(default_factory=lambda: {"real": [], "recon": [], "labels": []})
     probe_x: list[np.ndarray] = field(default_factory=list)
     probe_y: list[np.ndarray] = field(default_factory=list)
@@ -278,8 +313,9 @@ class _SplitMeasures:
 class _Evaluation:
     """One run of :func:`evaluate`: the loaded networks, the data config and the options."""
 
-    def __init__(self, checkpoint: Path, metrics: tuple[str, ...], options: EvalOptions,
-                 log: Callable[[str], None]) -> None:
+    def __init__(
+        self, checkpoint: Path, metrics: tuple[str, ...], options: EvalOptions, log: Callable[[str], None]
+    ) -> None:
         self.metrics = metrics
         self.options = options
         self.log = log
@@ -288,8 +324,10 @@ class _Evaluation:
         if options.feature_model:
             path = Path(options.feature_model).expanduser()
             if not path.is_file():
-                raise GaliError(f"--feature-model {path} does not exist; give a TorchScript file or a state dict "
-                                "(with --feature-arch); nothing is downloaded")
+                raise GaliError(
+                    f"--feature-model {path} does not exist; give a TorchScript file or a state dict "
+                    "(with --feature-arch); nothing is downloaded"
+                )
             self.feature_model = load_feature_model(path, options.feature_arch)
         self.inception = None
         if options.inception:
@@ -316,8 +354,9 @@ class _Evaluation:
 
     def _batches(self, split: str, limit: int | None = None, masks: MaskArgs | None = None) -> SplitBatches:
         o = self.options
-        return SplitBatches(self.data, split, batch_size=o.batch_size, device=self.device, seed=o.seed, limit=limit,
-                            masks=masks)
+        return SplitBatches(
+            self.data, split, batch_size=o.batch_size, device=self.device, seed=o.seed, limit=limit, masks=masks
+        )
 
     def _pipeline_masks(self) -> MaskArgs | None:
         """The evaluation boxes drawn per sample by the pipeline, for runs trained with pipeline masks."""
@@ -328,8 +367,14 @@ class _Evaluation:
 
     def _feature_mse(self, x: Tensor, y: Tensor) -> float:
         o = self.options
-        return feature_mse(self.feature_model, x, y, input_size=o.feature_input_size, resize=o.feature_resize,
-                             name=f"the feature network {o.feature_model}")
+        return feature_mse(
+            self.feature_model,
+            x,
+            y,
+            input_size=o.feature_input_size,
+            resize=o.feature_resize,
+            name=f"the feature network {o.feature_model}",
+        )
 
     @torch.no_grad()
     def _identity_features(self, x: Tensor) -> np.ndarray:
@@ -337,16 +382,30 @@ class _Evaluation:
         if self.feature_model is None:
             return pixel_features(x)
         o = self.options
-        return network_features(self.feature_model, x, input_size=o.feature_input_size, resize=o.feature_resize,
-                                name=f"the feature network {o.feature_model}").cpu().numpy()
+        return (
+            network_features(
+                self.feature_model,
+                x,
+                input_size=o.feature_input_size,
+                resize=o.feature_resize,
+                name=f"the feature network {o.feature_model}",
+            )
+            .cpu()
+            .numpy()
+        )
 
     def _identity_classifier(self) -> IdentityClassifier:
         limit = self.options.identity_images
-        classifier = fit_identity_classifier(((b.x, b.labels) for b in self._batches("train", limit=limit)),
-                                             lambda x: self._identity_features(resize_to(x, self.G.resolution)), limit)
+        classifier = fit_identity_classifier(
+            ((b.x, b.labels) for b in self._batches("train", limit=limit)),
+            lambda x: self._identity_features(resize_to(x, self.G.resolution)),
+            limit,
+        )
         if classifier is None:
-            raise DataError(f"metric 'recon-identity' needs labelled images; the train split of data source "
-                            f"{self.data.source!r} has no labels")
+            raise DataError(
+                f"metric 'recon-identity' needs labelled images; the train split of data source "
+                f"{self.data.source!r} has no labels"
+            )
         return classifier
 
     @torch.no_grad()
@@ -362,19 +421,33 @@ class _Evaluation:
             reference = self._store_reference(torch.cat(split.reference_features))
 
         results: dict[str, dict[str, Any]] = {}
-        common = {"split": o.split, "images": split.images, "batch_size": o.batch_size, "seed": o.seed,
-                  "bn_recalibrated_images": self.recalibrated, "weights": self.weights}
+        common = {
+            "split": o.split,
+            "images": split.images,
+            "batch_size": o.batch_size,
+            "seed": o.seed,
+            "bn_recalibrated_images": self.recalibrated,
+            "weights": self.weights,
+        }
         if "pixel-mse" in wanted:
-            results["pixel-mse"] = {**summarize(split.per_batch["pixel"]).to_dict(), **common,
-                                    "space": "[0, 1]", "z": "mu"}
+            results["pixel-mse"] = {
+                **summarize(split.per_batch["pixel"]).to_dict(),
+                **common,
+                "space": "[0, 1]",
+                "z": "mu",
+            }
         if "feature-mse" in wanted:
-            results["feature-mse"] = {**summarize(split.per_batch["feature"]).to_dict(), **common,
-                                      **self._feature_settings()}
+            results["feature-mse"] = {
+                **summarize(split.per_batch["feature"]).to_dict(),
+                **common,
+                **self._feature_settings(),
+            }
         if "recon-identity" in wanted:
             assert self.classifier is not None
             identity = split.identity
-            result = self.classifier.score(np.concatenate(identity["real"]), np.concatenate(identity["recon"]),
-                                           np.concatenate(identity["labels"]))
+            result = self.classifier.score(
+                np.concatenate(identity["real"]), np.concatenate(identity["recon"]), np.concatenate(identity["labels"])
+            )
             features = "pixels" if self.feature_model is None else self._feature_settings()
             results["recon-identity"] = {**result.to_dict(), **common, "features": features}
         if "inpaint" in wanted:
@@ -395,8 +468,9 @@ class _Evaluation:
         pipeline_masks = self._pipeline_masks() if "inpaint" in wanted else None
         batches = self._batches(o.split, limit=None if per_image else o.fid_reference_images, masks=pipeline_masks)
         if "inpaint" in wanted and pipeline_masks is None:
-            measured.boxes = evaluation_box_params(batches.num_images, self.data.resolution, seed=o.seed,
-                                                   device=self.device)
+            measured.boxes = evaluation_box_params(
+                batches.num_images, self.data.resolution, seed=o.seed, device=self.device
+            )
         for batch in batches:
             x, per_batch = batch.x, measured.per_batch
             if wanted & {"pixel-mse", "feature-mse", "recon-identity"}:
@@ -408,8 +482,10 @@ class _Evaluation:
                     per_batch["feature"].append(self._feature_mse(x_g, x_hat))
                 if "recon-identity" in wanted:
                     if batch.labels is None:
-                        raise DataError(f"metric 'recon-identity' needs labelled images; the {o.split} split of "
-                                        f"data source {self.data.source!r} has no labels")
+                        raise DataError(
+                            f"metric 'recon-identity' needs labelled images; the {o.split} split of "
+                            f"data source {self.data.source!r} has no labels"
+                        )
                     measured.identity["real"].append(self._identity_features(x_g))
                     measured.identity["recon"].append(self._identity_features(x_hat))
                     measured.identity["labels"].append(batch.labels.cpu().numpy())
@@ -417,17 +493,20 @@ class _Evaluation:
                 if batch.masks is not None:  # the pipeline's, one per sample: the same for any batch size or order
                     params, kind = batch.masks[:, 0], "dense"
                 else:
-                    params, kind = measured.boxes[measured.images:measured.images + x.shape[0]], "box"
-                masked, _, composite = inpaint(self.G, self.E, x, params, kind=kind, fill=self.cfg.method.mask_fill,
-                                               labels=batch.labels)
+                    params, kind = measured.boxes[measured.images : measured.images + x.shape[0]], "box"
+                masked, _, composite = inpaint(
+                    self.G, self.E, x, params, kind=kind, fill=self.cfg.method.mask_fill, labels=batch.labels
+                )
                 per_batch["inpaint"].append(masked_pixel_mse(x, composite, masked.mask))
                 measured.coverage.append(masked.mask.mean((1, 2, 3)).cpu())
                 if self.feature_model is not None:
                     per_batch["inpaint_feature"].append(self._feature_mse(x, composite))
             if "probe" in wanted:
                 if batch.labels is None:
-                    raise DataError(f"metric 'probe' needs labelled images; the {o.split} split of data source "
-                                    f"{self.data.source!r} has no labels")
+                    raise DataError(
+                        f"metric 'probe' needs labelled images; the {o.split} split of data source "
+                        f"{self.data.source!r} has no labels"
+                    )
                 measured.probe_x.append(self._probe_features(x))
                 measured.probe_y.append(batch.labels.cpu().numpy())
             if need_reference and measured.images < o.fid_reference_images:
@@ -439,12 +518,17 @@ class _Evaluation:
     def _inpaint_result(self, split: _SplitMeasures) -> dict[str, Any]:
         with_features = self.feature_model is not None
         coverage = torch.cat(split.coverage)
-        mask = {"kind": "box", "sides": f"{EVAL_MASK_MIN}..{EVAL_MASK_MAX} on {EVAL_MASK_RESOLUTION}^2, "
-                                        f"scaled to {self.data.resolution}^2, fully inside the image",
-                "source": "drawn by position in the split" if split.boxes is not None else
-                          "drawn per sample by the pipeline (gali.pipelines.masks, kind eval_box)",
-                "coverage": [round(float(coverage.min()), 4), round(float(coverage.max()), 4)],
-                "seed": self.options.seed, "fill": self.cfg.method.mask_fill}
+        mask = {
+            "kind": "box",
+            "sides": f"{EVAL_MASK_MIN}..{EVAL_MASK_MAX} on {EVAL_MASK_RESOLUTION}^2, "
+            f"scaled to {self.data.resolution}^2, fully inside the image",
+            "source": "drawn by position in the split"
+            if split.boxes is not None
+            else "drawn per sample by the pipeline (gali.pipelines.masks, kind eval_box)",
+            "coverage": [round(float(coverage.min()), 4), round(float(coverage.max()), 4)],
+            "seed": self.options.seed,
+            "fill": self.cfg.method.mask_fill,
+        }
         if split.boxes is not None:
             sides = split.boxes[:, 2:].cpu()
             mask["drawn_sides"] = [int(sides.min()), int(sides.max())]
@@ -457,8 +541,12 @@ class _Evaluation:
 
     def _feature_settings(self) -> dict[str, Any]:
         o = self.options
-        return {"feature_model": str(o.feature_model), "feature_arch": o.feature_arch,
-                "feature_input_size": o.feature_input_size or self.data.resolution, "feature_resize": o.feature_resize}
+        return {
+            "feature_model": str(o.feature_model),
+            "feature_arch": o.feature_arch,
+            "feature_input_size": o.feature_input_size or self.data.resolution,
+            "feature_resize": o.feature_resize,
+        }
 
     def _probe(self, test_x: np.ndarray, test_y: np.ndarray) -> dict[str, Any]:
         o = self.options
@@ -466,27 +554,48 @@ class _Evaluation:
         train_y: list[np.ndarray] = []
         for batch in self.probe_train:
             if batch.labels is None:
-                raise DataError(f"metric 'probe' needs labelled images; the train split of data source "
-                                f"{self.data.source!r} has no labels")
+                raise DataError(
+                    f"metric 'probe' needs labelled images; the train split of data source "
+                    f"{self.data.source!r} has no labels"
+                )
             train_x.append(self._probe_features(batch.x))
             train_y.append(batch.labels.cpu().numpy())
-        self.log(f"probe: {o.probe_draws} draws of {o.probe_labelled} labelled images, features of width "
-                 f"{test_x.shape[1]}")
-        result = linear_probe(np.concatenate(train_x), np.concatenate(train_y), test_x, test_y,
-                                labelled=o.probe_labelled, validation=o.probe_validation, draws=o.probe_draws,
-                                seed=o.seed)
-        return {**result.to_dict(), "split": o.split, "train_images_read": sum(len(y) for y in train_y),
-                "weights": self.weights, "bn_recalibrated_images": self.recalibrated,
-                "features": "E.features(x): [out (mu, log sigma), last three hidden layers], concatenated"}
+        self.log(
+            f"probe: {o.probe_draws} draws of {o.probe_labelled} labelled images, features of width {test_x.shape[1]}"
+        )
+        result = linear_probe(
+            np.concatenate(train_x),
+            np.concatenate(train_y),
+            test_x,
+            test_y,
+            labelled=o.probe_labelled,
+            validation=o.probe_validation,
+            draws=o.probe_draws,
+            seed=o.seed,
+        )
+        return {
+            **result.to_dict(),
+            "split": o.split,
+            "train_images_read": sum(len(y) for y in train_y),
+            "weights": self.weights,
+            "bn_recalibrated_images": self.recalibrated,
+            "features": "E.features(x): [out (mu, log sigma), last three hidden layers], concatenated",
+        }
 
     # -- FID / KID -----------------------------------------------------------------------------
 
     def _reference_key(self) -> dict[str, Any]:
         o = self.options
         assert self.inception is not None
-        return {"data": _dataset_identity(self.data), "split": o.split, "images": o.fid_reference_images,
-                "seed": o.seed, "network_sha256": self.inception_sha256,
-                "input_size": self.inception.input_size, "format": 1}
+        return {
+            "data": _dataset_identity(self.data),
+            "split": o.split,
+            "images": o.fid_reference_images,
+            "seed": o.seed,
+            "network_sha256": self.inception_sha256,
+            "input_size": self.inception.input_size,
+            "format": 1,
+        }
 
     def _reference_path(self, key: dict[str, Any]) -> Path:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -537,18 +646,29 @@ class _Evaluation:
         fake = self._generated_features()
         settings = {
             "implementation": fid_implementation(),
-            "network": str(self.inception.path), "network_sha256": self.inception_sha256,
-            "network_input": self.inception.describe(), "num_features": self.inception.num_features,
-            "generated": len(fake), "reference": {"split": o.split, "images": len(real), "seed": o.seed,
-                                                  "cache": str(cache), "cache_reused": reused},
-            "z_seed": o.seed, "weights": self.weights, "bn_recalibrated_images": self.recalibrated,
+            "network": str(self.inception.path),
+            "network_sha256": self.inception_sha256,
+            "network_input": self.inception.describe(),
+            "num_features": self.inception.num_features,
+            "generated": len(fake),
+            "reference": {
+                "split": o.split,
+                "images": len(real),
+                "seed": o.seed,
+                "cache": str(cache),
+                "cache_reused": reused,
+            },
+            "z_seed": o.seed,
+            "weights": self.weights,
+            "bn_recalibrated_images": self.recalibrated,
         }
         results: dict[str, dict[str, Any]] = {}
         if "fid" in self.metrics:
             results["fid"] = {"value": frechet_distance(real, fake), **settings}
         if "kid" in self.metrics:
-            mean, std, size = kernel_inception_distance(real, fake, subsets=o.kid_subsets,
-                                                          subset_size=o.kid_subset_size, seed=o.seed)
+            mean, std, size = kernel_inception_distance(
+                real, fake, subsets=o.kid_subsets, subset_size=o.kid_subset_size, seed=o.seed
+            )
             results["kid"] = {"mean": mean, "std": std, "subsets": o.kid_subsets, "subset_size": size, **settings}
         return results
 
@@ -565,14 +685,21 @@ def _table_cells(name: str, r: dict[str, Any]) -> tuple[str, str]:
         mask = r["mask"]
         low, high = mask["coverage"]
         where = "per sample by the pipeline" if "drawn_sides" not in mask else "by position"
-        return cell, (f"masked pixels only; boxes drawn {where}, covering {100 * low:.0f}-{100 * high:.0f} % of an "
-                      f"image, seed {mask['seed']}, {r['images']} {r['split']} images{extra}")
+        return cell, (
+            f"masked pixels only; boxes drawn {where}, covering {100 * low:.0f}-{100 * high:.0f} % of an "
+            f"image, seed {mask['seed']}, {r['images']} {r['split']} images{extra}"
+        )
     if name == "recon-identity":
-        return (f"{r['accuracy']:.3f}", f"real images {r['ceiling']:.3f}, chance {r['chance']:.3f}; nearest own "
-                                        f"input {r['nearest']:.3f}; {r['images']} {r['split']} images")
+        return (
+            f"{r['accuracy']:.3f}",
+            f"real images {r['ceiling']:.3f}, chance {r['chance']:.3f}; nearest own "
+            f"input {r['nearest']:.3f}; {r['images']} {r['split']} images",
+        )
     if name == "probe":
-        return (f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} %",
-                f"{r['n']} draws of {r['labelled']} labelled, {r['validation']} validation, {r['test']} test images")
+        return (
+            f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} %",
+            f"{r['n']} draws of {r['labelled']} labelled, {r['validation']} validation, {r['test']} test images",
+        )
     ref = r["reference"]
     details = f"{r['generated']} generated vs {ref['images']} {ref['split']} images; {r['implementation']}"
     if name == "fid":
@@ -599,8 +726,13 @@ def _write_json(path: Path, checkpoint: Path, config: dict[str, Any], results: d
     write_text_atomic(path, json.dumps(document, indent=2) + "\n")
 
 
-def evaluate(checkpoint: str | Path, metrics: str | Sequence[str] = ("pixel-mse",),
-             options: EvalOptions | None = None, *, log: Callable[[str], None] = print) -> EvalReport:
+def evaluate(
+    checkpoint: str | Path,
+    metrics: str | Sequence[str] = ("pixel-mse",),
+    options: EvalOptions | None = None,
+    *,
+    log: Callable[[str], None] = print,
+) -> EvalReport:
     """Run ``metrics`` on ``checkpoint``; print nothing but ``log`` lines, return the results and table.
 
     The JSON is written next to the checkpoint as ``<checkpoint stem>.eval.json``. Raises

@@ -48,10 +48,12 @@ PAPER: dict[str, dict[str, str]] = {
     "gali-mix": {"pixel_mse": "—", "probe": "—", "fid": "—"},
 }
 NOT_IN_PAPER = {"pixel_mse": "—", "probe": "—", "fid": "—"}
-PAPER_NOTE = ("Paper columns (docs/method.md §4.2): pixel-MSE on SVHN 32×32 test (Table 1), linear-SVM error on SVHN "
-              "with 1,000 labels (Table 2), FID on CelebA 64×64 (Table 3), each after the authors' full training "
-              "(100-300 epochs). GALI-mix was evaluated only on CelebA inpainting (pixel-MSE 0.031 ± 0.0050, "
-              "Table 5). They are for reference: other data, other budgets.")
+PAPER_NOTE = (
+    "Paper columns (docs/method.md §4.2): pixel-MSE on SVHN 32×32 test (Table 1), linear-SVM error on SVHN "
+    "with 1,000 labels (Table 2), FID on CelebA 64×64 (Table 3), each after the authors' full training "
+    "(100-300 epochs). GALI-mix was evaluated only on CelebA inpainting (pixel-MSE 0.031 ± 0.0050, "
+    "Table 5). They are for reference: other data, other budgets."
+)
 
 
 @dataclass
@@ -127,13 +129,17 @@ class ReproduceReport:
 def _check(options: ReproduceOptions) -> None:
     unknown = [m for m in options.methods if split_method(m) is None]
     if unknown or not options.methods:
-        raise GaliError(f"unknown method {', '.join(map(repr, unknown)) or '(none given)'} in --methods; "
-                        f"accepted (comma-separated): a tuple spec ({', '.join(spec_names())}), optionally "
-                        f"+objective ({', '.join(OBJECTIVES)}), e.g. gali4+minimax")
+        raise GaliError(
+            f"unknown method {', '.join(map(repr, unknown)) or '(none given)'} in --methods; "
+            f"accepted (comma-separated): a tuple spec ({', '.join(spec_names())}), optionally "
+            f"+objective ({', '.join(OBJECTIVES)}), e.g. gali4+minimax"
+        )
     reserved = [o for o in options.overrides if o.partition("=")[0].strip() in RESERVED_KEYS]
     if reserved:
-        raise GaliError(f"{', '.join(reserved)}: set by gali reproduce itself (--methods, --kimg, --seed, --out-dir); "
-                        "drop the override or use the option")
+        raise GaliError(
+            f"{', '.join(reserved)}: set by gali reproduce itself (--methods, --kimg, --seed, --out-dir); "
+            "drop the override or use the option"
+        )
     if options.kimg <= 0:
         raise GaliError(f"--kimg must be > 0; got {options.kimg}")
     if options.seeds < 1:
@@ -150,7 +156,8 @@ def split_method(method: str) -> tuple[str, str] | None:
 def reproduce_table(rows: Sequence[MethodRow], *, header: str) -> str:
     """A Markdown table of ``rows`` with the paper's numbers beside them, under ``header``."""
     lines = [
-        header, "",
+        header,
+        "",
         "| method | K | train img/s | identity | pixel-MSE | probe error (%) | FID | paper pixel-MSE (SVHN) "
         "| paper probe error (%) (SVHN) | paper FID (CelebA) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -170,28 +177,41 @@ def _header(options: ReproduceOptions, data: DataConfig, rows: Sequence[MethodRo
     first = rows[0].runs[0].results
     pixel, probe, identity = first.get("pixel-mse"), first.get("probe"), first.get("recon-identity")
     where = "scikit-learn digits" if data.source == "digits" else f"{data.source} {data.root}"
-    seeds = (f"seed {options.seed}" if options.seeds == 1 else
-             f"seeds {options.seed}..{options.seed + options.seeds - 1}; every ± is the std over the {options.seeds} "
-             "seeds of each seed's figure")
-    parts = [f"{options.kimg:g} kimg per method from preset '{options.preset}' on {where} "
-             f"({data.resolution}×{data.resolution}), {seeds}."]
+    seeds = (
+        f"seed {options.seed}"
+        if options.seeds == 1
+        else f"seeds {options.seed}..{options.seed + options.seeds - 1}; every ± is the std over the {options.seeds} "
+        "seeds of each seed's figure"
+    )
+    parts = [
+        f"{options.kimg:g} kimg per method from preset '{options.preset}' on {where} "
+        f"({data.resolution}×{data.resolution}), {seeds}."
+    ]
     if identity:
         split = identity["split"]
-        parts.append(f"Identity: accuracy of a linear classifier of the real training images on the reconstructions "
-                     f"G(μ_E(x)) of the {identity['images']} {split} images (on the real {split} images: "
-                     f"{identity['ceiling']:.3f}; chance {identity['chance']:.3f}).")
+        parts.append(
+            f"Identity: accuracy of a linear classifier of the real training images on the reconstructions "
+            f"G(μ_E(x)) of the {identity['images']} {split} images (on the real {split} images: "
+            f"{identity['ceiling']:.3f}; chance {identity['chance']:.3f})."
+        )
     if pixel:
         spread = f"mean ± std over {pixel['n']} batches of up to" if options.seeds == 1 else "mean over batches of"
-        parts.append(f"pixel-MSE: {spread} {pixel['batch_size']} of the "
-                     f"{pixel['images']} {pixel['split']} images, [0, 1] space, z = μ_E(x).")
+        parts.append(
+            f"pixel-MSE: {spread} {pixel['batch_size']} of the "
+            f"{pixel['images']} {pixel['split']} images, [0, 1] space, z = μ_E(x)."
+        )
     if probe:
-        parts.append(f"Probe: linear SVM on E's features, {probe['n']} draws of {probe['labelled']} labelled "
-                     f"training images, C chosen on {probe['validation']} validation images, "
-                     f"error on {probe['test']} {probe['split']} images.")
+        parts.append(
+            f"Probe: linear SVM on E's features, {probe['n']} draws of {probe['labelled']} labelled "
+            f"training images, C chosen on {probe['validation']} validation images, "
+            f"error on {probe['test']} {probe['split']} images."
+        )
     fid = first.get("fid")
     if fid:
-        parts.append(f"FID: {fid['generated']} samples vs {fid['reference']['images']} {fid['reference']['split']} "
-                     f"images, {fid['implementation']}, network {fid['network']}.")
+        parts.append(
+            f"FID: {fid['generated']} samples vs {fid['reference']['images']} {fid['reference']['split']} "
+            f"images, {fid['implementation']}, network {fid['network']}."
+        )
     return " ".join(parts)
 
 
@@ -211,11 +231,18 @@ def reproduce(options: ReproduceOptions | None = None, *, log: Callable[[str], N
         runs = []
         for seed in range(options.seed, options.seed + options.seeds):
             spec, objective = split_method(method)
-            cfg = load_config(options.preset, [
-                f"run.snapshot_kimg={options.kimg}", *options.overrides, f"method.tuples={spec}",
-                f"method.objective={objective}",
-                f"run.kimg={options.kimg}", f"run.seed={seed}", f"run.out_dir={out / method / f'seed{seed}'}",
-            ])
+            cfg = load_config(
+                options.preset,
+                [
+                    f"run.snapshot_kimg={options.kimg}",
+                    *options.overrides,
+                    f"method.tuples={spec}",
+                    f"method.objective={objective}",
+                    f"run.kimg={options.kimg}",
+                    f"run.seed={seed}",
+                    f"run.out_dir={out / method / f'seed{seed}'}",
+                ],
+            )
             runs.append(_train_and_evaluate(cfg, method, seed, metrics, replace(options.evaluation, seed=seed), log))
         rows.append(MethodRow(method=method, num_classes=load_spec(cfg.method.tuples).num_classes, runs=runs))
     table = reproduce_table(rows, header=_header(options, cfg.data, rows))
@@ -223,18 +250,31 @@ def reproduce(options: ReproduceOptions | None = None, *, log: Callable[[str], N
     markdown_path = out / "reproduce.md"
     write_text_atomic(markdown_path, table + "\n")
     json_path = out / "reproduce.json"
-    write_text_atomic(json_path, json.dumps({
-        "preset": options.preset, "kimg": options.kimg, "seed": options.seed, "seeds": options.seeds,
-        "overrides": list(options.overrides),
-        "rows": [{"method": row.method, "num_classes": row.num_classes, "runs": [run.to_dict() for run in row.runs]}
-                 for row in rows],
-        "paper": PAPER,
-    }, indent=2) + "\n")
+    write_text_atomic(
+        json_path,
+        json.dumps(
+            {
+                "preset": options.preset,
+                "kimg": options.kimg,
+                "seed": options.seed,
+                "seeds": options.seeds,
+                "overrides": list(options.overrides),
+                "rows": [
+                    {"method": row.method, "num_classes": row.num_classes, "runs": [run.to_dict() for run in row.runs]}
+                    for row in rows
+                ],
+                "paper": PAPER,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
     return ReproduceReport(rows=rows, table=table, markdown_path=markdown_path, json_path=json_path)
 
 
-def _train_and_evaluate(cfg: Config, method: str, seed: int, metrics: Sequence[str], evaluation: EvalOptions,
-                        log: Callable[[str], None]) -> SeedRun:
+def _train_and_evaluate(
+    cfg: Config, method: str, seed: int, metrics: Sequence[str], evaluation: EvalOptions, log: Callable[[str], None]
+) -> SeedRun:
     """Train one method from one seed, then evaluate its last checkpoint."""
     log(f"== {method}, seed {seed}: training {cfg.run.kimg:g} kimg")
     start = time.perf_counter()
@@ -244,5 +284,12 @@ def _train_and_evaluate(cfg: Config, method: str, seed: int, metrics: Sequence[s
     log(f"== {method}, seed {seed}: evaluating {checkpoint}")
     start = time.perf_counter()
     report = evaluate(checkpoint, metrics, evaluation, log=log)
-    return SeedRun(seed=seed, run_dir=result.run_dir, checkpoint=checkpoint, images_per_second=result.images_per_second,
-                   train_seconds=train_seconds, eval_seconds=time.perf_counter() - start, results=report.results)
+    return SeedRun(
+        seed=seed,
+        run_dir=result.run_dir,
+        checkpoint=checkpoint,
+        images_per_second=result.images_per_second,
+        train_seconds=train_seconds,
+        eval_seconds=time.perf_counter() - start,
+        results=report.results,
+    )

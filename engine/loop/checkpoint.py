@@ -89,9 +89,14 @@ class Checkpoint:
         if self.step is not None:
             state |= self.step.state_dict()
             rng = self.world.gather(_rng_state(self.device))
-            state |= {"kimg": self.progress.images_seen / 1000, "images_seen": self.progress.images_seen,
-                      "iteration": self.progress.iteration, "epoch": self.progress.epoch,
-                      "rng": rng[0], "world_size": self.world.size}
+            state |= {
+                "kimg": self.progress.images_seen / 1000,
+                "images_seen": self.progress.images_seen,
+                "iteration": self.progress.iteration,
+                "epoch": self.progress.epoch,
+                "rng": rng[0],
+                "world_size": self.world.size,
+            }
             if self.world.size > 1:
                 state["rng_ranks"] = rng
         return state
@@ -106,8 +111,9 @@ class Checkpoint:
             self.step.load_state_dict(state)
             self.progress = Progress(state["images_seen"], state["iteration"], state["epoch"])
             if state.get("world_size", 1) == self.world.size:
-                _set_rng_state(state["rng_ranks"][self.world.rank] if self.world.size > 1 else state["rng"],
-                               self.device)
+                _set_rng_state(
+                    state["rng_ranks"][self.world.rank] if self.world.size > 1 else state["rng"], self.device
+                )
             else:  # another world size: fresh streams from (seed, rank, step), the same on every resume
                 torch.manual_seed(derived_seed(self.config.run.seed, self.world.rank, self.progress.iteration))
 
@@ -128,10 +134,11 @@ class Checkpoint:
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
-            raise GaliError(f"no space left on the device of {path.parent} while writing {path.name}: the partial "
-                            "file was removed and the earlier checkpoints are intact; free space there (or lower "
-                            f"run.keep_checkpoints), then gali train --resume {path.parent}") from exc
-
+            raise GaliError(
+                f"no space left on the device of {path.parent} while writing {path.name}: the partial "
+                "file was removed and the earlier checkpoints are intact; free space there (or lower "
+                f"run.keep_checkpoints), then gali train --resume {path.parent}"
+            ) from exc
 
     def _shared_tensors(self) -> Iterator[tuple[str, Tensor]]:
         """Every tensor the ranks must agree on, by name: the networks' and the optimizers' state."""
@@ -240,8 +247,9 @@ def load_networks(path: str | Path, device: torch.device, *, ema: bool = True) -
     """
     cfg, state = load_checkpoint(path, map_location=device)
     spec = load_spec(cfg.method.tuples)
-    nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=device,
-                          extra_dim=state["extra_dim"])
+    nets = build_networks(
+        cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=device, extra_dim=state["extra_dim"]
+    )
     Checkpoint(cfg, nets).load_state_dict(state)
     weights = "ema" if ema and all(f"{name}_ema" in state for name in AVERAGED) else "live"
     if weights == "ema":

@@ -122,16 +122,25 @@ class Config:
         for name in section_names(self):
             getattr(self, name).validate()
         if self.compute.activation_checkpointing and self.model.arch in PAPER_ARCHS:
-            raise ConfigError("compute.activation_checkpointing", f"the paper's networks ({self.model.arch}) have no "
-                              "residual blocks to recompute; use model.arch=biggan128 or biggan256, or turn it off")
+            raise ConfigError(
+                "compute.activation_checkpointing",
+                f"the paper's networks ({self.model.arch}) have no "
+                "residual blocks to recompute; use model.arch=biggan128 or biggan256, or turn it off",
+            )
         if self.method.objective == "misclassification" and self.compute.kernel_impl == "triton":
-            raise ConfigError("compute.kernel_impl", "the fused K-way head has no form of method.objective="
-                              "'misclassification' (it is not a sum of cross-entropies); set compute.kernel_impl=ref "
-                              "(the deprecated method.kernel_impl=ref too) or auto")
+            raise ConfigError(
+                "compute.kernel_impl",
+                "the fused K-way head has no form of method.objective="
+                "'misclassification' (it is not a sum of cross-entropies); set compute.kernel_impl=ref "
+                "(the deprecated method.kernel_impl=ref too) or auto",
+            )
         expected = self.model.data_resolution
         if self.data.resolution != expected:
-            encoder = (f" and model.encoder_resolution={self.model.encoder_resolution}"
-                       if self.model.encoder_resolution else "")
+            encoder = (
+                f" and model.encoder_resolution={self.model.encoder_resolution}"
+                if self.model.encoder_resolution
+                else ""
+            )
             raise ConfigError(
                 "data.resolution",
                 f"got {self.data.resolution}, but model.arch={self.model.arch!r}{encoder} takes {expected}x{expected} "
@@ -139,21 +148,30 @@ class Config:
             )
         masks = load_spec(self.method.tuples).mask_indices
         if self.model.data_resolution != self.model.resolution and masks:
-            raise ConfigError("model.encoder_resolution", f"tuple spec {self.method.tuples!r} masks and mixes images, "
-                              "which needs one resolution for E, G and D; set model.encoder_resolution=0")
+            raise ConfigError(
+                "model.encoder_resolution",
+                f"tuple spec {self.method.tuples!r} masks and mixes images, "
+                "which needs one resolution for E, G and D; set model.encoder_resolution=0",
+            )
         if self.method.mask_source == "pipeline":
             self._check_pipeline_masks(len(masks))
 
     def _check_pipeline_masks(self, num_masks: int) -> None:
         """``method.mask_source=pipeline`` needs a spec with masks and a pipeline that knows each sample's index."""
         if not num_masks:
-            raise ConfigError("method.mask_source", f"tuple spec {self.method.tuples!r} has no mask<n>/mix<n> slot; "
-                                                    "set method.mask_source=step (or a spec with masks, e.g. gali-mix)")
+            raise ConfigError(
+                "method.mask_source",
+                f"tuple spec {self.method.tuples!r} has no mask<n>/mix<n> slot; "
+                "set method.mask_source=step (or a spec with masks, e.g. gali-mix)",
+            )
         if self.data.backend == "synthetic" or self.data.source == "webdataset":
             what = "data.backend" if self.data.backend == "synthetic" else "data.source"
-            raise ConfigError(what, f"{getattr(self.data, what.split('.')[1])!r} has no per-sample index to seed "
-                                    "pipeline masks from; use image folders, a file list or the digits, or set "
-                                    "method.mask_source=step")
+            raise ConfigError(
+                what,
+                f"{getattr(self.data, what.split('.')[1])!r} has no per-sample index to seed "
+                "pipeline masks from; use image folders, a file list or the digits, or set "
+                "method.mask_source=step",
+            )
         self.method.pipeline_masks(num_masks, self.data.resolution, self.run.seed)  # its ranges fit the images
 
     def to_dict(self) -> dict[str, Any]:

@@ -110,9 +110,12 @@ def init_world(device_name: str) -> tuple[World, torch.device]:
     device = resolve_device(device_name)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise ConfigError("run.device", f"rank {rank} has LOCAL_RANK {local_rank}, but this node has "
-                              f"{torch.cuda.device_count()} GPU(s); start at most that many ranks per node "
-                              "(torchrun --nproc-per-node), or set run.device=cpu")
+            raise ConfigError(
+                "run.device",
+                f"rank {rank} has LOCAL_RANK {local_rank}, but this node has "
+                f"{torch.cuda.device_count()} GPU(s); start at most that many ranks per node "
+                "(torchrun --nproc-per-node), or set run.device=cpu",
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -126,8 +129,11 @@ def local_batch_size(batch_size: int, world: World) -> int:
     if batch_size % world.size:
         lower = batch_size - batch_size % world.size
         sizes = ", ".join(str(b) for b in (lower, lower + world.size) if b > 0)
-        raise ConfigError("run.batch_size", f"got {batch_size}, which {world.size} ranks cannot share evenly; "
-                          f"the global batch must be a multiple of the world size, e.g. {sizes}")
+        raise ConfigError(
+            "run.batch_size",
+            f"got {batch_size}, which {world.size} ranks cannot share evenly; "
+            f"the global batch must be a multiple of the world size, e.g. {sizes}",
+        )
     return batch_size // world.size
 
 
@@ -165,6 +171,8 @@ def check_same_state(world: World, named: Iterable[tuple[str, Tensor]]) -> None:
         dist.broadcast(reference, src=0)
         if not world.any(not torch.equal(reference, tensor)):
             continue  # equal sums from different summation orders would not differ here; the tensors agree
-        raise GaliError(f"ranks diverged: {name} differs between rank 0 and another rank (checked before a "
-                        "checkpoint); the ranks no longer train one model. Check that every rank runs the same "
-                        "code and config, then resume from the last checkpoint")
+        raise GaliError(
+            f"ranks diverged: {name} differs between rank 0 and another rank (checked before a "
+            "checkpoint); the ranks no longer train one model. Check that every rank runs the same "
+            "code and config, then resume from the last checkpoint"
+        )

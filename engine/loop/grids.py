@@ -25,7 +25,7 @@ def tile(images: Tensor, *, columns: int) -> np.ndarray:
     canvas = np.zeros((rows * h, columns * w, c), dtype=np.uint8)
     for i, image in enumerate(images):
         r, col = divmod(i, columns)
-        canvas[r * h:(r + 1) * h, col * w:(col + 1) * w] = image.permute(1, 2, 0).numpy()
+        canvas[r * h : (r + 1) * h, col * w : (col + 1) * w] = image.permute(1, 2, 0).numpy()
     return canvas
 
 
@@ -44,14 +44,23 @@ def reconstruction_grid(G: nn.Module, E: nn.Module, x: Tensor, labels: Tensor | 
     return tile(torch.cat(reconstruction_chain(G, E, x, labels=labels)), columns=x.shape[0])
 
 
-def save_reconstruction_grid(G: nn.Module, E: nn.Module, x: Tensor, path: str | Path,
-                             labels: Tensor | None = None) -> Path:
+def save_reconstruction_grid(
+    G: nn.Module, E: nn.Module, x: Tensor, path: str | Path, labels: Tensor | None = None
+) -> Path:
     """Rows of x, G(E(x)), G(E(G(E(x)))) for the given images."""
     return save_png(reconstruction_grid(G, E, x, labels), path)
 
 
-def inpainting_grid(G: nn.Module, E: nn.Module, x: Tensor, params: Tensor, *, fill: float = -2.0,
-                    impl: str = "auto", labels: Tensor | None = None) -> np.ndarray:
+def inpainting_grid(
+    G: nn.Module,
+    E: nn.Module,
+    x: Tensor,
+    params: Tensor,
+    *,
+    fill: float = -2.0,
+    impl: str = "auto",
+    labels: Tensor | None = None,
+) -> np.ndarray:
     """Rows x, masked x, G(μ_E(masked x)) and the composite (x outside the box, the inpainting inside).
 
     ``params`` are box parameters, one row per image (see

@@ -41,10 +41,12 @@ def describe(cfg: Config) -> str:
     batch = cfg.run.batch_size
     trained = sum(v for k, v in counts.items() if k in ("G", "E", "D"))
     width = max(len(k) for k in counts)
-    lines = [f"preset {cfg.preset}: tuples {spec.name} (K={spec.num_classes}), model {cfg.model.arch} width "
-             f"{cfg.model.width:g}, d_z {cfg.model.latent_dim}, {cfg.data.resolution}x{cfg.data.resolution} images, "
-             f"run.batch_size {batch}",
-             "parameters:"]
+    lines = [
+        f"preset {cfg.preset}: tuples {spec.name} (K={spec.num_classes}), model {cfg.model.arch} width "
+        f"{cfg.model.width:g}, d_z {cfg.model.latent_dim}, {cfg.data.resolution}x{cfg.data.resolution} images, "
+        f"run.batch_size {batch}",
+        "parameters:",
+    ]
     lines += [f"  {name:<{width}}  {count / 1e6:10.3f} M" for name, count in counts.items()]
     lines += [
         f"training step (forward and backward of every chain call and of D over all {spec.num_classes} tuples), "

@@ -15,8 +15,10 @@ from gali.engine.loop.train import train
 def nsys_command(preset: str, overrides: Sequence[str], output: str) -> str:
     """The Nsight Systems command line that records the same run with its NVTX ranges on a GPU machine."""
     args = " ".join(shlex.quote(o) for o in (*overrides, "compute.nvtx=true"))
-    return (f"nsys profile --trace=cuda,nvtx,osrt --sample=none --cuda-graph-trace=node --output={shlex.quote(output)} "
-            f"gali train --preset {shlex.quote(preset)} {args}")
+    return (
+        f"nsys profile --trace=cuda,nvtx,osrt --sample=none --cuda-graph-trace=node --output={shlex.quote(output)} "
+        f"gali train --preset {shlex.quote(preset)} {args}"
+    )
 
 
 def profile_training(cfg: Config, *, log: Callable[[str], None] = print) -> Path:

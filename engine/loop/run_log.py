@@ -61,8 +61,11 @@ def resolve_tensorboard(mode: str) -> bool:
         return False
     available = tensorboard_available()
     if mode == "on" and not available:
-        raise ConfigError("run.tensorboard", "got 'on' but the tensorboard package is not installed; "
-                          "pip install 'gali[tensorboard]', or set run.tensorboard=auto or off")
+        raise ConfigError(
+            "run.tensorboard",
+            "got 'on' but the tensorboard package is not installed; "
+            "pip install 'gali[tensorboard]', or set run.tensorboard=auto or off",
+        )
     return available
 
 
@@ -108,8 +111,11 @@ def format_tick(record: Mapping[str, Any], total_kimg: float) -> str:
     percent = 100 * min(kimg / total_kimg, 1.0)
     digits = 1 if total_kimg >= 1 else 3  # a run shorter than 1 kimg still shows its progress
     eta = (total_kimg - kimg) * 1000 / speed if speed > 0 else math.inf
-    parts = [f"kimg {kimg:.{digits}f}/{total_kimg:g} ({percent:3.0f}%)", f"{speed:.1f} img/s",
-             f"eta {format_duration(max(eta, 0.0))}"]
+    parts = [
+        f"kimg {kimg:.{digits}f}/{total_kimg:g} ({percent:3.0f}%)",
+        f"{speed:.1f} img/s",
+        f"eta {format_duration(max(eta, 0.0))}",
+    ]
     if "epoch" in record:
         parts.append(f"epoch {record['epoch']}")
     parts += [f"{name} {_format_value(value)}" for name, value in record.items() if name not in _PROGRESS_FIELDS]
@@ -125,8 +131,16 @@ class RunLog:
     of the run.
     """
 
-    def __init__(self, run_dir: str | Path, *, total_kimg: float, progress: str = "auto", tensorboard: bool = False,
-                 log: Callable[[str], None] = print, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        total_kimg: float,
+        progress: str = "auto",
+        tensorboard: bool = False,
+        log: Callable[[str], None] = print,
+        stream: TextIO | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.total_kimg = total_kimg
         self._log = log
@@ -184,8 +198,16 @@ class RunLog:
         kimg, line = min(record["kimg"], self.total_kimg), format_tick(record, self.total_kimg)
         if self._bar is None:  # drawn at creation
             columns = shutil.get_terminal_size(fallback=(120, 24)).columns - 1
-            self._bar = tqdm(total=self.total_kimg, initial=kimg, desc=line, file=self._stream, ncols=columns,
-                             bar_format=_BAR_FORMAT, ascii="-#", mininterval=0)
+            self._bar = tqdm(
+                total=self.total_kimg,
+                initial=kimg,
+                desc=line,
+                file=self._stream,
+                ncols=columns,
+                bar_format=_BAR_FORMAT,
+                ascii="-#",
+                mininterval=0,
+            )
             return
         self._bar.n = kimg
         self._bar.set_description_str(line)  # redraws

@@ -36,8 +36,10 @@ class RunStopped(GaliError):
     @classmethod
     def after(cls, flag: StopFlag, images_seen: int, run_dir: Path) -> RunStopped:
         """The error for a run stopped by ``flag``'s signal (or another rank's) at ``images_seen``."""
-        return cls(f"stopped by {flag.signal_name or 'a signal on another rank'} at {images_seen / 1000:g} kimg "
-                   f"after writing a checkpoint; go on with: gali train --resume {run_dir}")
+        return cls(
+            f"stopped by {flag.signal_name or 'a signal on another rank'} at {images_seen / 1000:g} kimg "
+            f"after writing a checkpoint; go on with: gali train --resume {run_dir}"
+        )
 
 
 class StopFlag:

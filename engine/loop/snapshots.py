@@ -40,8 +40,12 @@ from gali.pipelines import Pipeline, make_pipeline
 
 def held_out_images(cfg: Config, device: torch.device, batch_size: int) -> tuple[str, Pipeline]:
     """The held-out split when the data has one, else the training split (named in the log)."""
-    kwargs = {"batch_size": batch_size, "device": device, "seed": cfg.run.seed,
-              "channels_last": cfg.compute.channels_last}
+    kwargs = {
+        "batch_size": batch_size,
+        "device": device,
+        "seed": cfg.run.seed,
+        "channels_last": cfg.compute.channels_last,
+    }
     try:
         return "test", make_pipeline(cfg.data, split="test", **kwargs)
     except DataError:
@@ -54,9 +58,11 @@ def identity_classifier(cfg: Config, pipeline: Pipeline) -> IdentityClassifier |
     if not cfg.run.identity_images:
         return None
     try:
-        return fit_identity_classifier(((b.x, b.labels) for b in pipeline),
-                                       lambda x: pixel_features(resize_to(x, cfg.model.resolution)),  # as G draws
-                                       cfg.run.identity_images)
+        return fit_identity_classifier(
+            ((b.x, b.labels) for b in pipeline),
+            lambda x: pixel_features(resize_to(x, cfg.model.resolution)),  # as G draws
+            cfg.run.identity_images,
+        )
     except DataError:  # one class: nothing to tell apart
         return None
 
@@ -67,8 +73,15 @@ class Snapshots:
     Rank 0 measures, draws and writes; the other ranks take part in the checkpoint's collectives only.
     """
 
-    def __init__(self, cfg: Config, spec: TupleSpec, nets: Networks, device: torch.device, world: World,
-                 ema: WeightAverage | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        spec: TupleSpec,
+        nets: Networks,
+        device: torch.device,
+        world: World,
+        ema: WeightAverage | None = None,
+    ) -> None:
         self.cadence = Cadence(int(cfg.run.snapshot_kimg * 1000))
         self.nets, self.world = nets, world
         # What the grids and held-out metrics show: the moving averages of G and E when the run keeps them.
@@ -82,8 +95,9 @@ class Snapshots:
         if not world.is_main:
             return
         self.split, self.pipeline = held_out_images(cfg, device, min(cfg.run.batch_size, 100))
-        self.train_images = make_pipeline(cfg.data, split="train", batch_size=min(cfg.run.batch_size, 100),
-                                          device=device, seed=cfg.run.seed)
+        self.train_images = make_pipeline(
+            cfg.data, split="train", batch_size=min(cfg.run.batch_size, 100), device=device, seed=cfg.run.seed
+        )
         self.classifier = identity_classifier(cfg, self.train_images)
         self.recalibrate_batches = cfg.run.snapshot_bn_recalibrate
         n = self.grid_size = cfg.run.grid_size
@@ -95,8 +109,11 @@ class Snapshots:
         first = next(iter(self.pipeline))
         self.grid_x = first.x[:n]
         self.grid_x_labels = first.labels[:n] if classes else None
-        self.grid_masks = (evaluation_box_params(n, self.grid_x.shape[-1], seed=cfg.run.seed, device=device)
-                           if spec.mask_indices else None)
+        self.grid_masks = (
+            evaluation_box_params(n, self.grid_x.shape[-1], seed=cfg.run.seed, device=device)
+            if spec.mask_indices
+            else None
+        )
 
     def due(self, images_seen: int, step_images: int, done: bool) -> bool:
         return self.cadence.due(images_seen, step_images, done)
@@ -115,13 +132,18 @@ class Snapshots:
         if self.world.is_main:
             kimg = images_seen / 1000
             run_log.record({"event": "snapshot", "kimg": kimg, **{f"{k}_{self.split}": v for k, v in figures.items()}})
-            identity = (f", identity {figures['identity']:.3f} (real images {figures['identity_ceiling']:.3f})"
-                        if "identity" in figures else "")
+            identity = (
+                f", identity {figures['identity']:.3f} (real images {figures['identity_ceiling']:.3f})"
+                if "identity" in figures
+                else ""
+            )
             if "identity_bn_recal" in figures:
                 identity += f", {figures['identity_bn_recal']:.3f} with BatchNorm statistics of real images"
-            run_log.message(f"snapshot at {kimg:.1f} kimg on the {self.split} split: reconstruction MSE "
-                            f"{figures['recon_mse']:.5f}{identity}, E sigma {figures['e_sigma']:.3f}, "
-                            f"mu spread {figures['e_mu_spread']:.3f}")
+            run_log.message(
+                f"snapshot at {kimg:.1f} kimg on the {self.split} split: reconstruction MSE "
+                f"{figures['recon_mse']:.5f}{identity}, E sigma {figures['e_sigma']:.3f}, "
+                f"mu spread {figures['e_mu_spread']:.3f}"
+            )
         return figures
 
     def save_checkpoint(self, checkpoint: Checkpoint, run_log: RunLog | SilentRunLog) -> None:
@@ -136,8 +158,9 @@ class Snapshots:
             return
         G, E = self.shown
         if self.world.is_main:
-            recalibrate_batch_norm(G, E, itertools.islice(((b.x, b.labels) for b in self.train_images),
-                                                          self.ema_bn_batches))
+            recalibrate_batch_norm(
+                G, E, itertools.islice(((b.x, b.labels) for b in self.train_images), self.ema_bn_batches)
+            )
         for buffer in (b for net in (G, E) for b in net.buffers()):  # the counters too: ranks compare them
             self.world.broadcast_tensor(buffer)
 
@@ -146,22 +169,31 @@ class Snapshots:
         run_dir = run_log.run_dir
         checkpoint.save(run_dir / checkpoint_name(checkpoint.progress.images_seen))
         if self.world.is_main:
-            prune_checkpoints(run_dir, keep=self.keep, milestone_images=self.milestone_images,
-                              log=run_log.message)
+            prune_checkpoints(run_dir, keep=self.keep, milestone_images=self.milestone_images, log=run_log.message)
 
     def _measure_and_draw(self, images_seen: int, run_log: RunLog | SilentRunLog) -> dict[str, float]:
         G, E = self.shown
         figures = held_out_metrics(G, E, ((b.x, b.labels) for b in self.pipeline), self.classifier)
         if self.recalibrate_batches:  # the same measures with BatchNorm statistics of real data, on copies
             G_real, E_real = copy.deepcopy(G), copy.deepcopy(E)
-            recalibrate_batch_norm(G_real, E_real, itertools.islice(((b.x, b.labels) for b in self.train_images),
-                                                                    self.recalibrate_batches))
+            recalibrate_batch_norm(
+                G_real, E_real, itertools.islice(((b.x, b.labels) for b in self.train_images), self.recalibrate_batches)
+            )
             recalibrated = held_out_metrics(G_real, E_real, ((b.x, b.labels) for b in self.pipeline), self.classifier)
             figures |= {f"{k}_bn_recal": v for k, v in recalibrated.items() if k != "identity_ceiling"}
-        grids = {"samples": tile(sample_images(G, self.grid_z, self.grid_labels), columns=self.grid_size),
-                 "reconstructions": reconstruction_grid(G, E, self.grid_x, self.grid_x_labels)}
+        grids = {
+            "samples": tile(sample_images(G, self.grid_z, self.grid_labels), columns=self.grid_size),
+            "reconstructions": reconstruction_grid(G, E, self.grid_x, self.grid_x_labels),
+        }
         if self.grid_masks is not None:
-            grids["inpainting"] = inpainting_grid(G, E, self.grid_x, self.grid_masks, fill=self.mask_fill,
-                                                  impl=self.kernel_impl, labels=self.grid_x_labels)
+            grids["inpainting"] = inpainting_grid(
+                G,
+                E,
+                self.grid_x,
+                self.grid_masks,
+                fill=self.mask_fill,
+                impl=self.kernel_impl,
+                labels=self.grid_x_labels,
+            )
         run_log.images(grids, images_seen)
         return figures

@@ -87,7 +87,7 @@ class TickStats:
         out: dict[str, float | list[float]] = {}
         offset = 0
         for (name, value), mean in zip(self.sums.items(), means, strict=True):
-            out[name] = flat[offset] if value.dim() == 0 else flat[offset:offset + mean.numel()]
+            out[name] = flat[offset] if value.dim() == 0 else flat[offset : offset + mean.numel()]
             offset += mean.numel()
         self.sums, self.counts = {}, {}
         return out
@@ -121,13 +121,21 @@ class Ticks:
         speed = (images_seen - self._images) / max(seconds - self._seconds, 1e-9)
         self._images, self._seconds = images_seen, seconds
         self.bad_ticks = self.bad_ticks + 1 if means.get("skipped_d") or means.get("skipped_ge") else 0
-        return {"kimg": images_seen / 1000, "epoch": epoch, "iteration": iteration, "images_per_s": speed,
-                "noise_std": noise_std, **means}
+        return {
+            "kimg": images_seen / 1000,
+            "epoch": epoch,
+            "iteration": iteration,
+            "images_per_s": speed,
+            "noise_std": noise_std,
+            **means,
+        }
 
     def stop_after_bad_ticks(self, max_bad_ticks: int, run_dir: Path) -> None:
         """Stop the run after ``max_bad_ticks`` (``run.max_bad_ticks``; 0 = never) bad ticks in a row."""
         if max_bad_ticks and self.bad_ticks >= max_bad_ticks:
-            raise GaliError(f"{self.bad_ticks} ticks in a row had steps with a non-finite loss or gradient "
-                            f"(skipped_d / skipped_ge in {run_dir / 'metrics.jsonl'}); stopped, keeping the "
-                            "checkpoints written before them. Lower optim.lr, or try compute.precision=fp32, then "
-                            "resume from one of them (run.max_bad_ticks=0 never stops)")
+            raise GaliError(
+                f"{self.bad_ticks} ticks in a row had steps with a non-finite loss or gradient "
+                f"(skipped_d / skipped_ge in {run_dir / 'metrics.jsonl'}); stopped, keeping the "
+                "checkpoints written before them. Lower optim.lr, or try compute.precision=fp32, then "
+                "resume from one of them (run.max_bad_ticks=0 never stops)"
+            )

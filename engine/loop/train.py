@@ -70,11 +70,15 @@ def resume(path: str | Path, overrides: Sequence[str] = (), *, log: Callable[[st
         cfg = config_from_dict(cfg.to_dict(), origin=str(checkpoint), overrides=overrides)
     missing = [key for key in ("images_seen", "iteration", "rng") if key not in state]
     if missing:
-        raise GaliError(f"resume: {checkpoint} has no {', '.join(missing)} (written before gali could resume); "
-                        "it can still be evaluated and sampled")
+        raise GaliError(
+            f"resume: {checkpoint} has no {', '.join(missing)} (written before gali could resume); "
+            "it can still be evaluated and sampled"
+        )
     if state["images_seen"] >= int(cfg.run.kimg * 1000):
-        raise GaliError(f"resume: {checkpoint} is at {state['images_seen'] / 1000:g} kimg and run.kimg is "
-                        f"{cfg.run.kimg:g}: nothing left to train; pass run.kimg=<more> to train longer")
+        raise GaliError(
+            f"resume: {checkpoint} is at {state['images_seen'] / 1000:g} kimg and run.kimg is "
+            f"{cfg.run.kimg:g}: nothing left to train; pass run.kimg=<more> to train longer"
+        )
     return train(cfg, log=log, resume_from=ResumePoint(checkpoint, state))
 
 
@@ -93,8 +97,14 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, resume_from: Resum
         world.close()
 
 
-def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log: Callable[[str], None],
-           resume_from: ResumePoint | None) -> TrainResult:
+def _train(
+    cfg: Config,
+    world: World,
+    device: torch.device,
+    stop: StopFlag,
+    log: Callable[[str], None],
+    resume_from: ResumePoint | None,
+) -> TrainResult:
     # Set up: seeds, data, networks and step, the snapshots, then the run folder and its log.
     tensorboard = resolve_tensorboard(cfg.run.tensorboard)  # run.tensorboard=on without the package stops here
     seed_everything(cfg.run.seed)  # the same on every rank: the networks start equal
@@ -106,8 +116,11 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
         _check_resume_point(resume_from, cfg, len(pipeline))
     nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=device)
     step = build_step(nets, spec, cfg.method, cfg.optim, cfg.model.latent_dim, cfg.compute, world_size=world.size)
-    ema = (WeightAverage(nets, ema_kimg=cfg.run.ema_kimg, rampup=cfg.run.ema_rampup, start_kimg=cfg.run.ema_start_kimg)
-           if cfg.run.ema_kimg else None)
+    ema = (
+        WeightAverage(nets, ema_kimg=cfg.run.ema_kimg, rampup=cfg.run.ema_rampup, start_kimg=cfg.run.ema_start_kimg)
+        if cfg.run.ema_kimg
+        else None
+    )
     snapshots = Snapshots(cfg, spec, nets, device, world, ema)
     checkpoint = Checkpoint(cfg, nets, step, device=device, world=world, ema=ema)
     run_log = _open_run_log(cfg, resume_from, spec, pipeline, device, tensorboard, log, world)  # all set up now
@@ -145,8 +158,9 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
 
             # Tick: the statistics' means since the last tick (one host sync), logged and shown.
             if ticks.due(progress.images_seen, batch_size, done):
-                last = ticks.record(progress.images_seen, epoch=epoch, iteration=progress.iteration,
-                                    noise_std=noise.value)
+                last = ticks.record(
+                    progress.images_seen, epoch=epoch, iteration=progress.iteration, noise_std=noise.value
+                )
                 run_log.tick(last)
                 ticks.stop_after_bad_ticks(cfg.run.max_bad_ticks, run_log.run_dir)
 
@@ -163,14 +177,23 @@ def _train(cfg: Config, world: World, device: torch.device, stop: StopFlag, log:
 
     # Done: every rank waits for rank 0's last writes before any tears down its process group.
     world.barrier()
-    result = TrainResult(run_dir=run_log.run_dir, kimg=progress.images_seen / 1000,
-                         recon_mse=held_out.get("recon_mse", float("nan")),
-                         images_per_second=(progress.images_seen - images_at_start) / max(clock.seconds(), 1e-9),
-                         last_stats=last, held_out=held_out)
-    identity = (f"; identity of reconstructions {held_out['identity']:.3f} "
-                f"(real images {held_out['identity_ceiling']:.3f})" if "identity" in held_out else "")
-    log(f"done: {result.kimg:.1f} kimg in {clock.seconds():.1f} s of training ({result.images_per_second:.1f} img/s); "
-        f"reconstruction MSE {result.recon_mse:.5f}{identity}; run folder {result.run_dir}")
+    result = TrainResult(
+        run_dir=run_log.run_dir,
+        kimg=progress.images_seen / 1000,
+        recon_mse=held_out.get("recon_mse", float("nan")),
+        images_per_second=(progress.images_seen - images_at_start) / max(clock.seconds(), 1e-9),
+        last_stats=last,
+        held_out=held_out,
+    )
+    identity = (
+        f"; identity of reconstructions {held_out['identity']:.3f} (real images {held_out['identity_ceiling']:.3f})"
+        if "identity" in held_out
+        else ""
+    )
+    log(
+        f"done: {result.kimg:.1f} kimg in {clock.seconds():.1f} s of training ({result.images_per_second:.1f} img/s); "
+        f"reconstruction MSE {result.recon_mse:.5f}{identity}; run folder {result.run_dir}"
+    )
     return result
 
 
@@ -195,10 +218,17 @@ def _batches_from(pipeline: Pipeline, progress: Progress) -> Iterator[tuple[int,
 def _training_pipeline(cfg: Config, world: World, device: torch.device, num_masks: int) -> Pipeline:
     """This rank's shard of the training split, in batches of its share of ``run.batch_size`` (with the
     spec's ``num_masks`` masks per image where ``method.mask_source`` is 'pipeline')."""
-    return make_pipeline(cfg.data, split="train", batch_size=local_batch_size(cfg.run.batch_size, world),
-                         device=device, seed=cfg.run.seed, rank=world.rank, world_size=world.size,
-                         channels_last=cfg.compute.channels_last,
-                         masks=cfg.method.pipeline_masks(num_masks, cfg.data.resolution, cfg.run.seed))
+    return make_pipeline(
+        cfg.data,
+        split="train",
+        batch_size=local_batch_size(cfg.run.batch_size, world),
+        device=device,
+        seed=cfg.run.seed,
+        rank=world.rank,
+        world_size=world.size,
+        channels_last=cfg.compute.channels_last,
+        masks=cfg.method.pipeline_masks(num_masks, cfg.data.resolution, cfg.run.seed),
+    )
 
 
 def _check_label_classes(cfg: Config, pipeline: Pipeline) -> None:
@@ -206,13 +236,22 @@ def _check_label_classes(cfg: Config, pipeline: Pipeline) -> None:
     classes = len(pipeline.class_names)
     if cfg.model.label_classes and classes != cfg.model.label_classes:
         found = f"{classes} classes" if classes else "no labels"
-        raise ConfigError("model.label_classes", f"got {cfg.model.label_classes}, but the training data has {found}; "
-                          f"set model.label_classes={classes}")
+        raise ConfigError(
+            "model.label_classes",
+            f"got {cfg.model.label_classes}, but the training data has {found}; set model.label_classes={classes}",
+        )
 
 
-def _open_run_log(cfg: Config, resume_from: ResumePoint | None, spec: TupleSpec, pipeline: Pipeline,
-                  device: torch.device, tensorboard: bool, log: Callable[[str], None],
-                  world: World) -> RunLog | SilentRunLog:
+def _open_run_log(
+    cfg: Config,
+    resume_from: ResumePoint | None,
+    spec: TupleSpec,
+    pipeline: Pipeline,
+    device: torch.device,
+    tensorboard: bool,
+    log: Callable[[str], None],
+    world: World,
+) -> RunLog | SilentRunLog:
     """The run folder (a new one, or the resumed run's) with the resolved config.toml, and its log (rank 0)."""
     if not world.is_main:
         return SilentRunLog(world.broadcast(None))
@@ -223,33 +262,43 @@ def _open_run_log(cfg: Config, resume_from: ResumePoint | None, spec: TupleSpec,
         path.unlink()
     try:
         write_text_atomic(run_dir / "config.toml", dump_config(cfg))
-        run_log = RunLog(run_dir, total_kimg=cfg.run.kimg, progress=cfg.run.progress, tensorboard=tensorboard,
-                         log=log)
+        run_log = RunLog(run_dir, total_kimg=cfg.run.kimg, progress=cfg.run.progress, tensorboard=tensorboard, log=log)
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        raise GaliError(f"no space left on the device of {run_dir} for the run's logs; free space there "
-                        "(or lower run.keep_checkpoints), then start again") from exc
-    run_log.message(f"run folder {run_dir}  preset {cfg.preset}  tuples {spec.name} (K={spec.num_classes})  "
-                    f"device {device}  tensorboard {'on' if tensorboard else 'off'}")
+        raise GaliError(
+            f"no space left on the device of {run_dir} for the run's logs; free space there "
+            "(or lower run.keep_checkpoints), then start again"
+        ) from exc
+    run_log.message(
+        f"run folder {run_dir}  preset {cfg.preset}  tuples {spec.name} (K={spec.num_classes})  "
+        f"device {device}  tensorboard {'on' if tensorboard else 'off'}"
+    )
     if partial:
-        run_log.message(f"removed {len(partial)} partial file(s) a stopped run left: "
-                        f"{', '.join(p.name for p in partial)}")
+        run_log.message(
+            f"removed {len(partial)} partial file(s) a stopped run left: {', '.join(p.name for p in partial)}"
+        )
     ranks = f" over {world.size} ranks" if world.size > 1 else ""
-    run_log.message(f"data: {pipeline.num_images} training images, {len(pipeline)} batches of "
-                    f"{cfg.run.batch_size}{ranks} per epoch")
+    run_log.message(
+        f"data: {pipeline.num_images} training images, {len(pipeline)} batches of {cfg.run.batch_size}{ranks} per epoch"
+    )
     return run_log
 
 
 def _check_resume_point(resume_from: ResumePoint, cfg: Config, batches_per_epoch: int) -> None:
     """Refuse a resume whose networks or epoch layout differ from the checkpoint's, naming what changed."""
     saved = resume_from.state["config"]
-    changed = [f"{section}.{key}" for section in ("model", "method") for key in ("arch", "latent_dim", "width",
-               "tuples", "feature_model", "feature_arch") if key in saved.get(section, {})
-               and saved[section][key] != getattr(getattr(cfg, section), key)]
+    changed = [
+        f"{section}.{key}"
+        for section in ("model", "method")
+        for key in ("arch", "latent_dim", "width", "tuples", "feature_model", "feature_arch")
+        if key in saved.get(section, {}) and saved[section][key] != getattr(getattr(cfg, section), key)
+    ]
     if changed:
-        raise GaliError(f"resume: {resume_from.checkpoint} holds networks for other values of {', '.join(changed)}; "
-                        "a resumed run keeps them (drop those overrides, or start a new run)")
+        raise GaliError(
+            f"resume: {resume_from.checkpoint} holds networks for other values of {', '.join(changed)}; "
+            "a resumed run keeps them (drop those overrides, or start a new run)"
+        )
     _check_epoch_layout(resume_from, batches_per_epoch, cfg.run.batch_size)
 
 
@@ -258,18 +307,23 @@ def _check_epoch_layout(resume_from: ResumePoint, batches_per_epoch: int, batch_
     state = resume_from.state
     epoch, start_batch = divmod(state["iteration"], batches_per_epoch)
     if state["images_seen"] != state["iteration"] * batch_size or state["epoch"] != epoch + (start_batch > 0):
-        raise GaliError(f"resume: {resume_from.checkpoint} was written {state['iteration']} steps into epoch "
-                        f"{state['epoch']} of its run, which this config's data and run.batch_size "
-                        f"({batches_per_epoch} batches of {batch_size} per epoch) do not give; resume with the "
-                        "data and batch size the run was trained with")
+        raise GaliError(
+            f"resume: {resume_from.checkpoint} was written {state['iteration']} steps into epoch "
+            f"{state['epoch']} of its run, which this config's data and run.batch_size "
+            f"({batches_per_epoch} batches of {batch_size} per epoch) do not give; resume with the "
+            "data and batch size the run was trained with"
+        )
 
 
-def _restore(checkpoint: Checkpoint, resume_from: ResumePoint, run_log: RunLog | SilentRunLog,
-             batches_per_epoch: int) -> None:
+def _restore(
+    checkpoint: Checkpoint, resume_from: ResumePoint, run_log: RunLog | SilentRunLog, batches_per_epoch: int
+) -> None:
     """The checkpoint's state into the run's live objects, and a record and a line saying where it goes on."""
     checkpoint.load_state_dict(resume_from.state)
     progress = checkpoint.progress
     epoch, start_batch = divmod(progress.iteration, batches_per_epoch)
     run_log.record({"event": "resume", "kimg": progress.images_seen / 1000, "checkpoint": resume_from.checkpoint.name})
-    run_log.message(f"resumed from {resume_from.checkpoint.name} at {progress.images_seen / 1000:g} kimg "
-                    f"(epoch {epoch + 1}, batch {start_batch})")
+    run_log.message(
+        f"resumed from {resume_from.checkpoint.name} at {progress.images_seen / 1000:g} kimg "
+        f"(epoch {epoch + 1}, batch {start_batch})"
+    )

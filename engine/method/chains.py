@@ -45,8 +45,9 @@ class ChainEvaluator:
         self.mask_kind = "box"  # of the masks of the last evaluate: 'box' (drawn here) or 'dense' (the batch's)
         self.labels: Tensor | None = None  # the labels of the last evaluate, for G
 
-    def evaluate(self, spec: TupleSpec, x: Tensor, z: Tensor, masks: Tensor | None = None,
-                 labels: Tensor | None = None) -> dict[Expr, Tensor]:
+    def evaluate(
+        self, spec: TupleSpec, x: Tensor, z: Tensor, masks: Tensor | None = None, labels: Tensor | None = None
+    ) -> dict[Expr, Tensor]:
         """Every chain variable of ``spec``; ``masks`` (B, M, H, W) are the batch's, None draws boxes here;
         ``labels`` (B,) go to every G call (a class-conditional G's; an unconditional one ignores them)."""
         self.encoding = None
@@ -54,13 +55,23 @@ class ChainEvaluator:
         if masks is None:
             side = x.shape[-1]
             self.mask_kind = "box"
-            drawn = {n: sample_box_params(x.shape[0], side, side, min_size=self.method.mask_min_size,
-                                          max_size=self.method.mask_max_size or side, device=x.device)
-                     for n in spec.mask_indices}
+            drawn = {
+                n: sample_box_params(
+                    x.shape[0],
+                    side,
+                    side,
+                    min_size=self.method.mask_min_size,
+                    max_size=self.method.mask_max_size or side,
+                    device=x.device,
+                )
+                for n in spec.mask_indices
+            }
         else:
             if masks.shape[1] != len(spec.mask_indices):
-                raise ValueError(f"the batch has {masks.shape[1]} masks per image but tuple spec needs "
-                                 f"{len(spec.mask_indices)} (mask{list(spec.mask_indices)})")
+                raise ValueError(
+                    f"the batch has {masks.shape[1]} masks per image but tuple spec needs "
+                    f"{len(spec.mask_indices)} (mask{list(spec.mask_indices)})"
+                )
             self.mask_kind = "dense"
             drawn = {n: masks[:, slot] for slot, n in enumerate(spec.mask_indices)}
         values: dict[Expr, Tensor] = {}
@@ -88,9 +99,11 @@ class ChainEvaluator:
         params = masks[int(op[-1])]
         with annotate("gali/mask_composite"):
             if op.startswith("mask"):
-                return mask_composite(args[0], params, kind=self.mask_kind, fill=self.method.mask_fill,
-                                      impl=self.kernel_impl).masked
+                return mask_composite(
+                    args[0], params, kind=self.mask_kind, fill=self.method.mask_fill, impl=self.kernel_impl
+                ).masked
             # Under autocast G's output may be bf16 while x is fp32: the composite takes x's dtype.
             y = args[1].to(args[0].dtype)
-            return mask_composite(args[0], params, y=y, kind=self.mask_kind, fill=self.method.mask_fill,
-                                  impl=self.kernel_impl).mix
+            return mask_composite(
+                args[0], params, y=y, kind=self.mask_kind, fill=self.method.mask_fill, impl=self.kernel_impl
+            ).mix

@@ -85,8 +85,11 @@ class MethodConfig:
         check_choice("method.mask_source", self.mask_source, MASK_SOURCES)
         weights = self.mask_kind_weights()
         if self.mask_source == "step" and weights[1:] != (0.0, 0.0):
-            raise ConfigError("method.mask_kinds", f"got {self.mask_kinds!r}: the step draws boxes only; "
-                                                   "set method.mask_source=pipeline for eval_box or stroke masks")
+            raise ConfigError(
+                "method.mask_kinds",
+                f"got {self.mask_kinds!r}: the step draws boxes only; "
+                "set method.mask_source=pipeline for eval_box or stroke masks",
+            )
         check_positive("method.feature_input_size", self.feature_input_size, allow_zero=True)
         check_choice("method.feature_resize", self.feature_resize, RESIZE_MODES)
 
@@ -96,8 +99,11 @@ class MethodConfig:
         for entry in self.mask_kinds.split(","):
             kind, _, weight = entry.strip().partition(":")
             if kind not in KINDS:
-                raise ConfigError("method.mask_kinds", f"unknown kind {kind!r} in {self.mask_kinds!r}; accepted: "
-                                                       f"{', '.join(KINDS)}, or a mixture like 'box:0.5,stroke:0.5'")
+                raise ConfigError(
+                    "method.mask_kinds",
+                    f"unknown kind {kind!r} in {self.mask_kinds!r}; accepted: "
+                    f"{', '.join(KINDS)}, or a mixture like 'box:0.5,stroke:0.5'",
+                )
             try:
                 weights[kind] += float(weight) if weight else 1.0
             except ValueError:
@@ -114,6 +120,13 @@ class MethodConfig:
 
     def mask_spec(self, seed: int) -> MaskSpec:
         """The pipeline's masks (``mask_source = 'pipeline'``), seeded by the run's ``seed``."""
-        return MaskSpec(kind_weights=self.mask_kind_weights(), box_min=self.mask_min_size, box_max=self.mask_max_size,
-                        num_strokes=self.mask_strokes, max_thickness=self.mask_max_thickness,
-                        min_coverage=self.mask_min_coverage, max_coverage=self.mask_max_coverage, seed=seed)
+        return MaskSpec(
+            kind_weights=self.mask_kind_weights(),
+            box_min=self.mask_min_size,
+            box_max=self.mask_max_size,
+            num_strokes=self.mask_strokes,
+            max_thickness=self.mask_max_thickness,
+            min_coverage=self.mask_min_coverage,
+            max_coverage=self.mask_max_coverage,
+            seed=seed,
+        )

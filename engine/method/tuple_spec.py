@@ -201,7 +201,7 @@ def spec_from_table(table: dict, *, where: str) -> TupleSpec:
     if "reconstruction" in table:
         pair = table["reconstruction"]
         if not (isinstance(pair, list) and len(pair) == 2):
-            raise ConfigError(where, "'reconstruction' must be [target, output], e.g. [\"x\", \"G(E(x))\"]")
+            raise ConfigError(where, '\'reconstruction\' must be [target, output], e.g. ["x", "G(E(x))"]')
         target, output = (parse_expr(s, where=f"{where} reconstruction") for s in pair)
         if target.kind != output.kind or target.kind not in (IMAGE, EXTRA):
             raise ConfigError(where, "'reconstruction' compares two images or two feature-model outputs M(...)")

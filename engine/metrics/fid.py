@@ -71,8 +71,10 @@ class InceptionFeatures(nn.Module):
 
     def describe(self) -> str:
         call = "model(x, return_features=True)" if self.return_features else "model(x)"
-        return (f"{call} on RGB float NCHW in [0, 255] (uint8-rounded), resized to {self.input_size}x"
-                f"{self.input_size} bilinear (align_corners=False)")
+        return (
+            f"{call} on RGB float NCHW in [0, 255] (uint8-rounded), resized to {self.input_size}x"
+            f"{self.input_size} bilinear (align_corners=False)"
+        )
 
 
 def load_inception(path: str | Path, *, input_size: int = INCEPTION_INPUT_SIZE) -> InceptionFeatures:
@@ -82,9 +84,11 @@ def load_inception(path: str | Path, *, input_size: int = INCEPTION_INPUT_SIZE) 
     to get the weights.
     """
     path = Path(path).expanduser()
-    remedy = ("download inception-2015-12-05.pt (the clean-fid/StyleGAN3 TorchScript Inception-v3) on a "
-              "machine with internet access, copy it here and pass its path with --inception; nothing is "
-              "downloaded at run time")
+    remedy = (
+        "download inception-2015-12-05.pt (the clean-fid/StyleGAN3 TorchScript Inception-v3) on a "
+        "machine with internet access, copy it here and pass its path with --inception; nothing is "
+        "downloaded at run time"
+    )
     if not path.is_file():
         raise DataError(f"Inception weights {path} do not exist; {remedy}")
     try:
@@ -93,8 +97,7 @@ def load_inception(path: str | Path, *, input_size: int = INCEPTION_INPUT_SIZE) 
         raise DataError(f"cannot load {path} as a TorchScript file ({exc}); {remedy}") from exc
     network.eval()
     arguments = [a.name for a in network.forward.schema.arguments]
-    return InceptionFeatures(network, path=path, input_size=input_size,
-                             return_features="return_features" in arguments)
+    return InceptionFeatures(network, path=path, input_size=input_size, return_features="return_features" in arguments)
 
 
 class _Precomputed(nn.Module):
@@ -133,8 +136,9 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
     return float(metric.compute())
 
 
-def kernel_inception_distance(real: Tensor, fake: Tensor, *, subsets: int = 100, subset_size: int = 1000,
-                              seed: int = 0) -> tuple[float, float, int]:
+def kernel_inception_distance(
+    real: Tensor, fake: Tensor, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float, int]:
     """KID between two feature sets: torchmetrics' ``KernelInceptionDistance``.
 
     The unbiased MMD² with the polynomial kernel (xᵀy/D + 1)³, averaged over ``subsets`` random
@@ -160,5 +164,7 @@ def fid_implementation() -> str:
     """The FID/KID implementation and version, for reports."""
     import torchmetrics
 
-    return (f"torchmetrics {torchmetrics.__version__} FrechetInceptionDistance and KernelInceptionDistance "
-            "(degree 3, gamma 1/D, coef 1) on precomputed features")
+    return (
+        f"torchmetrics {torchmetrics.__version__} FrechetInceptionDistance and KernelInceptionDistance "
+        "(degree 3, gamma 1/D, coef 1) on precomputed features"
+    )

@@ -42,10 +42,16 @@ class IdentityResult:
     classes: int
 
     def to_dict(self) -> dict[str, object]:
-        return {"ceiling": self.ceiling, "accuracy": self.accuracy, "nearest": self.nearest,
-                "images": self.images, "classes": self.classes, "chance": 1.0 / self.classes,
-                "classifier": f"sklearn LogisticRegression(C={IDENTITY_C}) on standardised features of the "
-                              "real training images"}
+        return {
+            "ceiling": self.ceiling,
+            "accuracy": self.accuracy,
+            "nearest": self.nearest,
+            "images": self.images,
+            "classes": self.classes,
+            "chance": 1.0 / self.classes,
+            "classifier": f"sklearn LogisticRegression(C={IDENTITY_C}) on standardised features of the "
+            "real training images",
+        }
 
 
 class IdentityClassifier:
@@ -60,13 +66,16 @@ class IdentityClassifier:
             raise ValueError("IdentityClassifier: features and labels must have the same number of rows")
         self.classes = len(np.unique(labels))
         if self.classes < 2:
-            raise DataError("the identity metric needs labelled training images of at least two classes; "
-                            f"the training split has {self.classes}")
+            raise DataError(
+                "the identity metric needs labelled training images of at least two classes; "
+                f"the training split has {self.classes}"
+            )
         self.mean = features.mean(axis=0)
         self.std = features.std(axis=0)
         self.std[self.std == 0] = 1.0
-        self.model = LogisticRegression(C=IDENTITY_C, max_iter=IDENTITY_MAX_ITER).fit(self.standardise(features),
-                                                                                      labels)
+        self.model = LogisticRegression(C=IDENTITY_C, max_iter=IDENTITY_MAX_ITER).fit(
+            self.standardise(features), labels
+        )
 
     def standardise(self, features: np.ndarray) -> np.ndarray:
         return (np.asarray(features, dtype=np.float64) - self.mean) / self.std
@@ -77,11 +86,16 @@ class IdentityClassifier:
     def score(self, real: np.ndarray, reconstructed: np.ndarray, labels: np.ndarray) -> IdentityResult:
         """The metric on test images ``real``, their reconstructions and the real images' labels."""
         if len(real) != len(reconstructed) or len(real) != len(labels) or len(real) < 2:
-            raise ValueError("IdentityClassifier.score: need at least two test images, one reconstruction and "
-                             "one label for each")
-        return IdentityResult(ceiling=self.accuracy(real, labels), accuracy=self.accuracy(reconstructed, labels),
-                              nearest=nearest_own_fraction(self.standardise(real), self.standardise(reconstructed)),
-                              images=len(labels), classes=self.classes)
+            raise ValueError(
+                "IdentityClassifier.score: need at least two test images, one reconstruction and one label for each"
+            )
+        return IdentityResult(
+            ceiling=self.accuracy(real, labels),
+            accuracy=self.accuracy(reconstructed, labels),
+            nearest=nearest_own_fraction(self.standardise(real), self.standardise(reconstructed)),
+            images=len(labels),
+            classes=self.classes,
+        )
 
 
 def nearest_own_fraction(real: np.ndarray, reconstructed: np.ndarray, chunk: int = 1024) -> float:
@@ -93,7 +107,7 @@ def nearest_own_fraction(real: np.ndarray, reconstructed: np.ndarray, chunk: int
     b = torch.as_tensor(np.asarray(reconstructed, dtype=np.float64))
     hits = 0
     for start in range(0, len(b), chunk):
-        distances = torch.cdist(b[start:start + chunk], a)  # (chunk, N)
+        distances = torch.cdist(b[start : start + chunk], a)  # (chunk, N)
         own = distances[torch.arange(len(distances)), torch.arange(start, start + len(distances))]
         distances[torch.arange(len(distances)), torch.arange(start, start + len(distances))] = float("inf")
         hits += int((own < distances.min(dim=1).values).sum())
@@ -105,8 +119,9 @@ def pixel_features(x: Tensor) -> np.ndarray:
     return x.detach().double().flatten(1).cpu().numpy()
 
 
-def fit_identity_classifier(batches: Iterable[tuple[Tensor, Tensor | None]], features: Callable[[Tensor], np.ndarray],
-                            limit: int) -> IdentityClassifier | None:
+def fit_identity_classifier(
+    batches: Iterable[tuple[Tensor, Tensor | None]], features: Callable[[Tensor], np.ndarray], limit: int
+) -> IdentityClassifier | None:
     """The classifier of the ``features`` of the first ``limit`` images of (images, labels) ``batches``;
     None when the images have no labels (``DataError`` for fewer than two classes)."""
     rows, labels, count = [], [], 0

@@ -31,11 +31,17 @@ class ProbeResult:
 
     def to_dict(self) -> dict[str, object]:
         return {
-            "mean": self.mean, "std": self.std, "n": len(self.errors), "errors": self.errors,
-            "chosen_c": self.chosen_c, "labelled": self.labelled, "validation": self.validation,
-            "test": self.test, "c_grid": list(self.c_grid),
+            "mean": self.mean,
+            "std": self.std,
+            "n": len(self.errors),
+            "errors": self.errors,
+            "chosen_c": self.chosen_c,
+            "labelled": self.labelled,
+            "validation": self.validation,
+            "test": self.test,
+            "c_grid": list(self.c_grid),
             "classifier": "sklearn.svm.SVC(kernel='precomputed') on the linear kernel of standardised features "
-                          "(a linear SVM, hinge loss, one-vs-one)",
+            "(a linear SVM, hinge loss, one-vs-one)",
         }
 
 
@@ -107,17 +113,31 @@ def linear_probe(
     chosen: list[float] = []
     for _ in range(draws):
         rows = rng.choice(pool, size=labelled, replace=False)
-        error, c = _fit_one_draw(train_features[rows], train_labels[rows], (val_x, val_y),
-                                 (test_features, test_labels), c_grid)
+        error, c = _fit_one_draw(
+            train_features[rows], train_labels[rows], (val_x, val_y), (test_features, test_labels), c_grid
+        )
         errors.append(error)
         chosen.append(c)
     array = np.asarray(errors)
-    return ProbeResult(mean=float(array.mean()), std=float(array.std()), errors=errors, chosen_c=chosen,
-                       labelled=labelled, validation=validation, test=len(test_labels), c_grid=tuple(c_grid))
+    return ProbeResult(
+        mean=float(array.mean()),
+        std=float(array.std()),
+        errors=errors,
+        chosen_c=chosen,
+        labelled=labelled,
+        validation=validation,
+        test=len(test_labels),
+        c_grid=tuple(c_grid),
+    )
 
 
-def _fit_one_draw(x: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray],
-                  test: tuple[np.ndarray, np.ndarray], c_grid: Sequence[float]) -> tuple[float, float]:
+def _fit_one_draw(
+    x: np.ndarray,
+    y: np.ndarray,
+    validation: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    c_grid: Sequence[float],
+) -> tuple[float, float]:
     """One labelled set's probe: (test error, chosen C) of the SVM whose C is best on the validation set.
 
     Features are standardised with the labelled set's mean and std; the SVM is fitted on the linear

@@ -78,8 +78,9 @@ def masked_pixel_mse(x: Tensor, y: Tensor, mask: Tensor) -> float:
 
 
 @torch.no_grad()
-def network_features(model: nn.Module, x: Tensor, *, input_size: int = 0, resize: str = "nearest",
-                     name: str = "the feature network") -> Tensor:
+def network_features(
+    model: nn.Module, x: Tensor, *, input_size: int = 0, resize: str = "nearest", name: str = "the feature network"
+) -> Tensor:
     """``model``'s (B, D) features of images ``x`` in [-1, 1], resized to ``input_size`` first.
 
     Raises :class:`GaliError` naming ``name`` when the output is not one tensor with the batch as
@@ -88,8 +89,15 @@ def network_features(model: nn.Module, x: Tensor, *, input_size: int = 0, resize
     return FeatureModel(model, input_size=input_size, resize=resize, name=name)(x).double()
 
 
-def feature_mse(model: nn.Module, x: Tensor, x_hat: Tensor, *, input_size: int = 0, resize: str = "nearest",
-                name: str = "the feature network") -> float:
+def feature_mse(
+    model: nn.Module,
+    x: Tensor,
+    x_hat: Tensor,
+    *,
+    input_size: int = 0,
+    resize: str = "nearest",
+    name: str = "the feature network",
+) -> float:
     """MSE between ``model``'s features of two image batches in [-1, 1] (docs/method.md §4.1 feature-MSE).
 
     The images are resized to ``input_size`` (0 keeps them) with ``resize`` and fed in [-1, 1],
@@ -100,8 +108,12 @@ def feature_mse(model: nn.Module, x: Tensor, x_hat: Tensor, *, input_size: int =
     return float((a - b).square().mean())
 
 
-def held_out_metrics(G: nn.Module, E: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]],
-                     classifier: IdentityClassifier | None = None) -> dict[str, float]:
+def held_out_metrics(
+    G: nn.Module,
+    E: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor | None]],
+    classifier: IdentityClassifier | None = None,
+) -> dict[str, float]:
     """The training loop's snapshot figures over a stream of held-out ``(x, labels)`` batches, E and G in eval mode.
 
     ``recon_mse``: pixel-MSE of x̂ = G(μ_E(x)) in [0, 1] space, averaged over images (docs/method.md §4.1);
@@ -123,10 +135,11 @@ def held_out_metrics(G: nn.Module, E: nn.Module, batches: Iterable[tuple[Tensor,
             real.append(pixel_features(x))
             reconstructed.append(pixel_features(x_hat))
             labels.append(y.cpu().numpy())
-    figures = {"recon_mse": total / count,
-               **{k: float(v) for k, v in encoding_stats(torch.cat(mus), torch.cat(log_sigmas)).items()}}
+    figures = {
+        "recon_mse": total / count,
+        **{k: float(v) for k, v in encoding_stats(torch.cat(mus), torch.cat(log_sigmas)).items()},
+    }
     if classifier is not None and labels:
         result = classifier.score(np.concatenate(real), np.concatenate(reconstructed), np.concatenate(labels))
-        figures |= {"identity": result.accuracy, "identity_nearest": result.nearest,
-                    "identity_ceiling": result.ceiling}
+        figures |= {"identity": result.accuracy, "identity_nearest": result.nearest, "identity_ceiling": result.ceiling}
     return figures

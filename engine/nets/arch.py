@@ -100,5 +100,3 @@ def arch_spec(arch: str) -> ArchSpec:
 def scaled(n: int, width: float) -> int:
     """A hidden width scaled by the ``width`` multiplier: rounded, at least 1."""
     return max(1, round(n * width))
-
-

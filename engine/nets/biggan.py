@@ -116,8 +116,10 @@ def check_labels(labels: Tensor | None, label_classes: int, rows: int, who: str)
         return
     if labels is None or labels.shape != (rows,) or labels.dtype != torch.int64:
         got = "none" if labels is None else f"{tuple(labels.shape)} {labels.dtype}"
-        raise ValueError(f"{who} is class-conditional (model.label_classes={label_classes}): it needs int64 labels "
-                         f"of shape ({rows},), got {got}; the data must have labels")
+        raise ValueError(
+            f"{who} is class-conditional (model.label_classes={label_classes}): it needs int64 labels "
+            f"of shape ({rows},), got {got}; the data must have labels"
+        )
 
 
 class CheckpointedBlock(nn.Module):
@@ -193,15 +195,23 @@ class GeneratorBlock(CheckpointedBlock):
 class BigGANGenerator(nn.Module):
     """G: z (B, d_z) -> image (B, 3, R, R) in [-1, 1], R = 128 or 256; d_z splits into len(blocks) + 1 chunks."""
 
-    def __init__(self, resolution: int = 128, latent_dim: int = 120, width: float = 1.0,
-                 attention_resolution: int = 64, label_classes: int = 0) -> None:
+    def __init__(
+        self,
+        resolution: int = 128,
+        latent_dim: int = 120,
+        width: float = 1.0,
+        attention_resolution: int = 64,
+        label_classes: int = 0,
+    ) -> None:
         super().__init__()
         _check_resolution(resolution, "BigGANGenerator")
         arch = G_ARCH[resolution]
         if latent_dim % (len(arch) + 1):
-            raise ValueError(f"BigGANGenerator at {resolution}² splits z into {len(arch) + 1} equal chunks; "
-                             f"latent_dim {latent_dim} is not a multiple of {len(arch) + 1} (BigGAN: 120 at 128², "
-                             "140 at 256²)")
+            raise ValueError(
+                f"BigGANGenerator at {resolution}² splits z into {len(arch) + 1} equal chunks; "
+                f"latent_dim {latent_dim} is not a multiple of {len(arch) + 1} (BigGAN: 120 at 128², "
+                "140 at 256²)"
+            )
         self.resolution, self.latent_dim, self.label_classes = resolution, latent_dim, label_classes
         self.chunk = latent_dim // (len(arch) + 1)
         self.shared = nn.Embedding(label_classes, SHARED_DIM) if label_classes else None
@@ -252,12 +262,20 @@ class Bottleneck(CheckpointedBlock):
         super().__init__()
         c_out = 4 * width
         self.convs = nn.Sequential(
-            nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
+            nn.Conv2d(c_in, width, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out),
         )
-        self.shortcut = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
-                         if stride != 1 or c_in != c_out else nn.Identity())
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
 
     def block(self, x: Tensor) -> Tensor:
         return F.relu(self.convs(x) + self.shortcut(x))
@@ -266,9 +284,15 @@ class Bottleneck(CheckpointedBlock):
 def _preactivation_bottleneck(channels: int, width: int) -> nn.Sequential:
     """BN → ReLU → 1×1 → BN → ReLU → 3×3 → BN → ReLU → 1×1, channels → width → width → channels (ResNet v2's)."""
     return nn.Sequential(
-        nn.BatchNorm2d(channels), nn.ReLU(), nn.Conv2d(channels, width, 1, bias=False),
-        nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1, bias=False),
-        nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, channels, 1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.Conv2d(channels, width, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        nn.Conv2d(width, channels, 1, bias=False),
     )
 
 
@@ -304,8 +328,9 @@ class ResNetEncoder(nn.Module):
     ``block``: ``"bottleneck"`` (ResNet-50) or ``"revnet"`` (reversible units after each stage's first block).
     """
 
-    def __init__(self, resolution: int = 128, latent_dim: int = 120, width: float = 1.0, *,
-                 block: str = "bottleneck") -> None:
+    def __init__(
+        self, resolution: int = 128, latent_dim: int = 120, width: float = 1.0, *, block: str = "bottleneck"
+    ) -> None:
         super().__init__()
         if resolution < 32:
             raise ValueError(f"ResNetEncoder needs images of at least 32²; got {resolution}")
@@ -313,12 +338,16 @@ class ResNetEncoder(nn.Module):
             raise ValueError(f"ResNetEncoder's block is one of {', '.join(ENCODER_BLOCKS)}; got {block!r}")
         self.resolution, self.latent_dim = resolution, latent_dim
         base = _channels(RESNET_CH, width)
-        self.stem = nn.Sequential(nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(base),
-                                  nn.ReLU(), nn.MaxPool2d(3, stride=2, padding=1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, base, 7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(base),
+            nn.ReLU(),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
         blocks: list[nn.Module] = []
         c_in = base
         for stage, depth in enumerate(RESNET_STAGES):
-            width_stage = base * 2 ** stage
+            width_stage = base * 2**stage
             for i in range(depth):
                 if block == "revnet" and i > 0:
                     blocks.append(ReversibleBlock(c_in, width_stage))
@@ -395,9 +424,19 @@ class BigBiGANDiscriminator(nn.Module):
     ``[h_x, h_z, h_joint]`` concatenated and :meth:`head_weight` the three heads as one grouped head.
     """
 
-    def __init__(self, resolution: int = 128, latent_dim: int = 120, width: float = 1.0, *,
-                 slot_kinds: Sequence[str], num_classes: int, extra_dim: int | None = None,
-                 attention_resolution: int = 64, unary_heads: bool = False, label_classes: int = 0) -> None:
+    def __init__(
+        self,
+        resolution: int = 128,
+        latent_dim: int = 120,
+        width: float = 1.0,
+        *,
+        slot_kinds: Sequence[str],
+        num_classes: int,
+        extra_dim: int | None = None,
+        attention_resolution: int = 64,
+        unary_heads: bool = False,
+        label_classes: int = 0,
+    ) -> None:
         super().__init__()
         _check_resolution(resolution, "BigBiGANDiscriminator")
         slot_kinds = tuple(slot_kinds)
@@ -431,8 +470,9 @@ class BigBiGANDiscriminator(nn.Module):
             widths[EXTRA] = scaled(EXTRA_WIDTH, width)
         self.branches = nn.ModuleDict(branches)
         self.label_embedding = nn.Linear(label_classes, mlp, bias=False) if label_classes else None  # one-hot in
-        self.joint = ResidualMLP(sum(widths[k] for k in slot_kinds) + (mlp if label_classes else 0), mlp,
-                                 MLP_RESIDUAL_LAYERS)
+        self.joint = ResidualMLP(
+            sum(widths[k] for k in slot_kinds) + (mlp if label_classes else 0), mlp, MLP_RESIDUAL_LAYERS
+        )
         self.head = nn.Linear(mlp, num_classes)
         if unary_heads:
             self.unary_image = nn.Linear(widths[IMAGE] * slot_kinds.count(IMAGE), num_classes)
@@ -443,8 +483,10 @@ class BigBiGANDiscriminator(nn.Module):
     def _branch(self, kind: str, x: Tensor) -> Tensor:
         if kind == IMAGE:
             if tuple(x.shape[1:]) != (3, self.resolution, self.resolution):
-                raise ValueError(f"BigBiGANDiscriminator takes images of shape (N, 3, {self.resolution}, "
-                                 f"{self.resolution}) in its image slots, got {tuple(x.shape)}")
+                raise ValueError(
+                    f"BigBiGANDiscriminator takes images of shape (N, 3, {self.resolution}, "
+                    f"{self.resolution}) in its image slots, got {tuple(x.shape)}"
+                )
             return F.relu(self.branches[IMAGE](x)).sum(dim=(2, 3))  # BigGAN's sum pool
         return self.branches[kind](x)
 
@@ -456,8 +498,9 @@ class BigBiGANDiscriminator(nn.Module):
         """
         blocks = [list(s) if isinstance(s, list | tuple) else [s] for s in slots]
         if len(blocks) != len(self.slot_kinds):
-            raise ValueError(f"BigBiGANDiscriminator was built for {len(self.slot_kinds)} slots {self.slot_kinds}, "
-                             f"got {len(blocks)}")
+            raise ValueError(
+                f"BigBiGANDiscriminator was built for {len(self.slot_kinds)} slots {self.slot_kinds}, got {len(blocks)}"
+            )
         check_labels(labels, self.label_classes, blocks[0][0].shape[0], "BigBiGANDiscriminator")
         parts = branch_outputs(self._branch, self.slot_kinds, blocks)
         joint_in = parts

@@ -62,13 +62,21 @@ class ModelConfig:
         check_choice("model.encoder_block", self.encoder_block, ENCODER_BLOCKS)
         check_positive("model.label_classes", self.label_classes, allow_zero=True)
         if self.arch in PAPER_ARCHS:
-            for key, value, default in (("encoder_resolution", self.encoder_resolution, 0),
-                                        ("unary_heads", self.unary_heads, False),
-                                        ("encoder_block", self.encoder_block, "bottleneck"),
-                                        ("label_classes", self.label_classes, 0)):
+            for key, value, default in (
+                ("encoder_resolution", self.encoder_resolution, 0),
+                ("unary_heads", self.unary_heads, False),
+                ("encoder_block", self.encoder_block, "bottleneck"),
+                ("label_classes", self.label_classes, 0),
+            ):
                 if value != default:
-                    raise ConfigError(f"model.{key}", f"the paper's networks ({self.arch}) have no such option; "
-                                      "use model.arch=biggan128 or biggan256, or drop it")
+                    raise ConfigError(
+                        f"model.{key}",
+                        f"the paper's networks ({self.arch}) have no such option; "
+                        "use model.arch=biggan128 or biggan256, or drop it",
+                    )
         elif self.encoder_resolution and self.encoder_resolution < self.resolution:
-            raise ConfigError("model.encoder_resolution", f"got {self.encoder_resolution}, below G's and D's "
-                              f"{self.resolution}; E may see more pixels than D, not fewer (0 = the same)")
+            raise ConfigError(
+                "model.encoder_resolution",
+                f"got {self.encoder_resolution}, below G's and D's "
+                f"{self.resolution}; E may see more pixels than D, not fewer (0 = the same)",
+            )

@@ -203,8 +203,9 @@ class FeatureModel(nn.Module):
     whose other dimensions are flattened. ``name`` is how errors refer to it.
     """
 
-    def __init__(self, network: nn.Module, *, input_size: int = 0, resize: str = "nearest",
-                 name: str = "the feature network") -> None:
+    def __init__(
+        self, network: nn.Module, *, input_size: int = 0, resize: str = "nearest", name: str = "the feature network"
+    ) -> None:
         super().__init__()
         self.network = network
         self.input_size = input_size

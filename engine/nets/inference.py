@@ -37,8 +37,9 @@ def encode(E: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def reconstruction_chain(G: nn.Module, E: nn.Module, x: Tensor, depth: int = 2,
-                         labels: Tensor | None = None) -> list[Tensor]:
+def reconstruction_chain(
+    G: nn.Module, E: nn.Module, x: Tensor, depth: int = 2, labels: Tensor | None = None
+) -> list[Tensor]:
     """[x, G(μ_E(x)), G(μ_E(G(μ_E(x)))), ...] with E and G in eval mode and z = μ (docs/method.md §3.1).
 
     E encodes x as given; the first entry is x at G's resolution (:func:`resize_to`, a no-op unless E sees
@@ -60,8 +61,7 @@ def encoding_stats(mu: Tensor, log_sigma: Tensor) -> dict[str, Tensor]:
     the images, averaged over latent dimensions (an encoder whose μ barely moves with x maps every
     image to about the same code, whatever its σ).
     """
-    return {"e_sigma": log_sigma.detach().float().exp().mean(),
-            "e_mu_spread": mu.detach().float().std(dim=0).mean()}
+    return {"e_sigma": log_sigma.detach().float().exp().mean(), "e_mu_spread": mu.detach().float().std(dim=0).mean()}
 
 
 @torch.no_grad()
@@ -112,8 +112,17 @@ def evaluation_box_params(n: int, resolution: int, *, seed: int, device: torch.d
     return params.to(device)
 
 
-def inpaint(G: nn.Module, E: nn.Module, x: Tensor, params: Tensor, *, kind: str = "box", fill: float = -2.0,
-            impl: str = "auto", labels: Tensor | None = None) -> tuple[MaskComposite, Tensor, Tensor]:
+def inpaint(
+    G: nn.Module,
+    E: nn.Module,
+    x: Tensor,
+    params: Tensor,
+    *,
+    kind: str = "box",
+    fill: float = -2.0,
+    impl: str = "auto",
+    labels: Tensor | None = None,
+) -> tuple[MaskComposite, Tensor, Tensor]:
     """The inpainting chain: (the masked input with its mask, G(μ_E(masked x)), the composite).
 
     ``params`` are boxes (``kind='box'``) or given masks (``'dense'``, a pipeline's); the composite keeps x

@@ -96,8 +96,9 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def branch_outputs(branch: Callable[[str, Tensor], Tensor], slot_kinds: Sequence[str],
-                   blocks: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+def branch_outputs(
+    branch: Callable[[str, Tensor], Tensor], slot_kinds: Sequence[str], blocks: Sequence[Sequence[Tensor]]
+) -> list[Tensor]:
     """Each slot's ``branch(kind, rows)`` output, its row blocks stacked: D's branches over a tuple's slots.
 
     ``blocks[i]`` are slot i's row blocks (one per tuple class). Each kind's branch runs at most twice,

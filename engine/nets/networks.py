@@ -28,8 +28,15 @@ class Networks:
     extra_dim: int | None = None  # width of M's features, the size of D's extra slots
 
 
-def build_networks(model: ModelConfig, method: MethodConfig, spec: TupleSpec, *, resolution: int,
-                   device: torch.device, extra_dim: int | None = None) -> Networks:
+def build_networks(
+    model: ModelConfig,
+    method: MethodConfig,
+    spec: TupleSpec,
+    *,
+    resolution: int,
+    device: torch.device,
+    extra_dim: int | None = None,
+) -> Networks:
     """G, E, D for ``spec`` (and M when the spec uses M(...)), on ``device``.
 
     ``extra_dim`` (the width of M's features) is measured from M when M is loaded; pass it when
@@ -38,11 +45,18 @@ def build_networks(model: ModelConfig, method: MethodConfig, spec: TupleSpec, *,
     feature_model = None
     if spec.uses_feature_model and extra_dim is None:
         if not method.feature_model:
-            raise ConfigError("method.feature_model", f"tuple spec '{spec.name}' uses M(...); "
-                              "give method.feature_model=/path/to/model.pt (TorchScript or state dict)")
+            raise ConfigError(
+                "method.feature_model",
+                f"tuple spec '{spec.name}' uses M(...); "
+                "give method.feature_model=/path/to/model.pt (TorchScript or state dict)",
+            )
         network = load_feature_model(method.feature_model, method.feature_arch).to(device)
         extra_dim = feature_dim(network, method.feature_input_size or resolution)
-        feature_model = FeatureModel(network, input_size=method.feature_input_size, resize=method.feature_resize,
-                                     name=f"the feature model {method.feature_model}")
+        feature_model = FeatureModel(
+            network,
+            input_size=method.feature_input_size,
+            resize=method.feature_resize,
+            name=f"the feature model {method.feature_model}",
+        )
     G, E, D = build_models(model, slot_kinds=spec.slot_kinds, num_classes=spec.num_classes, extra_dim=extra_dim)
     return Networks(G=G.to(device), E=E.to(device), D=D.to(device), M=feature_model, extra_dim=extra_dim)

@@ -290,13 +290,21 @@ def build_models(
         from gali.engine.nets import biggan
 
         return (
-            biggan.BigGANGenerator(cfg.resolution, cfg.latent_dim, cfg.width, cfg.attention_resolution,
-                                   cfg.label_classes),
+            biggan.BigGANGenerator(
+                cfg.resolution, cfg.latent_dim, cfg.width, cfg.attention_resolution, cfg.label_classes
+            ),
             biggan.ResNetEncoder(cfg.data_resolution, cfg.latent_dim, cfg.width, block=cfg.encoder_block),
-            biggan.BigBiGANDiscriminator(cfg.resolution, cfg.latent_dim, cfg.width, slot_kinds=slot_kinds,
-                                         num_classes=num_classes, extra_dim=extra_dim,
-                                         attention_resolution=cfg.attention_resolution,
-                                         unary_heads=cfg.unary_heads, label_classes=cfg.label_classes),
+            biggan.BigBiGANDiscriminator(
+                cfg.resolution,
+                cfg.latent_dim,
+                cfg.width,
+                slot_kinds=slot_kinds,
+                num_classes=num_classes,
+                extra_dim=extra_dim,
+                attention_resolution=cfg.attention_resolution,
+                unary_heads=cfg.unary_heads,
+                label_classes=cfg.label_classes,
+            ),
         )
     generator = Generator(cfg.arch, cfg.latent_dim, cfg.width)
     encoder = Encoder(cfg.arch, cfg.latent_dim, cfg.width)

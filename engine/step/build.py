@@ -28,8 +28,16 @@ def compile_networks(nets: Networks) -> None:
     nets.D.features = torch.compile(nets.D.features)
 
 
-def build_step(nets: Networks, spec: TupleSpec, method: MethodConfig, optim: OptimConfig, latent_dim: int,
-               compute: ComputeConfig, *, world_size: int = 1) -> GaliStep | GraphedStep:
+def build_step(
+    nets: Networks,
+    spec: TupleSpec,
+    method: MethodConfig,
+    optim: OptimConfig,
+    latent_dim: int,
+    compute: ComputeConfig,
+    *,
+    world_size: int = 1,
+) -> GaliStep | GraphedStep:
     """The step runner ``compute`` asks for: channels-last and compiled networks, graphed or eager.
 
     ``compute.cuda_graph`` on a CPU device gives the eager twin (there is nothing to capture).

@@ -34,23 +34,38 @@ class StepCost:
     activation_bytes_per_image: float
 
 
-def measure_step_cost(nets: Networks, spec: TupleSpec, method: MethodConfig, latent_dim: int, resolution: int,
-                      *, device: torch.device | None = None) -> StepCost:
+def measure_step_cost(
+    nets: Networks,
+    spec: TupleSpec,
+    method: MethodConfig,
+    latent_dim: int,
+    resolution: int,
+    *,
+    device: torch.device | None = None,
+) -> StepCost:
     """The step's FLOPs and activation bytes per image, as the slope between two small batches.
 
     The networks are used as they are (their weights do not move: no optimizer step is taken, and
     the gradients it leaves are cleared).
     """
     device = device or next(nets.D.parameters()).device
-    step = GaliStep(nets, spec, method, OptimConfig(), latent_dim,
-                    ComputeConfig(precision="fp32", kernel_impl="ref", channels_last=False))
+    step = GaliStep(
+        nets,
+        spec,
+        method,
+        OptimConfig(),
+        latent_dim,
+        ComputeConfig(precision="fp32", kernel_impl="ref", channels_last=False),
+    )
     measured = [_measure(step, batch, resolution, device) for batch in COST_BATCHES]
     (small_flops, small_bytes), (large_flops, large_bytes) = measured
     images = COST_BATCHES[1] - COST_BATCHES[0]
     for p in step.d_params + step.ge_params:
         p.grad = None
-    return StepCost(flops_per_image=(large_flops - small_flops) / images,
-                    activation_bytes_per_image=(large_bytes - small_bytes) / images)
+    return StepCost(
+        flops_per_image=(large_flops - small_flops) / images,
+        activation_bytes_per_image=(large_bytes - small_bytes) / images,
+    )
 
 
 def _measure(step: GaliStep, batch: int, resolution: int, device: torch.device) -> tuple[int, int]:

@@ -65,8 +65,17 @@ class GaliStep:
     set with ``compute.cuda_graph``, on CPU as well, so the CPU twin runs the graph's optimizer.
     """
 
-    def __init__(self, nets: Networks, spec: TupleSpec, method: MethodConfig, optim: OptimConfig,
-                 latent_dim: int, compute: ComputeConfig | None = None, *, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        nets: Networks,
+        spec: TupleSpec,
+        method: MethodConfig,
+        optim: OptimConfig,
+        latent_dim: int,
+        compute: ComputeConfig | None = None,
+        *,
+        world_size: int = 1,
+    ) -> None:
         self.nets = nets
         self.world_size = world_size
         self.spec = spec
@@ -81,16 +90,24 @@ class GaliStep:
         self.d_params = trainable_parameters(nets.D)
         self.ge_params = trainable_parameters(nets.G, nets.E)
         # fused Adam is capturable on CPU too: the twin runs the graph's optimizer
-        self.opt_d, self.opt_ge = build_optimizers(self.d_params, self.ge_params, optim, fused=True,
-                                                   capturable=self.compute.cuda_graph)
+        self.opt_d, self.opt_ge = build_optimizers(
+            self.d_params, self.ge_params, optim, fused=True, capturable=self.compute.cuda_graph
+        )
         scaled = self.precision.uses_scaler
         self.scaler_d = torch.amp.GradScaler(self.device.type) if scaled else None
         self.scaler_ge = torch.amp.GradScaler(self.device.type) if scaled else None
         w_true, w_pair = loss_weights(spec.num_classes, method.loss_weights, method.objective)
         self.w_true, self.w_pair = w_true.to(self.device), w_pair.to(self.device)
 
-    def discriminate(self, x: Tensor, noise_std: Tensor, masks: Tensor | None = None, labels: Tensor | None = None,
-                     *, chains_grad: bool = True) -> dict[str, Tensor]:
+    def discriminate(
+        self,
+        x: Tensor,
+        noise_std: Tensor,
+        masks: Tensor | None = None,
+        labels: Tensor | None = None,
+        *,
+        chains_grad: bool = True,
+    ) -> dict[str, Tensor]:
         """Forward only: chains, tuples, one D call, both losses (graph kept for the updates).
 
         ``masks``: the batch's masks (``method.mask_source = "pipeline"``), None to draw boxes in the step;
@@ -119,11 +136,21 @@ class GaliStep:
         labels = torch.arange(k, device=x.device).repeat_interleave(batch)
         with annotate("gali/head"):
             if groups == 1:
-                loss_d, loss_ge = kway_head(features, weight, bias, labels, self.w_true, self.w_pair, 1.0 / batch,
-                                            impl=self.compute.kernel_impl)
+                loss_d, loss_ge = kway_head(
+                    features, weight, bias, labels, self.w_true, self.w_pair, 1.0 / batch, impl=self.compute.kernel_impl
+                )
             else:
-                loss_d, loss_ge = kway_head_grouped(features, weight, bias, labels, self.w_true, self.w_pair,
-                                                    1.0 / batch, groups, impl=self.compute.kernel_impl)
+                loss_d, loss_ge = kway_head_grouped(
+                    features,
+                    weight,
+                    bias,
+                    labels,
+                    self.w_true,
+                    self.w_pair,
+                    1.0 / batch,
+                    groups,
+                    impl=self.compute.kernel_impl,
+                )
         if self.method.objective == "misclassification":  # not a sum of CEs: its G/E loss is added on the logits
             logits = F.linear(features, weight, bias)
             loss_ge = sum(misclassification_loss(group, labels, k, 1.0 / batch) for group in logits.chunk(groups, 1))
@@ -141,8 +168,14 @@ class GaliStep:
             out["loss_ge"] = loss_ge + self.method.alice_lambda * recon
         return out
 
-    def step(self, x: Tensor, noise_std: Tensor, phase: str = "both", masks: Tensor | None = None,
-             labels: Tensor | None = None) -> dict[str, Tensor]:
+    def step(
+        self,
+        x: Tensor,
+        noise_std: Tensor,
+        phase: str = "both",
+        masks: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """One update; ``phase`` is 'both' (simultaneous), 'd' or 'ge' (alternating); ``masks`` and ``labels``
         the batch's (see :meth:`discriminate`)."""
         check_phase(phase)
@@ -151,8 +184,9 @@ class GaliStep:
         with annotate("gali/step"):
             return self.update(x, noise_std, phase, masks, labels)
 
-    def update(self, x: Tensor, noise_std: Tensor, phase: str, masks: Tensor | None = None,
-               labels: Tensor | None = None) -> dict[str, Tensor]:
+    def update(
+        self, x: Tensor, noise_std: Tensor, phase: str, masks: Tensor | None = None, labels: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """The capturable body: forward, both gradients, both optimizer steps; no host sync.
 
         The spectral-norm weights are computed once for the forward and both backward passes (a block
@@ -236,5 +270,3 @@ def _randn_in_layout(t: Tensor) -> Tensor:
 def _set_grads(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
     for param, grad in zip(params, grads, strict=True):
         param.grad = grad
-
-

@@ -42,8 +42,14 @@ class GraphedStep:
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[str, dict[str, Tensor]] = {}
 
-    def step(self, x: Tensor, noise_std: Tensor, phase: str = "both", masks: Tensor | None = None,
-             labels: Tensor | None = None) -> dict[str, Tensor]:
+    def step(
+        self,
+        x: Tensor,
+        noise_std: Tensor,
+        phase: str = "both",
+        masks: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         check_phase(phase)
         self._load(x, noise_std, masks, labels)
         assert self._x is not None and self._noise_std is not None
@@ -85,14 +91,19 @@ class GraphedStep:
                 "partial batch; keep run.batch_size and data.resolution fixed), or set compute.cuda_graph=false"
             )
         if noise_std.dim() != 0 or not noise_std.dtype.is_floating_point:
-            raise GaliError(f"graphed step: noise_std must be a 0-d float tensor, got shape "
-                            f"{tuple(noise_std.shape)} {noise_std.dtype}")
+            raise GaliError(
+                f"graphed step: noise_std must be a 0-d float tensor, got shape "
+                f"{tuple(noise_std.shape)} {noise_std.dtype}"
+            )
         for name, given, static in (("masks", masks, self._masks), ("labels", labels, self._labels)):
             if (given is None) != (static is None) or (
-                    given is not None and (given.shape, given.dtype) != (static.shape, static.dtype)):
-                raise GaliError(f"graphed step: batch {name} are {None if given is None else tuple(given.shape)} but "
-                                f"the step was built for {None if static is None else tuple(static.shape)}; a CUDA "
-                                "graph replays one static shape (every batch has them, or none does)")
+                given is not None and (given.shape, given.dtype) != (static.shape, static.dtype)
+            ):
+                raise GaliError(
+                    f"graphed step: batch {name} are {None if given is None else tuple(given.shape)} but "
+                    f"the step was built for {None if static is None else tuple(static.shape)}; a CUDA "
+                    "graph replays one static shape (every batch has them, or none does)"
+                )
             if given is not None:
                 static.copy_(given)
         self._x.copy_(x)

@@ -10,8 +10,14 @@ from torch import Tensor
 from gali.engine.step.config import OptimConfig
 
 
-def build_optimizers(d_params: Sequence[Tensor], ge_params: Sequence[Tensor], optim: OptimConfig, *,
-                     fused: bool | None = None, capturable: bool = False) -> tuple[torch.optim.Adam, torch.optim.Adam]:
+def build_optimizers(
+    d_params: Sequence[Tensor],
+    ge_params: Sequence[Tensor],
+    optim: OptimConfig,
+    *,
+    fused: bool | None = None,
+    capturable: bool = False,
+) -> tuple[torch.optim.Adam, torch.optim.Adam]:
     """``(opt_d, opt_ge)`` with ``optim``'s learning rates (``lr_d`` / ``lr_ge`` where set, else ``lr``) and betas.
 
     ``fused=True`` is torch's fused Adam (one kernel per step, ``found_inf`` read on the device);

@@ -43,7 +43,7 @@ class _PerSampleMaskChains(ChainEvaluator):
         image = args[0]
         mask = torch.zeros_like(image[:, :1])
         for i, (top, left, box_h, box_w) in enumerate(masks[int(node.op[-1])].tolist()):
-            mask[i, :, top:top + box_h, left:left + box_w] = 1.0
+            mask[i, :, top : top + box_h, left : left + box_w] = 1.0
         if node.op.startswith("mask"):
             return image * (1 - mask) + self.method.mask_fill * mask
         return image * (1 - mask) + args[1] * mask
@@ -52,8 +52,9 @@ class _PerSampleMaskChains(ChainEvaluator):
 class PaperStep:
     """The authors' step structure for any tuple spec; ``step(x, noise_std)`` returns the losses."""
 
-    def __init__(self, nets: Networks, spec: TupleSpec, method: MethodConfig, optim: OptimConfig,
-                 latent_dim: int) -> None:
+    def __init__(
+        self, nets: Networks, spec: TupleSpec, method: MethodConfig, optim: OptimConfig, latent_dim: int
+    ) -> None:
         self.nets = nets
         for net in (nets.G, nets.E, nets.D):
             set_layer_impl(net, "ref")

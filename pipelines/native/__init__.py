@@ -35,8 +35,12 @@ HARNESS = "gali_masks_harness"  # the same routine without DALI (CPU, and CUDA w
 _SOURCE_SUFFIXES = (".h", ".cc", ".cu", ".txt")
 _loaded: dict[str, Path] = {}  # build folder name (DALI version, source hash) -> the library loaded in this process
 # What CMake prints when the C++ compiler is missing or broken.
-_NO_COMPILER = ("No CMAKE_CXX_COMPILER could be found", "Could not find compiler set in environment variable CXX",
-                "not a full path to an existing compiler", "is not able to compile a simple test program")
+_NO_COMPILER = (
+    "No CMAKE_CXX_COMPILER could be found",
+    "Could not find compiler set in environment variable CXX",
+    "not a full path to an existing compiler",
+    "is not able to compile a simple test program",
+)
 
 
 class NativeBuildError(GaliError):
@@ -89,18 +93,42 @@ def build(*, force: bool = False, log: Callable[[str], None] | None = None) -> P
         return library
     cmake = shutil.which("cmake")
     if cmake is None:
-        raise NativeBuildError("cannot build the DALI masks plugin: CMake is not on PATH; install it "
-                               "(pip install cmake, or apt install cmake), or use data.backend=torch")
+        raise NativeBuildError(
+            "cannot build the DALI masks plugin: CMake is not on PATH; install it "
+            "(pip install cmake, or apt install cmake), or use data.backend=torch"
+        )
     work = folder.with_name(f"{folder.name}.building-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     log_path = work / "build.log"
     cuda = "OFF" if os.environ.get("GALI_NATIVE_CUDA", "1") in ("0", "off", "OFF", "false") else "ON"
     steps = [
-        ("CMake configure", [cmake, "-S", str(SOURCES), "-B", str(work / "cmake"), "-DCMAKE_BUILD_TYPE=Release",
-                             f"-DPython3_EXECUTABLE={sys.executable}", f"-DGALI_NATIVE_CUDA={cuda}"]),
-        ("CMake build", [cmake, "--build", str(work / "cmake"), "--target", "gali_masks", HARNESS, "--parallel",
-                         str(os.cpu_count() or 1)]),
+        (
+            "CMake configure",
+            [
+                cmake,
+                "-S",
+                str(SOURCES),
+                "-B",
+                str(work / "cmake"),
+                "-DCMAKE_BUILD_TYPE=Release",
+                f"-DPython3_EXECUTABLE={sys.executable}",
+                f"-DGALI_NATIVE_CUDA={cuda}",
+            ],
+        ),
+        (
+            "CMake build",
+            [
+                cmake,
+                "--build",
+                str(work / "cmake"),
+                "--target",
+                "gali_masks",
+                HARNESS,
+                "--parallel",
+                str(os.cpu_count() or 1),
+            ],
+        ),
     ]
     if log:
         log(f"building the DALI masks plugin in {folder} (CUDA backend: {cuda.lower()} if a CUDA compiler is found)")
@@ -134,7 +162,8 @@ def load(*, log: Callable[[str], None] | None = None) -> Path:
     try:
         plugin_manager.load_library(str(library))
     except RuntimeError as e:
-        raise NativeBuildError(f"DALI cannot load the masks plugin {library}: {e}; rebuild it with "
-                               "`gali native build --force`") from e
+        raise NativeBuildError(
+            f"DALI cannot load the masks plugin {library}: {e}; rebuild it with `gali native build --force`"
+        ) from e
     _loaded[name] = library
     return library

@@ -60,8 +60,13 @@ def test_names_each_mask_violation(masks, num_masks, message: str) -> None:
     batch = Batch(x=good().x, labels=good().labels, masks=masks)
     with pytest.raises(DataError, match=r"batch contract violated: .*" + message):
         check_batch(batch, batch_size=4, resolution=8, device="cpu", num_masks=num_masks)
-    check_batch(Batch(x=batch.x, labels=None, masks=torch.ones(4, 2, 8, 8, dtype=torch.uint8)), batch_size=4,
-                resolution=8, device="cpu", num_masks=2)
+    check_batch(
+        Batch(x=batch.x, labels=None, masks=torch.ones(4, 2, 8, 8, dtype=torch.uint8)),
+        batch_size=4,
+        resolution=8,
+        device="cpu",
+        num_masks=2,
+    )
 
 
 def test_device_without_index_matches_any_index() -> None:

@@ -24,11 +24,21 @@ CPU = torch.device("cpu")
 SOURCES = ("folder", "filelist", "webdataset")
 
 
-def dali(root: Path, source: str = "folder", *, split: str = "train", batch_size: int = 4, seed: int = 0,
-         resolution: int = 8, channels_last: bool = False, **kwargs: object) -> DaliPipeline:
+def dali(
+    root: Path,
+    source: str = "folder",
+    *,
+    split: str = "train",
+    batch_size: int = 4,
+    seed: int = 0,
+    resolution: int = 8,
+    channels_last: bool = False,
+    **kwargs: object,
+) -> DaliPipeline:
     cfg = DataConfig(source=source, root=str(root), resolution=resolution, backend="dali", workers=1, **kwargs)
-    return DaliPipeline(cfg, root, split=split, batch_size=batch_size, device=CPU, seed=seed,
-                        channels_last=channels_last)
+    return DaliPipeline(
+        cfg, root, split=split, batch_size=batch_size, device=CPU, seed=seed, channels_last=channels_last
+    )
 
 
 def decode_index(pixel: torch.Tensor) -> int:
@@ -104,8 +114,9 @@ def test_order_is_a_function_of_seed_and_epoch_and_two_ranks_partition_an_epoch(
     assert indices(list(first)) == epoch0
 
     cfg = DataConfig(source=kind, root=str(root), resolution=8, backend="dali", workers=1)
-    ranks = [DaliPipeline(cfg, root, split="train", batch_size=4, device=CPU, seed=3, rank=r, world_size=2)
-             for r in range(2)]
+    ranks = [
+        DaliPipeline(cfg, root, split="train", batch_size=4, device=CPU, seed=3, rank=r, world_size=2) for r in range(2)
+    ]
     for epoch in (0, 1):
         seen = []
         for pipe in ranks:
@@ -121,8 +132,10 @@ def test_a_pass_started_mid_epoch_is_the_tail_of_the_full_pass(kind, tmp_path, i
     root, _ = make_source(kind, tmp_path, id_folder, n=26)
     cfg = DataConfig(source=kind, root=str(root), resolution=8, backend="dali", workers=1)
     for rank in range(2):
-        full, resumed = (DaliPipeline(cfg, root, split="train", batch_size=4, device=CPU, seed=3, rank=rank,
-                                      world_size=2) for _ in range(2))
+        full, resumed = (
+            DaliPipeline(cfg, root, split="train", batch_size=4, device=CPU, seed=3, rank=rank, world_size=2)
+            for _ in range(2)
+        )
         full.set_epoch(1)
         resumed.set_epoch(1, start_batch=1)
         want = indices(list(full))
@@ -135,8 +148,9 @@ def test_file_sources_deal_the_torch_backends_order_to_every_rank(id_folder):
     root = id_folder(n=26)
     cfg = DataConfig(source="folder", root=str(root), resolution=8, backend="dali", workers=1)
     for rank in range(2):
-        twin = TorchFilePipeline(root, split="train", resolution=8, batch_size=4, device=CPU, seed=5, rank=rank,
-                                  world_size=2)
+        twin = TorchFilePipeline(
+            root, split="train", resolution=8, batch_size=4, device=CPU, seed=5, rank=rank, world_size=2
+        )
         pipe = DaliPipeline(cfg, root, split="train", batch_size=4, device=CPU, seed=5, rank=rank, world_size=2)
         for p in (twin, pipe):
             p.set_epoch(2)
@@ -249,9 +263,18 @@ def test_bad_roots_and_splits_fail_before_any_batch(tmp_path, id_folder):
 
 
 def test_gali_train_runs_on_the_dali_backend(tmp_path):
-    overrides = ["data.backend=dali", "data.workers=1", "model.width=0.125", "model.latent_dim=16",
-                 "run.batch_size=16", "run.kimg=0.064", "run.tick_kimg=0.032", "run.snapshot_kimg=0.064",
-                 "run.grid_size=2", f"run.out_dir={tmp_path / 'runs'}"]
+    overrides = [
+        "data.backend=dali",
+        "data.workers=1",
+        "model.width=0.125",
+        "model.latent_dim=16",
+        "run.batch_size=16",
+        "run.kimg=0.064",
+        "run.tick_kimg=0.032",
+        "run.snapshot_kimg=0.064",
+        "run.grid_size=2",
+        f"run.out_dir={tmp_path / 'runs'}",
+    ]
     lines: list[str] = []
     result = train(load_config("demo", overrides), log=lines.append)
     assert result.kimg == pytest.approx(0.064) and np.isfinite(result.recon_mse)

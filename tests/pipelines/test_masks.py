@@ -114,13 +114,16 @@ def test_box_mask_is_the_half_open_rectangle():
     assert mask.sum() == 6 and mask[1:4, 2:4].all()
 
 
-@pytest.mark.parametrize("spec,key", [
-    (kinds(), "method.mask_kinds"),
-    (kinds(box=1, box_max=40), "method.mask_max_size"),
-    (kinds(stroke=1, num_strokes=17), "method.mask_strokes"),
-    (kinds(box=1, min_coverage=0.6, max_coverage=0.5), "method.mask_min_coverage"),
-    (kinds(box=1, max_tries=0), "method.mask_max_tries"),
-])
+@pytest.mark.parametrize(
+    "spec,key",
+    [
+        (kinds(), "method.mask_kinds"),
+        (kinds(box=1, box_max=40), "method.mask_max_size"),
+        (kinds(stroke=1, num_strokes=17), "method.mask_strokes"),
+        (kinds(box=1, min_coverage=0.6, max_coverage=0.5), "method.mask_min_coverage"),
+        (kinds(box=1, max_tries=0), "method.mask_max_tries"),
+    ],
+)
 def test_impossible_specs_name_their_key(spec, key):
     with pytest.raises(ConfigError, match=key):
         spec.args(1, 32, 32)
@@ -134,8 +137,9 @@ def test_torch_backend_masks_follow_the_sample_not_the_batch(id_folder):
     want = draw_masks(range(24), args)  # image i of the folder is sample i of the split
     seen = set()
     for batch_size, seed, rank, world in ((4, 0, 0, 1), (6, 3, 0, 1), (3, 5, 1, 2)):
-        pipe = make_pipeline(cfg, split="train", batch_size=batch_size, device=CPU, seed=seed, rank=rank,
-                             world_size=world, masks=args)
+        pipe = make_pipeline(
+            cfg, split="train", batch_size=batch_size, device=CPU, seed=seed, rank=rank, world_size=world, masks=args
+        )
         for batch in pipe:
             check_batch(batch, batch_size=batch_size, resolution=8, device=CPU, num_masks=2)
             for x, masks in zip(batch.x, batch.masks, strict=True):
@@ -146,8 +150,9 @@ def test_torch_backend_masks_follow_the_sample_not_the_batch(id_folder):
 
 
 def test_pipeline_masks_config(tmp_path):
-    ok = load_config("demo", ["method.tuples=gali-mix", "method.mask_source=pipeline",
-                              "method.mask_kinds=box:0.5,stroke:0.5"])
+    ok = load_config(
+        "demo", ["method.tuples=gali-mix", "method.mask_source=pipeline", "method.mask_kinds=box:0.5,stroke:0.5"]
+    )
     args = ok.method.pipeline_masks(4, 32, ok.run.seed)
     assert args.num_masks == 4 and args.kind_weights == (500_000, 0, 500_000)
     assert load_config("demo", ["method.tuples=gali-mix"]).method.pipeline_masks(4, 32, 0) is None

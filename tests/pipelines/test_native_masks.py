@@ -41,13 +41,15 @@ def run_operator(ids: list[int], spec: MaskSpec, num_masks: int, height: int, wi
     """The operator's masks of ``ids`` from a CPU-only DALI pipeline fed by an external source."""
     from nvidia.dali import fn, pipeline_def
 
-    batches = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+    batches = [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
 
     @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None, prefetch_queue_depth=1)
     def masks_pipeline():
-        sample_ids = fn.external_source(source=lambda info: [np.array(i, dtype=np.int64)
-                                                             for i in batches[info.iteration]], batch=True,
-                                        batch_info=True)
+        sample_ids = fn.external_source(
+            source=lambda info: [np.array(i, dtype=np.int64) for i in batches[info.iteration]],
+            batch=True,
+            batch_info=True,
+        )
         return fn.gali_masks(sample_ids, **spec.args(num_masks, height, width).as_kwargs())
 
     pipe = masks_pipeline()
@@ -81,13 +83,43 @@ def test_harness_equals_the_reference(plugin, tmp_path):
 
     args = SPECS["mixture"].args(3, 17, 13)
     out = tmp_path / "masks.bin"
-    command = [str(plugin.parent / native.HARNESS), "--seed", str(args.mask_seed), "--first-id", "100", "--count",
-               "5", "--masks", "3", "--height", "17", "--width", "13",
-               "--kind-weights", ",".join(map(str, args.kind_weights)), "--box-min", str(args.box_min),
-               "--box-max", str(args.box_max), "--eval-min", str(args.eval_min), "--eval-max", str(args.eval_max),
-               "--strokes", str(args.num_strokes), "--max-thickness", str(args.max_thickness), "--min-pixels",
-               str(args.min_pixels), "--max-pixels", str(args.max_pixels), "--max-tries", str(args.max_tries),
-               "--out", str(out)]
+    command = [
+        str(plugin.parent / native.HARNESS),
+        "--seed",
+        str(args.mask_seed),
+        "--first-id",
+        "100",
+        "--count",
+        "5",
+        "--masks",
+        "3",
+        "--height",
+        "17",
+        "--width",
+        "13",
+        "--kind-weights",
+        ",".join(map(str, args.kind_weights)),
+        "--box-min",
+        str(args.box_min),
+        "--box-max",
+        str(args.box_max),
+        "--eval-min",
+        str(args.eval_min),
+        "--eval-max",
+        str(args.eval_max),
+        "--strokes",
+        str(args.num_strokes),
+        "--max-thickness",
+        str(args.max_thickness),
+        "--min-pixels",
+        str(args.min_pixels),
+        "--max-pixels",
+        str(args.max_pixels),
+        "--max-tries",
+        str(args.max_tries),
+        "--out",
+        str(out),
+    ]
     subprocess.run(command, check=True)
     got = np.fromfile(out, dtype=np.uint8).reshape(5, 3, 17, 13)
     assert np.array_equal(got, draw_masks(range(100, 105), args))
@@ -131,8 +163,16 @@ def test_dali_backend_masks_follow_the_sample_and_equal_the_torch_backends(plugi
     for backend in ("dali", "torch"):
         cfg = DataConfig(source="folder", root=str(root), resolution=8, backend=backend, workers=1)
         for batch_size, seed, rank, world in ((4, 0, 0, 1), (6, 3, 1, 2)):
-            pipe = make_pipeline(cfg, split="train", batch_size=batch_size, device=CPU, seed=seed, rank=rank,
-                                 world_size=world, masks=args)
+            pipe = make_pipeline(
+                cfg,
+                split="train",
+                batch_size=batch_size,
+                device=CPU,
+                seed=seed,
+                rank=rank,
+                world_size=world,
+                masks=args,
+            )
             for batch in pipe:
                 check_batch(batch, batch_size=batch_size, resolution=8, device=CPU, num_masks=2, num_classes=1)
                 for x, masks in zip(batch.x, batch.masks, strict=True):
@@ -143,10 +183,22 @@ def test_dali_backend_masks_follow_the_sample_and_equal_the_torch_backends(plugi
 
 
 def test_gali_mix_trains_through_dali_with_pipeline_masks(plugin, tmp_path):
-    overrides = ["method.tuples=gali-mix", "method.mask_source=pipeline", "method.mask_kinds=box:0.5,stroke:0.5",
-                 "data.backend=dali", "data.workers=1", "model.width=0.125", "model.latent_dim=16",
-                 "run.batch_size=16", "run.kimg=0.048", "run.tick_kimg=0.016", "run.snapshot_kimg=0.048",
-                 "run.grid_size=2", "run.identity_images=0", f"run.out_dir={tmp_path / 'runs'}"]
+    overrides = [
+        "method.tuples=gali-mix",
+        "method.mask_source=pipeline",
+        "method.mask_kinds=box:0.5,stroke:0.5",
+        "data.backend=dali",
+        "data.workers=1",
+        "model.width=0.125",
+        "model.latent_dim=16",
+        "run.batch_size=16",
+        "run.kimg=0.048",
+        "run.tick_kimg=0.016",
+        "run.snapshot_kimg=0.048",
+        "run.grid_size=2",
+        "run.identity_images=0",
+        f"run.out_dir={tmp_path / 'runs'}",
+    ]
     result = train(load_config("demo", overrides), log=lambda line: None)
     assert result.kimg == pytest.approx(0.048) and np.isfinite(result.recon_mse)
 
