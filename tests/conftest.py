@@ -5,8 +5,11 @@ imported, so TRITON_INTERPRET=1 is set here, at the root of the tests, before an
 """
 
 import contextlib
+import getpass
 import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,19 @@ from gali.engine.ranges import ranges
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# One Inductor cache per CPU kernel path: torch 2.13 reuses C++ built under one ATEN_CPU_CAPABILITY under
+# another, which gave wrong gradients (and once a double free) in the numerics pass on another path.
+CPU_PATH = torch.backends.cpu.get_cpu_capability()
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}_{CPU_PATH}")
+)
+
+
+def pytest_report_header() -> str:
+    """The CPU kernel path torch runs on (the numerics tests run again under another: tests/other_cpu_path.py)."""
+    chosen = os.environ.get("ATEN_CPU_CAPABILITY", "unset: the machine's best")
+    return f"torch {torch.__version__}, CPU kernel path {CPU_PATH} (ATEN_CPU_CAPABILITY={chosen})"
 
 
 @pytest.fixture

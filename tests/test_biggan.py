@@ -23,6 +23,8 @@ from gali.engine.nets.paper import build_models
 from gali.engine.step.build import build_step
 from gali.engine.step.config import ComputeConfig, OptimConfig
 from gali.kernels.kway_head import kway_losses
+from tests.isolation import run_isolated
+from tests.tolerance import assert_twins_close
 
 WIDTH = 1 / 48  # ch = 2 in G and D, 1 base channel in E: seconds per step on a CPU
 CPU = torch.device("cpu")
@@ -98,14 +100,19 @@ def test_a_training_step_runs_and_moves_every_network(arch, latent_dim, encoder_
         assert any(not torch.equal(v, after[k]) for k, v in before[name].items()), name
 
 
-def test_a_channels_last_step_runs_at_the_smallest_width():
-    """Channel counts stay >= 2: a 1-channel channels-last activation crashed torch 2.13's CPU kernels."""
+def channels_last_step_at_the_smallest_width() -> tuple[bool, int]:
+    """One channels-last step of the smallest biggan128 nets with E at 256²: (finite loss, E's fewest channels)."""
     step, _, _ = _step("biggan128", "gali4", encoder_resolution=256, channels_last=True)
     out = step.step(_images(256), torch.tensor(0.1))
-    assert (
-        torch.isfinite(out["loss_d"])
-        and min(m.out_channels for m in step.nets.E.modules() if isinstance(m, nn.Conv2d)) >= 2
-    )
+    channels = min(m.out_channels for m in step.nets.E.modules() if isinstance(m, nn.Conv2d))
+    return bool(torch.isfinite(out["loss_d"])), channels
+
+
+def test_a_channels_last_step_runs_at_the_smallest_width():
+    """In a child process: torch 2.13's CPU kernels crashed here (1-channel activations; 1×1 stride-2 convolutions
+    on AVX-512 EPYCs, issue 20). Channel counts stay >= 2 and the strided 1×1 convolutions are subsampled."""
+    finite, channels = run_isolated(channels_last_step_at_the_smallest_width)
+    assert finite and channels >= 2
 
 
 @pytest.mark.parametrize("tuples", ["ali", "gali4", "gali8", "gali-mix"])
@@ -116,6 +123,7 @@ def test_every_tuple_spec_runs_with_the_new_networks(tuples):
     assert torch.isfinite(out["loss_d"]) and torch.isfinite(out["loss_ge"]) and out["p_true"].shape == (k,)
 
 
+@pytest.mark.numerics
 def test_unary_heads_add_their_k_way_losses_with_weight_one(monkeypatch):
     """L = Σ over the image, latent and joint heads of the K-way losses, checked against three separate heads."""
     step, nets, _ = _step("biggan128", "gali4")
@@ -140,13 +148,14 @@ def test_unary_heads_add_their_k_way_losses_with_weight_one(monkeypatch):
         for part, head in zip(parts, (d.unary_image, d.unary_latent, d.head), strict=True):
             loss_d, loss_ge = kway_losses(F.linear(part, head.weight, head.bias), labels, w_true, w_pair, 0.5)
             want_d, want_ge = want_d + loss_d, want_ge + loss_ge
-    torch.testing.assert_close(out["loss_d"], want_d, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out["loss_ge"], want_ge, rtol=1e-5, atol=1e-6)
+    assert_twins_close(out["loss_d"], want_d, reduction=h.shape[1])  # the heads sum over D's feature width
+    assert_twins_close(out["loss_ge"], want_ge, reduction=h.shape[1])
     # without unary heads only the joint head's loss is left
     plain, _, _ = _step("biggan128", "gali4", unary=False)
     assert plain.nets.D.head_weight()[2] == 1 and d.head_weight()[2] == 3
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("encoder_block", ["bottleneck", "revnet"])
 def test_activation_checkpointing_gives_the_same_gradients(encoder_block):
     plain, _, _ = _step("biggan128", "gali4", encoder_block=encoder_block)
@@ -163,8 +172,9 @@ def test_activation_checkpointing_gives_the_same_gradients(encoder_block):
         torch.manual_seed(3)
         step.step(_images(128), torch.tensor(0.1))  # the gradients it stepped with stay in .grad
         grads.append([p.grad.clone() for p in step.d_params + step.ge_params])
+    scale = max(g.abs().max().item() for g in grads[0])  # recomputation reorders nothing but float sums
     for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # recomputation reorders nothing but float sums
+        assert_twins_close(b, a, reduction=8 * 2 * 128 * 128, scale=scale)  # a D weight's gradient: rows × pixels
 
 
 def test_a_reversible_block_inverts_exactly():

@@ -91,6 +91,7 @@ def test_checkpoints_resume_at_another_world_size(two_rank_run, tmp_path):
     assert state["images_seen"] == 1024 and state["world_size"] == 2 and len(state["rng_ranks"]) == 2
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_two_rank_gradients_are_the_mean_of_each_rank_alone(tmp_path):
     done = torchrun(str(WORKER), "gradients", str(tmp_path), cwd=tmp_path)

@@ -7,6 +7,8 @@ import pytest
 from gali.engine.loop.config import load_config
 from gali.engine.loop.train import train
 
+pytestmark = pytest.mark.numerics  # parity of twins: run again under a second CPU kernel path
+
 
 def _losses(run_dir):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

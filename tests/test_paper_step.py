@@ -13,6 +13,9 @@ from gali.engine.nets.paper import build_models
 from gali.engine.step.config import ComputeConfig, OptimConfig
 from gali.engine.step.eager import GaliStep
 from gali.engine.step.paper import PaperStep
+from tests.tolerance import assert_twins_close, smooth_activations
+
+pytestmark = pytest.mark.numerics  # parity of twins: run again under a second CPU kernel path
 
 BATCH, LATENT = 4, 8
 
@@ -26,6 +29,7 @@ def test_paper_step_and_fast_step_compute_the_same_update(spec_name):
         slot_kinds=spec.slot_kinds,
         num_classes=spec.num_classes,
     )
+    smooth_activations(G, E, D)  # gradients compared across two orders of the sums: no kinks to round across
     D.eval()  # freeze the power iteration: the baseline's K D calls would otherwise advance it K times
     method = MethodConfig(tuples=spec_name, mask_min_size=4)
     nets = Networks(G=G, E=E, D=D)
@@ -39,8 +43,12 @@ def test_paper_step_and_fast_step_compute_the_same_update(spec_name):
     want = fast.step(x, noise)
     torch.manual_seed(3)
     got = paper.step(x, noise)
-    torch.testing.assert_close(got["loss_d"], want["loss_d"], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got["loss_ge"], want["loss_ge"], rtol=1e-5, atol=1e-6)
-    for mine, theirs in zip(fast.d_params + fast.ge_params, paper.d_params + paper.ge_params, strict=True):
-        # sums in another order; parameters are not compared: Adam's first update is ±lr for near-zero gradients
-        torch.testing.assert_close(theirs.grad, mine.grad, rtol=1e-4, atol=1e-5)
+    reduction = spec.num_classes * BATCH * 32 * 32  # the most terms summed into one value: a D weight's gradient
+    assert_twins_close(got["loss_d"], want["loss_d"], reduction=reduction)
+    assert_twins_close(got["loss_ge"], want["loss_ge"], reduction=reduction)
+    # Parameters are not compared: Adam's first update is ±lr for near-zero gradients. A gradient that cancels
+    # to near zero keeps the rounding of its terms: the scale is the largest gradient of its backward pass.
+    for mine, theirs in ((fast.d_params, paper.d_params), (fast.ge_params, paper.ge_params)):
+        scale = max(p.grad.abs().max().item() for p in mine)
+        for a, b in zip(mine, theirs, strict=True):
+            assert_twins_close(b.grad, a.grad, reduction=reduction, scale=scale, msg=f"gradient of {tuple(a.shape)}")

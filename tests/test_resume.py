@@ -14,6 +14,8 @@ from gali.engine.loop.checkpoint import load_checkpoint, save_checkpoint
 from gali.engine.loop.config import load_config
 from gali.engine.loop.train import resume, train
 
+pytestmark = pytest.mark.numerics  # parity of twins: run again under a second CPU kernel path
+
 # The digits hold 1,437 training images: 44 batches of 32 per epoch. Snapshots every 640 images
 # (20 batches) put checkpoints mid-epoch (batch 20 of epoch 1) and after the epoch boundary
 # (1,920 images: batch 16 of epoch 2); the run ends at 2,016 images.

@@ -71,7 +71,9 @@ def test_a_short_run_lowers_reconstruction_error_below_a_fresh_model(tmp_path, m
     fresh.G.init_output_bias(train_batch.x)  # what the loop does first: G outputs the mean image
     test = make_pipeline(cfg.data, split="test", batch_size=100, device=device, seed=cfg.run.seed)
     fresh_mse = held_out_metrics(fresh.G, fresh.E, ((b.x, None) for b in test))["recon_mse"]
-    assert result.recon_mse < 0.8 * fresh_mse, (result.recon_mse, fresh_mse)
+    # The ratio depends on the CPU's kernels and the thread count: 0.68 to 0.82 over 1 and 2 threads on the
+    # AVX-512 and default paths (the run is chaotic in its rounding); an untrained loop stays at 1 or above.
+    assert result.recon_mse < 0.9 * fresh_mse, (result.recon_mse, fresh_mse)
 
 
 @pytest.mark.slow

@@ -63,7 +63,7 @@ from gali.engine.method.tuple_spec import EXTRA, IMAGE, LATENT
 from gali.engine.nets.arch import scaled
 from gali.engine.nets.config import ENCODER_BLOCKS
 from gali.engine.nets.feature_models import resize_to
-from gali.engine.nets.layers import branch_outputs
+from gali.engine.nets.layers import SubsampledPointConv2d, branch_outputs
 
 BIGGAN_CH = 96  # BigGAN's base channel count at width 1
 SHARED_DIM = 128  # BigGAN's shared class embedding, joined to every G block's z chunk
@@ -272,7 +272,7 @@ class Bottleneck(CheckpointedBlock):
             nn.BatchNorm2d(c_out),
         )
         self.shortcut = (
-            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+            nn.Sequential(SubsampledPointConv2d(c_in, c_out, stride, bias=False), nn.BatchNorm2d(c_out))
             if stride != 1 or c_in != c_out
             else nn.Identity()
         )

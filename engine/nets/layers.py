@@ -1,8 +1,9 @@
 """Layers with a fast path and a reference twin, and the authors' weight init (docs/method.md §3.1).
 
 The layers whose kernel covers their whole input (E's and D's last convolution, G's first transposed
-convolution) run as one GEMM; ``set_layer_impl(net, 'ref')`` switches them back to ``nn.Conv``'s own
-forward, the twin the paper-structured baseline runs. Same parameters and state-dict keys either way.
+convolution) run as one GEMM, and 1×1 strided convolutions (ResNet's projection shortcut) as a subsample
+and a 1×1 convolution; ``set_layer_impl(net, 'ref')`` switches them back to ``nn.Conv``'s own forward, the
+twin the paper-structured baseline runs. Same parameters and state-dict keys either way.
 ``branch_outputs`` runs a discriminator's branches over a tuple's slots, grouped by gradient (both D's).
 """
 
@@ -19,7 +20,7 @@ from gali.engine.nets.arch import Layer
 INIT_STD = 0.01
 
 
-LAYER_IMPLS = ("gemm", "ref")
+LAYER_IMPLS = ("fast", "ref")
 
 
 class FullKernelConv2d(nn.Conv2d):
@@ -31,7 +32,7 @@ class FullKernelConv2d(nn.Conv2d):
     used by the paper-structured baseline. Same parameters, same state-dict keys.
     """
 
-    impl = "gemm"
+    impl = "fast"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.impl == "ref" or tuple(x.shape[-2:]) != self.kernel_size:
@@ -50,7 +51,7 @@ class PointInputConvTranspose2d(nn.ConvTranspose2d):
     The output is channels-last when the weight is (``compute.channels_last``), like the layers after it.
     """
 
-    impl = "gemm"
+    impl = "fast"
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
         if self.impl == "ref" or output_size is not None or tuple(x.shape[-2:]) != (1, 1):
@@ -64,12 +65,36 @@ class PointInputConvTranspose2d(nn.ConvTranspose2d):
         return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
 
 
+class SubsampledPointConv2d(nn.Conv2d):
+    """A 1×1 convolution at stride s (ResNet's projection shortcut), run as ``x[..., ::s, ::s]`` then stride 1.
+
+    The same math: a 1×1 kernel at stride s reads every s-th pixel only. torch 2.13's CPU backward of the
+    plain strided layer corrupts the heap at small channel counts on AMD EPYC machines, channels-last and
+    NCHW alike (tests/test_conv_shapes.py sweeps it); this form never reaches that kernel.
+    ``impl='ref'`` runs ``nn.Conv2d``'s own forward. Same parameters, same state-dict keys.
+    """
+
+    impl = "fast"
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, *, bias: bool = True) -> None:
+        super().__init__(in_channels, out_channels, 1, stride=stride, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.impl == "ref":
+            return super().forward(x)
+        sh, sw = self.stride
+        return F.conv2d(x[..., ::sh, ::sw], self.weight, self.bias)
+
+
+FAST_LAYERS = (FullKernelConv2d, PointInputConvTranspose2d, SubsampledPointConv2d)
+
+
 def set_layer_impl(module: nn.Module, impl: str) -> None:
-    """Run every full-kernel layer of ``module`` as a GEMM (``'gemm'``, the default) or as ``nn.Conv`` (``'ref'``)."""
+    """Run ``module``'s layers that have a fast form in it (``'fast'``, the default) or as ``nn.Conv`` (``'ref'``)."""
     if impl not in LAYER_IMPLS:
         raise ValueError(f"layer impl must be one of {LAYER_IMPLS}, got {impl!r}")
     for m in module.modules():
-        if isinstance(m, FullKernelConv2d | PointInputConvTranspose2d):
+        if isinstance(m, FAST_LAYERS):
             m.impl = impl
 
 

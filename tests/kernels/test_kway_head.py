@@ -28,6 +28,8 @@ from torch import Tensor
 from gali.kernels import _launch
 from gali.kernels.kway_head import kway_head, kway_head_grouped, kway_head_grouped_ref, kway_head_ref
 
+pytestmark = pytest.mark.numerics  # parity of twins: run again under a second CPU kernel path
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FP32_RTOL = 1e-5
 LOWP_ATOL = {torch.bfloat16: 2e-3, torch.float16: 3e-4}  # relative to the largest magnitude; see above

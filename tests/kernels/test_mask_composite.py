@@ -24,6 +24,8 @@ from gali.kernels.mask_composite import (
     sample_stroke_params,
 )
 
+pytestmark = pytest.mark.numerics  # parity of twins: run again under a second CPU kernel path
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
