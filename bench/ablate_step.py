@@ -1,16 +1,13 @@
 """What each of the step's CPU speed-ups is worth: the engine's step with one of them taken out again.
 
-Run: ``python bench/ablate_step.py [--cycles 7]`` (GALI-4, the SVHN-32 paper networks, batch 100, fp32,
-the engine's defaults otherwise). Variants:
-
-- ``defaults``:          the engine's step as ``gali train`` builds it;
-- ``conv-layers``:       the full-kernel layers as ``nn.Conv`` calls (``set_layer_impl(net, 'ref')``);
-- ``no-grouping``:       D gets each slot stacked into one tensor, so its rows are not grouped by gradient;
-- ``randn_like-noise``:  instance noise from ``torch.randn_like`` instead of a flat draw viewed in the layout.
-
-Steps of the four variants are interleaved (one step of each per cycle, the first cycle untimed), so that the
-slow drift of a shared machine falls on all of them alike; pytest-benchmark times cases one after another and
-cannot do that. Prints each variant's median and its ratio to ``defaults``.
+Run: ``python bench/ablate_step.py [--cycles 7]`` (GALI-4, the SVHN-32 paper networks, batch 100, fp32, the engine's
+defaults otherwise). Variants:
+- ``defaults``: the engine's step as ``gali train`` builds it;
+- ``conv-layers``: the full-kernel layers as ``nn.Conv`` calls (``set_layer_impl(net, 'ref')``);
+- ``no-grouping``: D gets each slot stacked into one tensor, so its rows are not grouped by gradient;
+- ``randn_like-noise``: instance noise from ``torch.randn_like`` instead of a flat draw viewed in the layout.
+The variants' steps are interleaved, one of each per cycle (the first untimed), so a shared machine's drift falls on all
+alike; prints each variant's median and its ratio to ``defaults``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """A recipe sweep on the demo digits: does E learn to encode, under which recipe, by how many kimg?
 
-Each (recipe, method, seed) is one ``gali train`` run from the ``demo`` preset with the recipe's
-overrides, in its own process (``OMP_NUM_THREADS`` as the caller sets it, so two sweeps can share two
-cores), into ``OUT/<recipe>/<method>/seed<S>``. A run whose folder already ends with the final
-snapshot is not run again, so an interrupted sweep goes on where it stopped. The snapshots' held-out
-records (identity accuracy, pixel-MSE, E's σ and μ spread: ``gali.engine.loop.snapshots``) are the
-sweep's data; ``report`` turns them into Markdown tables (mean ± std over seeds) and plots.
+Each (recipe, method, seed) is one ``gali train`` run (the ``demo`` preset plus the recipe's overrides) in its own
+process (``OMP_NUM_THREADS`` as the caller sets it), into ``OUT/<recipe>/<method>/seed<S>``; a run whose folder already
+ends with the final snapshot is skipped, so an interrupted sweep resumes. The snapshots' held-out records
+(``gali.engine.loop.snapshots``) are the data; ``report`` makes Markdown tables (mean ± std over seeds) and plots.
 
     OMP_NUM_THREADS=1 python bench/sweep_digits.py run --recipes demo,lr2e-4 --methods ali,gali4 \\
         --seeds 0,1,2 --kimg 40 --out /tmp/sweep

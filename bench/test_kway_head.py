@@ -1,33 +1,13 @@
 """kway_head benchmarks: fused Triton head vs its reference twin vs the authors' per-term cross-entropies.
 
-Run: ``pytest bench/test_kway_head.py`` (bench/ is not in the test suite's testpaths). On a CUDA machine the
-shapes are docs/architecture.md's target, 8192 rows (K classes × B rows) × 1536 features, K = 4 and 8, bf16, plus the
-grouped form with G = 3 groups of K = 4 logits (BigBiGAN-style unary-x, unary-z and joint scores; 12
-columns of W, :func:`kway_head_grouped`); without one the kernels run in Triton's CPU interpreter
-(bench/conftest.py) on tiny shapes, which checks the harness, not the speed.
-
-Each timed call is what one training step does with the head: the forward, then
-``autograd.grad(loss_d, (h, W, b))`` and ``autograd.grad(loss_ge, h)``, then a CUDA synchronize.
-
-impl:
-- ``triton``: :func:`kway_head` (G = 1) or :func:`kway_head_grouped` with impl='triton' (fused forward,
-  backward scales stored gradients).
-- ``triton-graph`` (CUDA only): the same step captured once in a CUDA graph and replayed, as the engine's
-  graphed step runs it (no host overhead).
-- ``triton-fwd-graph`` (CUDA only): the fused forward alone (both launches, no backward), graphed: the
-  kernel time docs/architecture.md's target is about (<= 30 µs and >= 70% of HBM bandwidth on an H100).
-- ``ref``: :func:`kway_head_ref` / :func:`kway_head_grouped_ref`, plain PyTorch with autograd; ``ref-graph``
-  (CUDA only) the same, graphed.
-- ``eager-16-ce``: the authors' code: logits via ``F.linear``, then K + K(K-1) separate ``F.cross_entropy``
-  calls on the class-major row blocks (16 calls for K = 4, 64 for K = 8), then autograd; for G groups,
-  G times as many, one set per group's columns.
-
-extra_info["GB/s"] divides one byte count by the median time, the same count for every impl: the traffic
-an ideal fused forward + backward cannot avoid, with s the bytes per element of h:
-read h (N·F·s), W (C·F·s, C = G·K columns), b, labels (8·N) and the weights; write dh_d and dh_ge
-(2·N·F·s), dW (C·F·s) and db. That is 3·N·F·s + 2·C·F·s + small terms. The triton path's backward re-reads
-and re-writes the stored dh's (one scale per loss), which this count leaves out, so its GB/s understates
-what the memory moves.
+Run: ``pytest bench/test_kway_head.py``. On CUDA, docs/architecture.md's 8192 rows × 1536 features, K = 4 and 8 (G = 1,
+and G = 3 grouped), bf16; elsewhere tiny shapes in Triton's CPU interpreter (a harness check). A timed call is a step's
+forward, ``autograd.grad(loss_d, (h, W, b))`` and ``autograd.grad(loss_ge, h)``, then a sync.
+impl: ``triton`` (:func:`kway_head` / :func:`kway_head_grouped`); ``triton-graph``, the same step replayed from a CUDA
+graph; ``triton-fwd-graph``, the fused forward alone, graphed (what the architecture target times); ``ref`` and
+``ref-graph``, the plain-PyTorch twins; ``eager-16-ce``, the authors' K + K(K-1) ``F.cross_entropy`` calls per group.
+``extra_info["GB/s"]`` is one byte count over the median for every impl: 3·N·F·s + 2·C·F·s + small terms (s bytes per
+element, C = G·K), what an ideal fused step must move. The ``*-graph`` impls run on CUDA only.
 """
 
 from __future__ import annotations

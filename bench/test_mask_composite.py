@@ -1,31 +1,13 @@
 """Benchmark mask_composite, forward + backward: the Triton op, its reference twin, and the authors' style.
 
-Run: ``pytest bench/test_mask_composite.py`` (add ``--benchmark-json=FILE`` to keep the numbers).
-
-Implementations:
-- ``triton``: the fused op (one forward kernel, one backward kernel);
-- ``ref``: the plain-PyTorch twin (vectorised mask from index grids, autograd backward);
-- ``loop``: the authors' structure, box masks only: a host-side loop over the batch writes each sample's
-  box into a zero mask by slicing (a host sync to read the parameters), then the composites are
-  elementwise arithmetic on the mask.
-
-Shapes: on CUDA the GALI-mix CelebA batch (256×3×64×64), an ImageNet-resolution batch (64×3×256×256)
-and a large batch (256×3×256×256) where launch overhead no longer hides the bandwidth; fp32 and bf16.
-On CPU the Triton kernels run in the interpreter, so the shapes are tiny and only fp32: those numbers
-check that the benchmark runs, not speed.
-
-Modes: ``eager`` times the Python calls (forward, ``torch.autograd.grad``, sync), so at these sizes it
-mostly measures host overhead (custom-op dispatch, autograd, launches); ``graph`` (CUDA only, not for
-``loop``, whose host loop cannot be captured) captures forward + backward in a CUDA graph, as the
-engine's graphed step does, and times replay + sync: that is the kernels' achieved bandwidth. At
-256×3×64×64 a graph's working set partly stays in the 50 MB L2 between replays, so GB/s can exceed HBM.
-
-Bytes counted per timed call (N = B·C·H·W elements of e bytes; what a perfect single pass moves):
-forward reads x, y, noise and writes mask (N/C), masked and mix: (5 + 1/C)·N·e; backward reads
-g_masked, g_mix and writes grad_x, grad_y: 4·N·e; plus 16 or 20·S bytes of parameters per sample.
-``extra_info["GB/s"]`` is that count over the median time (the same count for every impl, so the
-ratio between impls is their speed ratio); ``extra_info["bytes"]`` records the count. Each timed call
-synchronises CUDA before returning.
+Run: ``pytest bench/test_mask_composite.py`` (``--benchmark-json=FILE`` keeps the numbers).
+impl: ``triton`` (the fused op), ``ref`` (its plain-PyTorch twin), ``loop`` (the authors' per-sample host loop, boxes
+only). mode: ``eager`` (the Python calls: mostly host overhead) or ``graph`` (a CUDA graph of forward + backward
+replayed: the kernels' bandwidth; CUDA only, not ``loop``).
+Shapes: on CUDA 256×3×64×64 (GALI-mix CelebA; L2 may hold it, so GB/s can exceed HBM), 64×3×256×256 and 256×3×256×256,
+fp32 and bf16; on CPU tiny fp32 shapes in the interpreter. ``extra_info["GB/s"]``: a perfect single pass's bytes, the
+same for every impl, over the median: (5 + 1/C)·N·e forward, 4·N·e backward (N = B·C·H·W elements of e bytes), 16 or
+20·S bytes of parameters per sample (``extra_info["bytes"]``).
 """
 
 import pytest

@@ -1,30 +1,13 @@
 """Benchmark the full training step per preset and mode against the paper-structured baseline, in one run.
 
-Run: ``pytest bench/test_step.py --benchmark-json=FILE`` (``-k svhn32`` for one preset). Case names read
-``test_step[<preset>-<mode>]``:
-
-preset  ``svhn32-gali4`` (docs/method.md §3.2 networks, 32², K = 4) and ``celeba64-gali4`` / ``celeba64-gali-mix``
-        (§3.3 networks, 64²); the paper's widths (model.width = 1), d_z = 256, batch 100.
-mode    ``baseline``    :class:`gali.engine.step.paper.PaperStep`: K D calls, K² cross-entropies, per-sample
-                        Python masks, two full backward passes, fp32, unfused Adam, no graph, every layer an
-                        ``nn.Conv`` call (the authors' structure on the reference twins; what every other
-                        mode is divided by);
-        ``fp32``        the engine's eager step with its defaults (one D call with gradient-grouped rows, fused
-                        head, autograd.grad into each side only, full-kernel layers as GEMMs, channels-last,
-                        fused Adam);
-        ``fp32-nchw``   the same in the contiguous (NCHW) layout;
-        ``fp32-conv``   the same with the full-kernel layers as ``nn.Conv`` calls (``set_layer_impl(net, 'ref')``),
-                        which shows what their GEMM form gives on the device;
-        ``bf16``        eager with bf16 autocast;
-        ``compiled``    fp32 with torch.compile (Inductor) on G, E and D's trunk;
-        ``graph`` / ``bf16-graph``   the whole step captured in a CUDA graph and replayed (CUDA only).
-
-Each round is one training step (CUDA synchronised inside the timed call) after warm-up steps that are not
-timed (compilation, graph capture, optimizer state). ``extra_info`` holds images/s, the speed-up over the
-baseline of the same preset measured earlier in this run, the model FLOPs of one step (counted once per
-preset by ``gali info``'s ``measure_step_cost``: convolutions and matmuls of the forward and one full backward),
-the achieved TFLOP/s, the fraction of the device's dense peak where the device is known, and peak memory
-(CUDA: ``max_memory_allocated``; CPU: the process's peak RSS so far).
+Run: ``pytest bench/test_step.py --benchmark-json=FILE`` (``-k svhn32`` for one); ids ``test_step[<preset>-<mode>]``.
+preset: ``svhn32-gali4``, ``celeba64-gali4``, ``celeba64-gali-mix`` (docs/method.md §3.2/§3.3 networks, width 1,
+d_z = 256, batch 100). mode: ``baseline`` (:class:`gali.engine.step.paper.PaperStep`, what every mode is divided by);
+``fp32`` (the eager step's defaults), ``fp32-nchw`` (NCHW layout), ``fp32-conv`` (full-kernel layers as ``nn.Conv``),
+``bf16`` (autocast), ``compiled`` (torch.compile of G, E and D's trunk), ``graph``/``bf16-graph`` (CUDA graph replay).
+Each round is one step, CUDA synchronised, after untimed warm-up steps. ``extra_info``: images/s, speed-up over the
+preset's baseline in this run, model FLOPs per step (``gali info``'s ``measure_step_cost``), TFLOP/s and the fraction of
+the device's dense peak where known, and peak memory (CUDA ``max_memory_allocated``; CPU peak RSS).
 """
 
 import resource

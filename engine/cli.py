@@ -2,18 +2,12 @@
 
 gali train [--preset NAME|FILE.toml] [--dry-run] [section.key=value ...]
 gali train --resume RUN_DIR|CHECKPOINT [section.key=value ...]
-gali profile [--preset NAME|FILE.toml] [--steps 20] [section.key=value ...]
-gali info [--preset NAME|FILE.toml] [section.key=value ...]
-gali sample CHECKPOINT [--out FILE.png] [--n 64] [--seed 0]
-gali reconstruct CHECKPOINT [--out FILE.png] [--n 16] [--split test]
-gali presets
-gali data check ROOT [--workers N]
+gali profile|info [--preset NAME|FILE.toml] [--steps 20 (profile only)] [section.key=value ...]
+gali sample|reconstruct CHECKPOINT [--out FILE.png] [--n 64|16] [--seed 0] [--split test (reconstruct only)]
+gali presets;  gali data check|stats ROOT [--workers N]
 gali data prepare SRC DST --resolution R --shards N [--format jpeg|png] [--workers N] [--seed 0]
-gali data stats ROOT [--workers N]
-gali eval CHECKPOINT [data.key=value ...] [--metrics pixel-mse,feature-mse,recon-identity,probe,fid,kid,inpaint]
-          [--split test] [options]
-gali reproduce [--preset demo] [--kimg K] [--seeds N] [--methods ali,alice,gali4,gali8,gali-mix] [--inception FILE]
-               [options] [section.key=value ...]
+gali eval CHECKPOINT [data.key=value ...] [--metrics pixel-mse,feature-mse,recon-identity,probe,fid,kid,inpaint] ...
+gali reproduce [--preset demo] [--kimg K] [--seeds N] [--methods ali,alice,gali4,gali8,gali-mix] [--inception FILE] ...
 """
 
 from __future__ import annotations

@@ -1,25 +1,13 @@
 """Named, nested ranges for Nsight Systems (NVTX) and torch.profiler, off by default.
 
-``annotate("gali/D")`` marks one phase of a step. When ranges are on (``compute.nvtx=true`` or
-``gali profile``) each range is pushed as an NVTX range (the ``nvtx`` package; it costs nothing
-when no profiler is attached) and as a ``torch.profiler.record_function`` label, so the same names
-appear in an ``nsys`` timeline and in a torch.profiler trace. When ranges are off, ``annotate``
-returns one shared null context: no allocation, no call into NVTX.
+``annotate("gali/D")`` marks one phase. When on (``compute.nvtx=true`` or ``gali profile``) a range is an NVTX range
+(free while no profiler is attached) and a ``torch.profiler.record_function`` label; off, ``annotate`` returns one
+shared null context. Ranges are host-side: under CUDA-graph replay only those around the replay appear (the step's inner
+ones show at warm-up and capture). The engine's names:
 
-Ranges are host-side: under CUDA-graph replay only the ranges around the replay appear (the step
-range sits outside it); the ranges inside the step are seen at warm-up and capture.
-
-The names used by the engine, outermost first:
-
-    gali/data                 the loop fetching the next batch
-    gali/step                 one training step (eager, or around a graph replay)
-      gali/chains             E, G, M and mask chains of the tuple spec
-        gali/mask_composite   each mask/mix kernel launch
-      gali/D                  D's feature trunk on all K·B rows (one call)
-      gali/head               the fused K-way head kernel launch
-      gali/backward_D         ∂L_D/∂θ_D
-      gali/backward_GE        ∂L_GE/∂θ_GE
-      gali/optim              both optimizer steps (and the GradScaler updates under fp16)
+    gali/data (fetching a batch); gali/step (one step, or around a graph replay), inside it:
+      gali/chains (E, G, M and mask chains; gali/mask_composite around each mask/mix launch), gali/D (D's trunk,
+      all K·B rows), gali/head (the fused K-way head), gali/backward_D, gali/backward_GE, gali/optim (both optimizers)
 """
 
 from __future__ import annotations

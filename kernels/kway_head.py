@@ -1,74 +1,14 @@
 """kway_head: the discriminator's last linear layer fused with GALI's K-way losses and their gradients.
 
-GALI's discriminator ends in a linear layer that maps each tuple's features h (N, F) to K logits, one per
-tuple class (docs/method.md §1.3-1.6). Every step needs, from the same logits:
-
-- the D loss, a weighted K-way cross-entropy to the row's true class y (paper weight w_true = 2/K),
-- the G/E "product of terms" loss, a weighted sum of cross-entropies to every other class
-  (paper weight w_pair = 2/(K(K-1)) off the diagonal, 0 on it),
-
-and their gradients. In the authors' code this is one linear layer plus K + K(K-1) separate
-``F.cross_entropy`` calls, each re-reading the logits, then autograd replaying all of them. Here one
-Triton launch reads each block of rows of h, computes the logits in fp32, both losses, and — in the same
-pass, as Liger-Kernel's fused linear cross-entropy does — the gradients d loss_d / dh, d loss_ge / dh,
-d loss_d / dW and d loss_d / db, which it stores. Backward then only scales the stored gradients by the
-incoming grad_output (one Triton pass over the h gradient, which also sums the two losses' h gradients
-when both are backpropagated together). A second, small forward launch sums the per-program partials of
-dW, db and the two losses (a deterministic reduction: no atomics, so runs are bit-reproducible).
-
-Math (p = softmax(logits), S_y = sum_j w_pair[y, j], 1/B = ``inv_batch``):
-
-    loss_d  = 1/B * sum_rows w_true[y] * (-log p_y)
-    loss_ge = 1/B * sum_rows sum_j w_pair[y, j] * (-log p_j)
-    d loss_d  / d logit_i = 1/B * w_true[y] * (p_i - [i = y])
-    d loss_ge / d logit_i = 1/B * (S_y * p_i - w_pair[y, i])
-    dh = dlogit @ W,   dW = dlogit^T @ h,   db = sum_rows dlogit
-
-Each row's logit gradient sums to zero for both losses.
-
-Grouped form (:func:`kway_head_grouped`): a head with G >= 1 groups of K logits each, for example
-BigBiGAN-style unary-x, unary-z and joint scores, in the same one launch. weight is (G·K, F), bias (G·K,),
-and group g's logits are columns [g·K, (g+1)·K) of h @ W^T + b. Each group has its own softmax over its K
-columns; all groups share the labels, w_true and w_pair, and the losses are summed over the groups:
-loss_d = sum_g loss_d(group g), loss_ge = sum_g loss_ge(group g). The formulas above hold per group and
-the logit gradients of all G·K columns feed the same dh = dlogit @ W. Separate feature vectors per group
-(BigBiGAN's unary scores see only x's or only z's features) are expressed by concatenating them into h
-and giving each group's rows of W zeros outside its own block, e.g. ``torch.block_diag(W_x, W_z, W_j)``
-over ``h = torch.cat([h_x, h_z, h_j], 1)``; autograd through ``block_diag`` and ``cat`` then hands each
-block its own gradient. :func:`kway_head` is the G = 1 case of the same kernel and custom op.
-
-Gradient semantics: ``loss_d`` is differentiable w.r.t. h, weight and bias. ``loss_ge`` is differentiable
-w.r.t. h only: the G/E update never uses its gradient w.r.t. the discriminator's weight and bias, so none is
-computed, stored or returned (autograd sees None). Backward of ``loss_d`` reads only the stored D gradients
-and backward of ``loss_ge`` only the stored G/E gradient, so the training step's two
-``torch.autograd.grad`` calls each touch only what they need.
-
-Bytes moved (s = bytes per element of h's dtype, C = G·K logit columns, P = number of row blocks): the
-forward launch reads h once from memory (its second pass re-reads each block, normally from L2), W and b
-(C·F·s, cached), the labels (8·N) and writes grad_h_d and grad_h_ge (2·N·F·s) and fp32 partials
-(P·(C·F + C + 2)·4) that the reduction launch reads back and turns into grad_W (C·F·s), grad_b and the
-losses. The minimum, counted by the benchmark, is 3·N·F·s + 2·C·F·s + 8·N. Backward reads the stored h
-gradient(s) and writes one (2·N·F·s per loss backpropagated on its own).
-
-Measured on an H100 80GB HBM3 (N = 8192, F = 1536, K = 4 and 8, G = 1; triton.testing.do_bench_cudagraph
-and bench/test_kway_head.py): bf16/fp16 forward (both launches) 41-43 µs, about 1.8 TB/s of the 3·N·F·s
-minimum; the training step's forward + both backward calls captured in a CUDA graph 85-98 µs, against
-150-170 µs for the graphed reference twin. fp32 forward 188 µs: IEEE fp32 dot products run on CUDA cores,
-not tensor cores. docs/architecture.md's target for the forward (<= 30 µs, >= 70% of HBM bandwidth) is not met yet.
-The grouped form (G = 3; pytest-benchmark medians, bench/reports/2026-11-24-h100-kway-head-grouped.json):
-forward 56 µs (K = 4) and 66 µs (K = 8), graphed step 100 and 110 µs, against 392 µs for the graphed
-reference twin in the same run.
-Eager calls add several hundred µs of host overhead (custom-op dispatch, autograd, Triton launches):
-capture the step in a CUDA graph or compile it.
-
-Limits: 2 <= K <= 16 classes per group, 1 <= G and G·K <= 32 logit columns in all (padded inside the
-kernel to a power of two >= 16, the smallest tile ``tl.dot`` takes; wider heads raise a ValueError, on
-both paths), any N and F; h, weight and bias share one dtype among fp32, bf16 and fp16 (the reference also
-takes fp64), math and accumulation are fp32 (fp32 inputs use IEEE fp32 dot products, not TF32), losses
-are fp32 and gradients come back in the input dtype. Label values are not checked (that would need a host
-sync): the Triton path gives rows whose label lies outside [0, K) zero weight, the reference raises or
-asserts on them. No host synchronisation and no branching on tensor values, so the op is CUDA-graph
-capturable.
+One Triton launch computes the logits h @ W^T + b in fp32, the D loss, the G/E product-of-terms loss and, in the
+same pass, their gradients (docs/method.md §1.3-1.6); a second sums per-program partials in a fixed order (no
+atomics: bit-reproducible); backward only scales the stored gradients. With p the softmax over each group of K
+columns, 1/B = ``inv_batch``: loss_d = 1/B Σ_rows w_true[y]·(−log p_y), loss_ge = 1/B Σ_rows,j w_pair[y, j]·(−log p_j).
+Bytes (s per element of h, C = G·K columns, P row blocks): at least 3·N·F·s + 2·C·F·s + 8·N, plus fp32 partials
+P·(C·F + C + 2)·4 written and read back; backward moves 2·N·F·s per loss backpropagated on its own.
+Limits: 2 <= K <= 16, G·K <= 32 (wider raises ValueError), any N, F; fp32/bf16/fp16 (the reference also fp64); fp32
+math (IEEE, no TF32), fp32 losses, gradients in the input dtype. Labels are not checked: Triton gives rows outside
+[0, K) zero weight, the reference raises or asserts. No host sync: CUDA-graph capturable (eager calls are host-bound).
 """
 
 from __future__ import annotations

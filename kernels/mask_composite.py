@@ -1,50 +1,14 @@
 """Inpainting masks drawn on the device, the encoder's masked input and the mix composite, in one pass.
 
-GALI-mix (docs/method.md §2.3) feeds the encoder masked images and feeds D mixed images ``x·(1−m) + y·m``
-with instance noise. Built from plain PyTorch ops, that is a mask tensor materialised from per-sample
-parameters, then a fill, a blend and a noise add, each a separate pass over (B, C, H, W) memory, with
-the mask read back once per use. This op fuses all of it: each program loads its sample's mask
-parameters once, computes the mask of its block of pixels in registers (no mask tensor is read), then
-walks the channels and writes every output exactly once:
-
-- ``mask``   (B, 1, H, W), x's dtype, 1 = masked;
-- ``masked`` (B, C, H, W) = x·(1−m) + fill·m, the encoder's input (fill −2 by default, docs/method.md §5 item 6);
-- ``mix``    (B, C, H, W) = x·(1−m) + y·m (+ noise_std·noise), or None without ``y``.
-
-The backward is one fused pass too: grad_x = (g_masked + g_mix)·(1−m), grad_y = g_mix·m, with the mask
-recomputed from the parameters rather than saved and re-read.
-
-Bytes moved, with e the element size and N = B·C·H·W: forward reads x, y (and noise) and writes mask,
-masked and mix, (5 + [noise] + 1/C)·N·e; backward reads g_masked, g_mix and writes grad_x, grad_y,
-4·N·e (less when an input needs no gradient or an output received none). The parameters are
-negligible. All arithmetic is fp32 with one rounding to the output dtype.
-
-Mask kinds, with parameters per sample:
-
-- ``"box"``: int32 (B, 4) ``[top, left, box_h, box_w]``; pixel (r, c) is masked when
-  top ≤ r < top+box_h and left ≤ c < left+box_w. :func:`sample_box_params` draws the paper's
-  distribution (docs/method.md §2.3, §5 item 5).
-- ``"stroke"``: float32 (B, S, 5) ``[x0, y0, x1, y1, radius]`` (x = column, y = row, pixel centres at
-  integer coordinates); a pixel is masked when its distance to any of the S segments is ≤ radius. The
-  test is division-free: fp32 projections and squared distances, and fp64 for the one product that
-  outgrows fp32's 24 bits (cross product² against radius²·|segment|²). For the parameters
-  :func:`sample_stroke_params` draws (integer endpoints, half-integer radii) every step is exact on
-  images up to 2048 pixels a side, so kernel and reference agree bit for bit on any device; other
-  parameters may differ on pixels within rounding of the boundary (GPU FMA contraction).
-- ``"dense"``: a given mask, uint8 or bool (B, H, W) or (B, 1, H, W), nonzero = masked: the per-sample
-  masks a pipeline drew (``gali.pipelines.masks``). The kernel reads one byte per pixel instead of
-  computing the mask, so the pass stays one pass and moves N·e/C + B·H·W bytes more than a drawn kind.
-
-Limits: x, y made contiguous (channels-last inputs are copied); fp32/bf16/fp16; batch ≤ 65535 on the
-Triton path (the grid's second axis); the stroke count is a compile-time constant of the kernel (a new
-S compiles a new variant). Parameter values are not checked (that would need a host sync): a box or
-stroke reaching outside the image is clipped to it. Parameters carry no gradient. No host sync and no
-branching on tensor values: the op is CUDA-graph capturable (a 0-d tensor ``noise_std`` can change
-between replays).
-
-Measured (H100 80GB HBM3, torch 2.11, triton 3.6; forward + backward in a CUDA graph, bytes as above):
-2.88 TB/s fp32 / 2.80 TB/s bf16 at 256×3×256×256 and 2.58 / 2.42 TB/s at 64×3×256×256, boxes; strokes
-within 3% of that (a device-to-device copy reaches 2.94 TB/s there).
+One pass (GALI-mix, docs/method.md §2.3) computes each sample's mask in registers from its parameters and writes each
+output once: ``mask`` (B, 1, H, W), 1 = masked; ``masked = x·(1−m) + fill·m``; ``mix = x·(1−m) + y·m``
+(+ ``noise_std·noise``). Backward, one pass, recomputes the mask: grad_x = (g_masked + g_mix)·(1−m), grad_y = g_mix·m.
+Kinds: ``"box"`` int32 (B, 4) ``[top, left, box_h, box_w]``; ``"stroke"`` float32 (B, S, 5) ``[x0, y0, x1, y1, radius]``
+(x = column, pixel centres at integers), masked within radius of a segment, bit-exact for :func:`sample_stroke_params`'
+draws up to 2048 pixels a side; ``"dense"`` a given uint8/bool mask (B, [1,] H, W), nonzero = masked.
+Bytes (e per element, N = B·C·H·W): forward (5 + [noise] + 1/C)·N·e (dense: + N·e/C + B·H·W), backward 4·N·e. Limits:
+fp32 math, one rounding; fp32/bf16/fp16, x and y made contiguous; batch <= 65535 on Triton; each S compiles a kernel;
+parameters unchecked (clipped to the image), no gradient; CUDA-graph capturable.
 """
 
 from __future__ import annotations

@@ -1,25 +1,13 @@
 """The batch contract every pipeline backend (torch, DALI, synthetic) keeps.
 
-A pipeline yields, for one epoch, ``len(pipeline)`` batches of exactly ``batch_size`` images (the
-incomplete last batch is dropped, so shapes are static and a captured step can replay them):
-
-- ``x``: float32, shape (B, 3, R, R), contiguous, or channels-last where ``make_pipeline`` is given
-  ``channels_last=True`` (the engine passes ``compute.channels_last``), values in [-1, 1], already on the
-  training device;
-- ``labels``: int64, shape (B,), on the same device, in ``[0, len(class_names))``; ``None`` where
-  the data has no labels;
-- ``masks``: uint8, shape (B, M, R, R), on the same device, values 0 or 1 (1 = masked): each sample's
-  inpainting masks, a function of (seed, sample index, slot) alone (``gali.pipelines.masks``), where the
-  pipeline was asked for them (``make_pipeline(..., masks=)``); else ``None``.
-
-``set_epoch(epoch, start_batch)`` fixes the order of the next epoch from (seed, epoch) alone and
-starts the next pass at batch ``start_batch`` of it, so a run resumed mid-epoch sees the same
-batches as an uninterrupted one.
-
-The rules every backend shares live here: how many batches a rank gets (``batches_per_rank``), which
-splits are large enough (``check_split_size``), the epoch order of the file backends (``epoch_order``:
-torch and DALI deal the same images to the same rank in the same order) and the conversion of uint8
-pixels to ``x`` (``pixels_to_x``: both file backends give bit-identical values for equal pixels).
+A pipeline yields, per epoch, ``len(pipeline)`` batches of exactly ``batch_size`` images (the last incomplete one
+dropped: static shapes a captured step can replay), all on the training device:
+- ``x``: float32 (B, 3, R, R) in [-1, 1], contiguous, or channels-last with ``make_pipeline(channels_last=True)``;
+- ``labels``: int64 (B,) in ``[0, len(class_names))``, or ``None`` where the data has no labels;
+- ``masks``: uint8 (B, M, R, R), 1 = masked (``gali.pipelines.masks``); ``None`` unless ``make_pipeline`` got ``masks``.
+``set_epoch(epoch, start_batch)`` fixes the next epoch's order from (seed, epoch) alone and starts at batch
+``start_batch``, so a resumed run sees an uninterrupted one's batches. Shared rules: ``batches_per_rank``,
+``check_split_size``, ``epoch_order`` (torch's and DALI's), ``pixels_to_x``.
 """
 
 from __future__ import annotations

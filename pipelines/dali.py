@@ -1,37 +1,13 @@
 """The DALI backend: the batch contract decoded by NVIDIA DALI (nvJPEG on the GPU, DALI's CPU operators without one).
 
-Sources and splits are indexed by ``sources.open_split``, the torch backend's indexer, so both backends read the
-same images with the same labels and class names and refuse the same bad layouts ('digits' is read as a
-'folder'). Image files ('folder', 'filelist') are read by ``fn.readers.file`` from a list this module builds;
-webdataset shards by ``fn.readers.webdataset``, the labels parsed from each sample's ``.cls`` text.
-
-Order, sharding and epochs: for image files, epoch e's order is ``contract.epoch_order`` (numpy's PCG64
-permutation seeded by (seed, e), cut to ``len(self) * world_size`` images, dealt round-robin to ranks), its rows
-laid end to end so that DALI's contiguous shard ``rank`` is row ``rank``: the torch backend's order exactly, so
-both backends deal the same images to the same rank in the same order. Shards are streamed in tar order (as
-webdataset readers do): DALI's contiguous part ``(rank + epoch) % world_size`` of all samples goes to ``rank``,
-mixed by DALI's buffered shuffle seeded from (seed, epoch, rank); members that belong to no sample (no image and
-no .cls) are skipped, which can leave a rank short of ``len(self)`` batches if a part holds many of them. A fresh
-DALI pipeline is built for every pass (a reader cannot change its list), so an epoch's order and augmentation are
-a function of (seed, epoch, rank) alone. Every rank yields ``num_images // (batch_size * world_size)`` full
-batches (``contract.batches_per_rank``); the rest of an epoch is dropped (``LastBatchPolicy.DROP``: one static
-shape, for CUDA graphs).
-
-Transforms: split 'test', and training without ``augment``: the centered square of the image resized to R×R
-(antialiased linear; ``fn.resize`` with a per-image ROI, so the filter reads beyond the square's edges as
-Pillow's box resize in the torch backend does: resizing the shorter side to R and center-cropping, without
-rounding the longer side); EXIF orientation is ignored, as in the torch backend. Training with ``augment``:
-``fn.decoders.image_random_crop`` (area 8–100 %, aspect 3/4–4/3), resize to R×R, horizontal flip by
-``fn.random.coin_flip``. Decoding runs on the GPU (``device='mixed'``: nvJPEG, its hardware decoder where
-present) when the training device is CUDA, else on DALI's CPU threads (``device_id=None``).
-
-DALI hands over uint8 (4× less to copy than float); the conversion to float32 in [-1, 1] runs on the training
-device with the torch backend's arithmetic (``contract.pixels_to_x``: ×(1/127.5) − 1), so both backends give
-bit-identical values for equal pixels and 0/255 map exactly to −1/1. With ``channels_last`` DALI writes HWC and
-the batch is its NCHW view (channels-last strides, no extra copy).
-
-An image that cannot be read stops the pass with a ``DataError`` naming it (found in DALI's message, else by
-re-reading the files of the batches in flight with Pillow, else the root is named).
+Splits are indexed by ``sources.open_split`` as in the torch backend: the same images, labels, class names and refusals.
+Image files are dealt in ``contract.epoch_order``, the torch backend's order exactly; webdataset shards stream in tar
+order, rank r taking DALI's part ``(r + epoch) % world_size`` through a buffered shuffle (members of no sample are
+skipped, so a rank may fall short). Order and augmentation depend on (seed, epoch, rank) alone; each rank yields
+``contract.batches_per_rank`` full batches, the rest is dropped. Eval (and training without ``augment``): the centered
+square resized to R×R as in the torch backend (EXIF ignored); ``augment``: a random crop (area 8–100 %, aspect 3/4–4/3)
+resized to R×R, then a horizontal flip. uint8 reaches the training device, where ``contract.pixels_to_x`` makes x
+bit-identical to the torch backend's. An unreadable image stops the pass with a ``DataError`` naming it.
 """
 
 from __future__ import annotations

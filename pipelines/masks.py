@@ -1,31 +1,13 @@
 """Per-sample inpainting masks drawn by the pipeline: the specification and its Python reference.
 
-A pipeline that serves a spec with masks (``method.mask_source = "pipeline"``) hands the step a batch's
-``masks``, uint8 (B, M, H, W), 1 = masked, one mask per mask slot of the spec. Each mask is a function of
-(seed, sample index, slot) alone, so a sample's masks do not depend on the batch it lands in, the
-shuffle, the batch size or the number of ranks; evaluation masks are the same on every run.
-
-Two implementations draw them, bit for bit alike:
-
-- the DALI operator ``fn.gali_masks`` (``pipelines/native/``: ``mask_sampler.h`` is the one routine that
-  its CPU and CUDA backends both compile), used by the DALI backend;
-- :func:`draw_masks` here (pure-Python integers for the random stream, numpy for the pixels), used by the
-  torch backend and as the operator's reference in the tests.
-
-The routine (every operation on unsigned 64-bit integers, wrapping):
-
-- ``mix64`` is SplitMix64's finaliser; the stream of (seed, sample, slot) has key
-  ``mix64(mix64(mix64(seed) + sample) + slot)``, and its i-th draw (i = 1, 2, ...) is
-  ``mix64(key + i·0x9E3779B97F4A7C15)``; ``uniform(lo, hi)`` (inclusive) is
-  ``lo + ((draw >> 32)·(hi − lo + 1) >> 32)``.
-- Each try draws a kind from the integer weights (box, eval_box, stroke), then its parameters:
-  a box's h, w uniform on the kind's side range and its corner uniform where it fits
-  (:func:`gali.kernels.mask_composite.sample_box_params`'s distribution; 'eval_box' is the evaluation
-  boxes' range, sides 8-54 at 64² scaled); strokes are S segments with endpoints uniform over pixel
-  centres and thickness t uniform on 1..T, radius t/2 (:func:`~gali.kernels.mask_composite.sample_stroke_params`'s
-  distribution, and ``mask_composite``'s exact integer hit test). A try is kept when its masked pixels
-  lie within [min_pixels, max_pixels]; after ``max_tries`` failures the mask is a full-width band of
-  ceil(min_pixels / W) rows at a uniform row.
+With ``method.mask_source = "pipeline"`` the pipeline hands the step each batch's ``masks``, uint8 (B, M, H, W),
+1 = masked, one per mask slot of the spec. Each mask is a function of (seed, sample index, slot) alone, not of the
+batch, shuffle, batch size or number of ranks. The DALI operator ``fn.gali_masks`` (``pipelines/native/mask_sampler.h``:
+the one routine its CPU and CUDA backends compile) and :func:`draw_masks` here (the torch backend's, and the operator's
+reference in the tests) draw them bit for bit alike. The routine: a SplitMix64 counter stream keyed by (seed, sample,
+slot), uint64 wrapping; each try draws a kind (box, eval_box, stroke) by weight, then its parameters as
+``mask_composite``'s samplers do; the first try with [min_pixels, max_pixels] masked pixels is kept, else, after
+``max_tries``, a full-width band of ceil(min_pixels / W) rows at a uniform row.
 """
 
 from __future__ import annotations

@@ -1,35 +1,14 @@
-"""The sources of the torch backend and the data tools: one split of a data set as an indexable list
-of (encoded image, label).
+"""The torch backend's and the data tools' sources: one split of a data set as a list of (encoded image, label).
 
-``open_split(source, root, split)`` indexes a split once, in the main process, and returns a
-``SplitIndex``: ``len()`` items, item i read by ``image_file(i)`` (what ``PIL.Image.open`` takes)
-and named by ``name(i)`` in messages, with the int64 ``labels`` and the ``class_names`` in label
-order. The indexes hold numpy arrays, not Python lists, so forked DataLoader workers share them
-without copying. The layouts (``root`` is ``data.root``):
-
-folder      an image-folder tree. Class folders (the immediate, non-hidden subfolders of the split
-            folder, sorted by name) give the labels and are searched recursively; a folder without
-            subfolders is one class (label 0, named after ``root``) of the images directly inside.
-            Files count as images by extension (jpg, jpeg, png, bmp, webp, in any case); hidden files
-            and folders (names starting with '.') are skipped. If ``root/train`` exists, split 'train'
-            reads it and split 'test' reads ``root/test`` (its class folders must be among those of
-            ``root/train``, and take the same labels); otherwise all of ``root`` is split 'train'.
-filelist    ``root`` a folder holding ``train.txt`` (and ``test.txt`` for split 'test'), or one ``.txt`` file
-            (split 'train' only). Each line is ``<path> <label>`` (the path may hold spaces; the label is
-            the last field, an integer >= 0); paths are relative to the list file's folder; blank lines
-            and lines starting with '#' are skipped. Every listed file must exist (checked when indexed).
-webdataset  ``root`` a folder holding ``train/*.tar`` (and ``test/*.tar``), ``*.tar`` directly, or one
-            ``.tar`` file (split 'train' only); shards are read in name order. A sample is the members
-            sharing a key (the member name up to the first '.' of its base name): exactly one image
-            ``<key>.<jpg|jpeg|png|webp|bmp>`` (any case) and ``<key>.cls`` holding its integer label;
-            other members are ignored. Shards are plain (uncompressed) tar files: the index keeps each
-            image's shard, data offset and size, so a worker opens the shard, seeks and reads that image.
-
-Class names of filelist and webdataset (the DALI backend's rule too): the lines of ``classes.txt``
-(blank lines skipped; line i names label i) beside the list files, or in the shard root or its train/
-folder, if there is one; else the sorted distinct labels of the train split as strings, each label
-mapped to its position among them (the identity for labels 0..K-1). Both splits use the train split's
-classes; a label outside them is a ``DataError`` naming its line or sample.
+``open_split(source, root, split)`` indexes a split once, in the main process: a ``SplitIndex`` of numpy arrays (shared
+by forked workers), item i read by ``image_file(i)`` and named ``name(i)``, int64 ``labels``, ``class_names`` in label
+order. Layouts of ``root``; both splits take the train split's classes:
+- ``folder``: ``train/`` + ``test/``, or all 'train'; sorted non-hidden class folders (recursive) or one class;
+- ``filelist``: ``train.txt`` + ``test.txt`` or one ``.txt``; lines ``<path> <label>``, the label last, the path
+  relative to the list (it may hold spaces); blank and '#' lines skipped;
+- ``webdataset``: plain tar shards (``train/`` + ``test/`` or not), by name; a sample: ``<key>.<ext>`` + ``<key>.cls``.
+Class names of the last two (DALI's rule too): ``classes.txt`` beside lists or shards, else the sorted train labels.
+Images by extension (jpg, jpeg, png, bmp, webp, any case); hidden names skipped; labels are integers >= 0.
 """
 
 from __future__ import annotations

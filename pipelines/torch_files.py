@@ -1,27 +1,13 @@
-"""The torch backend (``TorchFilePipeline``): any source on disk (image folder, file list, WebDataset
-shards) read with Pillow in ``DataLoader`` workers, one sampler and batching path for all of them.
+"""The torch backend (``TorchFilePipeline``): any source on disk read with Pillow in ``DataLoader`` workers.
 
-A source (``sources.open_split``) supplies the split as an indexable list of (image, label); the
-rest is shared: a seeded (seed, epoch) order dealt to ranks (``ShardedEpochSampler`` over
-``contract.epoch_order``, the DALI backend's order too), static batches (drop_last), ``cfg.workers``
-DataLoader workers with ``cfg.prefetch`` batches each in flight, pinned memory when the device is CUDA.
-
-Each image is decoded to 8-bit RGB with the pixel values DALI's decoder gives for the file, whatever its
-mode (``to_rgb``: 16-bit scaled, not clipped; CMYK and palettes converted; alpha dropped). Eval (and train
-without augment): its centered square crop resized to R×R (Pillow bilinear, which antialiases when
-shrinking and takes its filter support from beyond the crop's edges: the same as resizing the shorter side
-to R and then center-cropping, with the crop centered exactly). Train with augment: a random-resized crop
-(area scale (0.08, 1), aspect ratio (3/4, 4/3), torchvision's RandomResizedCrop algorithm) resized to R×R,
-then a horizontal flip with probability 1/2, drawn from numpy's PCG64 seeded by (seed, epoch, item index):
-reproducible, and the same with any number of workers. Images travel as uint8 (3, R, R): 4× less to copy
-between processes and to the device than float. The main process moves each uint8 batch to the device
-(non-blocking) and converts it there to float32 in [-1, 1] (``contract.pixels_to_x``), in the
-channels-last memory format if asked. ``decode_problem`` is the one "does Pillow decode this file" test of
-the package (the data tools and the DALI backend's error messages use it).
-
-An image that cannot be read stops the pass with a one-line ``DataError`` naming it, also when a DataLoader
-worker met it: the worker hands the message back as data (``_Unreadable``) rather than raising it, which torch
-would re-raise as "Caught DataError in DataLoader worker process N" and the worker's traceback.
+A source (``sources.open_split``) indexes the split; the rest is one path for all sources: the (seed, epoch) order of
+``contract.epoch_order`` dealt to ranks, static batches, ``cfg.workers`` workers with ``cfg.prefetch`` batches each in
+flight, pinned memory on CUDA. Images decode to 8-bit RGB with DALI's pixel values (``to_rgb``). Eval (and train without
+augment): the centered square crop resized to R×R (Pillow bilinear, antialiased, as resizing the shorter side to R and
+center-cropping). Train with augment: torchvision's random-resized crop (``CROP_SCALE``, ``CROP_RATIO``) resized to R×R
+and a horizontal flip with probability 1/2, drawn from numpy's PCG64 seeded by (seed, epoch, item index), so the same
+with any number of workers. Batches travel as uint8; ``contract.pixels_to_x`` makes x on the device. An unreadable image
+stops the pass with a one-line ``DataError`` naming it, also from a worker.
 """
 
 from __future__ import annotations

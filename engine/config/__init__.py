@@ -1,15 +1,12 @@
 """The config machinery: typed sections, their validation helpers, overrides and the packaged-TOML reader.
 
-A config is a dataclass of sections; each section is a dataclass owned by the code that reads it and
-defined beside it (``data`` in gali.pipelines, ``method`` in engine.method, ``model`` in engine.nets,
-``optim`` and ``compute`` in engine.step, ``run`` and the whole :class:`gali.engine.loop.config.Config`
-in engine.loop). This module knows none of them: it fills any such dataclass from TOML tables and
-``section.key=value`` overrides, checks every value against its field's type, renames deprecated keys,
-and writes the resolved config back as TOML. Every invalid key or value raises :class:`ConfigError`
-naming the key and what is accepted, before any work starts.
-
-Presets (``presets/*.toml``) and tuple specs (``engine/method/tuples/*.toml``) are packaged TOML files
-read by the one reader :func:`read_toml`.
+A config is a dataclass of sections, each a dataclass owned by and defined beside the code that reads it (``data`` in
+gali.pipelines, ``method`` in engine.method, ``model`` in engine.nets, ``optim`` and ``compute`` in engine.step, ``run``
+and the whole :class:`gali.engine.loop.config.Config` in engine.loop). This module knows none of them: it fills any such
+dataclass from TOML tables and ``section.key=value`` overrides, checks every value against its field's type, renames
+deprecated keys, and writes the resolved config back as TOML. Every invalid key or value raises :class:`ConfigError`
+naming the key and what is accepted, before any work starts. Presets (``presets/*.toml``) and tuple specs
+(``engine/method/tuples/*.toml``) are read by the one reader :func:`read_toml`.
 """
 
 from __future__ import annotations

@@ -1,31 +1,13 @@
 """``gali eval``: load a checkpoint and a data split, run the selected metrics, print a table, write JSON.
 
-The metrics themselves are pure functions in :mod:`gali.engine.metrics`; this module feeds them
-from a checkpoint's networks and a data split.
-Protocol (docs/method.md §4.1; every choice is recorded in the JSON):
-
-- The evaluation split is read once, every image of it (including the last partial batch), in an
-  order shuffled from the seed, in batches of ``batch_size`` (100, as the paper's ± is the std over
-  batches of 100). E and G run in eval mode and reconstructions use z = μ_E(x).
-- ``inpaint`` masks one fixed box per image (:func:`gali.engine.nets.inference.evaluation_box_params`: sides
-  8..54 on 64² scaled to the resolution, fully inside the image, drawn from the seed), feeds the
-  encoder the masked image (masked pixels hold the checkpoint's ``method.mask_fill``) and scores
-  the composite x·(1−m) + G(μ_E(masked x))·m (docs/method.md §4.1, §5 items 5-7).
-- ``recon-identity`` fits a linear classifier on the training split (at most ``identity_images``
-  images, seeded order; pixels, or the ``--feature-model`` features when one is given) and reports
-  its accuracy on the evaluation split's real images (the ceiling) and on their reconstructions, and
-  the fraction of reconstructions nearest to their own input (:mod:`gali.engine.metrics.identity`).
-- ``bn_recalibrate`` > 0 first recomputes E's and G's BatchNorm statistics on that many batches of
-  the training split (:func:`gali.engine.nets.inference.recalibrate_batch_norm`), in memory only.
-- ``probe`` draws its labelled sets from the training split (at most ``probe_pool`` images, seeded)
-  and reports the error on the evaluation split.
-- ``fid``/``kid`` compare ``fid_samples`` samples G(z), z ~ N(0, I) from the seed, with the first
-  ``fid_reference_images`` images of the evaluation split. The reference set's features are cached
-  in a file keyed by the data set, split, resolution, image count, seed and the network file's
-  SHA-256, and reused when present.
-
-The JSON goes next to the checkpoint (``checkpoint-N.eval.json``); a later evaluation of other
-metrics is merged into it, each metric keeping the settings it was measured with.
+The metrics are pure functions in :mod:`gali.engine.metrics`; this module feeds them from a checkpoint's networks and a
+data split, following docs/method.md §4.1 (every choice is recorded in the JSON). The evaluation split is read whole,
+last partial batch included, in a seeded order, in batches of ``batch_size`` (100: the paper's ± is the std over batches
+of 100); E and G run in eval mode and reconstructions use z = μ_E(x). ``bn_recalibrate`` > 0 first recomputes E's and
+G's BatchNorm statistics on that many training batches, in memory only. FID/KID reference features are cached in a file
+keyed by the data set, split, resolution, image count, seed and the network file's SHA-256.
+The JSON goes next to the checkpoint (``checkpoint-N.eval.json``); a later evaluation of other metrics is merged into
+it, each metric keeping the settings it was measured with.
 """
 
 from __future__ import annotations

@@ -2,18 +2,12 @@
 
 A checkpoint file is one ``torch.save`` dictionary (format 1), written atomically and durably
 (:func:`gali.engine.files.atomic_write`) and read with ``weights_only=True``:
-
-    config                   the resolved config (``Config.to_dict()``)
-    G, E, D                  the networks' state dicts
-    G_ema, E_ema             the moving averages of G and E (runs with run.ema_kimg > 0)
-    extra_dim                the width of the frozen feature model's features (None without M)
-    opt_d, opt_ge            both optimizers (and scaler_d, scaler_ge under fp16): the step's state dict
-    images_seen, iteration   progress counters; epoch: the 1-based epoch of the last step; kimg
-    rng                      torch's CPU generator state (and the CUDA one on a GPU) of rank 0
-    world_size, rng_ranks    the number of ranks that wrote it, and every rank's RNG state (several ranks)
-
-:class:`Checkpoint` builds that dictionary from the live objects and restores it into them, one
-field per line in both directions; later state is a new field of it.
+    config, G, E, D             the resolved config (``Config.to_dict()``) and the networks' state dicts
+    G_ema, E_ema, extra_dim     moving averages (``run.ema_kimg`` > 0); the feature model's width (None without M)
+    opt_d, opt_ge               the step's optimizer state (and scaler_d, scaler_ge under fp16)
+    images_seen, iteration      progress counters; epoch: the 1-based epoch of the last step; kimg
+    rng, world_size, rng_ranks  rank 0's torch CPU (and CUDA) RNG state; how many ranks wrote it; each rank's RNG
+:class:`Checkpoint` builds it from the live objects and restores it, a field per line; new state is a new field.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
 """Exponential moving averages of G's and E's weights (``run.ema_kimg``), kept as StyleGAN2-ADA and EDM2 keep them.
 
-After every step each averaged parameter moves toward the live one,
-``p_ema ← β·p_ema + (1 − β)·p`` with ``β = 0.5 ** (batch / half_life)``, so a weight's influence halves
-every ``half_life`` images: ``run.ema_kimg`` thousand, or, with ``run.ema_rampup`` = r > 0, at most
-r × the images seen so far (early averages forget the random start quickly). Before
-``run.ema_start_kimg`` the average is the live weights (β = 0). Buffers (BatchNorm statistics) are
-copied, not averaged; since they belong to the live weights, the snapshots recompute them on real
-images (``run.ema_bn_batches``) before they measure, draw and save the averages.
-
-The averaged G and E draw the snapshots' grids, are measured by the snapshots' held-out metrics and
-are what ``gali eval``, ``gali sample`` and ``gali reconstruct`` load by default; they live in the
-checkpoint as ``G_ema`` and ``E_ema`` and are resumed exactly.
+After every step ``p_ema ← β·p_ema + (1 − β)·p`` with ``β = 0.5 ** (batch / half_life)``: a weight's influence halves
+every ``half_life`` images, ``run.ema_kimg`` thousand, or with ``run.ema_rampup`` = r > 0 at most r × the images seen so
+far. Before ``run.ema_start_kimg`` the average is the live weights (β = 0). Buffers (BatchNorm statistics) are copied,
+not averaged; snapshots recompute them on real images (``run.ema_bn_batches``) before they measure, draw and save the
+averages. The averaged G and E draw the snapshots' grids and held-out metrics, are what ``gali eval``, ``gali sample``
+and ``gali reconstruct`` load by default, and live in the checkpoint as ``G_ema`` and ``E_ema``, resumed exactly.
 """
 
 from __future__ import annotations

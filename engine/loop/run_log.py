@@ -1,19 +1,13 @@
 """What a training run tells people: metrics.jsonl, TensorBoard, a progress bar or lines, PNG grids.
 
-:class:`RunLog` is the one place the loop sends what it has measured, so the loop never formats
-or writes anything itself:
-
+:class:`RunLog` is the one place the loop sends what it has measured (the loop itself never formats or writes):
 - every record (a tick's means, a snapshot's metrics) is one JSON line of ``metrics.jsonl``, always;
-- the same numbers become TensorBoard scalars when ``run.tensorboard`` allows it and the optional
-  ``tensorboard`` package is installed (``pip install 'gali[tensorboard]'``); the event files lie in
-  the run folder, the x axis is images seen (kimg·1000), as in StyleGAN;
-- each tick is shown as a single progress bar on a terminal (drawn by tqdm), or as one plain line
-  per tick otherwise (``run.progress``): kimg, images/s, the losses and the time left;
-- image grids are written as PNG under a stable name (``samples.png``) and as a per-snapshot copy
-  named with the image count (``samples-0000040000.png``), and sent to TensorBoard.
-
-Records arrive as host values: the loop reads the step statistics once per tick and hands them
-over, so nothing here touches the device.
+- TensorBoard scalars too, in the run folder, when ``run.tensorboard`` allows and ``tensorboard`` is installed
+  (``pip install 'gali[tensorboard]'``); the x axis is images seen (kimg·1000);
+- each tick is a progress bar on a terminal (tqdm), else one plain line (``run.progress``): kimg, images/s, losses, ETA;
+- image grids are PNGs under a stable name (``samples.png``) and a per-snapshot copy (``samples-0000040000.png``),
+  and go to TensorBoard.
+Records arrive as host values (the loop reads the step statistics once per tick): nothing here touches the device.
 """
 
 from __future__ import annotations

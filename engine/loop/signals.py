@@ -1,15 +1,12 @@
 """Stopping a run on a signal: a checkpoint at the next step boundary, then a documented exit code.
 
-SIGTERM (a scheduler's or torchrun's shutdown), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's
-``--signal=USR1@120`` warning before the time limit) only set a flag. At the next step boundary the
-ranks agree on it (:meth:`gali.engine.loop.distributed.World.any`), the loop writes a checkpoint and
-raises :class:`RunStopped`; ``gali`` then exits with :data:`EXIT_STOPPED`. A second signal while the
-run is stopping exits at once with 128 + the signal's number: checkpoints are written atomically, so
-the last complete one is untouched.
-
-Exit codes of ``gali train``: 0 done; :data:`EXIT_STOPPED` (75, BSD's EX_TEMPFAIL: "try again") stopped
-by a signal after a checkpoint, resume with ``gali train --resume RUN_DIR``; 2 refused (bad config,
-data or checkpoint: the message says what to change); 1 a crash; 128 + N killed by a second signal N.
+SIGTERM (a scheduler's or torchrun's shutdown), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's ``--signal=USR1@120``) only set a
+flag. At the next step boundary the ranks agree on it (:meth:`gali.engine.loop.distributed.World.any`), the loop writes
+a checkpoint and raises :class:`RunStopped`. A second signal while stopping exits at once; checkpoints are written
+atomically, so the last complete one is untouched.
+Exit codes of ``gali train``: 0 done; :data:`EXIT_STOPPED` (75, BSD's EX_TEMPFAIL: "try again") stopped by a signal
+after a checkpoint, resume with ``gali train --resume RUN_DIR``; 2 refused (bad config, data or checkpoint: the message
+says what to change); 1 a crash; 128 + N killed by a second signal N.
 """
 
 from __future__ import annotations

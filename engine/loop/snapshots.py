@@ -1,17 +1,13 @@
 """The ``run.snapshot_kimg`` cadence: image grids, the held-out metrics and the checkpoint.
 
-Grids and metrics come from the moving averages of G and E when the run keeps them
-(``run.ema_kimg``), their BatchNorm statistics first recomputed on ``run.ema_bn_batches`` real
-training batches (between snapshots they carry the live networks'), else from the live networks.
-The held-out metrics (:func:`gali.engine.metrics.reconstruction.held_out_metrics`) are the
-reconstruction MSE, E's mean σ and μ spread, and, for labelled data, the identity metric with a
-classifier fitted once per run on up to ``run.identity_images`` training images. With
-``run.snapshot_bn_recalibrate`` = N > 0 each is measured a second time (``*_bn_recal``) on copies of
-G and E whose BatchNorm statistics were recomputed on N training batches
-(:func:`gali.engine.nets.inference.recalibrate_batch_norm`).
-
-Grids are drawn from fixed inputs chosen at the start of a run (a seeded z, the first held-out
-images, seeded evaluation boxes for specs with masks), so successive snapshots show the same cells.
+Grids and metrics come from the moving averages of G and E when the run keeps them (``run.ema_kimg``), their BatchNorm
+statistics first recomputed on ``run.ema_bn_batches`` real training batches, else from the live networks. The held-out
+metrics (:func:`gali.engine.metrics.reconstruction.held_out_metrics`) are the reconstruction MSE, E's mean σ and μ
+spread and, for labelled data, the identity metric with a classifier fitted once per run on up to
+``run.identity_images`` training images. With ``run.snapshot_bn_recalibrate`` = N > 0 each is measured again
+(``*_bn_recal``) on copies of G and E whose BatchNorm statistics were recomputed on N training batches. Grids are drawn
+from inputs fixed at the start of a run (a seeded z, the first held-out images, seeded evaluation boxes), so successive
+snapshots show the same cells.
 """
 
 from __future__ import annotations

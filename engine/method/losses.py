@@ -1,24 +1,13 @@
 """GALI's loss weights and the statistics and extra terms around the K-way losses (docs/method.md §1.3-1.6).
 
-Rows of ``logits`` are grouped by class: ``labels[i]`` is the class the i-th row's tuple was drawn
-from, and every class has the same number B of rows (``nn.CrossEntropyLoss`` averages over B).
-
-    L_D  = Σ_k w_true[k] · mean_b CE(ℓ_kb, k)                     (D maximises Eq. 3)
-    L_GE = Σ_k Σ_j w_pair[k, j] · mean_b CE(ℓ_kb, j)              (Product of Terms, Eq. 4)
-
-with the paper's weights w_true = 2/K and w_pair = 2/(K(K-1)) off the diagonal (§1.6). The
-'authors' scheme reproduces the GALI-4 scripts' operator-precedence bug (§5 item 1): only the
-first term of each sum is scaled. The math on the logits lives beside the fused kernel that must
-match it (``gali.kernels.kway_head.kway_losses``).
-
-The G/E objectives the paper rejects (§1.4, the ablation of its Fig. 5) are ``method.objective``:
-
-- 'minimax': G and E minimise D's own V, L_GE = −L_D. It is the product form's weights with
-  w_pair = −diag(w_true), so the fused head computes it as it is.
-- 'misclassification': G and E maximise Σ_k E log(1 − D_k(t_k)), weighted 2/L with L = K terms:
-  L_GE = −(2/K) Σ_k mean_b log(1 − p_k(t_kb)) (:func:`misclassification_loss`). It is not a sum
-  of cross-entropies, so the fused head has no form of it: its w_pair is 0 and the step adds this
-  loss on the logits.
+Rows of ``logits`` are grouped by class: ``labels[i]`` is the class of row i's tuple, and every class has the same
+number B of rows. L_D = Σ_k w_true[k] · mean_b CE(ℓ_kb, k) and L_GE = Σ_k Σ_j w_pair[k, j] · mean_b CE(ℓ_kb, j), with
+the paper's w_true = 2/K and w_pair = 2/(K(K-1)) off the diagonal; the 'authors' scheme scales only the first term of
+each sum (their precedence bug, §5 item 1). The logit math lives beside the fused kernel
+(``gali.kernels.kway_head.kway_losses``). ``method.objective`` also offers the objectives the paper rejects (§1.4):
+'minimax', L_GE = −L_D, the product form with w_pair = −diag(w_true); 'misclassification', L_GE = −(2/K) Σ_k mean_b
+log(1 − p_k(t_kb)) (:func:`misclassification_loss`), not a sum of cross-entropies, so its w_pair is 0 and the step adds
+it on the logits.
 """
 
 from __future__ import annotations

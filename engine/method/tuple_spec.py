@@ -1,18 +1,13 @@
 """Tuple specs as data: the K classes a GALI variant asks D to tell apart (docs/method.md §2).
 
-A spec is a TOML file (package data ``engine/method/tuples/<name>.toml`` or any path) that lists, for
-every class in the authors' index order, the slots of its tuple as chain expressions:
-
-    x, z                  real image, prior sample
-    E(img)                one stochastic encoding mu + exp(log_sigma) * eps, fresh eps per call
-    G(lat)                generator
-    M(img)                the frozen pretrained model's features (GALI-PT)
-    mask<n>(img)          the encoder's masked input, mask n (n = 1..9, one draw per step)
-    mix<n>(img, fill)     img outside mask n, fill inside it (GALI-mix's inpainted image)
-
-Equal expressions denote the same variable, so each distinct E(...) or G(...) is evaluated once
-per step: GALI-4 costs 3 E and 3 G calls. A spec may also name a ``reconstruction = [target,
-output]`` pair whose pixel MSE is added to the G/E loss (ALICE).
+A spec is a TOML file (package data ``engine/method/tuples/<name>.toml`` or any path) listing, for every class in the
+authors' index order, the slots of its tuple as chain expressions:
+    x, z, M(img)         real image, prior sample, the frozen pretrained model's features (GALI-PT)
+    E(img), G(lat)       one stochastic encoding mu + exp(log_sigma) * eps (fresh eps per call), the generator
+    mask<n>(img)         the encoder's masked input, mask n (n = 1..9, one draw per step)
+    mix<n>(img, fill)    img outside mask n, fill inside it (GALI-mix's inpainted image)
+Equal expressions are the same variable, so each distinct E(...) or G(...) runs once per step (GALI-4: 3 E and 3 G
+calls). A spec may also name a ``reconstruction = [target, output]`` pair whose pixel MSE joins the G/E loss (ALICE).
 """
 
 from __future__ import annotations

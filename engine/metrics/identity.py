@@ -1,16 +1,12 @@
 """The reconstruction-identity metric: does G(μ_E(x)) keep what x is, not only roughly how it looks?
 
-Pixel-MSE rewards a blur over a sharp digit of the wrong class (bench/reports/reproduce-digits.md),
-so a model whose reconstructions are all the mean image scores well. This metric asks a classifier:
-
-- a multinomial logistic regression is fitted on features of the real training images (pixels by
-  default, a frozen feature network's outputs when the caller gives them), each feature
-  standardised with the training set's mean and std;
-- ``ceiling`` is its accuracy on the real test images, ``accuracy`` its accuracy on the
-  reconstructions of those test images against the inputs' labels (chance is 1 / classes);
-- ``nearest`` is the fraction of test images whose reconstruction is nearer (Euclidean, in the
-  classifier's standardised feature space) to its own input than to any other test image.
-
+Pixel-MSE rewards a blur over a sharp digit of the wrong class, so this metric asks a classifier: a multinomial logistic
+regression fitted on features of the real training images (pixels by default, or a frozen feature network's outputs the
+caller gives), each feature standardised with the training set's mean and std.
+- ``ceiling``: its accuracy on the real test images;
+- ``accuracy``: its accuracy on those images' reconstructions against the inputs' labels (chance is 1 / classes);
+- ``nearest``: the fraction of reconstructions nearer (Euclidean, in the standardised feature space) to their own input
+  than to any other test image.
 Everything here takes arrays the caller has computed, so each number can be checked by hand.
 """
 

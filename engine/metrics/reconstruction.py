@@ -1,13 +1,11 @@
 """Reconstruction metrics of docs/method.md §4.1 as pure functions of tensors.
 
-Everything here takes images that the caller has already loaded (I/O, data splits, caches and
-checkpoints live in :mod:`gali.engine.eval.protocol`), so each metric can be checked against an
-independent computation on small synthetic inputs.
-
-- **Pixel-MSE** (:func:`pixel_mse`): mean squared error in [0, 1] space of images given in [-1, 1],
-  per batch; :func:`summarize` turns the per-batch values into the paper's mean ± std over batches;
-  :func:`held_out_metrics` gives the training loop's held-out figures (the image-weighted MSE, E's
-  σ and μ spread, the identity metric) in one pass over a stream of batches.
+Everything here takes images the caller has already loaded (I/O, splits, caches and checkpoints live in
+:mod:`gali.engine.eval.protocol`), so each metric can be checked against an independent computation on small synthetic
+inputs.
+- **Pixel-MSE** (:func:`pixel_mse`): mean squared error in [0, 1] space of images given in [-1, 1], per batch;
+  :func:`summarize` gives the paper's mean ± std over batches; :func:`held_out_metrics` the training loop's held-out
+  figures (image-weighted MSE, E's σ and μ spread, the identity metric) in one pass over a stream of batches.
 - **Feature-MSE** (:func:`feature_mse`): the same between a frozen feature network's outputs.
 - **Inpainting** (:func:`masked_pixel_mse`): squared error over the masked pixels only.
 """

@@ -1,52 +1,13 @@
 """BigBiGAN-class networks for ImageNet resolution: a BigGAN generator, a ResNet-50 encoder, a joint discriminator.
 
-The same slot interface as the paper networks (:mod:`gali.engine.nets.paper`), so every tuple spec runs
-with them. ``width`` scales every channel count (1.0 is BigGAN's ch = 96 for G and D and ResNet-50's
-64 base channels for E; never below 2); the tables below are BigGAN-PyTorch's ``G_arch``/``D_arch`` and ResNet-50's
-stages, read by generic classes.
-
-- **G** (:class:`BigGANGenerator`): hierarchical latent: z is split into one chunk for the first
-  Linear (to 4×4×16ch) and one per residual up-block, whose conditional BatchNorms take their gains
-  and biases from that chunk, concatenated with a shared class embedding of the labels (BigGAN's
-  ``shared``, 128 wide) when ``label_classes`` > 0 (``model.label_classes``), else unconditional. Each block is
-  BN → ReLU → 2× nearest upsample → 3×3 conv → BN → ReLU → 3×3 conv, plus a 1×1 conv of the upsampled
-  input; SAGAN self-attention after the block that reaches ``attention_resolution``; then BN → ReLU
-  → 3×3 conv to RGB, plus the engine's per-pixel ``output_bias`` (started at the mean training image,
-  as for the paper's G), then tanh. Spectral norm on every conv and linear, as in BigGAN.
-- **E** (:class:`ResNetEncoder`): ResNet-50 v1 (7×7 stem, max-pool, bottleneck stages 3-4-6-3 of
-  widths 64-128-256-512 ×4, BatchNorm), global average pool, one Linear to 2·d_z (μ, log σ). Its input
-  resolution may be higher than G's output (BigBiGAN's 256 → 128): any image it is given is resized to
-  its own resolution first (:func:`gali.engine.nets.feature_models.resize_to`). With ``block="revnet"``
-  (``model.encoder_block``; BigBiGAN found RevNet encoders better than ResNets of the same depth) every
-  block of a stage after its first is RevNet's reversible unit (:class:`ReversibleBlock`, Gomez et al.
-  2017) at the same channels; the first stays a bottleneck, the stage's transition (the change of
-  channels, and stride 2 from the second stage on), as RevNet downsamples in units that are not
-  reversible. The units are pre-activation, so a BN → ReLU comes before the pool. They train by plain
-  autograd: RevNet's memory-saving backward (recomputing each unit's input from its output) is not
-  built, activation checkpointing recomputes the units instead. BigBiGAN's encoder also has an MLP
-  head; ours is one Linear.
-- **D** (:class:`BigBiGANDiscriminator`): an image branch that is BigGAN's D trunk (residual
-  down-blocks with spectral norm, self-attention, ReLU, sum pool), a latent branch and a joint MLP, each
-  a Linear followed by residual Linear layers (``h + ReLU(Linear(h))``, spectral norm: BigBiGAN's "MLP
-  with skip connections"), and the K-way head on the joint features. With ``unary_heads`` two more K-way
-  heads score the image branch's features alone and the latent branch's alone (BigBiGAN's s_x and s_z);
-  :meth:`BigBiGANDiscriminator.head_weight` hands the step all three as one block-diagonal weight over
-  ``features = [h_x, h_z, h_joint]``, which ``kernels.kway_head_grouped`` turns into the sum of the
-  three heads' K-way losses, each with weight 1 (BigBiGAN sums its three scores' losses unweighted),
-  for both L_D and L_GE. D sees images at its own resolution (the step resizes every image slot to
-  ``D.resolution`` before instance noise). With ``label_classes`` > 0 an embedding of each row's label
-  (spectral-normalised, the joint MLP's width) joins the joint MLP's input: D judges (tuple, label).
-  BigGAN's D projects the embedding onto its features instead (a per-label term in the logit); in a
-  K-way head that would be a per-row weight matrix, which the fused head does not take, so the label
-  conditions the joint features, and through them all K logits (the unary heads stay unconditional).
-
-``activation_checkpointing`` (``compute.activation_checkpointing``) recomputes each residual block in
-the backward instead of storing its activations (``torch.utils.checkpoint``, non-reentrant). The step
-computes spectral-norm weights once per step, so a recomputed block uses the same weights and gives
-the same gradients; BatchNorm's running statistics are updated again by the recompute.
-
-Weights start as BigGAN's: orthogonal convs and linears (biases 0), BatchNorm γ = 1, β = 0, the
-attention gain 0; spectral norm is attached after the init.
+Same slot interface as :mod:`gali.engine.nets.paper`. ``width`` scales every channel count (1.0: BigGAN's ch = 96 for G
+and D, ResNet-50's 64 for E; never below 2). G is BigGAN's (hierarchical latent; class-conditional when
+``label_classes`` > 0). E is ResNet-50 v1, or RevNet units with ``block="revnet"`` (plain autograd, no memory-saving
+backward); it resizes any image to its own resolution. D is BigGAN's D trunk, a latent MLP and a joint MLP under the
+K-way head, fed images at ``D.resolution`` by the step; ``unary_heads`` adds x-only and z-only heads as one grouped head
+(``kernels.kway_head_grouped``), the three losses summed unweighted. Labels condition D's joint features, not a per-row
+projection. ``activation_checkpointing`` recomputes residual blocks in the backward with the step's spectral-norm
+weights (same gradients); BatchNorm running statistics are updated a second time.
 """
 
 from __future__ import annotations

@@ -1,28 +1,13 @@
 """The frozen pretrained model M of GALI-PT's ``M(...)`` slots (docs/method.md §2.4), loaded from a path.
 
-Nothing is ever downloaded: ``method.feature_model`` names a local file, either
-
-- a **TorchScript** file (``torch.jit.save``), which carries its own code; or
-- a **state dict** (``torch.save(model.state_dict())``) for one of the architectures named in
-  :data:`FEATURE_ARCHS`, chosen by ``method.feature_arch``. It is read with
-  ``torch.load(weights_only=True)``, so the file cannot run code.
-
-Named architectures:
-
-``svhn-multidigit``
-    The public multi-digit SVHN recogniser (docs/method.md [SVHNM], potterhsu/SVHNClassifier-PyTorch)
-    cut at its 3072-d shared feature vector, the one the GALI-PT code feeds to D: eight blocks
-    Conv5×5(pad 2)-BN-ReLU-MaxPool2(pad 1, stride 2 and 1 alternating)-Dropout(0.2) with 48, 64,
-    128, 160, 192, 192, 192, 192 channels, then Linear(192·7·7→3072)-ReLU twice. Input
-    (B, 3, 54, 54) in [-1, 1]. Module names follow the recogniser's (``_hidden1`` … ``_hidden10``),
-    so its ``model-<step>.pth`` checkpoints load as they are; their digit classifier heads
-    (``_digit_length``, ``_digit1`` … ``_digit5``) are not part of the feature model and are
-    dropped.
-
-The loaded model is in eval mode (BatchNorm running statistics, Dropout off) with every parameter
-frozen (``requires_grad=False``); gradients still flow through it to its input, as GALI-PT needs
-(docs/method.md §2.4). The authors instead kept the SVHN net's Dropout active during training (docs/method.md
-§5 item 15); a caller that wants that calls ``.train()`` and puts the BatchNorm layers back in eval.
+Nothing is ever downloaded: ``method.feature_model`` names a local file, a TorchScript file (``torch.jit.save``, which
+carries its own code) or a state dict read with ``torch.load(weights_only=True)`` for an architecture of
+:data:`FEATURE_ARCHS` named by ``method.feature_arch``. ``svhn-multidigit`` is the public multi-digit SVHN recogniser
+(docs/method.md [SVHNM], potterhsu/SVHNClassifier-PyTorch) cut at its 3072-d shared features (what GALI-PT's code feeds
+D), input (B, 3, 54, 54) in [-1, 1]; its ``model-<step>.pth`` checkpoints load as they are, the digit heads dropped. The
+loaded model is in eval mode (BatchNorm running statistics, Dropout off) with every parameter frozen; gradients still
+flow to its input, as GALI-PT needs. The authors kept the SVHN net's Dropout active in training (docs/method.md §5 item
+15): to do that, call ``.train()`` and put the BatchNorm layers back in eval.
 """
 
 from __future__ import annotations

@@ -1,26 +1,13 @@
 """The networks of docs/method.md §3: generator G, stochastic encoder E and the tuple discriminator D.
 
 Each architecture is one small table (:data:`gali.engine.nets.arch.ARCH_SPECS`) read by three generic classes, so the
-SVHN-32 and CelebA-64 networks differ only in their numbers:
-
-- **G** (:class:`Generator`): bias-free transposed convolutions, each followed by BatchNorm and
-  LeakyReLU, then a bias-free 1×1 convolution to RGB; the output is
-  ``tanh(net(z) + output_bias)`` with a learnable per-pixel ``output_bias`` (docs/method.md §3.1).
-- **E** (:class:`Encoder`): bias-free Conv-BN-LReLU blocks (then, for SVHN, a bias-free
-  Linear-BN1d-LReLU block), then a Linear with bias to ``2·d_z`` numbers, split into μ and log σ
-  (no clamp). The convolutions run the image down to 1×1.
-- **D** (:class:`Discriminator`): one branch per slot kind (D(x) for images, D(z) for latents,
-  ``infer_y`` for auxiliary features), each shared by every slot of its kind; the branch outputs
-  are concatenated in slot order and fed to the joint D(x,z) MLP and the K-logit ``head``.
-  Spectral norm (one power iteration) on every Conv and Linear, biases, no BatchNorm, no dropout.
-
-D(x) uses the same kernels, strides and channels as E's convolutions (docs/method.md §3.2/§3.3), so the
-table lists them once; ``width`` scales the hidden widths (``nets.arch``). The full-kernel layers are
-the GEMM layers of ``nets.layers``.
-
-Weights start as the authors' ``weights_init`` (docs/method.md §3.1): Conv/ConvTranspose/Linear weights
-~ N(0, 0.01²) and biases 0, BatchNorm γ = 1 and β = 0. In D the init runs before spectral norm is
-attached, so it lands on the parametrization's original weight.
+SVHN-32 and CelebA-64 networks differ only in their numbers; ``width`` scales the hidden widths. G: bias-free transposed
+convolutions with BatchNorm and LeakyReLU, a bias-free 1×1 convolution to RGB, ``tanh(net(z) + output_bias)``. E:
+bias-free Conv-BN-LReLU blocks down to 1×1 (for SVHN then a Linear-BN1d-LReLU block), then a Linear to ``2·d_z``, μ and
+log σ (no clamp). D: one branch per slot kind, shared by the slots of that kind, concatenated in slot order into the
+joint MLP and the K-logit ``head``; spectral norm (one power iteration) on every layer, no BatchNorm, no dropout; D(x)
+has E's convolutions. Full-kernel layers are the GEMM layers of ``nets.layers``. Weights start as the authors'
+``weights_init`` (N(0, 0.01²), biases 0, BatchNorm γ = 1, β = 0), in D before spectral norm is attached.
 """
 
 from __future__ import annotations

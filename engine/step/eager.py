@@ -1,23 +1,13 @@
 """The training step: chains → K tuples → one D call → K-way head → both updates.
 
-The step is small and capturable: static shapes, noise drawn on the device, no ``.item()``, no
-host sync and no Python branching on tensor values. The instance-noise std arrives as a 0-d
-tensor so a schedule can change it between CUDA-graph replays. Statistics (losses, per-class
-p_true, gradient norms, fp16 skipped updates) come back as detached device tensors; the training
-loop reads them once per tick.
-
-Two runners share one update function, :meth:`GaliStep.update`:
-  * :class:`GaliStep` (here) calls it eagerly on whatever batch it gets (the twin, and the CPU path);
-  * :class:`gali.engine.step.graphed.GraphedStep` copies each batch into static buffers and, on
-    CUDA, replays a CUDA graph of it captured after warm-up (one graph per phase).
-
-Update rules (docs/method.md §3.6, §5 item 10):
-  * n_dis = 1, phase 'both': the simultaneous update. One forward; ∂L_D/∂θ_D and ∂L_GE/∂θ_GE
-    are taken from the same graph with ``torch.autograd.grad`` (each only into its own
-    parameters), then both optimizers step. The G/E gradient therefore sees D's pre-update
-    parameters, which is what the authors' code meant, without its in-place-modification error.
-  * n_dis > 1: alternating phases; 'd' steps D only (chains evaluated without a graph into G and
-    E), 'ge' steps G and E only. The loop picks the phase from its iteration counter.
+The step is capturable: static shapes, noise drawn on the device, no ``.item()``, no host sync, no Python branching on
+tensor values; the instance-noise std is a 0-d tensor, so a schedule can change it between CUDA-graph replays.
+Statistics come back as detached device tensors. :meth:`GaliStep.update` is shared by :class:`GaliStep` (eager, the twin
+and the CPU path) and :class:`gali.engine.step.graphed.GraphedStep` (static buffers, on CUDA one graph per phase).
+Update rules (docs/method.md §3.6, §5 item 10): with n_dis = 1 (phase 'both') one forward, then ∂L_D/∂θ_D and
+∂L_GE/∂θ_GE from the same graph by ``torch.autograd.grad``, each into its own parameters, then both optimizers step: the
+G/E gradient sees D's pre-update parameters. With n_dis > 1 phases alternate: 'd' steps D only (chains without a graph
+into G and E), 'ge' steps G and E only.
 """
 
 from __future__ import annotations

@@ -1,21 +1,13 @@
 """The paper-structured step: the authors' code's structure, the baseline every step benchmark beats.
 
-Same tuples, same losses, same update rule as :class:`gali.engine.step.eager.GaliStep`, built the way
-the authors' scripts build them (docs/method.md §3.6):
-
-* one D call per tuple class (K calls, each running its own spectral-norm power iterations);
-* the losses as K + K(K−1) separate ``F.cross_entropy`` calls on D's logits;
-* masks drawn as box parameters, then painted one sample at a time in a Python loop (each
-  sample's box read back to the host, as the scripts' ``random.randint`` loop does);
-* fp32, no CUDA graph, the default (unfused) Adam;
-* the reference twins of the networks' layers (``set_layer_impl(..., 'ref')``: every layer an
-  ``nn.Conv2d``/``nn.ConvTranspose2d`` call, as the authors' networks are), set on the networks it is given;
-* two full backward passes: ``loss_d.backward(retain_graph=True)`` into D, G and E, then
-  ``loss_ge.backward()`` into all three again, keeping D's gradient from the first and G/E's
-  from the second (the simultaneous update, without the authors' in-place error).
-
-It is a measuring stick, not a training path: ``bench/test_step.py`` times it beside the fast
-step in the same run, and ``tests/test_paper_step.py`` checks that both compute the same update.
+Same tuples, losses and update rule as :class:`gali.engine.step.eager.GaliStep`, built as the authors' scripts build
+them (docs/method.md §3.6): one D call per tuple class (each with its own spectral-norm power iterations); K + K(K−1)
+separate ``F.cross_entropy`` calls; box masks painted one sample at a time in a Python loop (each box read back to the
+host); fp32, no CUDA graph, unfused Adam; the networks given it set to their reference layers
+(``set_layer_impl(..., 'ref')``: every layer an ``nn.Conv2d``/``nn.ConvTranspose2d`` call); two full backward passes,
+``loss_d.backward(retain_graph=True)`` then ``loss_ge.backward()``, keeping D's gradient from the first and G/E's from
+the second. A measuring stick, not a training path: ``bench/test_step.py`` times it beside the fast step,
+``tests/test_paper_step.py`` checks both compute the same update.
 """
 
 from __future__ import annotations

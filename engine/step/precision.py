@@ -1,16 +1,12 @@
 """Mixed precision for the step: which autocast dtype, and fp32 where it matters.
 
-``compute.precision`` resolves to fp32, bf16 or fp16. Under bf16/fp16 the chains and D's trunk run
-in torch.autocast; three things stay fp32 on purpose:
-
-* spectral norm: every power iteration and σ are computed before autocast is entered, once per
-  step, and the normalised weights are reused from ``parametrize.cached()`` (autocast would run
-  ``torch.mv`` in bf16, and each weight read would otherwise run another iteration);
+``compute.precision`` resolves to fp32, bf16 or fp16. Under bf16/fp16 the chains and D's trunk run in torch.autocast;
+three things stay fp32 on purpose:
+* spectral norm: the power iterations and σ are computed once per step before autocast is entered, and the normalised
+  weights reused from ``parametrize.cached()`` (autocast would run ``torch.mv`` in bf16, and each read iterate again);
 * the losses: the K-way head accumulates in fp32 and returns fp32 losses;
 * the optimizer state (the parameters are fp32; autocast only casts activations).
-
-fp16 adds one ``torch.amp.GradScaler`` per side (D, G/E); the step counts skipped updates on the
-device.
+fp16 adds one ``torch.amp.GradScaler`` per side (D, G/E); the step counts skipped updates on the device.
 """
 
 from __future__ import annotations

@@ -1,16 +1,13 @@
 """The native DALI operator ``fn.gali_masks``: built on demand with CMake, cached, loaded into DALI.
 
-The sources beside this file (``mask_sampler.h``, the one sampling routine; ``gali_masks.cc``, the CPU
-operator; ``gali_masks.cu``, the CUDA operator; ``CMakeLists.txt``) are compiled the first time a pipeline
-needs them, into ``$GALI_CACHE/native/dali-<version>-<source hash>/`` (``~/.cache/gali`` by default): a
-new DALI or changed sources build afresh, anything else reuses that build. CMake and the system's C++
-compiler build it; the CUDA backend is compiled where CMake finds a CUDA compiler (set
-``GALI_NATIVE_CUDA=0`` to skip it), else the plugin has the CPU operator only. ``gali native build``
-builds it explicitly and prints where. Several processes (ranks) may build at once: each builds in a
-folder of its own and the first to finish renames it into place.
-
-Where no CMake, compiler or DALI is found, :class:`NativeBuildError` says what is missing and how to
-install it; nothing else in gali needs the plugin (the torch backend draws the same masks in Python).
+The sources beside this file (``mask_sampler.h``, the one sampling routine; ``gali_masks.cc``, the CPU operator;
+``gali_masks.cu``, the CUDA operator; ``CMakeLists.txt``) are compiled with CMake and the system's C++ compiler the
+first time a pipeline needs them, into ``$GALI_CACHE/native/dali-<version>-<source hash>/`` (``~/.cache/gali`` by
+default), reused until DALI or the sources change. The CUDA operator is built where CMake finds a CUDA compiler
+(``GALI_NATIVE_CUDA=0`` skips it). ``gali native build`` builds it explicitly and prints where. Ranks may build at once:
+each in its own folder, the first to finish renames it into place. Without CMake, a compiler or DALI,
+:class:`NativeBuildError` says what is missing and how to install it; nothing else in gali needs the plugin (the torch
+backend draws the same masks in Python).
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
-"""kway_head and kway_head_grouped: Triton kernel vs its reference twin, forward and every gradient, plus
-hand-checked values.
+"""kway_head and kway_head_grouped: Triton kernel vs reference twin, forward and every gradient; hand-checked values.
 
-Runs on CUDA when a device is present, else in Triton's CPU interpreter (conftest.py sets
-TRITON_INTERPRET=1 before this module imports the kernel). Shapes are small so the interpreter stays fast.
-
-Tolerances:
-- fp32: Triton vs reference to 1e-5 relative (elementwise rtol 1e-5, plus an atol of 1e-6 times the
-  tensor's largest magnitude for entries near zero). Both paths accumulate in fp32; they differ only in
-  summation order.
-- bf16/fp16 (flash-attention's rule): the Triton path's error against the fp64 reference is at most twice
-  the low-precision reference's own error against fp64, plus an atol of LOWP_ATOL times the largest
-  magnitude. The atol covers quantities where the reference happens to be almost exact (its error can be
-  ~0 on a tiny case by luck) while the kernel still rounds its 16-bit inputs to the dot products.
-
-The grouped form is held to the same two rules.
+Runs on CUDA when present, else in Triton's CPU interpreter (conftest.py sets TRITON_INTERPRET=1 before the kernel is
+imported), on small shapes. Tolerances, the same for the grouped form:
+- fp32: Triton vs reference to rtol 1e-5, plus an atol of 1e-6 × the tensor's largest magnitude (both paths accumulate
+  in fp32; only the summation order differs);
+- bf16/fp16 (flash-attention's rule): the Triton path's error against the fp64 reference is at most twice the
+  low-precision reference's own error, plus an atol of LOWP_ATOL × the largest magnitude, which covers entries the
+  reference gets almost exact by luck while the kernel still rounds its 16-bit inputs to the dot products.
 """
 
 from __future__ import annotations
