@@ -1,11 +1,12 @@
 """Run native code that may crash in a child process, so that a crash is one failed test and not a dead suite.
 
-``run_isolated(fn, *args)`` forks a child from a server process that has imported torch and nothing else
-(``multiprocessing``'s forkserver: no OpenMP pool exists yet, so the fork is safe and costs milliseconds),
-runs ``fn(*args)`` there and returns its result. A child killed by a signal, or still running after
-``timeout`` seconds, raises :class:`Crashed` with the signal's name and the tail of the child's stderr; an
-exception in the child is re-raised here as an ``AssertionError`` carrying its traceback. ``fn`` must be a
-module-level function of an importable module (tests/*.py are, by their dotted name ``tests.<module>``).
+``run_isolated(fn, *args)`` forks a child from a server process that has imported torch and the engine and
+run nothing (``multiprocessing``'s forkserver: no OpenMP pool exists yet, so the fork is safe and costs
+milliseconds), runs ``fn(*args)`` there and returns its result. A child killed by a signal, or still running
+after ``timeout`` seconds, raises :class:`Crashed` with the signal's name and the tail of the child's stderr;
+an exception in the child is re-raised here as an ``AssertionError`` carrying its traceback.
+``start_isolated`` starts such a child and hands back the process, for tests that kill it themselves. ``fn``
+must be a module-level function of an importable module (tests/*.py are, as ``tests.<module>``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Crashed(AssertionError):
 def _context() -> multiprocessing.context.ForkServerContext:
     context = multiprocessing.get_context("forkserver")
     # loaded once in the server, not in every child: the main script, torch, the engine, the conv sweep
-    context.set_forkserver_preload(["__main__", "torch", "gali.engine.step.build", "tests.conv_sweep"])
+    context.set_forkserver_preload(["__main__", "torch", "gali.engine.cli", "tests.conv_sweep"])
     return context
 
 
@@ -57,15 +58,20 @@ def _receive(connection: Any) -> tuple[str, Any] | None:
         return None
 
 
+def start_isolated(fn: Callable[..., Any], *args: Any) -> multiprocessing.Process:
+    """``fn(*args)`` started in a forked child, for a caller that waits on it or kills it itself."""
+    child = _context().Process(target=fn, args=args, daemon=True)
+    child.start()
+    return child
+
+
 def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float = 300.0) -> Any:
     """``fn(*args)`` run in a forked child; its result, or :class:`Crashed` if the child died or hung."""
-    context = _context()
     what = f"{fn.__module__}.{fn.__qualname__}{args!r}"
-    receive, send = context.Pipe(duplex=False)
+    receive, send = _context().Pipe(duplex=False)
     with tempfile.TemporaryDirectory() as folder:
         stderr_path = str(Path(folder) / "stderr")
-        child = context.Process(target=_child, args=(send, stderr_path, fn, args), daemon=True)
-        child.start()
+        child = start_isolated(_child, send, stderr_path, fn, args)
         send.close()
         hung = not receive.poll(timeout)
         message = None if hung else _receive(receive)

@@ -1,6 +1,7 @@
 """Runs that survive: stop signals, SIGKILL mid-write, non-finite steps, a full disk, bounded checkpoints."""
 
 import errno
+import multiprocessing
 import os
 import random
 import shutil
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gali.engine.cli import main
 from gali.engine.errors import ConfigError, GaliError
 from gali.engine.loop import checkpoint as checkpoint_module
 from gali.engine.loop.checkpoint import load_checkpoint, prune_checkpoints
@@ -21,6 +23,7 @@ from gali.engine.loop.signals import EXIT_STOPPED
 from gali.engine.loop.train import resume, train
 from gali.engine.step import eager
 from gali.engine.step.eager import GaliStep
+from tests.isolation import start_isolated
 
 # The digits' 1,437 training images: 44 batches of 32 per epoch; a checkpoint every 20 steps.
 TINY = [
@@ -167,7 +170,11 @@ def wait_for_a_partial_file(run_dir: Path, known_checkpoints: set[str], timeout:
 
 @pytest.mark.slow
 def test_twenty_sigkills_at_random_moments_lose_no_checkpoint(tmp_path):
-    """A checkpoint every step on a slow disk: kills land during atomic writes, snapshots and steps alike."""
+    """A checkpoint every step on a slow disk: kills land during atomic writes, snapshots and steps alike.
+
+    Each run is ``gali train`` forked from a server that has imported the engine (tests/isolation.py), so the
+    twenty starts skip the interpreter's imports; the SIGKILL is the same.
+    """
     cache, out = tmp_path / "cache", tmp_path / "runs"
     # lean snapshots (no averages to recalibrate; TINY fits no identity classifier), so that many kills land in writes
     every_step = [
@@ -189,14 +196,16 @@ def test_twenty_sigkills_at_random_moments_lose_no_checkpoint(tmp_path):
         if not checkpoints and run_dirs:  # killed before its first checkpoint: that run had nothing to keep
             for run_dir in run_dirs:
                 shutil.rmtree(run_dir)
-        run = gali(*args, cache=cache, cwd=tmp_path, prelude=SLOW_DISK)
-        wait_for_ticks(run, 1)  # training has begun: the kill lands in a step, a snapshot or a write
+        log = tmp_path / f"kill-{kill}.log"
+        log.touch()
+        run = start_isolated(gali_on_a_slow_disk, args, str(cache), str(tmp_path), str(log))
+        wait_for_a_tick(run, log)  # training has begun: the kill lands in a step, a snapshot or a write
         if kill % 2:
-            time.sleep(rng.uniform(0.0, 2.0))
+            time.sleep(rng.uniform(0.0, 1.0))
         else:  # every other kill waits for one new checkpoint and then a write under way: some surely land mid-write
             wait_for_a_partial_file(next(out.iterdir()), known_checkpoints=seen)
         run.kill()
-        run.wait()
+        run.join()
         run_dir = next(out.iterdir(), None) if out.exists() else None
         if run_dir is None:
             continue
@@ -208,9 +217,35 @@ def test_twenty_sigkills_at_random_moments_lose_no_checkpoint(tmp_path):
         seen = names
     print(f"20 SIGKILLs: {len(seen)} checkpoints, all readable; {mid_write} kills landed mid-write (a partial .tmp)")
     assert len(seen) >= 10 and mid_write >= 5
-    final = gali("train", "--resume", str(next(out.iterdir())), "run.kimg=2.4", cache=cache, cwd=tmp_path)
+    # the killed run resumes from its newest checkpoint and trains on: two more ticks, through the CLI
+    run_dir = next(out.iterdir())
+    images = final_state(run_dir)["images_seen"] + 64
+    final = gali("train", "--resume", str(run_dir), f"run.kimg={images / 1000}", cache=cache, cwd=tmp_path)
     assert finish(final) == 0
-    assert final_state(next(out.iterdir()))["images_seen"] == 2400
+    assert final_state(run_dir)["images_seen"] == images
+
+
+def gali_on_a_slow_disk(args: list[str], cache: str, cwd: str, log: str) -> None:
+    """``gali ARGS`` in this (forked) process, one thread, on the slow disk; stdout and stderr to ``log``."""
+    descriptor = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(descriptor, 1)
+    os.dup2(descriptor, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (fd 1 lives as long as the process)
+    sys.stderr = sys.stdout
+    os.chdir(cwd)
+    os.environ["GALI_CACHE"] = cache
+    torch.set_num_threads(1)
+    exec(SLOW_DISK, {})  # its own namespace: the patched fsync finds the original it wraps
+    sys.exit(main(args))
+
+
+def wait_for_a_tick(process: multiprocessing.Process, log: Path, timeout: float = 120.0) -> None:
+    """Wait until the child's ``log`` holds a tick line; fail with the log's tail if the child ends first."""
+    deadline = time.monotonic() + timeout
+    while not any(line.startswith("kimg") for line in log.read_text().splitlines()):
+        assert process.is_alive(), f"the run ended early ({process.exitcode}): {log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"no tick within {timeout} s: {log.read_text()[-2000:]}"
+        time.sleep(0.01)
 
 
 def _step() -> GaliStep:
