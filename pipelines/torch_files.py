@@ -13,6 +13,7 @@ stops the pass with a one-line ``DataError`` naming it, also from a worker.
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,6 +315,7 @@ class TorchFilePipeline:
             persistent_workers=workers > 0,
             prefetch_factor=prefetch if workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),  # keeps the global torch RNG untouched
+            worker_init_fn=_leave_stop_signals_to_the_main_process,
         )
 
     def __len__(self) -> int:
@@ -350,3 +352,10 @@ class TorchFilePipeline:
             error = e.with_traceback(None)
             del self
             raise error from error.__cause__
+
+
+def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGINT, SIGTERM and SIGUSR1: a scheduler signals the job's whole process group,
+    and a worker killed by it would crash the run before the main process writes its stop checkpoint."""
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)

@@ -143,9 +143,11 @@ class Snapshots:
         return figures
 
     def save_checkpoint(self, checkpoint: Checkpoint, run_log: RunLog | SilentRunLog) -> None:
-        """A checkpoint outside the cadence (a stopped run): collective; rank 0 writes."""
+        """A checkpoint outside the cadence (a stopped run): collective; rank 0 writes.
+
+        It reads no data: a stop may come with the whole job's processes being ended, data workers included.
+        The averages keep the BatchNorm statistics of their last recalibration; every snapshot redoes it."""
         average_buffers(self.world, self.with_buffers)
-        self._recalibrate_averages()
         self._save(checkpoint, run_log)
 
     def _recalibrate_averages(self) -> None:
