@@ -240,6 +240,7 @@ def _eval(args: argparse.Namespace) -> None:
     report = evaluate(args.checkpoint, args.metrics, options)
     print(report.table)
     print(f"wrote {report.json_path}")
+    report.check_finite()  # a NaN or infinite figure: exit 2 with a message, after the table and the JSON
 
 
 def _reproduce(args: argparse.Namespace) -> None:

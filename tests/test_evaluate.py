@@ -7,17 +7,21 @@ import beside this torch build and nothing may be downloaded.
 """
 
 import json
+import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from gali.engine.cli import main
 from gali.engine.errors import DataError, GaliError
 from gali.engine.eval.protocol import EvalOptions, SplitBatches, evaluate, parse_metrics
-from gali.engine.loop.checkpoint import save_checkpoint
+from gali.engine.loop.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from gali.engine.loop.config import load_config
+from gali.engine.loop.ema import WeightAverage
 from gali.engine.loop.runtime import seed_everything
 from gali.engine.method.tuple_spec import load_spec
 from gali.engine.metrics.reconstruction import held_out_metrics
@@ -298,3 +302,79 @@ def test_cli_eval_prints_the_table_and_reports_errors(setup, capsys, tmp_path):
     missing = tmp_path / "checkpoint-9.pt"
     assert main(["eval", str(missing)]) == 2
     assert f"checkpoint {missing} does not exist" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def few_images(tmp_path_factory) -> Path:
+    """A folder data set of a handful of images: train/ and test/, each two classes of two 20x20 PNGs."""
+    root = tmp_path_factory.mktemp("few")
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(2):
+                pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return root
+
+
+def _checkpoint_with_averages(folder: Path, preset: str, overrides: list[str]) -> Path:
+    """An untrained checkpoint of ``preset`` with G_ema and E_ema, written by the engine's own save path."""
+    cfg = load_config(preset, overrides)
+    seed_everything(0)
+    nets = build_networks(
+        cfg.model, cfg.method, load_spec(cfg.method.tuples), resolution=cfg.data.resolution, device=CPU
+    )
+    ema = WeightAverage(nets, ema_kimg=1, rampup=0, start_kimg=0)
+    folder.mkdir()
+    return save_checkpoint(folder / "checkpoint-0000000002.pt", Checkpoint(cfg, nets, ema=ema).state_dict())
+
+
+@pytest.mark.parametrize(
+    ("preset", "model", "resolution"),
+    [
+        ("svhn32-gali4", ["model.width=0.25", "model.latent_dim=32"], 32),
+        ("celeba64-gali4", ["model.width=0.125", "model.latent_dim=32"], 64),
+        ("imagenet128-gali4", [f"model.width={1 / 48}", "model.latent_dim=12"], 128),  # BigGAN G, ResNet E: ch 2, 1
+    ],
+    ids=("32x32", "64x64", "128x128"),
+)
+def test_cli_eval_takes_the_checkpoints_whole_config_at_every_resolution(
+    preset, model, resolution, few_images, tmp_path, capsys
+):
+    """The checkpoint's model is validated against its own data, not the default 32² model (issue 21, finding 5);
+    the data overrides go on top of its whole config, as gali train --resume applies them."""
+    checkpoint = _checkpoint_with_averages(
+        tmp_path / "run", preset, [*model, "data.root=/moved/away", "data.workers=0"]
+    )
+    argv = ["eval", str(checkpoint), f"data.root={few_images}", "--metrics", "pixel-mse", "--batch-size", "2"]
+    assert main(argv) == 0, capsys.readouterr().err
+    document = json.loads(checkpoint.with_name("checkpoint-0000000002.eval.json").read_text())
+    result = document["metrics"]["pixel-mse"]
+    assert result["images"] == 4 and result["n"] == 2 and result["weights"] == "ema"
+    assert math.isfinite(result["mean"]) and result["mean"] > 0 and math.isfinite(result["std"])
+    trained = load_checkpoint(checkpoint)[0].to_dict()
+    assert document["config"]["model"] == trained["model"] and document["config"]["data"]["resolution"] == resolution
+    assert document["config"]["data"]["root"] == str(few_images)  # the override, recorded with the figures
+
+
+def test_cli_eval_exits_2_naming_a_non_finite_metric_after_writing_it(few_images, tmp_path, capsys):
+    """A NaN in G's moving average: the table and the JSON (null) are written, then exit 2 naming the metric and
+    the checkpoint; the live weights of the same checkpoint are finite and exit 0."""
+    checkpoint = _checkpoint_with_averages(
+        tmp_path / "run", "demo", [*TINY, "data.source=folder", f"data.root={few_images}"]
+    )
+    state = torch.load(checkpoint, weights_only=True)
+    state["G_ema"]["net.0.weight"].fill_(float("nan"))  # G's first layer
+    torch.save(state, checkpoint)
+    assert main(["eval", str(checkpoint), "--metrics", "pixel-mse", "--batch-size", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert "nan ± nan" in out and "eval.json" in out
+    assert f"checkpoint {checkpoint}: pixel-mse.mean, pixel-mse.std came out non-finite" in err
+    document = json.loads(checkpoint.with_name("checkpoint-0000000002.eval.json").read_text())  # strict JSON: null
+    measured = document["metrics"]["pixel-mse"]
+    assert measured["mean"] is None and measured["std"] is None and measured["images"] == 4
+    assert measured["weights"] == "ema"
+    assert main(["eval", str(checkpoint), "--metrics", "pixel-mse", "--batch-size", "2", "--live"]) == 0
+    live = json.loads(checkpoint.with_name("checkpoint-0000000002.eval.json").read_text())["metrics"]["pixel-mse"]
+    assert live["weights"] == "live" and math.isfinite(live["mean"])

@@ -6,16 +6,20 @@ last partial batch included, in a seeded order, in batches of ``batch_size`` (10
 of 100); E and G run in eval mode and reconstructions use z = μ_E(x). ``bn_recalibrate`` > 0 first recomputes E's and
 G's BatchNorm statistics on that many training batches, in memory only. FID/KID reference features are cached in a file
 keyed by the data set, split, resolution, image count, seed and the network file's SHA-256.
-The JSON goes next to the checkpoint (``checkpoint-N.eval.json``); a later evaluation of other metrics is merged into
-it, each metric keeping the settings it was measured with.
+The config is the checkpoint's whole config with the ``data.key=value`` overrides on top (a moved ``data.root``),
+as ``gali train --resume`` applies its overrides. The JSON goes next to the checkpoint (``checkpoint-N.eval.json``)
+with that config; a later evaluation of other metrics is merged into it, each metric keeping the settings it was
+measured with. A figure that comes out NaN or infinite is written as null (strict JSON) and listed in
+``EvalReport.non_finite``; ``gali eval`` then exits 2 naming it and the checkpoint (:meth:`EvalReport.check_finite`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ from torch import Tensor
 from gali.engine.errors import DataError, GaliError
 from gali.engine.files import atomic_write, file_sha256, write_text_atomic
 from gali.engine.loop.checkpoint import load_networks
-from gali.engine.loop.config import config_from_dict
+from gali.engine.loop.config import Config, config_from_dict
 from gali.engine.loop.runtime import resolve_device
 from gali.engine.metrics import (
     INCEPTION_INPUT_SIZE,
@@ -75,7 +79,7 @@ METRICS: dict[str, str] = {
 class EvalOptions:
     """Settings of one evaluation (the CLI's options; defaults follow docs/method.md §4.1).
 
-    data_overrides: ``data.key=value`` strings applied to the checkpoint's data config (e.g. a
+    data_overrides: ``data.key=value`` strings applied on top of the checkpoint's config (e.g. a
                     moved ``data.root``); keys of other sections are rejected.
     feature_*:      the frozen feature network of feature-MSE (TorchScript, or a state dict with
                     ``feature_arch``), its input size (0 = the data resolution) and resize mode.
@@ -120,12 +124,28 @@ class EvalOptions:
 
 @dataclass
 class EvalReport:
-    """What one evaluation produced: the results by metric name, the table, and where the JSON went."""
+    """What one evaluation produced: the results by metric name, the table, where the JSON went, and the
+    figures that came out NaN or infinite (``'pixel-mse.mean'``; null in the JSON, NaN or inf in ``results``)."""
 
     checkpoint: Path
     results: dict[str, dict[str, Any]]
     table: str
     json_path: Path
+    non_finite: tuple[str, ...] = ()
+
+    def check_finite(self) -> None:
+        """Raise :class:`GaliError` naming the non-finite figures and the checkpoint, if there are any.
+
+        A separate step, so the caller shows the table first and ``gali reproduce`` can still compare
+        a diverged method with the others.
+        """
+        if self.non_finite:
+            raise GaliError(
+                f"checkpoint {self.checkpoint}: {', '.join(self.non_finite)} came out non-finite (NaN or inf; "
+                f"written as null in {self.json_path}): its networks give NaN or inf on these images. Evaluate "
+                "an earlier checkpoint of the run, or try --live or --bn-recalibrate N where only the moving "
+                "averages or the BatchNorm statistics are bad"
+            )
 
 
 def parse_metrics(names: str | Sequence[str]) -> tuple[str, ...]:
@@ -187,12 +207,16 @@ def _check_options(metrics: tuple[str, ...], options: EvalOptions) -> None:
         raise GaliError(f"--feature-resize must be 'nearest' or 'bilinear'; got {options.feature_resize!r}")
 
 
-def data_config(data: DataConfig, overrides: Sequence[str]) -> DataConfig:
-    """``data`` with ``data.key=value`` overrides applied and validated."""
+def evaluation_config(cfg: Config, overrides: Sequence[str], *, origin: str) -> Config:
+    """The checkpoint's whole config with ``data.key=value`` overrides on top, validated as a whole.
+
+    The whole config, so the data are checked against the checkpoint's own model (its arch and resolution),
+    not the default one; ``origin`` (the checkpoint's path) names it in errors.
+    """
     bad = [o for o in overrides if not o.strip().startswith("data.")]
     if bad:
         raise GaliError(f"only data.* overrides apply to an evaluation; got {', '.join(bad)}")
-    return config_from_dict({"data": asdict(data)}, origin="checkpoint data", overrides=overrides).data
+    return config_from_dict(cfg.to_dict(), origin=origin, overrides=overrides)
 
 
 class SplitBatches:
@@ -316,9 +340,10 @@ class _Evaluation:
             self.inception = load_inception(options.inception, input_size=options.inception_input_size)
             self.inception_sha256 = file_sha256(self.inception.path)
         self.device = resolve_device(options.device)
-        self.cfg, nets, self.weights = load_networks(checkpoint, self.device, ema=options.ema)
+        cfg, nets, self.weights = load_networks(checkpoint, self.device, ema=options.ema)
         self.G, self.E = nets.G.eval(), nets.E.eval()
-        self.data = data_config(self.cfg.data, options.data_overrides)
+        self.cfg = evaluation_config(cfg, options.data_overrides, origin=str(checkpoint))
+        self.data = self.cfg.data
         self.probe_train = None
         if "probe" in metrics:  # size the probe's sets before reading any image
             self.probe_train = self._batches("train", limit=options.probe_pool)
@@ -696,6 +721,18 @@ def metrics_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows)
 
 
+def _finite_or_null(value: Any, path: str, found: list[str]) -> Any:
+    """``value`` with each NaN or infinite float made None (null in strict JSON); their dotted paths go to ``found``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        found.append(path)
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item, f"{path}.{key}", found) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(item, f"{path}[{i}]", found) for i, item in enumerate(value)]
+    return value
+
+
 def _write_json(path: Path, checkpoint: Path, config: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
     """Merge ``results`` into the JSON at ``path`` (same checkpoint), written atomically."""
     previous: dict[str, Any] = {}
@@ -720,7 +757,9 @@ def evaluate(
     The JSON is written next to the checkpoint as ``<checkpoint stem>.eval.json``. Raises
     :class:`GaliError` (or a subclass) naming the path, option or value for every bad input:
     a missing checkpoint, feature network or Inception file, an unknown metric, a feature network
-    with the wrong output shape, too few labelled images for the probe.
+    with the wrong output shape, too few labelled images for the probe. A figure that comes out
+    non-finite does not raise: it is null in the JSON and named in ``non_finite`` (see
+    :meth:`EvalReport.check_finite`).
     """
     options = options or EvalOptions()
     names = parse_metrics(metrics)
@@ -730,5 +769,13 @@ def evaluate(
     results = evaluation.run()
     results = {name: results[name] for name in names}
     json_path = checkpoint.with_name(checkpoint.name.removesuffix(".pt") + ".eval.json")
-    _write_json(json_path, checkpoint, evaluation.cfg.to_dict(), results)
-    return EvalReport(checkpoint=checkpoint, results=results, table=metrics_table(results), json_path=json_path)
+    non_finite: list[str] = []
+    stored = {name: _finite_or_null(result, name, non_finite) for name, result in results.items()}
+    _write_json(json_path, checkpoint, evaluation.cfg.to_dict(), stored)
+    return EvalReport(
+        checkpoint=checkpoint,
+        results=results,
+        table=metrics_table(results),
+        json_path=json_path,
+        non_finite=tuple(non_finite),
+    )
