@@ -435,3 +435,28 @@ def test_a_full_disk_at_start_up_is_a_message_not_a_traceback(tmp_path, monkeypa
     monkeypatch.setattr(run_log_module.RunLog, "__init__", no_space)
     with pytest.raises(GaliError, match=r"no space left on the device of .* for the run's logs; free space"):
         train(load_config("demo", [*TINY, f"run.out_dir={tmp_path / 'runs'}"]), log=lambda line: None)
+
+
+@pytest.mark.parametrize("where", ["out_dir", "run_dir"])
+def test_an_unwritable_run_folder_is_refused_by_name_before_training(where, tmp_path, capsys, monkeypatch):
+    """An immutable folder (chattr +i: root ignores permission bits) for a new run's out_dir or a resumed run's."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not installed: no immutable flag to test with")
+    monkeypatch.setenv("GALI_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "runs"
+    args = ["train", *TINY, "run.kimg=0.032", "run.snapshot_kimg=0.032", f"run.out_dir={out}"]
+    if where == "run_dir":
+        assert main(args) == 0
+        locked, args = next(out.iterdir()), ["train", "--resume", str(next(out.iterdir())), "run.kimg=0.064"]
+    else:
+        locked = out
+        out.mkdir()
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode:
+        pytest.skip(f"this file system does not take the immutable flag (chattr +i {locked})")
+    try:
+        code = main(args)
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    printed = capsys.readouterr()
+    assert code == 2 and f"cannot write in the run folder {out if where == 'out_dir' else locked}" in printed.err
+    assert "Traceback" not in printed.err and "kimg 0.064" not in printed.out

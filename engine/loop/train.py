@@ -254,22 +254,23 @@ def _open_run_log(
 ) -> RunLog | SilentRunLog:
     """The run folder (a new one, or the resumed run's) with the resolved config.toml, and its log (rank 0)."""
     if not world.is_main:
-        return SilentRunLog(world.broadcast(None))
-    run_dir = create_run_dir(cfg.run.out_dir, cfg.preset) if resume_from is None else resume_from.checkpoint.parent
-    world.broadcast(run_dir)
-    partial = sorted(run_dir.glob("*.tmp"))  # files a killed run was writing: never complete, never read
-    for path in partial:
-        path.unlink()
+        run_dir = world.broadcast(None)
+        if run_dir is None:
+            raise GaliError("rank 0 cannot write the run folder; its message says why")
+        return SilentRunLog(run_dir)
+    run_dir = Path(cfg.run.out_dir) if resume_from is None else resume_from.checkpoint.parent
     try:
+        if resume_from is None:
+            run_dir = create_run_dir(run_dir, cfg.preset)
+        partial = sorted(run_dir.glob("*.tmp"))  # files a killed run was writing: never complete, never read
+        for path in partial:
+            path.unlink()
         write_text_atomic(run_dir / "config.toml", dump_config(cfg))
         run_log = RunLog(run_dir, total_kimg=cfg.run.kimg, progress=cfg.run.progress, tensorboard=tensorboard, log=log)
     except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-        raise GaliError(
-            f"no space left on the device of {run_dir} for the run's logs; free space there "
-            "(or lower run.keep_checkpoints), then start again"
-        ) from exc
+        world.broadcast(None)  # the other ranks stop too, instead of waiting for a folder
+        raise _run_folder_error(run_dir, exc) from exc
+    world.broadcast(run_dir)
     run_log.message(
         f"run folder {run_dir}  preset {cfg.preset}  tuples {spec.name} (K={spec.num_classes})  "
         f"device {device}  tensorboard {'on' if tensorboard else 'off'}"
@@ -283,6 +284,21 @@ def _open_run_log(
         f"data: {pipeline.num_images} training images, {len(pipeline)} batches of {cfg.run.batch_size}{ranks} per epoch"
     )
     return run_log
+
+
+def _run_folder_error(run_dir: Path, exc: OSError) -> GaliError:
+    """The refusal for a run folder that cannot be written: full, read-only, or not ours to write."""
+    if exc.errno == errno.ENOSPC:
+        return GaliError(
+            f"no space left on the device of {run_dir} for the run's logs; free space there "
+            "(or lower run.keep_checkpoints), then start again"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return GaliError(
+            f"cannot write in the run folder {run_dir} ({exc.strerror}: {exc.filename}); make it writable "
+            "(permissions, an immutable flag, a read-only mount) or choose another run.out_dir, then start again"
+        )
+    return GaliError(f"cannot write in the run folder {run_dir}: {exc}")
 
 
 def _check_resume_point(resume_from: ResumePoint, cfg: Config, batches_per_epoch: int) -> None:
