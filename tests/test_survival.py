@@ -1,6 +1,7 @@
 """Runs that survive: stop signals, SIGKILL mid-write, non-finite steps, a full disk, bounded checkpoints."""
 
 import errno
+import json
 import multiprocessing
 import os
 import random
@@ -460,3 +461,25 @@ def test_an_unwritable_run_folder_is_refused_by_name_before_training(where, tmp_
     printed = capsys.readouterr()
     assert code == 2 and f"cannot write in the run folder {out if where == 'out_dir' else locked}" in printed.err
     assert "Traceback" not in printed.err and "kimg 0.064" not in printed.out
+
+
+@pytest.mark.slow
+def test_a_second_writer_of_a_run_folder_is_refused_naming_the_first(tmp_path, capsys, monkeypatch):
+    """Two ``gali train --resume RUN_DIR`` (a requeued job racing its predecessor): the second exits 2 at once."""
+    monkeypatch.setenv("GALI_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "runs"
+    assert main(["train", *TINY, "run.kimg=0.032", "run.snapshot_kimg=0.032", f"run.out_dir={out}"]) == 0
+    run_dir = next(out.iterdir())
+    first = gali("train", "--resume", str(run_dir), "run.kimg=1.6", cache=tmp_path / "cache", cwd=tmp_path)
+    try:
+        wait_for_ticks(first, 1)
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run_dir), "run.kimg=1.6"]) == 2
+        err = capsys.readouterr().err
+        assert f"PID {first.pid}" in err and "Traceback" not in err, err
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert finish(first) == EXIT_STOPPED  # the first run goes on untouched and stops as asked
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kimgs = [r["kimg"] for r in records if "kimg" in r and "event" not in r]
+    assert kimgs == sorted(kimgs) and len(kimgs) == len(set(kimgs))  # one writer: no record twice

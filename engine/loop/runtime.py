@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gali.engine.errors import ConfigError
+from gali.engine.errors import ConfigError, GaliError
 
 
 def resolve_device(name: str) -> torch.device:
@@ -33,10 +33,25 @@ def derived_seed(*keys: int) -> int:
 
 
 def create_run_dir(out_dir: str | Path, name: str) -> Path:
-    """``out_dir/NNNNN-name`` with the next free number (StyleGAN's convention)."""
+    """``out_dir/NNNNN-name`` with the next free number (StyleGAN's convention).
+
+    Runs that start together (a job array) race for that number: the losers of a ``mkdir`` look again and take
+    the next one, so each run gets a folder of its own.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    numbers = [int(p.name.split("-", 1)[0]) for p in out.iterdir() if p.name.split("-", 1)[0].isdigit()]
-    run_dir = out / f"{max(numbers, default=-1) + 1:05d}-{Path(name).stem}"
-    run_dir.mkdir()
-    return run_dir
+    tries = 1000
+    number = -1
+    for _ in range(tries):
+        taken = [int(p.name.split("-", 1)[0]) for p in out.iterdir() if p.name.split("-", 1)[0].isdigit()]
+        number = max([number, *taken]) + 1
+        run_dir = out / f"{number:05d}-{Path(name).stem}"
+        try:
+            run_dir.mkdir()
+        except FileExistsError:
+            continue
+        return run_dir
+    raise GaliError(
+        f"no new run folder in {out}: {tries} numbers in a row were taken by runs starting at the same time; "
+        "start again"
+    )

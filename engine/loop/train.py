@@ -24,6 +24,7 @@ from gali.engine.loop.checkpoint import Checkpoint, Progress, latest_checkpoint
 from gali.engine.loop.config import Config, config_from_dict, dump_config
 from gali.engine.loop.distributed import World, init_world, local_batch_size
 from gali.engine.loop.ema import WeightAverage
+from gali.engine.loop.run_lock import RunFolderLock, acquire_run_folder
 from gali.engine.loop.run_log import RunLog, SilentRunLog, resolve_tensorboard
 from gali.engine.loop.runtime import create_run_dir, seed_everything
 from gali.engine.loop.signals import RunStopped, StopFlag, stop_on_signals
@@ -91,8 +92,8 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, resume_from: Resum
     """
     world, device = init_world(cfg.run.device)
     try:
-        with stop_on_signals() as stop:
-            return _train(cfg, world, device, stop, log if world.is_main else lambda line: None, resume_from)
+        with stop_on_signals() as stop, contextlib.ExitStack() as held:  # held: the run folder's lock, rank 0
+            return _train(cfg, world, device, stop, log if world.is_main else lambda line: None, resume_from, held)
     finally:
         world.close()
 
@@ -104,6 +105,7 @@ def _train(
     stop: StopFlag,
     log: Callable[[str], None],
     resume_from: ResumePoint | None,
+    held: contextlib.ExitStack,
 ) -> TrainResult:
     # Set up: seeds, data, networks and step, the snapshots, then the run folder and its log.
     tensorboard = resolve_tensorboard(cfg.run.tensorboard)  # run.tensorboard=on without the package stops here
@@ -123,7 +125,8 @@ def _train(
     )
     snapshots = Snapshots(cfg, spec, nets, device, world, ema)
     checkpoint = Checkpoint(cfg, nets, step, device=device, world=world, ema=ema)
-    run_log = _open_run_log(cfg, resume_from, spec, pipeline, device, tensorboard, log, world)  # all set up now
+    run_log, lease = _open_run_log(cfg, resume_from, spec, pipeline, device, tensorboard, log, world, held)
+    still_ours = lease.check if lease is not None else lambda: None  # before each log or checkpoint write (rank 0)
     world.seed_rank_streams(cfg.run.seed)  # z, ε, masks and instance noise differ across ranks
 
     # Restore an interrupted run's state, in one place: after every random draw of the set-up.
@@ -161,16 +164,19 @@ def _train(
                 last = ticks.record(
                     progress.images_seen, epoch=epoch, iteration=progress.iteration, noise_std=noise.value
                 )
+                still_ours()
                 run_log.tick(last)
                 ticks.stop_after_bad_ticks(cfg.run.max_bad_ticks, run_log.run_dir)
 
             # Snapshot: grids, held-out reconstruction error and checkpoint, outside the training time.
             if snapshots.due(progress.images_seen, batch_size, done):
+                still_ours()
                 with clock.paused():
                     held_out = snapshots.take(checkpoint, run_log)
 
             # Stop: a signal on any rank, agreed at this step boundary, ends the run with a checkpoint.
             if not done and world.any(stop.requested):
+                still_ours()
                 snapshots.save_checkpoint(checkpoint, run_log)
                 world.barrier()  # no rank tears down its process group while rank 0 still writes
                 raise RunStopped.after(stop, progress.images_seen, run_log.run_dir)
@@ -251,24 +257,29 @@ def _open_run_log(
     tensorboard: bool,
     log: Callable[[str], None],
     world: World,
-) -> RunLog | SilentRunLog:
-    """The run folder (a new one, or the resumed run's) with the resolved config.toml, and its log (rank 0)."""
+    held: contextlib.ExitStack,
+) -> tuple[RunLog | SilentRunLog, RunFolderLock | None]:
+    """The run folder (a new one, or the resumed run's), locked for this run (rank 0 holds the lock until ``held``
+    closes), with the resolved config.toml, and its log."""
     if not world.is_main:
         run_dir = world.broadcast(None)
         if run_dir is None:
             raise GaliError("rank 0 cannot write the run folder; its message says why")
-        return SilentRunLog(run_dir)
+        return SilentRunLog(run_dir), None
     run_dir = Path(cfg.run.out_dir) if resume_from is None else resume_from.checkpoint.parent
     try:
         if resume_from is None:
             run_dir = create_run_dir(run_dir, cfg.preset)
+        lease = held.enter_context(acquire_run_folder(run_dir, log=log))  # before anything is written there
         partial = sorted(run_dir.glob("*.tmp"))  # files a killed run was writing: never complete, never read
         for path in partial:
             path.unlink()
         write_text_atomic(run_dir / "config.toml", dump_config(cfg))
         run_log = RunLog(run_dir, total_kimg=cfg.run.kimg, progress=cfg.run.progress, tensorboard=tensorboard, log=log)
-    except OSError as exc:
+    except (OSError, GaliError) as exc:
         world.broadcast(None)  # the other ranks stop too, instead of waiting for a folder
+        if isinstance(exc, GaliError):  # the folder is another run's
+            raise
         raise _run_folder_error(run_dir, exc) from exc
     world.broadcast(run_dir)
     run_log.message(
@@ -283,7 +294,7 @@ def _open_run_log(
     run_log.message(
         f"data: {pipeline.num_images} training images, {len(pipeline)} batches of {cfg.run.batch_size}{ranks} per epoch"
     )
-    return run_log
+    return run_log, lease
 
 
 def _run_folder_error(run_dir: Path, exc: OSError) -> GaliError:
