@@ -43,8 +43,11 @@ def _train(args: argparse.Namespace) -> None:
     if args.dry_run:
         print(dump_config(cfg), end="")
         return
-    from gali.engine.loop.train import train
+    from gali.engine.loop.train import resume, train
 
+    if cfg.run.dir and any(Path(cfg.run.dir).glob("checkpoint-*.pt")):  # a restart: the same command line resumes
+        resume(cfg.run.dir, args.overrides)
+        return
     train(cfg)
 
 

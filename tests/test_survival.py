@@ -459,7 +459,7 @@ def test_an_unwritable_run_folder_is_refused_by_name_before_training(where, tmp_
     finally:
         subprocess.run(["chattr", "-i", str(locked)], check=True)
     printed = capsys.readouterr()
-    assert code == 2 and f"cannot write in the run folder {out if where == 'out_dir' else locked}" in printed.err
+    assert code == 2 and str(out if where == "out_dir" else locked) in printed.err and "writable" in printed.err
     assert "Traceback" not in printed.err and "kimg 0.064" not in printed.out
 
 

@@ -24,6 +24,7 @@ from gali.engine.config import (
     section_names,
 )
 from gali.engine.errors import ConfigError
+from gali.engine.loop.signals import parse_duration
 from gali.engine.method.config import MethodConfig
 from gali.engine.method.tuple_spec import load_spec
 from gali.engine.nets.config import PAPER_ARCHS, ModelConfig
@@ -33,6 +34,7 @@ from gali.pipelines.config import DataConfig
 DEVICES = ("auto", "cpu", "cuda")
 TENSORBOARD_MODES = ("auto", "on", "off")
 PROGRESS_MODES = ("auto", "bar", "lines")
+REQUEUE_MODES = ("auto", "on", "off")
 # Deprecated keys and the keys that replaced them; reading one warns and sets the new key.
 ALIASES = {"method.kernel_impl": "compute.kernel_impl", "data.channels_last": "compute.channels_last"}
 
@@ -63,6 +65,14 @@ class RunConfig:
     identity_images: the snapshots' identity metric fits its classifier on at most this many labelled
                    training images (pixels; gali.engine.metrics.identity); 0 turns it off. Unlabelled
                    data skips it.
+    dir:           the run folder itself ('' = a new numbered folder in out_dir). If it holds a checkpoint,
+                   ``gali train`` resumes from its newest readable one with the command line's overrides on
+                   top, so one command line starts the run and every restart or requeue of it.
+    max_time:      stop (checkpoint, exit 75) before the next step would pass this much wall-clock time
+                   since the start: '23h30m', '90s', '1d' ('' = no limit); 'auto' = 5 min before the SLURM
+                   job's end (SLURM_JOB_END_TIME), no limit outside SLURM.
+    requeue:       after a stop, rank 0 requeues the SLURM job (``scontrol requeue $SLURM_JOB_ID``): 'auto'
+                   (when SLURM_JOB_ID is set), 'on' or 'off' (the batch script decides).
     """
 
     out_dir: str = "runs"
@@ -84,9 +94,15 @@ class RunConfig:
     ema_start_kimg: float = 0.0
     ema_bn_batches: int = 10
     identity_images: int = 5000
+    dir: str = ""
+    max_time: str = ""
+    requeue: str = "auto"
 
     def validate(self) -> None:
         check_choice("run.device", self.device, DEVICES)
+        check_choice("run.requeue", self.requeue, REQUEUE_MODES)
+        if self.max_time not in ("", "auto"):
+            parse_duration(self.max_time, key="run.max_time")
         check_positive("run.batch_size", self.batch_size)
         check_positive("run.kimg", self.kimg)
         for key, kimg in (("run.tick_kimg", self.tick_kimg), ("run.snapshot_kimg", self.snapshot_kimg)):

@@ -16,6 +16,7 @@ import json
 import math
 import shutil
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
@@ -24,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gali.engine.errors import ConfigError
-from gali.engine.files import atomic_write
+from gali.engine.files import atomic_write, write_text_atomic
 from gali.engine.loop.config import PROGRESS_MODES, TENSORBOARD_MODES
 from gali.engine.loop.grids import save_png
 
@@ -223,6 +224,21 @@ class RunLog:
             self._writer.flush()
         return written
 
+    def end(self, reason: str, images_seen: int, *, resumable: bool) -> None:
+        """Say in the run folder how the run ended ('done', 'stopped', 'failed'), for scripts that restart runs:
+        a last metrics.jsonl record ``{"event": "end", ...}`` and ``status.json``."""
+        checkpoints = sorted(self.run_dir.glob("checkpoint-*.pt"))
+        status = {
+            "event": "end",
+            "reason": reason,
+            "resumable": resumable,
+            "kimg": images_seen / 1000,
+            "checkpoint": checkpoints[-1].name if checkpoints else None,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        self.record(status)
+        write_text_atomic(self.run_dir / "status.json", json.dumps(status, indent=2) + "\n")
+
     def close(self) -> None:
         """End the bar's line and close metrics.jsonl and the TensorBoard writer; safe to call twice."""
         if self._bar is not None:
@@ -247,6 +263,9 @@ class SilentRunLog:
         pass
 
     def tick(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def end(self, reason: str, images_seen: int, *, resumable: bool) -> None:
         pass
 
     def images(self, grids: Mapping[str, np.ndarray], images_seen: int) -> dict[str, Path]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from gali.engine.loop.ema import WeightAverage
 from gali.engine.loop.run_lock import RunFolderLock, acquire_run_folder
 from gali.engine.loop.run_log import RunLog, SilentRunLog, resolve_tensorboard
 from gali.engine.loop.runtime import create_run_dir, seed_everything
-from gali.engine.loop.signals import RunStopped, StopFlag, stop_on_signals
+from gali.engine.loop.signals import RunStopped, StopFlag, requeue_job, run_deadline, stop_on_signals
 from gali.engine.loop.snapshots import Snapshots
 from gali.engine.loop.ticks import StepClock, Ticks
 from gali.engine.method.noise import InstanceNoise
@@ -133,14 +134,16 @@ def _train(
     if resume_from is not None:
         _restore(checkpoint, resume_from, run_log, len(pipeline))
     progress, images_at_start = checkpoint.progress, checkpoint.progress.images_seen
+    iteration_at_start = progress.iteration
 
+    stop.deadline = run_deadline(cfg.run.max_time, start=time.time())
     total_images = int(cfg.run.kimg * 1000)
     noise = InstanceNoise(cfg.method, math.ceil(total_images / (len(pipeline) * batch_size)), device)
     clock = StepClock(device)
     ticks = Ticks(int(cfg.run.tick_kimg * 1000), clock, progress.images_seen, world)
     batches = _batches_from(pipeline, progress)
     held_out, last = {}, {}
-    with contextlib.closing(run_log), ranges(cfg.compute.nvtx):
+    with contextlib.closing(run_log), ranges(cfg.compute.nvtx), _end_status(run_log, progress):
         while progress.images_seen < total_images:
             # Fetch a batch (with its 1-based epoch).
             with annotate("gali/data"):
@@ -174,11 +177,15 @@ def _train(
                 with clock.paused():
                     held_out = snapshots.take(checkpoint, run_log)
 
-            # Stop: a signal on any rank, agreed at this step boundary, ends the run with a checkpoint.
-            if not done and world.any(stop.requested):
+            # Stop: a signal on any rank, or run.max_time before the next step and a checkpoint, agreed at this
+            # step boundary, ends the run with a checkpoint (and, under SLURM, requeues the job).
+            step_seconds = clock.seconds() / max(progress.iteration - iteration_at_start, 1)
+            if not done and world.any(stop.out_of_time(2 * step_seconds)):
                 still_ours()
                 snapshots.save_checkpoint(checkpoint, run_log)
                 world.barrier()  # no rank tears down its process group while rank 0 still writes
+                if world.is_main:
+                    requeue_job(cfg.run.requeue, run_log.message)
                 raise RunStopped.after(stop, progress.images_seen, run_log.run_dir)
 
     # Done: every rank waits for rank 0's last writes before any tears down its process group.
@@ -201,6 +208,22 @@ def _train(
         f"reconstruction MSE {result.recon_mse:.5f}{identity}; run folder {result.run_dir}"
     )
     return result
+
+
+@contextlib.contextmanager
+def _end_status(run_log: RunLog | SilentRunLog, progress: Progress) -> Iterator[None]:
+    """The run folder says how the run ended (:meth:`RunLog.end`): done, stopped (resumable) or failed."""
+    try:
+        yield
+    except RunStopped:
+        run_log.end("stopped", progress.images_seen, resumable=True)
+        raise
+    except BaseException:
+        with contextlib.suppress(OSError):  # the failure may be the disk itself: its own error comes first
+            resumable = any(run_log.run_dir.glob("checkpoint-*.pt"))
+            run_log.end("failed", progress.images_seen, resumable=resumable)
+        raise
+    run_log.end("done", progress.images_seen, resumable=False)
 
 
 def step_phase(iteration: int, n_dis: int) -> str:
@@ -266,9 +289,11 @@ def _open_run_log(
         if run_dir is None:
             raise GaliError("rank 0 cannot write the run folder; its message says why")
         return SilentRunLog(run_dir), None
-    run_dir = Path(cfg.run.out_dir) if resume_from is None else resume_from.checkpoint.parent
+    run_dir = Path(cfg.run.dir or cfg.run.out_dir) if resume_from is None else resume_from.checkpoint.parent
     try:
-        if resume_from is None:
+        if resume_from is None and cfg.run.dir:  # the folder named: the same for every launch of the run
+            run_dir.mkdir(parents=True, exist_ok=True)
+        elif resume_from is None:
             run_dir = create_run_dir(run_dir, cfg.preset)
         lease = held.enter_context(acquire_run_folder(run_dir, log=log))  # before anything is written there
         partial = sorted(run_dir.glob("*.tmp"))  # files a killed run was writing: never complete, never read
