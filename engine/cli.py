@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -366,8 +367,38 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     repro.set_defaults(func=_reproduce)
 
 
+def version_line() -> str:
+    """``gali <version> (commit <sha>)``: the installed distribution's version and, from a git checkout, its commit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("gali")
+    except PackageNotFoundError:
+        release = "unknown"
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(Path(__file__).parent), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        commit = done.stdout.strip() if done.returncode == 0 else "unknown (not a git checkout)"
+    except OSError:  # no git
+        commit = "unknown (no git)"
+    return f"gali {release} (commit {commit})"
+
+
+class _PrintVersion(argparse.Action):
+    """``--version``: asks git for the commit only when given."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> None:
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gali", description="Train and use GALI models.")
+    parser.add_argument("--version", nargs=0, action=_PrintVersion, help="print the version and the commit, and exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train from a preset plus section.key=value overrides")

@@ -94,3 +94,17 @@ def test_max_time_auto_takes_the_slurm_jobs_end(monkeypatch):
 def test_a_malformed_max_time_is_refused_by_key(tmp_path, capsys):
     assert main(["train", *TINY, "run.max_time=10 min", f"run.dir={tmp_path / 'job'}"]) == 2
     assert "run.max_time" in capsys.readouterr().err and not (tmp_path / "job").exists()
+
+
+def test_version_names_the_release_and_the_commit(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("gali 0.1.0 (commit ")
+
+
+def test_the_run_folder_keeps_every_line_shown_in_log_txt(tmp_path, capsys):
+    run_dir = tmp_path / "job"
+    assert main(["train", *TINY, "run.kimg=0.064", f"run.dir={run_dir}"]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    kept = (run_dir / "log.txt").read_text().splitlines()
+    assert kept == shown and any(line.startswith("kimg 0.064") for line in kept) and kept[0].startswith("run folder")

@@ -139,6 +139,7 @@ class RunLog:
         self.run_dir = Path(run_dir)
         self.total_kimg = total_kimg
         self._log = log
+        self._text = (self.run_dir / "log.txt").open("a")  # every line shown, kept (StyleGAN's log.txt)
         self._stream = sys.stdout if stream is None else stream
         self.progress = resolve_progress(progress, self._stream)
         self._metrics = (self.run_dir / "metrics.jsonl").open("a")
@@ -156,6 +157,7 @@ class RunLog:
 
     def message(self, text: str) -> None:
         """A line for people (run folder, snapshots), printed above the bar when one is drawn."""
+        self._keep(text)
         if self._bar is None:
             self._log(text)
             return
@@ -187,6 +189,7 @@ class RunLog:
     def tick(self, record: Mapping[str, Any]) -> None:
         """A tick's means: :meth:`record` it, then show it as the bar or as one line."""
         self.record(record)
+        self._keep(format_tick(record, self.total_kimg))
         if self.progress != "bar":
             self._log(format_tick(record, self.total_kimg))
             return
@@ -224,6 +227,10 @@ class RunLog:
             self._writer.flush()
         return written
 
+    def _keep(self, line: str) -> None:
+        self._text.write(line + "\n")
+        self._text.flush()
+
     def end(self, reason: str, images_seen: int, *, resumable: bool) -> None:
         """Say in the run folder how the run ended ('done', 'stopped', 'failed'), for scripts that restart runs:
         a last metrics.jsonl record ``{"event": "end", ...}`` and ``status.json``."""
@@ -245,6 +252,7 @@ class RunLog:
             self._bar.close()
             self._bar = None
         self._metrics.close()
+        self._text.close()
         if self._writer is not None:
             self._writer.close()
             self._writer = None

@@ -188,25 +188,27 @@ def _train(
                     requeue_job(cfg.run.requeue, run_log.message)
                 raise RunStopped.after(stop, progress.images_seen, run_log.run_dir)
 
-    # Done: every rank waits for rank 0's last writes before any tears down its process group.
-    world.barrier()
-    result = TrainResult(
-        run_dir=run_log.run_dir,
-        kimg=progress.images_seen / 1000,
-        recon_mse=held_out.get("recon_mse", float("nan")),
-        images_per_second=(progress.images_seen - images_at_start) / max(clock.seconds(), 1e-9),
-        last_stats=last,
-        held_out=held_out,
-    )
-    identity = (
-        f"; identity of reconstructions {held_out['identity']:.3f} (real images {held_out['identity_ceiling']:.3f})"
-        if "identity" in held_out
-        else ""
-    )
-    log(
-        f"done: {result.kimg:.1f} kimg in {clock.seconds():.1f} s of training ({result.images_per_second:.1f} img/s); "
-        f"reconstruction MSE {result.recon_mse:.5f}{identity}; run folder {result.run_dir}"
-    )
+        # Done: the figures, said in the run folder's log too.
+        result = TrainResult(
+            run_dir=run_log.run_dir,
+            kimg=progress.images_seen / 1000,
+            recon_mse=held_out.get("recon_mse", float("nan")),
+            images_per_second=(progress.images_seen - images_at_start) / max(clock.seconds(), 1e-9),
+            last_stats=last,
+            held_out=held_out,
+        )
+        identity = (
+            f"; identity of reconstructions {held_out['identity']:.3f} (real images {held_out['identity_ceiling']:.3f})"
+            if "identity" in held_out
+            else ""
+        )
+        speed = f"{result.images_per_second:.1f} img/s"
+        run_log.message(
+            f"done: {result.kimg:.1f} kimg in {clock.seconds():.1f} s of training ({speed}); "
+            f"reconstruction MSE {result.recon_mse:.5f}{identity}; run folder {result.run_dir}"
+        )
+
+    world.barrier()  # every rank waits for rank 0's last writes before any tears down its process group
     return result
 
 
