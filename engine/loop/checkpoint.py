@@ -12,7 +12,6 @@ A checkpoint file is one ``torch.save`` dictionary (format 1), written atomicall
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor
 
 from gali.engine.errors import GaliError
-from gali.engine.files import atomic_write
+from gali.engine.files import atomic_write, free_bytes, out_of_space
 from gali.engine.loop.config import Config, config_from_dict
 from gali.engine.loop.distributed import World, check_same_state
 from gali.engine.loop.ema import AVERAGED, WeightAverage
@@ -31,6 +30,7 @@ from gali.engine.method.tuple_spec import load_spec
 from gali.engine.nets.networks import NETWORK_NAMES, Networks, build_networks
 
 FORMAT_VERSION = 1
+MARGIN = 16 << 20  # free space a checkpoint write needs beyond its own bytes: at least this, else 10 % more
 
 
 class HasState(Protocol):
@@ -114,25 +114,15 @@ class Checkpoint:
     def save(self, path: str | Path) -> Path | None:
         """Write :meth:`state_dict` to ``path`` atomically and durably, on rank 0; collective on every rank.
 
-        The ranks' networks and optimizer states are compared first (a divergence stops the run,
-        naming the first differing tensor). A full disk stops the run with a message; the partial
-        file is removed and the checkpoints before it stay as they were.
+        The ranks' networks and optimizer states are checked first (:func:`check_same_state`): a
+        non-finite tensor, or one that differs between ranks, stops the run naming it, and nothing is
+        written. A full disk stops the run with a message (:func:`save_checkpoint`).
         """
-        path = Path(path)
         check_same_state(self.world, self._shared_tensors())
         state = self.state_dict()
         if not self.world.is_main:
             return None
-        try:
-            return save_checkpoint(path, state)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-            raise GaliError(
-                f"no space left on the device of {path.parent} while writing {path.name}: the partial "
-                "file was removed and the earlier checkpoints are intact; free space there (or lower "
-                f"run.keep_checkpoints), then gali train --resume {path.parent}"
-            ) from exc
+        return save_checkpoint(path, state)
 
     def _shared_tensors(self) -> Iterator[tuple[str, Tensor]]:
         """Every tensor the ranks must agree on, by name: the networks' and the optimizers' state."""
@@ -146,15 +136,53 @@ class Checkpoint:
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write a checkpoint dictionary (with the format version) to ``path`` atomically and durably.
 
-    ``torch.save`` writes to an open file, so that a full disk is an ``OSError`` (ENOSPC), not the
-    zip writer's RuntimeError.
+    Too little free space is refused before writing: the state's tensor bytes plus 10 % (at least
+    :data:`MARGIN`). A write that runs out of room anyway (:func:`gali.engine.files.out_of_space`: a full
+    disk, a quota, the file size limit, whatever error torch's zip writer turns it into) is the same
+    message. Either way the folder is left as it was: no partial file, the earlier checkpoints intact.
     """
+    path = Path(path)
+    needed = _tensor_bytes(state)
+    margin = max(needed // 10, MARGIN)
+    free = free_bytes(path.parent)
+    if free < needed + margin:
+        raise _no_space(
+            path,
+            f"for {path.name}: nothing was written",
+            f"{free / 2**20:.1f} MiB free; {needed / 2**20:.1f} MiB of tensors plus a {margin / 2**20:.0f} MiB "
+            "margin needed",
+        )
 
     def write(tmp: Path) -> None:
         with tmp.open("wb") as f:
             torch.save({**state, "format_version": FORMAT_VERSION}, f)
 
-    return atomic_write(path, write)
+    try:
+        return atomic_write(path, write)
+    except (OSError, RuntimeError) as exc:
+        reason = out_of_space(exc, path.parent, needed)
+        if reason is None:
+            raise
+        raise _no_space(
+            path, f"while writing {path.name}: the partial file was removed", f"the system said: {reason.strerror}"
+        ) from exc
+
+
+def _no_space(path: Path, happened: str, detail: str) -> GaliError:
+    """The one message for a checkpoint the disk cannot hold (before or during the write)."""
+    return GaliError(
+        f"no space left on the device of {path.parent} {happened} and the earlier checkpoints are intact; "
+        f"free space there (or lower run.keep_checkpoints), then gali train --resume {path.parent} ({detail})"
+    )
+
+
+def _tensor_bytes(state: dict[str, Any]) -> int:
+    """The bytes of the storages behind ``state``'s tensors, each storage once: what ``torch.save`` writes."""
+    storages = {}
+    for _, tensor in _tensors("", state):
+        storage = tensor.untyped_storage()
+        storages[tensor.device, storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def prune_checkpoints(run_dir: Path, *, keep: int, milestone_images: int, log: Callable[[str], None]) -> list[Path]:
@@ -198,7 +226,12 @@ def _tensors(prefix: str, value: Any) -> Iterator[tuple[str, Tensor]]:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Config, dict[str, Any]]:
-    """Read a checkpoint; returns its config and the raw state. Errors name the file."""
+    """Read a checkpoint; returns its config and the raw state.
+
+    A file that is not a whole gali checkpoint (unreadable, not format 1, a key missing, a value of the
+    wrong type: :func:`_check_fields`) is a GaliError naming the file and what is wrong, so that resume
+    skips it by name.
+    """
     path = Path(path)
     if not path.is_file():
         raise GaliError(f"checkpoint {path} does not exist; pass a checkpoint-*.pt file from a run folder")
@@ -207,8 +240,81 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as exc:
         raise GaliError(f"checkpoint {path} could not be read ({exc}); it may be truncated") from exc
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise GaliError(f"checkpoint {path} is not a gali checkpoint (format {FORMAT_VERSION})")
-    return config_from_dict(state["config"], origin=str(path)), state
+        what = f"format_version {state.get('format_version')!r}" if isinstance(state, dict) else _kind(state)
+        raise GaliError(f"checkpoint {path} is not a gali checkpoint (format {FORMAT_VERSION}): it holds {what}")
+    problem = _check_fields(state)
+    if problem:
+        raise GaliError(f"checkpoint {path} is not a whole gali checkpoint: {problem}")
+    try:
+        return config_from_dict(state["config"], origin=str(path)), state
+    except (GaliError, TypeError, ValueError) as exc:
+        raise GaliError(f"checkpoint {path} holds a config gali cannot take: {exc}") from exc
+
+
+def _is_state(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items())
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_optimizer(value: Any) -> bool:
+    return (
+        isinstance(value, dict) and isinstance(value.get("state"), dict) and isinstance(value.get("param_groups"), list)
+    )
+
+
+def _is_rng(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("torch"), Tensor)
+
+
+# What each field of a checkpoint must be (checked where present), as (test, what it should be).
+_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "config": (lambda v: isinstance(v, dict), "a dictionary (the resolved config)"),
+    "extra_dim": (lambda v: v is None or _is_count(v), "None or a count"),
+    **dict.fromkeys(("G", "E", "D", "G_ema", "E_ema"), (_is_state, "a state dictionary of tensors")),
+    **dict.fromkeys(("opt_d", "opt_ge"), (_is_optimizer, "an optimizer state dictionary (state, param_groups)")),
+    **dict.fromkeys(("scaler_d", "scaler_ge"), (lambda v: isinstance(v, dict), "a GradScaler state dictionary")),
+    **dict.fromkeys(("images_seen", "iteration", "epoch", "world_size"), (_is_count, "a count")),
+    "kimg": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    "rng": (_is_rng, "an RNG state dictionary"),
+    "rng_ranks": (lambda v: isinstance(v, list) and all(map(_is_rng, v)), "a list of RNG state dictionaries"),
+}
+_REQUIRED = ("config", "extra_dim", "G", "E", "D")  # a bundle of the networks, for sampling and evaluation
+_TRAINING = ("opt_d", "opt_ge", "images_seen", "iteration", "epoch", "rng")  # all of them where 'iteration' is
+
+
+def _check_fields(state: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint dictionary's fields (None if nothing is), for a message.
+
+    Every checkpoint holds the :data:`_REQUIRED` fields; one a run can resume from (it has 'iteration')
+    holds the :data:`_TRAINING` fields too, and each rank's RNG state when written by several ranks.
+    """
+    for key, (test, should_be) in _FIELDS.items():
+        if key in state and not test(state[key]):
+            return f"its {key!r} is not {should_be}: it is {_kind(state[key])}"
+    required = [*_REQUIRED, *(_TRAINING if "iteration" in state else ())]
+    if state.get("world_size", 1) != 1 and "iteration" in state:
+        required.append("rng_ranks")
+    missing = [key for key in required if key not in state]
+    if missing:
+        return f"it has no {', '.join(repr(key) for key in missing)}"
+    ranks = state.get("rng_ranks")
+    if ranks is not None and len(ranks) != state.get("world_size", 1):
+        return f"its 'rng_ranks' holds {len(ranks)} RNG states for a world_size of {state.get('world_size', 1)}"
+    return None
+
+
+def _kind(value: Any) -> str:
+    """A value's type for a message: 'None', 'a list', 'a dict of int, Tensor' (the types of its values)."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    kind = f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+    if isinstance(value, dict) and value:
+        kind += " of " + ", ".join(sorted({type(item).__name__ for item in value.values()}))
+    return kind
 
 
 def latest_checkpoint(path: str | Path, *, log: Callable[[str], None] = print) -> tuple[Path, Config, dict[str, Any]]:

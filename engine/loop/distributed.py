@@ -153,17 +153,27 @@ def average_buffers(world: World, modules: Iterable[torch.nn.Module]) -> None:
 
 
 def check_same_state(world: World, named: Iterable[tuple[str, Tensor]]) -> None:
-    """Stop the run if any rank's tensors differ from rank 0's, naming the first that does.
+    """Stop the run if any tensor is not finite on some rank, or differs from rank 0's, naming the first that does.
 
-    A checksum per tensor (sum and sum of squares in float64) is all-gathered first; only on a
-    mismatch is each differing tensor compared in full against rank 0's (StyleGAN's
-    ``check_ddp_consistency``, cheap enough to run before every checkpoint).
+    Per tensor, an all-finite flag and a checksum (sum and sum of squares in float64) are computed on
+    the device and all-gathered in one transfer; only on a checksum mismatch is each differing tensor
+    compared in full against rank 0's (StyleGAN's ``check_ddp_consistency``, cheap enough to run before
+    every checkpoint). Every rank decides from the same gathered values, so all of them stop together.
     """
+    named = list(named)
+    checks = torch.stack([_check_values(tensor) for _, tensor in named]).cpu()
+    everyone = world.gather(checks)
+    for i, (name, _) in enumerate(named):
+        ranks = [rank for rank, other in enumerate(everyone) if not other[i, 0]]
+        if ranks:
+            where = f" on rank {', '.join(map(str, ranks))}" if world.size > 1 else ""
+            raise GaliError(
+                f"checkpoint refused: {name} holds non-finite values (NaN or inf){where}; the run has "
+                "diverged. Lower the learning rate (optim.lr) and resume from an earlier checkpoint "
+                "(gali train --resume <run folder>/checkpoint-<images>.pt optim.lr=<lower>)"
+            )
     if world.size == 1:
         return
-    named = list(named)
-    sums = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()]) for _, t in named]).cpu()
-    everyone = world.gather(sums)
     differing = [i for i in range(len(named)) if any(not torch.equal(other[i], everyone[0][i]) for other in everyone)]
     for i in differing:
         name, tensor = named[i]
@@ -176,3 +186,9 @@ def check_same_state(world: World, named: Iterable[tuple[str, Tensor]]) -> None:
             "checkpoint); the ranks no longer train one model. Check that every rank runs the same "
             "code and config, then resume from the last checkpoint"
         )
+
+
+def _check_values(tensor: Tensor) -> Tensor:
+    """``[all finite, sum, sum of squares]`` of ``tensor``, in float64 on its device (no sync)."""
+    values = tensor.detach().double()
+    return torch.stack([torch.isfinite(tensor).all().double(), values.sum(), values.square().sum()])

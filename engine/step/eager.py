@@ -53,6 +53,10 @@ class GaliStep:
 
     Adam is the fused implementation; ``capturable`` (optimizer step counters on the device) is
     set with ``compute.cuda_graph``, on CPU as well, so the CPU twin runs the graph's optimizer.
+
+    G's and E's BatchNorm running statistics keep what the step's forward did only when the step's
+    update of them is taken (of D in a 'd' phase): a skipped step leaves them as they were, so a
+    non-finite batch or loss never reaches a checkpoint through them.
     """
 
     def __init__(
@@ -79,6 +83,7 @@ class GaliStep:
         self.spectral_normed = nn.ModuleList([nets.G, nets.E, nets.D])
         self.d_params = trainable_parameters(nets.D)
         self.ge_params = trainable_parameters(nets.G, nets.E)
+        self.bn_statistics = _batch_norm_statistics(nets.G, nets.E)
         # fused Adam is capturable on CPU too: the twin runs the graph's optimizer
         self.opt_d, self.opt_ge = build_optimizers(
             self.d_params, self.ge_params, optim, fused=True, capturable=self.compute.cuda_graph
@@ -180,8 +185,10 @@ class GaliStep:
         """The capturable body: forward, both gradients, both optimizer steps; no host sync.
 
         The spectral-norm weights are computed once for the forward and both backward passes (a block
-        recomputed under activation checkpointing then sees the very weights of the forward).
+        recomputed under activation checkpointing then sees the very weights of the forward). G's and E's
+        BatchNorm statistics are restored where the step's update is skipped (:func:`_keep_if_taken`).
         """
+        statistics_before = [buffer.clone() for buffer in self.bn_statistics]
         with fp32_spectral_norm(self.spectral_normed, self.device.type):
             out = self.discriminate(x, noise_std, masks, labels, chains_grad=phase != "d")
             steps_d, steps_ge = phase in ("both", "d"), phase in ("both", "ge")
@@ -196,6 +203,7 @@ class GaliStep:
                 _optimizer_step(self.opt_d, self.scaler_d, out["skipped_d"])
             if steps_ge:
                 _optimizer_step(self.opt_ge, self.scaler_ge, out["skipped_ge"])
+            _keep_if_taken(self.bn_statistics, statistics_before, out["skipped_ge" if steps_ge else "skipped_d"])
         return {name: value.detach() for name, value in out.items()}
 
     def _gradients(self, side: str, loss: Tensor, *, retain_graph: bool) -> dict[str, Tensor]:
@@ -243,6 +251,27 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
         return
     scaler.step(optimizer)  # fused Adam takes the scale and found-inf on the device: no sync
     scaler.update()
+
+
+def _batch_norm_statistics(*modules: nn.Module) -> list[Tensor]:
+    """Every BatchNorm running statistic (running_mean, running_var, num_batches_tracked) of ``modules``."""
+    return [
+        buffer
+        for module in modules
+        for sub in module.modules()
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm)
+        for buffer in sub.buffers(recurse=False)
+    ]
+
+
+def _keep_if_taken(statistics: Sequence[Tensor], before: Sequence[Tensor], skipped: Tensor) -> None:
+    """Put ``before`` back into ``statistics`` where ``skipped`` is 1, on the device (no sync, capturable).
+
+    ``torch.where``, not a lerp: a statistic the skipped forward made NaN must not leak into the blend.
+    """
+    skip = skipped.bool()
+    for buffer, old in zip(statistics, before, strict=True):
+        buffer.copy_(torch.where(skip, old, buffer))
 
 
 def _randn_in_layout(t: Tensor) -> Tensor:
