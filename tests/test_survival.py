@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -483,3 +484,52 @@ def test_a_second_writer_of_a_run_folder_is_refused_naming_the_first(tmp_path, c
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     kimgs = [r["kimg"] for r in records if "kimg" in r and "event" not in r]
     assert kimgs == sorted(kimgs) and len(kimgs) == len(set(kimgs))  # one writer: no record twice
+
+
+@pytest.mark.slow
+def test_ranks_started_by_srun_alone_stop_on_usr1_requeue_once_and_resume_bit_exactly(uninterrupted, tmp_path):
+    """srun simulated: two processes with SLURM's variables and no torchrun, a fake scontrol on PATH."""
+    calls, scontrol = tmp_path / "scontrol.calls", tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    scontrol.chmod(0o755)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    slurm = {"SLURM_JOB_ID": "77", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "localhost"}
+    command = ["train", *TINY, *WORKERS, f"run.dir={tmp_path / 'job'}"]
+
+    def srun() -> list[subprocess.Popen]:
+        env = {
+            **os.environ,
+            **slurm,
+            "PATH": f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "GALI_CACHE": str(tmp_path / "cache"),
+        }
+        return [
+            subprocess.Popen(
+                [sys.executable, "-m", "gali", *command],
+                cwd=tmp_path,
+                env={**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank in range(2)
+        ]
+
+    ranks = srun()
+    wait_for_ticks(ranks[0], 3)
+    for rank in ranks:
+        rank.send_signal(signal.SIGUSR1)  # srun --signal=USR1@120 signals every task
+    for rank in ranks:
+        _, stderr = rank.communicate(timeout=300)
+        assert rank.returncode == EXIT_STOPPED and "stopped by SIGUSR1" in stderr, stderr[-3000:]
+    run_dir = tmp_path / "job"
+    assert len(list(run_dir.glob("checkpoint-*.pt"))) == 1 and calls.read_text() == "requeue 77\n"
+    ranks = srun()  # the requeued job: the same command line resumes
+    for rank in ranks:
+        assert finish(rank) == 0
+    assert_same_state(final_state(run_dir), uninterrupted[2])

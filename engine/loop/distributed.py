@@ -103,7 +103,8 @@ def init_world(device_name: str) -> tuple[World, torch.device]:
     Asking for CUDA without a GPU, or for more ranks on a node than it has GPUs, stops here with a
     message.
     """
-    if "RANK" not in os.environ:  # not started by torchrun
+    _env_from_srun()
+    if "RANK" not in os.environ:  # neither torchrun nor srun started ranks
         return World(), resolve_device(device_name)
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -122,6 +123,29 @@ def init_world(device_name: str) -> tuple[World, torch.device]:
     dist.init_process_group(backend, timeout=timedelta(minutes=10))
     cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
     return World(rank=rank, size=size, local_rank=local_rank, cpu_group=cpu_group), device
+
+
+def _env_from_srun() -> None:
+    """Ranks started by SLURM's srun alone (no torchrun): torchrun's variables from SLURM's, so that the
+    scheduler's signals reach every rank directly. Only inside an srun step of several tasks
+    (``SLURM_STEP_NUM_TASKS``): a batch script's own process is a world of one. The rendezvous is the job's
+    first host, at ``MASTER_PORT`` or a port derived from the job id."""
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    if "RANK" in os.environ or tasks < 2 or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = os.environ["SLURM_PROCID"], str(tasks)
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "localhost")
+    os.environ.setdefault("MASTER_ADDR", first_host(nodes))
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'node[07-09,12],gpu1' → 'node07', 'a,b' → 'a'."""
+    prefix, bracket, rest = nodelist.partition("[")
+    if "," in prefix or not bracket:
+        return prefix.split(",")[0]
+    return prefix + rest.split(",")[0].split("-")[0].rstrip("]")
 
 
 def local_batch_size(batch_size: int, world: World) -> int:
