@@ -12,7 +12,11 @@ stops the pass with a one-line ``DataError`` naming it, also from a worker.
 
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing
+import multiprocessing.util  # registers its exit handler now: the one below, registered later, runs first
+import os
 import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -355,7 +359,22 @@ class TorchFilePipeline:
 
 
 def _leave_stop_signals_to_the_main_process(worker_id: int) -> None:
-    """A DataLoader worker ignores SIGINT, SIGTERM and SIGUSR1: a scheduler signals the job's whole process group,
-    and a worker killed by it would crash the run before the main process writes its stop checkpoint."""
-    for name in ("SIGINT", "SIGTERM", "SIGUSR1"):
+    """A DataLoader worker ignores SIGINT and SIGUSR1, and SIGTERM until the main process exits: a scheduler
+    signals the job's whole process group, and a worker killed by it would crash the run before the main
+    process writes its stop checkpoint; at exit, multiprocessing ends its daemonic children with SIGTERM."""
+    for name in ("SIGINT", "SIGUSR1"):
         signal.signal(getattr(signal, name), signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _exit_if_the_main_process_is_exiting)
+
+
+def _exit_if_the_main_process_is_exiting(signum: int, frame: object) -> None:
+    if _MAIN_EXITING.value:
+        os._exit(128 + signum)
+
+
+_MAIN_EXITING = multiprocessing.RawValue("b", 0)  # shared with the forked workers
+
+
+@atexit.register  # registered after multiprocessing's exit handler (imported above), so it runs before it
+def _main_is_exiting() -> None:
+    _MAIN_EXITING.value = 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -332,3 +334,25 @@ def test_every_image_mode_decodes_to_the_rgb_of_dali(key: str, tmp_path: Path, m
     theirs = pixels_of(batch)
     np.testing.assert_array_equal(theirs, case.dali)
     assert np.abs(ours.astype(int) - theirs).max() <= (1 if key.endswith("16bit") else 0)
+
+
+def test_a_process_with_paused_workers_exits_and_a_job_sigterm_spares_them(tmp_path: Path) -> None:
+    """Workers ignore SIGTERM while the main process runs (a job's signal), and still end when it exits."""
+    code = """
+import os, signal, sys, time
+from torch.utils.data import DataLoader
+from gali.pipelines.torch_files import _leave_stop_signals_to_the_main_process
+loader = DataLoader(list(range(100)), batch_size=10, num_workers=2, persistent_workers=True,
+                    worker_init_fn=_leave_stop_signals_to_the_main_process)
+paused = iter(loader)
+next(paused)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+os.killpg(0, signal.SIGTERM)  # the whole job, this process included (which ignores it here)
+time.sleep(0.5)
+assert len(list(loader)) == 10  # the workers are alive and still serve
+print("served")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, start_new_session=True
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "served", done.stderr[-2000:]
