@@ -4,6 +4,7 @@
 by forked workers), item i read by ``image_file(i)`` and named ``name(i)``, int64 ``labels``, ``class_names`` in label
 order. Layouts of ``root``; both splits take the train split's classes:
 - ``folder``: ``train/`` + ``test/``, or all 'train'; sorted non-hidden class folders (recursive) or one class;
+  symlinks are followed, each real folder once: a loop or a second link to a folder warns and adds nothing;
 - ``filelist``: ``train.txt`` + ``test.txt`` or one ``.txt``; lines ``<path> <label>``, the label last, the path
   relative to the list (it may hold spaces); blank and '#' lines skipped;
 - ``webdataset``: plain tar shards (``train/`` + ``test/`` or not), by name; a sample: ``<key>.<ext>`` + ``<key>.cls``.
@@ -17,6 +18,7 @@ import io
 import os
 import posixpath
 import tarfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -111,9 +113,45 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_classes(folder: Path) -> list[str]:
-    """The class folder names of ``folder``: its non-hidden immediate subfolders, sorted."""
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+def _seen_already(path: str, seen: dict[str, str]) -> bool:
+    """True, with a warning naming ``path``, if the folder ``path`` leads back to a folder above it (a symlink loop)
+    or to one in ``seen`` (real path -> the path it was first reached by); else ``path`` is added to ``seen``.
+
+    So that a link never indexes an image twice, and a loop does not multiply the data set 40-fold.
+    """
+    real = os.path.realpath(path)
+    above = os.path.realpath(os.path.dirname(path))
+    if above == real or above.startswith(real.rstrip(os.sep) + os.sep):
+        warnings.warn(
+            f"{path} is a symlink loop (it leads back to {real}); it adds no images or classes, remove it",
+            stacklevel=2,
+        )
+        return True
+    if real in seen:
+        warnings.warn(
+            f"{path} leads to {seen[real]}, which is indexed already; it adds no images or classes: "
+            "remove the link, or copy the folder if its images should count twice",
+            stacklevel=2,
+        )
+        return True
+    seen[real] = path
+    return False
+
+
+def _new_folders(parent: str, names: list[str], seen: dict[str, str]) -> list[str]:
+    """The non-hidden ``names`` of folders in ``parent`` that lead to a folder not in ``seen`` (they are added);
+    real folders come first, so that a link to one of them is the one skipped."""
+    paths = sorted(
+        (os.path.join(parent, n) for n in names if not n.startswith(".")), key=lambda p: (os.path.islink(p), p)
+    )
+    return [os.path.basename(p) for p in paths if not _seen_already(p, seen)]
+
+
+def list_classes(folder: Path, seen: dict[str, str] | None = None) -> list[str]:
+    """The class folder names of ``folder``, sorted: its non-hidden immediate subfolders, but for a loop or a link
+    to a folder in ``seen`` (real path -> path; default: ``folder``), each warned about; the classes join ``seen``."""
+    seen = {os.path.realpath(folder): str(folder)} if seen is None else seen
+    return sorted(_new_folders(str(folder), [e.name for e in os.scandir(folder) if e.is_dir()], seen))
 
 
 def _require_root(root: Path, source: str) -> None:
@@ -132,12 +170,17 @@ def _require_folder(folder: Path) -> None:
         raise DataError(f"{folder} is not a folder; set data.root to a folder of images (class subfolders give labels)")
 
 
-def walk_images(top: Path, relative_to: Path) -> list[str]:
-    """Image files under ``top`` (recursive, following links, hidden entries skipped), relative to
-    ``relative_to``, sorted."""
+def walk_images(top: Path, relative_to: Path, seen: dict[str, str] | None = None) -> list[str]:
+    """Image files under ``top`` (recursive, hidden entries skipped), relative to ``relative_to``, sorted.
+
+    Symlinks are followed, each real folder once: ``seen`` (real path -> path) holds the folders indexed already
+    (``top`` is added); a loop or a second link to a folder warns and is skipped (``_new_folders``).
+    """
+    seen = {} if seen is None else seen
+    seen.setdefault(os.path.realpath(top), str(top))
     found = []
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = _new_folders(dirpath, dirnames, seen)
         rel = os.path.relpath(dirpath, relative_to)
         found.extend(os.path.normpath(os.path.join(rel, f)) for f in filenames if is_image_name(f))
     return sorted(found)
@@ -164,7 +207,8 @@ def scan_image_folder(
     """
     folder = Path(folder)
     _require_folder(folder)
-    classes = list_classes(folder)
+    seen = {os.path.realpath(folder): str(folder)}
+    classes = list_classes(folder, seen)
     loose = sorted(e.name for e in os.scandir(folder) if e.is_file() and is_image_name(e.name))
     if classes and loose:
         raise DataError(
@@ -183,7 +227,7 @@ def scan_image_folder(
     labels: list[int] = []
     for label, name in enumerate(class_folders):
         if name in classes:
-            found = walk_images(folder / name, folder)
+            found = walk_images(folder / name, folder, seen)
             paths.extend(found)
             labels.extend([label] * len(found))
     if not class_folders:

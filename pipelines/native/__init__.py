@@ -5,19 +5,25 @@ The sources beside this file (``mask_sampler.h``, the one sampling routine; ``ga
 first time a pipeline needs them, into ``$GALI_CACHE/native/dali-<version>-<source hash>/`` (``~/.cache/gali`` by
 default), reused until DALI or the sources change. The CUDA operator is built where CMake finds a CUDA compiler
 (``GALI_NATIVE_CUDA=0`` skips it). ``gali native build`` builds it explicitly and prints where. Ranks may build at once:
-each in its own folder, the first to finish renames it into place. Without CMake, a compiler or DALI,
-:class:`NativeBuildError` says what is missing and how to install it; nothing else in gali needs the plugin (the torch
-backend draws the same masks in Python).
+each in its own ``.building-<host>-<pid>`` folder, the first to finish renames it into place. A failed or interrupted
+build ends its process group (cmake, the compilers) and removes its folder; one left by a killed process is removed by
+the next build. Without CMake, a compiler or DALI, :class:`NativeBuildError` says what is missing and how to install
+it; nothing else in gali needs the plugin (the torch backend draws the same masks in Python).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gali.engine.errors import GaliError
@@ -31,6 +37,8 @@ LIBRARY = "libgali_masks.so"
 HARNESS = "gali_masks_harness"  # the same routine without DALI (CPU, and CUDA where built): tests, bench/run_gpu.sh
 _SOURCE_SUFFIXES = (".h", ".cc", ".cu", ".txt")
 _loaded: dict[str, Path] = {}  # build folder name (DALI version, source hash) -> the library loaded in this process
+_STALE_S = 6 * 3600  # a build folder this old is left over, whatever its name says (a build takes minutes)
+_GRACE_S = 5.0  # how long an ended build's cmake gets between SIGTERM and SIGKILL
 # What CMake prints when the C++ compiler is missing or broken.
 _NO_COMPILER = (
     "No CMAKE_CXX_COMPILER could be found",
@@ -81,11 +89,86 @@ def _failure(step: str, output: str, log_path: Path) -> NativeBuildError:
     return NativeBuildError(f"cannot build the DALI masks plugin: {what}; {hint}. Full log: {log_path}\n{tail}")
 
 
+def _work_folder(folder: Path) -> Path:
+    """This process's build folder of ``folder``: ``<name>.building-<host>-<pid>``, beside it."""
+    return folder.with_name(f"{folder.name}.building-{socket.gethostname()}-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    """True if the process ``pid`` exists (this user's or another's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
+def _remove_stale_builds(cache: Path) -> None:
+    """Remove the build folders in ``cache`` left by killed builds: their process (of this host) is gone, or they are
+    older than ``_STALE_S``. A build on another host that shares the cache is left alone until then."""
+    here = socket.gethostname()
+    for work in cache.glob("*.building-*"):
+        host, _, pid = work.name.rpartition(".building-")[2].rpartition("-")
+        try:
+            age = time.time() - work.stat().st_mtime
+        except FileNotFoundError:  # removed by another rank meanwhile
+            continue
+        local = host in (here, "")  # "": named by pid alone, as builds before hosts were
+        if age > _STALE_S or (local and pid.isdigit() and not _alive(int(pid))):
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _end_group(process: subprocess.Popen[str]) -> None:
+    """End the process group that ``process`` leads (cmake and what it started): SIGTERM, and SIGKILL to what is left
+    once the leader has exited or ``_GRACE_S`` has passed."""
+    with contextlib.suppress(ProcessLookupError):  # the group is gone
+        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=_GRACE_S)
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run a build command in a process group of its own, ended with it: no compiler outlives the command, whether
+    it finished, failed or was interrupted (Ctrl-C, or SIGTERM/SIGHUP in ``_signals_raise``)."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate()
+    finally:
+        _end_group(process)
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+    """Inside: SIGTERM and SIGHUP raise ``SystemExit(128 + signal)``, as SIGINT raises ``KeyboardInterrupt``, so that
+    a killed build ends its process group and removes its folder. Only where they would end the process (their
+    default action, on the main thread): a training run's own handlers stay."""
+    main = threading.current_thread() is threading.main_thread()  # handlers can only be set there
+    signals = [s for s in (signal.SIGTERM, signal.SIGHUP) if main and signal.getsignal(s) is signal.SIG_DFL]
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {s: signal.signal(s, stop) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def build(*, force: bool = False, log: Callable[[str], None] | None = None) -> Path:
     """Build the plugin (and the harness beside it) unless this DALI's build of these sources exists;
     return the library's path."""
     folder = build_folder()
     library = folder / LIBRARY
+    _remove_stale_builds(folder.parent)
     if library.is_file() and not force:
         return library
     cmake = shutil.which("cmake")
@@ -94,7 +177,7 @@ def build(*, force: bool = False, log: Callable[[str], None] | None = None) -> P
             "cannot build the DALI masks plugin: CMake is not on PATH; install it "
             "(pip install cmake, or apt install cmake), or use data.backend=torch"
         )
-    work = folder.with_name(f"{folder.name}.building-{os.getpid()}")
+    work = _work_folder(folder)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     log_path = work / "build.log"
@@ -130,15 +213,22 @@ def build(*, force: bool = False, log: Callable[[str], None] | None = None) -> P
     if log:
         log(f"building the DALI masks plugin in {folder} (CUDA backend: {cuda.lower()} if a CUDA compiler is found)")
     output = ""
-    for step, command in steps:
-        done = subprocess.run(command, capture_output=True, text=True)
-        output += f"$ {' '.join(command)}\n{done.stdout}{done.stderr}"
-        log_path.write_text(output)
-        if done.returncode != 0:
-            raise _failure(step, output, log_path)
-    for product in (LIBRARY, HARNESS):
-        shutil.copy2(work / "cmake" / product, work / product)
-    shutil.rmtree(work / "cmake")
+    try:
+        with _signals_raise():
+            for step, command in steps:
+                done = _run(command)
+                output += f"$ {' '.join(command)}\n{done.stdout}{done.stderr}"
+                log_path.write_text(output)
+                if done.returncode != 0:
+                    kept = folder.with_name(f"{folder.name}.failed.log")  # the build folder goes, its log stays
+                    os.replace(log_path, kept)
+                    raise _failure(step, output, kept)
+        for product in (LIBRARY, HARNESS):
+            shutil.copy2(work / "cmake" / product, work / product)
+        shutil.rmtree(work / "cmake")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     if force:
         shutil.rmtree(folder, ignore_errors=True)
     try:

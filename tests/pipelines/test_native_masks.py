@@ -1,5 +1,6 @@
 """The native DALI operator fn.gali_masks (pipelines/native): built here with CMake, run in CPU-only DALI
-pipelines, byte for byte against its Python reference (gali.pipelines.masks); its build's error messages.
+pipelines, byte for byte against its Python reference (gali.pipelines.masks); its build's error messages, and what a
+failed or killed build leaves (nothing: shown with a fake cmake on PATH).
 
 The plugin is built once per session into the user's cache (``$GALI_CACHE/native``, keyed by the DALI
 version and the sources' hash: a clean CI machine builds it, a developer's reruns reuse it).
@@ -7,8 +8,15 @@ version and the sources' hash: a clean CI machine builds it, a developer's rerun
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -232,3 +240,130 @@ def test_missing_dali_is_named(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import nvidia.dali now fails as if not installed
     with pytest.raises(native.NativeBuildError, match="NVIDIA DALI, which is not installed: pip install nvidia-dali"):
         native.build()
+
+
+@pytest.fixture
+def fake_cmake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Put a fake ``cmake``, a shell script of the given body, first on PATH; DALI's version reads '0' (none needed)."""
+    monkeypatch.setattr(native, "_dali_version", lambda: "0")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    def make(body: str) -> None:
+        (bin_dir / "cmake").write_text("#!/bin/sh\n" + body)
+        (bin_dir / "cmake").chmod(0o755)
+
+    return make
+
+
+def alive(pid: int) -> bool:
+    """True if process ``pid`` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def building_folders() -> list[Path]:
+    return sorted(native.build_folder().parent.glob("*.building-*"))
+
+
+def sleeping_cmake(pids: Path) -> str:
+    """A fake cmake's body: it starts a child that ignores SIGTERM (as make starts the compilers), writes both pids to
+    ``pids`` and waits."""
+    return f"(trap '' TERM; exec sleep 60) &\necho $$ $! > {pids}.tmp && mv {pids}.tmp {pids}\nwait\n"
+
+
+def test_the_next_build_removes_the_folders_of_killed_builds(fake_cmake):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folder = native.build_folder()
+    host = socket.gethostname()
+    stale = [
+        folder.with_name(f"{folder.name}.building-{host}-{dead.pid}"),
+        folder.with_name(f"dali-0-0123456789abcdef.building-{dead.pid}"),  # another build's, named without a host
+        folder.with_name(f"{folder.name}.building-otherhost-{os.getpid()}"),  # made old below
+    ]
+    kept = [
+        folder.with_name(f"{folder.name}.building-{host}-{os.getppid()}"),  # a live build of this host
+        folder.with_name(f"{folder.name}.building-otherhost-{dead.pid}"),  # another host's: pids mean nothing here
+    ]
+    for work in stale + kept:
+        (work / "cmake").mkdir(parents=True)
+    old = time.time() - 7 * 3600
+    os.utime(stale[2], (old, old))
+    folder.mkdir()
+    (folder / native.LIBRARY).touch()  # built already: the build returns it, and cleans up all the same
+    assert native.build() == folder / native.LIBRARY
+    assert building_folders() == sorted(kept)
+
+
+def test_a_failed_build_removes_its_folder_and_keeps_its_log(fake_cmake):
+    fake_cmake("echo 'CMake Error: something broke' >&2\nexit 1\n")
+    with pytest.raises(native.NativeBuildError, match="CMake configure failed") as info:
+        native.build()
+    log = native.build_folder().with_name(f"{native.build_folder().name}.failed.log")
+    assert f"Full log: {log}" in str(info.value) and "something broke" in log.read_text()
+    assert building_folders() == [] and not native.build_folder().exists()
+
+
+@contextlib.contextmanager
+def ended_afterwards(pids: Path) -> Iterator[None]:
+    """Inside: a test of a killed build. After it, pass or fail, kill what the fake cmake started that still runs."""
+    try:
+        yield
+    finally:
+        for pid in filter(alive, map(int, pids.read_text().split() if pids.exists() else [])):
+            os.kill(pid, signal.SIGKILL)
+
+
+def assert_ended(pids: Path) -> None:
+    """The fake cmake and its child are gone, and so is the build's folder."""
+    started = [int(pid) for pid in pids.read_text().split()]
+    assert wait_until(lambda: not any(alive(pid) for pid in started), timeout=2.0)
+    assert building_folders() == []
+
+
+def test_an_interrupted_build_ends_its_process_group_and_removes_its_folder(fake_cmake, tmp_path):
+    pids = tmp_path / "pids"
+    fake_cmake(sleeping_cmake(pids))
+
+    def interrupt() -> None:  # Ctrl-C, once the build's processes run
+        if wait_until(pids.exists):
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # a test runner's worker may ignore it
+    threading.Thread(target=interrupt, daemon=True).start()
+    with ended_afterwards(pids):
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                native.build()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        assert_ended(pids)
+
+
+def test_killing_gali_native_build_ends_its_build(fake_cmake, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    pids = tmp_path / "pids"
+    fake_cmake(sleeping_cmake(pids))
+    with ended_afterwards(pids):
+        gali = subprocess.Popen([sys.executable, "-m", "gali.engine.cli", "native", "build"], stdout=subprocess.DEVNULL)
+        try:
+            assert wait_until(pids.exists, timeout=30.0), "the fake cmake did not start"
+            gali.terminate()  # SIGTERM, as kill and schedulers send it
+            assert gali.wait(timeout=10) == 128 + signal.SIGTERM
+        finally:
+            gali.kill()
+            gali.wait()
+        assert_ended(pids)

@@ -1,8 +1,9 @@
-"""The torch backend over every source: filelist and webdataset layouts, augment, channels_last, errors."""
+"""The torch backend over every source: filelist and webdataset layouts, augment, channels_last, errors, symlinks."""
 
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -234,3 +235,28 @@ def test_corrupt_shard_member_names_shard_and_member(tmp_path: Path) -> None:
     write_shards(tmp_path / "w", samples, per_shard=4)
     with pytest.raises(DataError, match=r"cannot read image .*part-000\.tar:s0002\.png"):
         list(pipeline("webdataset", tmp_path / "w"))
+
+
+@pytest.mark.parametrize(
+    ("link", "target", "why"),
+    [
+        ("a/loop", ".", "is a symlink loop"),  # 41 copies of class a before
+        ("loop", ".", "is a symlink loop"),  # a phantom class 'loop' before
+        ("b/up", "../..", "is a symlink loop"),  # above the data root: the other classes again
+        ("e", "a", "leads to .*/a, which is indexed already"),  # a second way into class a
+    ],
+)
+def test_a_symlink_loop_or_second_link_adds_no_images_or_classes(
+    id_folder: Callable[..., Path], link: str, target: str, why: str
+) -> None:
+    root = id_folder("data/root", classes={"a": 8, "b": 8})
+    outside = id_folder("elsewhere", classes={"c": 3, "d": 2})
+    (root / "c").symlink_to(outside / "c")  # links to other folders are followed
+    (root / "a" / "more").symlink_to(outside / "d")
+    plain = open_split("folder", root, "train")
+    assert len(plain) == 21 and plain.class_names == ["a", "b", "c"]
+    (root / link).symlink_to(target)
+    with pytest.warns(UserWarning, match=re.escape(str(root / link)) + " " + why):
+        linked = open_split("folder", root, "train")
+    assert linked.class_names == plain.class_names
+    assert np.array_equal(linked.paths, plain.paths) and np.array_equal(linked.labels, plain.labels)

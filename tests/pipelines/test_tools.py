@@ -116,6 +116,19 @@ def test_check_finds_planted_bad_files(split_folder: Path, capsys: pytest.Captur
     assert "UnidentifiedImageError" in bad[str(split_folder / "train/dog/text.png")]
 
 
+def test_check_names_a_symlink_loop_and_counts_each_image_once(
+    split_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    links = [split_folder / "loop", split_folder / "train" / "cat" / "loop"]
+    for link in links:
+        link.symlink_to(".")
+    with pytest.warns(UserWarning) as warned:
+        assert main(["data", "check", str(split_folder)]) == 0
+    assert capsys.readouterr().out.strip() == "checked 16 files, 0 bad"
+    assert sorted(str(w.message).partition(" ")[0] for w in warned) == sorted(map(str, links))
+    assert all("is a symlink loop" in str(w.message) for w in warned)
+
+
 def test_check_accepts_every_image_mode_and_still_finds_unreadable_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
