@@ -32,6 +32,7 @@ from gali.engine.files import atomic_write, file_sha256, write_text_atomic
 from gali.engine.loop.checkpoint import load_networks
 from gali.engine.loop.config import Config, config_from_dict
 from gali.engine.loop.runtime import resolve_device
+from gali.engine.loop.snapshots import sample_features
 from gali.engine.metrics import (
     INCEPTION_INPUT_SIZE,
     IdentityClassifier,
@@ -633,18 +634,20 @@ class _Evaluation:
         self.log(f"reference features of {len(features)} images cached in {path}")
         return features, path, False
 
-    @torch.no_grad()
     def _generated_features(self) -> Tensor:
+        """Drawn as the training snapshots draw them (run.snapshot_metrics): the same samples for the same seed."""
         o = self.options
-        generator = torch.Generator().manual_seed(o.seed)
-        features = []
-        for start in range(0, o.fid_samples, o.batch_size):
-            n = min(o.batch_size, o.fid_samples - start)
-            z = torch.randn(n, self.cfg.model.latent_dim, generator=generator).to(self.device)
-            classes = self.cfg.model.label_classes  # a class-conditional G: labels uniform over the classes
-            labels = torch.randint(classes, (n,), generator=generator).to(self.device) if classes else None
-            features.append(self.inception(to_uint8_range(self.G(z, labels))).cpu())
-        return torch.cat(features)
+        assert self.inception is not None
+        return sample_features(
+            self.G,
+            self.inception,
+            o.fid_samples,
+            latent_dim=self.cfg.model.latent_dim,
+            label_classes=self.cfg.model.label_classes,
+            batch_size=o.batch_size,
+            seed=o.seed,
+            device=self.device,
+        )
 
     def _fid_kid(self, reference: tuple[Tensor, Path, bool]) -> dict[str, dict[str, Any]]:
         o = self.options

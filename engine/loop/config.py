@@ -35,6 +35,8 @@ DEVICES = ("auto", "cpu", "cuda")
 TENSORBOARD_MODES = ("auto", "on", "off")
 PROGRESS_MODES = ("auto", "bar", "lines")
 REQUEUE_MODES = ("auto", "on", "off")
+# The metrics of `gali eval` (gali.engine.eval.protocol.METRICS) a snapshot can run: those of generated samples.
+SNAPSHOT_METRICS = ("fid", "kid")
 # Deprecated keys and the keys that replaced them; reading one warns and sets the new key.
 ALIASES = {"method.kernel_impl": "compute.kernel_impl", "data.channels_last": "compute.channels_last"}
 
@@ -73,6 +75,12 @@ class RunConfig:
                    job's end (SLURM_JOB_END_TIME), no limit outside SLURM.
     requeue:       after a stop, rank 0 requeues the SLURM job (``scontrol requeue $SLURM_JOB_ID``): 'auto'
                    (when SLURM_JOB_ID is set), 'on' or 'off' (the batch script decides).
+    accumulate:    gradient accumulation: each update takes the mean gradient of this many micro-batches of
+                   batch_size / (world size x accumulate) images (one all-reduce per side per update).
+    snapshot_metrics: metrics of ``gali eval`` each snapshot runs on the weights it shows, comma-separated:
+                   'fid', 'kid' or 'fid,kid' ('' = none), as StyleGAN3's --metrics; ...
+    snapshot_inception: ... with this local TorchScript Inception file (nothing is downloaded) ...
+    snapshot_metric_images: ... on this many generated and at most this many held-out real images.
     """
 
     out_dir: str = "runs"
@@ -97,6 +105,10 @@ class RunConfig:
     dir: str = ""
     max_time: str = ""
     requeue: str = "auto"
+    accumulate: int = 1
+    snapshot_metrics: str = ""
+    snapshot_inception: str = ""
+    snapshot_metric_images: int = 10_000
 
     def validate(self) -> None:
         check_choice("run.device", self.device, DEVICES)
@@ -104,6 +116,7 @@ class RunConfig:
         if self.max_time not in ("", "auto"):
             parse_duration(self.max_time, key="run.max_time")
         check_positive("run.batch_size", self.batch_size)
+        check_positive("run.accumulate", self.accumulate)
         check_positive("run.kimg", self.kimg)
         for key, kimg in (("run.tick_kimg", self.tick_kimg), ("run.snapshot_kimg", self.snapshot_kimg)):
             check_positive(key, kimg)
@@ -120,6 +133,32 @@ class RunConfig:
         check_positive("run.ema_bn_batches", self.ema_bn_batches, allow_zero=True)
         for key in ("ema_kimg", "ema_rampup", "ema_start_kimg"):
             check_positive(f"run.{key}", getattr(self, key), allow_zero=True)
+        self._check_snapshot_metrics()
+
+    def snapshot_metric_names(self) -> tuple[str, ...]:
+        """``run.snapshot_metrics`` as names, each once, in the order given."""
+        return tuple(dict.fromkeys(n.strip() for n in self.snapshot_metrics.split(",") if n.strip()))
+
+    def _check_snapshot_metrics(self) -> None:
+        """The names, the image count and that an Inception file is named; the file itself is checked when
+        training starts (Snapshots), so that ``gali eval`` of a checkpoint still loads on another machine."""
+        unknown = [n for n in self.snapshot_metric_names() if n not in SNAPSHOT_METRICS]
+        if unknown:
+            raise ConfigError(
+                "run.snapshot_metrics",
+                f"got {', '.join(map(repr, unknown))}; accepted (comma-separated, e.g. run.snapshot_metrics=fid,kid): "
+                f"{', '.join(SNAPSHOT_METRICS)}. The other metrics of gali eval run on a checkpoint with gali eval",
+            )
+        if self.snapshot_metric_images < 2:
+            raise ConfigError(
+                "run.snapshot_metric_images", f"got {self.snapshot_metric_images}; FID and KID need >= 2 images"
+            )
+        if self.snapshot_metric_names() and not self.snapshot_inception:
+            raise ConfigError(
+                "run.snapshot_inception",
+                f"run.snapshot_metrics={self.snapshot_metrics!r} needs the path of a local TorchScript Inception "
+                "(clean-fid/StyleGAN3 inception-2015-12-05.pt); nothing is downloaded",
+            )
 
 
 @dataclass

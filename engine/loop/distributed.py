@@ -148,15 +148,24 @@ def first_host(nodelist: str) -> str:
     return prefix + rest.split(",")[0].split("-")[0].rstrip("]")
 
 
-def local_batch_size(batch_size: int, world: World) -> int:
-    """Each rank's share of the global ``run.batch_size``; a batch the ranks cannot share evenly is refused."""
-    if batch_size % world.size:
-        lower = batch_size - batch_size % world.size
-        sizes = ", ".join(str(b) for b in (lower, lower + world.size) if b > 0)
+def local_batch_size(batch_size: int, world: World, accumulate: int = 1) -> int:
+    """Each rank's share of the global ``run.batch_size`` per update, ``accumulate`` micro-batches of equal size;
+    a batch that the ranks and micro-batches cannot share evenly is refused with sizes that work."""
+    parts = world.size * accumulate
+    if batch_size % parts:
+        lower = batch_size - batch_size % parts
+        sizes = ", ".join(str(b) for b in (lower, lower + parts) if b > 0)
+        if accumulate == 1:
+            raise ConfigError(
+                "run.batch_size",
+                f"got {batch_size}, which {world.size} ranks cannot share evenly; "
+                f"the global batch must be a multiple of the world size, e.g. {sizes}",
+            )
         raise ConfigError(
-            "run.batch_size",
-            f"got {batch_size}, which {world.size} ranks cannot share evenly; "
-            f"the global batch must be a multiple of the world size, e.g. {sizes}",
+            "run.accumulate",
+            f"got {accumulate}, but run.batch_size={batch_size} cannot be split into {world.size} rank(s) x "
+            f"{accumulate} micro-batches of equal size; use a run.batch_size that is a multiple of {parts}, "
+            f"e.g. {sizes}, or another run.accumulate",
         )
     return batch_size // world.size
 

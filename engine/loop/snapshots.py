@@ -7,17 +7,21 @@ spread and, for labelled data, the identity metric with a classifier fitted once
 ``run.identity_images`` training images. With ``run.snapshot_bn_recalibrate`` = N > 0 each is measured again
 (``*_bn_recal``) on copies of G and E whose BatchNorm statistics were recomputed on N training batches. Grids are drawn
 from inputs fixed at the start of a run (a seeded z, the first held-out images, seeded evaluation boxes), so successive
-snapshots show the same cells.
+snapshots show the same cells. ``run.snapshot_metrics`` adds FID and KID of ``run.snapshot_metric_images`` samples
+against at most as many held-out images (their features computed once per run), drawn as ``gali eval`` draws them
+(:func:`sample_features`), with the Inception file ``run.snapshot_inception``.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from gali.engine.errors import DataError
+from gali.engine.errors import ConfigError, DataError
 from gali.engine.loop.checkpoint import Checkpoint, checkpoint_name, prune_checkpoints
 from gali.engine.loop.config import Config
 from gali.engine.loop.distributed import World, average_buffers
@@ -26,6 +30,13 @@ from gali.engine.loop.grids import inpainting_grid, reconstruction_grid, tile
 from gali.engine.loop.run_log import RunLog, SilentRunLog
 from gali.engine.loop.ticks import Cadence
 from gali.engine.method.tuple_spec import TupleSpec
+from gali.engine.metrics.fid import (
+    InceptionFeatures,
+    frechet_distance,
+    kernel_inception_distance,
+    load_inception,
+    to_uint8_range,
+)
 from gali.engine.metrics.identity import IdentityClassifier, fit_identity_classifier, pixel_features
 from gali.engine.metrics.reconstruction import held_out_metrics
 from gali.engine.nets.feature_models import resize_to
@@ -63,6 +74,33 @@ def identity_classifier(cfg: Config, pipeline: Pipeline) -> IdentityClassifier |
         return None
 
 
+@torch.no_grad()
+def sample_features(
+    G: torch.nn.Module,
+    inception: InceptionFeatures,
+    count: int,
+    *,
+    latent_dim: int,
+    label_classes: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Inception features of ``count`` samples G(z) in eval mode, for FID and KID.
+
+    Per batch, z and then (a class-conditional G) labels uniform over the classes come from one generator seeded by
+    ``seed``: the snapshots and ``gali eval`` draw the same images from the same weights.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    features = []
+    for start in range(0, count, batch_size):
+        n = min(batch_size, count - start)
+        z = torch.randn(n, latent_dim, generator=generator).to(device)
+        labels = torch.randint(label_classes, (n,), generator=generator).to(device) if label_classes else None
+        features.append(inception(to_uint8_range(sample_images(G, z, labels))).cpu())
+    return torch.cat(features)
+
+
 class Snapshots:
     """Every ``run.snapshot_kimg`` (and at the end): grids, held-out metrics, then the checkpoint.
 
@@ -88,14 +126,27 @@ class Snapshots:
         self.with_buffers = tuple(dict.fromkeys((nets.G, nets.E, nets.D, *self.shown)))  # averaged over ranks
         self.mask_fill, self.kernel_impl = cfg.method.mask_fill, cfg.compute.kernel_impl
         self.keep, self.milestone_images = cfg.run.keep_checkpoints, int(cfg.run.milestone_kimg * 1000)
+        self.metric_names = cfg.run.snapshot_metric_names()
+        inception_path = Path(cfg.run.snapshot_inception).expanduser()
+        if self.metric_names and not inception_path.is_file():  # on every rank: all of them stop, none waits
+            raise ConfigError(
+                "run.snapshot_inception",
+                f"{inception_path} is not a file; give the path of a local TorchScript Inception "
+                "(clean-fid/StyleGAN3 inception-2015-12-05.pt, downloaded elsewhere); nothing is downloaded",
+            )
         if not world.is_main:
             return
-        self.split, self.pipeline = held_out_images(cfg, device, min(cfg.run.batch_size, 100))
+        self.batch_size = min(cfg.run.batch_size, 100)
+        self.split, self.pipeline = held_out_images(cfg, device, self.batch_size)
         self.train_images = make_pipeline(
-            cfg.data, split="train", batch_size=min(cfg.run.batch_size, 100), device=device, seed=cfg.run.seed
+            cfg.data, split="train", batch_size=self.batch_size, device=device, seed=cfg.run.seed
         )
         self.classifier = identity_classifier(cfg, self.train_images)
         self.recalibrate_batches = cfg.run.snapshot_bn_recalibrate
+        self.inception = load_inception(inception_path).to(device) if self.metric_names else None
+        self.metric_images, self.seed = cfg.run.snapshot_metric_images, cfg.run.seed
+        self.latent_dim, self.label_classes, self.device = cfg.model.latent_dim, cfg.model.label_classes, device
+        self.real_features: torch.Tensor | None = None  # the held-out images' features, at the first snapshot
         n = self.grid_size = cfg.run.grid_size
         generator = torch.Generator().manual_seed(cfg.run.seed)
         self.grid_z = torch.randn(n * n, cfg.model.latent_dim, generator=generator).to(device)
@@ -123,11 +174,19 @@ class Snapshots:
         average_buffers(self.world, self.with_buffers)
         self._recalibrate_averages()
         figures = self._measure_and_draw(images_seen, run_log) if self.world.is_main else {}
+        sample_metrics = self._sample_metrics() if self.world.is_main and self.metric_names else {}
         # After the snapshot's own random draws: the checkpoint's RNG state is where training goes on from.
         self._save(checkpoint, run_log)
         if self.world.is_main:
             kimg = images_seen / 1000
-            run_log.record({"event": "snapshot", "kimg": kimg, **{f"{k}_{self.split}": v for k, v in figures.items()}})
+            run_log.record(
+                {
+                    "event": "snapshot",
+                    "kimg": kimg,
+                    **{f"{k}_{self.split}": v for k, v in figures.items()},
+                    **sample_metrics,
+                }
+            )
             identity = (
                 f", identity {figures['identity']:.3f} (real images {figures['identity_ceiling']:.3f})"
                 if "identity" in figures
@@ -138,7 +197,7 @@ class Snapshots:
             run_log.message(
                 f"snapshot at {kimg:.1f} kimg on the {self.split} split: reconstruction MSE "
                 f"{figures['recon_mse']:.5f}{identity}, E sigma {figures['e_sigma']:.3f}, "
-                f"mu spread {figures['e_mu_spread']:.3f}"
+                f"mu spread {figures['e_mu_spread']:.3f}{self._sample_metrics_text(sample_metrics)}"
             )
         return figures
 
@@ -168,6 +227,50 @@ class Snapshots:
         checkpoint.save(run_dir / checkpoint_name(checkpoint.progress.images_seen))
         if self.world.is_main:
             prune_checkpoints(run_dir, keep=self.keep, milestone_images=self.milestone_images, log=run_log.message)
+
+    def _sample_metrics(self) -> dict[str, Any]:
+        """FID and KID (as named by ``run.snapshot_metrics``) of the shown G's samples against held-out images.
+
+        The real images' features are computed at the first snapshot and kept: every snapshot compares with the
+        same set. ``metric_images`` records both counts (the split may hold fewer than asked for).
+        """
+        assert self.inception is not None
+        if self.real_features is None:
+            real, count = [], 0
+            for batch in self.pipeline:
+                real.append(self.inception(to_uint8_range(batch.x[: self.metric_images - count])).cpu())
+                count += len(real[-1])
+                if count >= self.metric_images:
+                    break
+            self.real_features = torch.cat(real)
+        fake = sample_features(
+            self.shown[0],
+            self.inception,
+            self.metric_images,
+            latent_dim=self.latent_dim,
+            label_classes=self.label_classes,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            device=self.device,
+        )
+        found: dict[str, Any] = {
+            "metric_images": {"generated": len(fake), "real": len(self.real_features), "split": self.split}
+        }
+        if "fid" in self.metric_names:
+            found["fid"] = frechet_distance(self.real_features, fake)
+        if "kid" in self.metric_names:
+            found["kid"], found["kid_std"], _ = kernel_inception_distance(self.real_features, fake, seed=self.seed)
+        return found
+
+    @staticmethod
+    def _sample_metrics_text(found: dict[str, Any]) -> str:
+        """``', FID 12.345, KID 0.01234 ± 0.00056 (10000 generated vs 10000 test images)'``, or '' without them."""
+        if not found:
+            return ""
+        fid = f", FID {found['fid']:.3f}" if "fid" in found else ""
+        kid = f", KID {found['kid']:.5f} ± {found['kid_std']:.5f}" if "kid" in found else ""
+        counts = found["metric_images"]
+        return f"{fid}{kid} ({counts['generated']} generated vs {counts['real']} {counts['split']} images)"
 
     def _measure_and_draw(self, images_seen: int, run_log: RunLog | SilentRunLog) -> dict[str, float]:
         G, E = self.shown

@@ -118,7 +118,16 @@ def _train(
     if resume_from is not None:
         _check_resume_point(resume_from, cfg, len(pipeline))
     nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=device)
-    step = build_step(nets, spec, cfg.method, cfg.optim, cfg.model.latent_dim, cfg.compute, world_size=world.size)
+    step = build_step(
+        nets,
+        spec,
+        cfg.method,
+        cfg.optim,
+        cfg.model.latent_dim,
+        cfg.compute,
+        world_size=world.size,
+        accumulate=cfg.run.accumulate,
+    )
     ema = (
         WeightAverage(nets, ema_kimg=cfg.run.ema_kimg, rampup=cfg.run.ema_rampup, start_kimg=cfg.run.ema_start_kimg)
         if cfg.run.ema_kimg
@@ -149,7 +158,7 @@ def _train(
             with annotate("gali/data"):
                 epoch, batch = next(batches)
 
-            # Step.
+            # Step: one update, from the batch's run.accumulate micro-batches.
             if progress.iteration == 0:  # G starts at rank 0's first batch's mean image
                 world.broadcast_tensor(nets.G.init_output_bias(batch.x).data)
                 if ema is not None:
@@ -248,11 +257,12 @@ def _batches_from(pipeline: Pipeline, progress: Progress) -> Iterator[tuple[int,
 
 def _training_pipeline(cfg: Config, world: World, device: torch.device, num_masks: int) -> Pipeline:
     """This rank's shard of the training split, in batches of its share of ``run.batch_size`` (with the
-    spec's ``num_masks`` masks per image where ``method.mask_source`` is 'pipeline')."""
+    spec's ``num_masks`` masks per image where ``method.mask_source`` is 'pipeline'): one batch per update, which
+    the step splits into ``run.accumulate`` micro-batches."""
     return make_pipeline(
         cfg.data,
         split="train",
-        batch_size=local_batch_size(cfg.run.batch_size, world),
+        batch_size=local_batch_size(cfg.run.batch_size, world, cfg.run.accumulate),
         device=device,
         seed=cfg.run.seed,
         rank=world.rank,
@@ -318,6 +328,7 @@ def _open_run_log(
             f"removed {len(partial)} partial file(s) a stopped run left: {', '.join(p.name for p in partial)}"
         )
     ranks = f" over {world.size} ranks" if world.size > 1 else ""
+    ranks += f" in {cfg.run.accumulate} micro-batches" if cfg.run.accumulate > 1 else ""
     run_log.message(
         f"data: {pipeline.num_images} training images, {len(pipeline)} batches of {cfg.run.batch_size}{ranks} per epoch"
     )

@@ -37,10 +37,12 @@ def build_step(
     compute: ComputeConfig,
     *,
     world_size: int = 1,
+    accumulate: int = 1,
 ) -> GaliStep | GraphedStep:
     """The step runner ``compute`` asks for: channels-last and compiled networks, graphed or eager.
 
-    ``compute.cuda_graph`` on a CPU device gives the eager twin (there is nothing to capture).
+    ``compute.cuda_graph`` on a CPU device gives the eager twin (there is nothing to capture). With ``accumulate``
+    micro-batches per update a graph captures the whole update, all of its micro-batches included.
     """
     if compute.channels_last:
         for net in (nets.G, nets.E, nets.D):
@@ -50,7 +52,7 @@ def build_step(
             set_activation_checkpointing(net, True)
     if compute.compile:
         compile_networks(nets)
-    step = GaliStep(nets, spec, method, optim, latent_dim, compute, world_size=world_size)
+    step = GaliStep(nets, spec, method, optim, latent_dim, compute, world_size=world_size, accumulate=accumulate)
     if compute.cuda_graph and step.device.type == "cuda":
         return GraphedStep(step)
     return step

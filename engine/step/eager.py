@@ -7,7 +7,9 @@ and the CPU path) and :class:`gali.engine.step.graphed.GraphedStep` (static buff
 Update rules (docs/method.md §3.6, §5 item 10): with n_dis = 1 (phase 'both') one forward, then ∂L_D/∂θ_D and
 ∂L_GE/∂θ_GE from the same graph by ``torch.autograd.grad``, each into its own parameters, then both optimizers step: the
 G/E gradient sees D's pre-update parameters. With n_dis > 1 phases alternate: 'd' steps D only (chains without a graph
-into G and E), 'ge' steps G and E only.
+into G and E), 'ge' steps G and E only. With ``accumulate`` = N > 1 the update's batch is split into N
+micro-batches, each with its own forward and backward (BatchNorm statistics per micro-batch, as BigGAN-PyTorch), their
+gradients summed, then averaged over the ranks once per side: each side steps with the mean gradient of the N.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class GaliStep:
     (E's mean σ and μ spread on the real batch: :func:`gali.engine.nets.inference.encoding_stats`), ``grad_norm_d`` /
     ``grad_norm_ge`` and ``skipped_d`` / ``skipped_ge`` (unscaled norms, and 1.0 where a non-finite
     loss or gradient skipped that side's update; for the side(s) the phase updates), and for ALICE
-    specs ``recon``. With ``world_size`` > 1 each side's gradients are averaged over the ranks.
+    specs ``recon``. With ``world_size`` > 1 each side's gradients are averaged over the ranks. With ``accumulate``
+    = N, ``x`` (and ``masks``, ``labels``) is split into N equal micro-batches and the statistics are their means.
 
     Adam is the fused implementation; ``capturable`` (optimizer step counters on the device) is
     set with ``compute.cuda_graph``, on CPU as well, so the CPU twin runs the graph's optimizer.
@@ -69,9 +72,13 @@ class GaliStep:
         compute: ComputeConfig | None = None,
         *,
         world_size: int = 1,
+        accumulate: int = 1,
     ) -> None:
+        if accumulate < 1:
+            raise ValueError(f"accumulate must be >= 1, got {accumulate}")
         self.nets = nets
         self.world_size = world_size
+        self.accumulate = accumulate
         self.spec = spec
         self.method = method
         self.compute = compute or ComputeConfig()
@@ -182,39 +189,74 @@ class GaliStep:
     def update(
         self, x: Tensor, noise_std: Tensor, phase: str, masks: Tensor | None = None, labels: Tensor | None = None
     ) -> dict[str, Tensor]:
-        """The capturable body: forward, both gradients, both optimizer steps; no host sync.
+        """The capturable body: forward and gradients per micro-batch, one reduction and optimizer step per side.
 
-        The spectral-norm weights are computed once for the forward and both backward passes (a block
+        The spectral-norm weights are computed once for every forward and backward pass of the update (a block
         recomputed under activation checkpointing then sees the very weights of the forward). G's and E's
         BatchNorm statistics are restored where the step's update is skipped (:func:`_keep_if_taken`).
         """
         statistics_before = [buffer.clone() for buffer in self.bn_statistics]
+        sides = [side for side in ("d", "ge") if phase in ("both", side)]
+        sums: dict[str, list[Tensor]] = {}
         with fp32_spectral_norm(self.spectral_normed, self.device.type):
-            out = self.discriminate(x, noise_std, masks, labels, chains_grad=phase != "d")
-            steps_d, steps_ge = phase in ("both", "d"), phase in ("both", "ge")
-            if steps_d:
-                with annotate("gali/backward_D"):
-                    out.update(self._gradients("d", out["loss_d"], retain_graph=phase == "both"))
-            if steps_ge:
-                with annotate("gali/backward_GE"):
-                    out.update(self._gradients("ge", out["loss_ge"], retain_graph=False))
+            micro_batches = _micro_batches(self.accumulate, x, masks, labels)
+            outs = [
+                self._micro_batch(*micro, noise_std, phase, sides, sums, last=i == len(micro_batches) - 1)
+                for i, micro in enumerate(micro_batches)
+            ]
+            out = {name: torch.stack([o[name] for o in outs]).mean(0) for name in outs[0]}
+            for side in sides:
+                out.update(self._reduce(side, sums[side], out[f"loss_{side}"]))
         with annotate("gali/optim"):
-            if steps_d:
+            if "d" in sides:
                 _optimizer_step(self.opt_d, self.scaler_d, out["skipped_d"])
-            if steps_ge:
+            if "ge" in sides:
                 _optimizer_step(self.opt_ge, self.scaler_ge, out["skipped_ge"])
-            _keep_if_taken(self.bn_statistics, statistics_before, out["skipped_ge" if steps_ge else "skipped_d"])
+            _keep_if_taken(self.bn_statistics, statistics_before, out[f"skipped_{sides[-1]}"])
         return {name: value.detach() for name, value in out.items()}
 
-    def _gradients(self, side: str, loss: Tensor, *, retain_graph: bool) -> dict[str, Tensor]:
-        """∂loss/∂θ_side averaged over the ranks into ``.grad`` (scaled under fp16), and that side's statistics.
+    def _micro_batch(
+        self,
+        x: Tensor,
+        masks: Tensor | None,
+        labels: Tensor | None,
+        noise_std: Tensor,
+        phase: str,
+        sides: Sequence[str],
+        sums: dict[str, list[Tensor]],
+        *,
+        last: bool,
+    ) -> dict[str, Tensor]:
+        """One micro-batch's forward and gradients, added into ``sums``; its statistics, detached (its graph goes
+        when this returns). Every backward but the update's last keeps the graph: the spectral-norm weights, computed
+        once per update, are in every micro-batch's."""
+        out = self.discriminate(x, noise_std, masks, labels, chains_grad=phase != "d")
+        for side in sides:
+            with annotate(f"gali/backward_{side.upper()}"):
+                retain = not (last and side == sides[-1])
+                grads = self._micro_gradients(side, out[f"loss_{side}"], retain_graph=retain)
+            if side in sums:
+                torch._foreach_add_(sums[side], grads)
+            else:
+                sums[side] = list(grads)
+        return {name: value.detach() for name, value in out.items()}
 
-        ``skipped_<side>`` is 1.0 when the loss or the gradient is not finite: the optimizer step then
+    def _micro_gradients(self, side: str, loss: Tensor, *, retain_graph: bool) -> Sequence[Tensor]:
+        """∂(loss / accumulate)/∂θ_side for one micro-batch (scaled under fp16): summed over the micro-batches,
+        the mean gradient."""
+        params, scaler = (self.d_params, self.scaler_d) if side == "d" else (self.ge_params, self.scaler_ge)
+        loss = loss / self.accumulate
+        scaled = loss if scaler is None else scaler.scale(loss)
+        return torch.autograd.grad(scaled, params, retain_graph=retain_graph)
+
+    def _reduce(self, side: str, grads: Sequence[Tensor], loss: Tensor) -> dict[str, Tensor]:
+        """The update's gradients averaged over the ranks (one all-reduce) into ``.grad``, and that side's statistics.
+
+        ``skipped_<side>`` is 1.0 when the (mean) loss or the gradient is not finite: the optimizer step then
         leaves that side's weights and Adam state as they were (on the device, no sync).
         """
         params, scaler = (self.d_params, self.scaler_d) if side == "d" else (self.ge_params, self.scaler_ge)
-        scaled = loss if scaler is None else scaler.scale(loss)
-        grads = average_gradients(torch.autograd.grad(scaled, params, retain_graph=retain_graph), self.world_size)
+        grads = average_gradients(grads, self.world_size)
         _set_grads(params, grads)
         norm = torch.nn.utils.get_total_norm(grads)
         if scaler is not None:  # scale(1) is the current scale as a device tensor (get_scale() would sync)
@@ -241,6 +283,23 @@ class GaliStep:
 def check_phase(phase: str) -> None:
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+
+
+def _micro_batches(
+    count: int, x: Tensor, masks: Tensor | None, labels: Tensor | None
+) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
+    """``x``, ``masks`` and ``labels`` split along the batch into ``count`` equal micro-batches (views, no copy)."""
+    rows, rest = divmod(x.shape[0], count)
+    if rest or not rows:
+        raise ValueError(f"a batch of {x.shape[0]} cannot be split into {count} equal micro-batches")
+    return list(
+        zip(
+            x.split(rows),
+            [None] * count if masks is None else masks.split(rows),
+            [None] * count if labels is None else labels.split(rows),
+            strict=True,
+        )
+    )
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, skipped: Tensor) -> None:

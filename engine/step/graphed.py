@@ -22,7 +22,9 @@ class GraphedStep:
     it, and every later call only replays. Random draws (z, ε, masks, instance noise) use the
     default CUDA generator, whose philox offset advances on every replay, so each replay draws
     fresh noise. The returned tensors are the graph's static outputs: read or accumulate them
-    before the next call, which overwrites them.
+    before the next call, which overwrites them. With gradient accumulation (``GaliStep.accumulate`` = N) the static
+    buffers hold the update's whole batch and one graph per phase captures all N micro-batches' passes, the single
+    reduction and the optimizer steps: an update is still one replay.
 
     On a CPU there is nothing to capture: the same update runs on the same static buffers, which
     makes this class the testable twin of the graphed path.
