@@ -12,22 +12,9 @@ from gali.engine.cli import main
 from gali.engine.errors import ConfigError
 from gali.engine.eval.protocol import METRICS
 from gali.engine.loop.config import SNAPSHOT_METRICS, load_config
+from tests.test_launch import TINY as LAUNCH_TINY
 
-TINY = [
-    "run.device=cpu",
-    "model.width=0.125",
-    "model.latent_dim=8",
-    "run.batch_size=32",
-    "data.workers=0",
-    "run.tick_kimg=0.032",
-    "run.snapshot_kimg=0.064",
-    "run.kimg=0.064",
-    "run.grid_size=2",
-    "run.tensorboard=off",
-    "run.progress=lines",
-    "run.identity_images=0",
-    "run.ema_kimg=0",
-]
+TINY = [*LAUNCH_TINY, "run.kimg=0.064"]  # tests/test_launch.py's tiny run, one snapshot
 
 
 class InceptionLike(nn.Module):
