@@ -283,3 +283,19 @@ def test_each_side_takes_its_own_learning_rate_when_set():
     assert opt_d.param_groups[0]["lr"] == opt_ge.param_groups[0]["lr"] == 2e-4
     opt_d, opt_ge = build_optimizers(d, ge, OptimConfig(lr=2e-4, lr_d=1e-4, lr_ge=4e-4))
     assert (opt_d.param_groups[0]["lr"], opt_ge.param_groups[0]["lr"]) == (1e-4, 4e-4)
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_restored_step_keeps_adams_state_but_takes_its_settings_from_the_config(cuda_graph):
+    """A resume with optim.lr=... takes the new lr; capturable follows compute.cuda_graph (issue 22, finding 3)."""
+    trained = make_step()
+    run(trained, steps=2)
+    restored = GaliStep(
+        trained.nets, trained.spec, trained.method, OptimConfig(lr=5e-4), LATENT, ComputeConfig(cuda_graph=cuda_graph)
+    )
+    restored.load_state_dict(trained.state_dict())
+    for optimizer, saved in ((restored.opt_d, trained.opt_d), (restored.opt_ge, trained.opt_ge)):
+        assert all(g["lr"] == 5e-4 and g["capturable"] == cuda_graph for g in optimizer.param_groups)
+        for param, mine in zip(optimizer.param_groups[0]["params"], saved.param_groups[0]["params"], strict=True):
+            assert torch.equal(optimizer.state[param]["exp_avg"], saved.state[mine]["exp_avg"])
+    run(restored, steps=1)  # and it steps

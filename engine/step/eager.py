@@ -272,9 +272,22 @@ class GaliStep:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` wrote (a resumed run); the scalers' state only under fp16."""
-        self.opt_d.load_state_dict(state["opt_d"])
-        self.opt_ge.load_state_dict(state["opt_ge"])
+        """Restore what :meth:`state_dict` wrote (a resumed run); the scalers' state only under fp16.
+
+        Adam's moments and step counts come from the checkpoint; its settings (lr, betas, capturable, fused)
+        stay this run's config's, so ``optim.lr=...`` given on resume takes effect and a resume may turn on
+        ``compute.cuda_graph``.
+        """
+        for optimizer, saved in ((self.opt_d, state["opt_d"]), (self.opt_ge, state["opt_ge"])):
+            settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+            optimizer.load_state_dict(saved)
+            for group, configured in zip(optimizer.param_groups, settings, strict=True):
+                group.update(configured)
+                if configured.get("capturable") or configured.get("fused"):  # counters as these modes keep them
+                    for param in group["params"]:
+                        if "step" in optimizer.state.get(param, {}):
+                            step = optimizer.state[param]["step"]
+                            optimizer.state[param]["step"] = step.to(device=param.device, dtype=torch.float32)
         if self.scaler_d is not None and self.scaler_ge is not None and "scaler_d" in state:
             self.scaler_d.load_state_dict(state["scaler_d"])
             self.scaler_ge.load_state_dict(state["scaler_ge"])
