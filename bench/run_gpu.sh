@@ -40,7 +40,7 @@ for stage in $stages; do
   case $stage in
     tests)
       python3 -m pytest -q tests/kernels -m "not slow" -p no:cacheprovider 2>&1 | tee "$out/tests-kernels.txt" | tail -3
-      python3 -m pytest -q tests/test_step_compute.py tests/test_paper_step.py -p no:cacheprovider 2>&1 \
+      python3 -m pytest -q tests/test_step_compute.py tests/test_paper_step.py -m "not slow" -p no:cacheprovider 2>&1 \
         | tee "$out/tests-fast-step.txt" | tail -3 ;;
     bench-kernels)
       python3 -m pytest -q bench/test_kway_head.py bench/test_mask_composite.py -p no:cacheprovider \
