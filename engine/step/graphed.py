@@ -70,7 +70,9 @@ class GraphedStep:
                 torch.cuda.current_stream(self.inner.device).wait_stream(side)
                 return out
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: the DataLoader's pin-memory thread and DALI's threads keep making CUDA calls mid-epoch,
+            # which the default "global" mode counts as errors that invalidate the capture
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self._outputs[phase] = self.inner.update(self._x, self._noise_std, phase, self._masks, self._labels)
             self._graphs[phase] = graph
             graph.replay()  # capture records without running: this replay is the step itself
