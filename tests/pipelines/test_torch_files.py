@@ -345,7 +345,7 @@ from gali.pipelines.torch_files import _leave_stop_signals_to_the_main_process
 loader = DataLoader(list(range(100)), batch_size=10, num_workers=2, persistent_workers=True,
                     worker_init_fn=_leave_stop_signals_to_the_main_process)
 paused = iter(loader)
-next(paused)
+next(paused), next(paused)  # a batch from each worker: both have run their init function
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 os.killpg(0, signal.SIGTERM)  # the whole job, this process included (which ignores it here)
 time.sleep(0.5)
