@@ -46,10 +46,16 @@ TINY = [
 
 
 def gali(
-    *args: str, cache: Path, cwd: Path, ranks: int = 1, prelude: str = "", prefix: Sequence[str] = ()
+    *args: str,
+    cache: Path,
+    cwd: Path,
+    ranks: int = 1,
+    restarts: int = 0,
+    prelude: str = "",
+    prefix: Sequence[str] = (),
 ) -> subprocess.Popen:
-    """``gali ARGS`` (under torchrun with ``ranks`` > 1) as a child process in a process group of its own (a job),
-    one thread per rank.
+    """``gali ARGS`` (under torchrun with ``ranks`` > 1, and ``--max-restarts``) as a child process in a process
+    group of its own (a job), one thread per rank.
 
     ``prelude`` is Python run first in a single-process child (a test's stand-in for a slow disk); ``prefix``
     runs before the command (a wrapper script).
@@ -68,6 +74,7 @@ def gali(
             "-m",
             "torch.distributed.run",
             f"--nproc-per-node={ranks}",
+            f"--max-restarts={restarts}",
             "--standalone",
             "-m",
             "gali",
@@ -532,4 +539,22 @@ def test_ranks_started_by_srun_alone_stop_on_usr1_requeue_once_and_resume_bit_ex
     ranks = srun()  # the requeued job: the same command line resumes
     for rank in ranks:
         assert finish(rank) == 0
+    assert_same_state(final_state(run_dir), uninterrupted[2])
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_rank_in_the_same_folder_and_ends_as_the_uninterrupted_run(uninterrupted, tmp_path):
+    """``torchrun --max-restarts 1 ... run.dir=...``: rank 1 SIGKILLed mid-run; the restarted group resumes from the
+    folder's newest checkpoint (torchrun's store is reused by the restart: engine/loop/distributed.py)."""
+    run_dir = tmp_path / "job"
+    run = gali(
+        "train", *TINY, *WORKERS, f"run.dir={run_dir}", cache=tmp_path / "cache", cwd=tmp_path, ranks=2, restarts=1
+    )
+    wait_for_ticks(run, 12)  # past the first checkpoint, at 0.64 kimg
+    ranks = [int(pid) for pid in Path(f"/proc/{run.pid}/task/{run.pid}/children").read_text().split()]
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGKILL)
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-3000:]
+    assert "resumed from checkpoint-" in stdout and "exitcode: -9" in stderr
     assert_same_state(final_state(run_dir), uninterrupted[2])

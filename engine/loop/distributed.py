@@ -14,6 +14,8 @@ on the GPU.
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -120,9 +122,49 @@ def init_world(device_name: str) -> tuple[World, torch.device]:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(minutes=10))
+    timeout = timedelta(minutes=10)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun's store, shared by every restart
+        agent_store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False, timeout=timeout
+        )
+        store = dist.PrefixStore(f"gali/{_launch_token(agent_store, rank, size, timeout)}/", agent_store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
+    else:
+        dist.init_process_group(backend, timeout=timeout)
     cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else None
     return World(rank=rank, size=size, local_rank=local_rank, cpu_group=cpu_group), device
+
+
+def _launch_token(store: dist.Store, rank: int, size: int, timeout: timedelta) -> str:
+    """A name that this launch of the ranks alone uses in torchrun's store.
+
+    torchrun keeps one store for the whole job and hands it to every restart of the ranks, so a restarted
+    group would read the keys of the group before it (its ranks' addresses: gloo's "connectFullMesh failed
+    ... Connection refused", NCCL's old unique id; pytorch/pytorch#135712), and TORCHELASTIC_RESTART_COUNT
+    differs between nodes. Rank 0 draws a new token; every other rank asks for it under a key named by its
+    own random nonce, which no earlier launch can have written, and acknowledges it under the token.
+    """
+    if rank == 0:
+        token, answered = uuid.uuid4().hex, {}
+        waiting, deadline = set(range(1, size)), time.monotonic() + timeout.total_seconds()
+        while waiting:
+            for other in sorted(waiting):
+                if store.check([f"gali/ack/{token}/{other}"]):
+                    waiting.discard(other)
+                elif store.check([f"gali/ask/{other}"]):
+                    nonce = store.get(f"gali/ask/{other}").decode()
+                    if answered.get(other) != nonce:  # an earlier launch's nonce is answered too, harmlessly
+                        store.set(f"gali/answer/{nonce}", token)
+                        answered[other] = nonce
+            if time.monotonic() > deadline:
+                raise GaliError(f"ranks {sorted(waiting)} did not join rank 0 within {timeout}")
+            time.sleep(0.02)
+        return token
+    nonce = uuid.uuid4().hex
+    store.set(f"gali/ask/{rank}", nonce)
+    token = store.get(f"gali/answer/{nonce}").decode()  # waits up to the store's timeout
+    store.set(f"gali/ack/{token}/{rank}", "1")
+    return token
 
 
 def _env_from_srun() -> None:
