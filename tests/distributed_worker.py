@@ -5,7 +5,10 @@ torchrun --nproc-per-node 2 tests/distributed_worker.py train OUT section.key=va
     OUT/rank<r>-<images>.pt, and the number of gradient reductions per step to OUT/rank<r>.json;
 torchrun --nproc-per-node 2 tests/distributed_worker.py gradients OUT
     one 2-rank step next to the same step taken alone on each rank's batch, their gradients to
-    OUT/gradients-rank<r>.pt.
+    OUT/gradients-rank<r>.pt;
+torchrun --nproc-per-node 2 tests/distributed_worker.py infinite-loss OUT
+    one 2-rank step in which rank 1's losses alone are infinite (their gradients finite), each rank's skip
+    flags and whether its weights moved to OUT/infinite-loss-rank<r>.json.
 """
 
 import copy
@@ -67,16 +70,23 @@ def record_training(out: Path, overrides: list[str]) -> None:
     )
 
 
-def record_gradients(out: Path) -> None:
+def _two_rank_step_parts() -> tuple[int, Networks, tuple]:
+    """This rank, the same tiny networks on both ranks, and GaliStep's arguments after them."""
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    torch.manual_seed(0)  # the same networks on both ranks
+    torch.manual_seed(0)
     spec = load_spec("gali4")
     G, E, D = build_models(
         ModelConfig(latent_dim=8, width=0.125), slot_kinds=spec.slot_kinds, num_classes=spec.num_classes
     )
-    nets = Networks(G=G, E=E, D=D)
-    args = (spec, MethodConfig(), OptimConfig(lr=1e-3), 8, ComputeConfig(kernel_impl="ref"))
+    return (
+        dist.get_rank(),
+        Networks(G=G, E=E, D=D),
+        (spec, MethodConfig(), OptimConfig(lr=1e-3), 8, ComputeConfig(kernel_impl="ref")),
+    )
+
+
+def record_gradients(out: Path) -> None:
+    rank, nets, args = _two_rank_step_parts()
     together = GaliStep(nets, *args, world_size=2)
     alone = GaliStep(copy.deepcopy(nets), *args, world_size=1)
     x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(10 + rank)) * 2 - 1
@@ -93,9 +103,31 @@ def record_gradients(out: Path) -> None:
     dist.destroy_process_group()
 
 
+def record_infinite_loss(out: Path) -> None:
+    rank, nets, args = _two_rank_step_parts()
+    if rank == 1:
+        head = eager.kway_head
+
+        def infinite_losses(*head_args, **kwargs):
+            loss_d, loss_ge = head(*head_args, **kwargs)
+            return loss_d + float("inf"), loss_ge + float("inf")  # a constant: the gradients stay finite
+
+        eager.kway_head = infinite_losses
+    step = GaliStep(nets, *args, world_size=2)
+    before = [p.detach().clone() for p in step.d_params + step.ge_params]
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(10 + rank)) * 2 - 1
+    out_stats = step.step(x, torch.tensor(0.1))
+    moved = [not torch.equal(p, b) for p, b in zip(step.d_params + step.ge_params, before, strict=True)]
+    record = {"skipped_d": out_stats["skipped_d"].item(), "skipped_ge": out_stats["skipped_ge"].item()}
+    (out / f"infinite-loss-rank{rank}.json").write_text(json.dumps(record | {"moved": any(moved)}))
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     mode, folder = sys.argv[1], Path(sys.argv[2])
-    if mode == "train":
-        record_training(folder, sys.argv[3:])
-    else:
-        record_gradients(folder)
+    modes = {
+        "train": lambda: record_training(folder, sys.argv[3:]),
+        "gradients": lambda: record_gradients(folder),
+        "infinite-loss": lambda: record_infinite_loss(folder),
+    }
+    modes[mode]()

@@ -105,6 +105,14 @@ def test_two_rank_gradients_are_the_mean_of_each_rank_alone(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(ranks[0]["alone"], ranks[1]["alone"], strict=True))
 
 
+def test_one_rank_with_an_infinite_loss_makes_every_rank_skip(tmp_path):
+    """Issue 22, finding 12: a rank's own non-finite loss (its gradient finite) must not let the others step."""
+    done = torchrun(str(WORKER), "infinite-loss", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads((tmp_path / f"infinite-loss-rank{r}.json").read_text()) for r in range(2)]
+    assert records == [{"skipped_d": 1.0, "skipped_ge": 1.0, "moved": False}] * 2
+
+
 def test_a_global_batch_the_ranks_cannot_share_is_refused_with_sizes_that_work():
     with pytest.raises(ConfigError, match=r"run\.batch_size.*got 33, which 2 ranks cannot share.*e\.g\. 32, 34"):
         local_batch_size(33, World(size=2))

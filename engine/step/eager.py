@@ -252,16 +252,19 @@ class GaliStep:
     def _reduce(self, side: str, grads: Sequence[Tensor], loss: Tensor) -> dict[str, Tensor]:
         """The update's gradients averaged over the ranks (one all-reduce) into ``.grad``, and that side's statistics.
 
-        ``skipped_<side>`` is 1.0 when the (mean) loss or the gradient is not finite: the optimizer step then
-        leaves that side's weights and Adam state as they were (on the device, no sync).
+        ``skipped_<side>`` is 1.0 when any rank's loss or the mean gradient is not finite: the optimizer step then
+        leaves that side's weights and Adam state as they were, on every rank alike (on the device, no sync). A
+        rank's own non-finite loss reaches the others as a NaN added to its gradient before the all-reduce.
         """
         params, scaler = (self.d_params, self.scaler_d) if side == "d" else (self.ge_params, self.scaler_ge)
+        loss = loss.detach()
+        grads[0].add_(loss - loss)  # 0 for a finite loss, NaN for an infinite or NaN one
         grads = average_gradients(grads, self.world_size)
         _set_grads(params, grads)
         norm = torch.nn.utils.get_total_norm(grads)
         if scaler is not None:  # scale(1) is the current scale as a device tensor (get_scale() would sync)
             norm = norm / scaler.scale(torch.ones((), device=norm.device))
-        skipped = (~(torch.isfinite(norm) & torch.isfinite(loss.detach()))).float()
+        skipped = (~torch.isfinite(norm)).float()
         return {f"grad_norm_{side}": norm, f"skipped_{side}": skipped}
 
     def state_dict(self) -> dict[str, Any]:
