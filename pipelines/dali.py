@@ -55,9 +55,11 @@ def _build_dali_pipeline(
     augment: bool,
     decode_device: str,
     layout: str,
+    masks_device: str,
 ):
     """The DALI pipeline's operators: read, decode, crop/resize to R×R, (flip), uint8 in ``layout``; plus the
-    labels (image files: each image's index in the split, its label looked up after) and the masks."""
+    labels (image files: each image's index in the split, its label looked up after) and the masks (drawn by the
+    plugin on ``masks_device``: 'gpu' only where it was built with CUDA, else on the CPU and copied over)."""
     if isinstance(index, FileIndex):
         encoded, labels = fn.readers.file(
             file_root=str(index.base),
@@ -111,7 +113,10 @@ def _build_dali_pipeline(
     if masks is None:
         return images, labels
     ids = fn.cast(labels, dtype=types.INT64)
-    return images, labels, fn.gali_masks(ids.gpu() if decode_device == "mixed" else ids, **masks.as_kwargs())
+    if decode_device == "mixed" and masks_device == "gpu":
+        return images, labels, fn.gali_masks(ids.gpu(), **masks.as_kwargs())
+    pixels = fn.gali_masks(ids, **masks.as_kwargs())  # the plugin's CPU operator
+    return images, labels, pixels.gpu() if decode_device == "mixed" else pixels
 
 
 def _digits_to_int(text: torch.Tensor) -> torch.Tensor:
@@ -169,7 +174,7 @@ class DaliPipeline:
         self.num_threads = max(1, cfg.workers)
         self.prefetch = cfg.prefetch
         self.batches_per_rank = batches_per_rank(n, batch_size, world_size)
-        self.masks = masks
+        self.masks, self.masks_device = masks, "cpu"
         if masks is not None:
             if not isinstance(self.index, FileIndex):
                 raise ConfigError(
@@ -177,9 +182,9 @@ class DaliPipeline:
                     "webdataset shards have no per-sample index to seed pipeline masks "
                     "from; use image folders or a file list, or method.mask_source=step",
                 )
-            from .native import load  # the plugin, built on first use
+            from .native import has_cuda_backend, load  # the plugin, built on first use
 
-            load()
+            self.masks_device = "gpu" if has_cuda_backend(load()) else "cpu"
         self.epoch = 0
         self.start_batch = 0
         self._iterator: DALIGenericIterator | None = None
@@ -227,6 +232,7 @@ class DaliPipeline:
             augment=self.augment,
             decode_device="mixed" if cuda else "cpu",
             layout="HWC" if self.channels_last else "CHW",
+            masks_device=self.masks_device,
             batch_size=self.batch_size,
             num_threads=self.num_threads,
             device_id=device_id,

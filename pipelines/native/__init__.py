@@ -2,10 +2,12 @@
 
 The sources beside this file (``mask_sampler.h``, the one sampling routine; ``gali_masks.cc``, the CPU operator;
 ``gali_masks.cu``, the CUDA operator; ``CMakeLists.txt``) are compiled with CMake and the system's C++ compiler the
-first time a pipeline needs them, into ``$GALI_CACHE/native/dali-<version>-<source hash>/`` (``~/.cache/gali`` by
-default), reused until DALI or the sources change. The CUDA operator is built where CMake finds a CUDA compiler
-(``GALI_NATIVE_CUDA=0`` skips it). ``gali native build`` builds it explicitly and prints where. Ranks may build at once:
-each in its own ``.building-<host>-<pid>`` folder, the first to finish renames it into place. A failed or interrupted
+first time a pipeline needs them, into ``$GALI_CACHE/native/dali-<version>-<source hash>[-cpu]/`` (``~/.cache/gali``
+by default), reused until DALI or the sources change. The CUDA operator is built where CMake finds a CUDA compiler
+(``GALI_NATIVE_CUDA=0`` skips it, in a ``-cpu`` folder of its own); the file ``backends`` beside the library says which
+were built, and a GPU pipeline draws its masks on the CPU where the CUDA one was not. ``gali native build`` builds it
+explicitly and prints where. Ranks may build at once: each in its own ``.building-<host>-<pid>`` folder, the first to
+finish renames it into place. A failed or interrupted
 build ends its process group (cmake, the compilers) and removes its folder; one left by a killed process is removed by
 the next build. Without CMake, a compiler or DALI, :class:`NativeBuildError` says what is missing and how to install
 it; nothing else in gali needs the plugin (the torch backend draws the same masks in Python).
@@ -30,12 +32,14 @@ from gali.engine.errors import GaliError
 
 from ..digits import cache_root
 
-__all__ = ["HARNESS", "LIBRARY", "NativeBuildError", "build", "build_folder", "load"]
+__all__ = ["HARNESS", "LIBRARY", "NativeBuildError", "build", "build_folder", "has_cuda_backend", "load"]
 
 SOURCES = Path(__file__).resolve().parent
 LIBRARY = "libgali_masks.so"
 HARNESS = "gali_masks_harness"  # the same routine without DALI (CPU, and CUDA where built): tests, bench/run_gpu.sh
 _SOURCE_SUFFIXES = (".h", ".cc", ".cu", ".txt")
+_BACKENDS = "backends"  # beside the library: "cpu" or "cpu cuda", from CMake's summary line
+_WITH_CUDA = "gali_masks: CPU and CUDA backends"
 _loaded: dict[str, Path] = {}  # build folder name (DALI version, source hash) -> the library loaded in this process
 _STALE_S = 6 * 3600  # a build folder this old is left over, whatever its name says (a build takes minutes)
 _GRACE_S = 5.0  # how long an ended build's cmake gets between SIGTERM and SIGKILL
@@ -70,9 +74,19 @@ def _source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def _cuda_requested() -> bool:
+    return os.environ.get("GALI_NATIVE_CUDA", "1") not in ("0", "off", "OFF", "false")
+
+
 def build_folder() -> Path:
-    """Where the plugin of this DALI and these sources is (or will be) built."""
-    return cache_root() / "native" / f"dali-{_dali_version()}-{_source_hash()}"
+    """Where the plugin of this DALI, these sources and ``GALI_NATIVE_CUDA`` is (or will be) built."""
+    return cache_root() / "native" / f"dali-{_dali_version()}-{_source_hash()}{'' if _cuda_requested() else '-cpu'}"
+
+
+def has_cuda_backend(library: Path) -> bool:
+    """Whether the plugin ``library`` was built with its CUDA operator (a GPU pipeline can run it on the device)."""
+    backends = library.parent / _BACKENDS
+    return backends.is_file() and "cuda" in backends.read_text().split()
 
 
 def _failure(step: str, output: str, log_path: Path) -> NativeBuildError:
@@ -170,7 +184,9 @@ def build(*, force: bool = False, log: Callable[[str], None] | None = None) -> P
     library = folder / LIBRARY
     _remove_stale_builds(folder.parent)
     if library.is_file() and not force:
-        return library
+        if (folder / _BACKENDS).is_file():
+            return library
+        force = True  # built before the backends were recorded
     cmake = shutil.which("cmake")
     if cmake is None:
         raise NativeBuildError(
@@ -181,7 +197,7 @@ def build(*, force: bool = False, log: Callable[[str], None] | None = None) -> P
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     log_path = work / "build.log"
-    cuda = "OFF" if os.environ.get("GALI_NATIVE_CUDA", "1") in ("0", "off", "OFF", "false") else "ON"
+    cuda = "ON" if _cuda_requested() else "OFF"
     steps = [
         (
             "CMake configure",
@@ -225,6 +241,7 @@ def build(*, force: bool = False, log: Callable[[str], None] | None = None) -> P
                     raise _failure(step, output, kept)
         for product in (LIBRARY, HARNESS):
             shutil.copy2(work / "cmake" / product, work / product)
+        (work / _BACKENDS).write_text("cpu cuda\n" if _WITH_CUDA in output else "cpu\n")
         shutil.rmtree(work / "cmake")
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -215,6 +216,47 @@ def test_gali_native_build_prints_the_library(plugin, capsys, monkeypatch):
     monkeypatch.setenv("GALI_CACHE", str(plugin.parents[2]))
     assert main(["native", "build"]) == 0
     assert str(plugin) in capsys.readouterr().out
+
+
+# A child process: this DALI already holds the session's plugin (with the CUDA operator where nvcc is found).
+CPU_ONLY_PIPELINE = """
+import sys
+from pathlib import Path
+from PIL import Image
+from gali.pipelines import native
+from gali.pipelines.dali import _build_dali_pipeline
+from gali.pipelines.masks import MaskSpec
+from gali.pipelines.sources import scan_image_folder
+
+library = native.load()
+print(library.parent.name, native.has_cuda_backend(library))
+folder = Path(sys.argv[1], "images")
+folder.mkdir()
+Image.new("RGB", (8, 8)).save(folder / "0.png")
+index = scan_image_folder(folder, [])
+for masks_device in ("cpu", "gpu"):
+    pipe = _build_dali_pipeline(
+        index, files=["0.png"], sample_ids=[0], masks=MaskSpec().args(1, 8, 8), shard_id=0, num_shards=1,
+        resolution=8, augment=False, decode_device="mixed", layout="HWC", masks_device=masks_device,
+        batch_size=1, num_threads=1, device_id=0,
+    )
+    pipe._build_graph()  # the operators and their devices; running it would need a GPU
+    print(masks_device, [op._op.device for op in pipe._ops if type(op._op).__name__ == "GaliMasks"])
+"""
+
+
+def test_a_plugin_built_without_cuda_serves_a_gpu_pipeline_from_its_cpu_operator(plugin, tmp_path):
+    """Issue 22, finding 4: GALI_NATIVE_CUDA=0 builds in a folder of its own that records 'cpu' only, and a GPU
+    pipeline of that plugin draws its masks with the CPU operator (then copies them to the device)."""
+    env = {**os.environ, "GALI_NATIVE_CUDA": "0", "GALI_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", CPU_ONLY_PIPELINE, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    built, on_cpu, on_gpu = done.stdout.splitlines()
+    assert built == f"{plugin.parent.name.removesuffix('-cpu')}-cpu False"
+    assert on_cpu == "cpu ['cpu']" and on_gpu == "gpu ['gpu']"  # the loader asks for 'gpu' only with a CUDA build
+    assert native.has_cuda_backend(plugin) == (shutil.which("nvcc") is not None)
 
 
 def test_a_missing_compiler_is_named(tmp_path, monkeypatch):
