@@ -214,18 +214,19 @@ if triton is not None:
         tl.store(part + n_col * n_feat + n_col, loss_d)
         tl.store(part + n_col * n_feat + n_col + 1, loss_ge)
 
-        # Pass 2: grad_h = u @ W / B for both losses (summing over all groups' columns), partial
-        # dW = u_d^T @ h / B.
+        # Pass 2: B·grad_h = u @ W for both losses (summing over all groups' columns), stored without the 1/B
+        # (the backward applies it with the upstream gradient: under fp16 that is the loss scale, so a small
+        # gradient is never rounded to a 16-bit subnormal before it is scaled), and partial dW = u_d^T @ h / B.
         for f0 in range(0, n_feat, BLOCK_F):
             f = f0 + fs
             f_ok = f < n_feat
             wv = tl.load(w_ptr + cs[:, None] * n_feat + f[None, :], mask=c_ok[:, None] & f_ok[None, :], other=0.0)
             wv = wv.to(dot_dtype)
             hmask = row_ok[:, None] & f_ok[None, :]
-            gh_d = tl.dot(u_d_c, wv, input_precision="ieee") * inv_batch
+            gh_d = tl.dot(u_d_c, wv, input_precision="ieee")
             gh_d = _round_to(gh_d, dtype, INTERPRET)
             tl.store(grad_h_d_ptr + row_off[:, None] + f[None, :], gh_d, mask=hmask, cache_modifier=".cs")
-            gh_ge = tl.dot(u_ge_c, wv, input_precision="ieee") * inv_batch
+            gh_ge = tl.dot(u_ge_c, wv, input_precision="ieee")
             gh_ge = _round_to(gh_ge, dtype, INTERPRET)
             tl.store(grad_h_ge_ptr + row_off[:, None] + f[None, :], gh_ge, mask=hmask, cache_modifier=".cs")
             hv = tl.load(h_ptr + row_off[:, None] + f[None, :], mask=hmask, other=0.0, eviction_policy="evict_first")
@@ -383,8 +384,9 @@ def _kway_head_fwd(
     inv_batch: float,
     num_groups: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss_d, loss_ge, grad_h_d, grad_h_ge, grad_w_d, grad_b_d), the gradients those of the losses;
-    ``num_groups`` groups of weight.shape[0] / num_groups classes (1: :func:`kway_head`)."""
+    """(loss_d, loss_ge, B·grad_h_d, B·grad_h_ge, grad_w_d, grad_b_d), the gradients those of the losses (h's
+    without the 1/B, see the kernel); ``num_groups`` groups of weight.shape[0] / num_groups classes (1:
+    :func:`kway_head`)."""
     return _kway_head_fwd_triton(h, weight, bias, labels, w_true, w_pair, inv_batch, num_groups)
 
 
@@ -397,6 +399,7 @@ def _(h, weight, bias, labels, w_true, w_pair, inv_batch, num_groups=1):
 
 def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*output[2:])
+    ctx.inv_batch = inputs[6]
     ctx.mark_non_differentiable(*output[2:])
     # A loss that is not backpropagated arrives as None rather than a zero tensor, so its stored
     # gradient is never read.
@@ -426,10 +429,12 @@ def _backward(ctx, g_d: Tensor | None, g_ge: Tensor | None, *_unused: Tensor | N
     grad_h_d, grad_h_ge, grad_w_d, grad_b_d = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     grad_h = grad_w = grad_b = None
-    if need_h and g_d is not None:
-        grad_h = _kway_head_scale(grad_h_d, g_d, None if g_ge is None else grad_h_ge, g_ge)
-    elif need_h and g_ge is not None:
-        grad_h = _kway_head_scale(grad_h_ge, g_ge, None, None)
+    if need_h:  # the stored B·grad_h, times the upstream gradient over B
+        g_h_d, g_h_ge = (None if g is None else g * ctx.inv_batch for g in (g_d, g_ge))
+        if g_h_d is not None:
+            grad_h = _kway_head_scale(grad_h_d, g_h_d, None if g_h_ge is None else grad_h_ge, g_h_ge)
+        elif g_h_ge is not None:
+            grad_h = _kway_head_scale(grad_h_ge, g_h_ge, None, None)
     if g_d is not None:
         grad_w = grad_w_d * g_d if need_w else None
         grad_b = grad_b_d * g_d if need_b else None

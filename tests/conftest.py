@@ -6,6 +6,7 @@ imported, so TRITON_INTERPRET=1 is set here, at the root of the tests, before an
 
 import contextlib
 import getpass
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -20,10 +21,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # One Inductor cache per CPU kernel path: torch 2.13 reuses C++ built under one ATEN_CPU_CAPABILITY under
-# another, which gave wrong gradients (and once a double free) in the numerics pass on another path.
+# another, which gave wrong gradients (and once a double free) in the numerics pass on another path. And one per
+# version of the kernels: AOTAutograd's cache keys a graph by its forward, not by a custom op's registered backward,
+# so a changed backward was served stale from the cache (wrong gradients in the kernels' compile test).
 CPU_PATH = torch.backends.cpu.get_cpu_capability()
+KERNELS = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(Path(__file__).parents[1].glob("kernels/*.py"))))
 os.environ.setdefault(
-    "TORCHINDUCTOR_CACHE_DIR", str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}_{CPU_PATH}")
+    "TORCHINDUCTOR_CACHE_DIR",
+    str(Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}_{CPU_PATH}_{KERNELS.hexdigest()[:12]}"),
 )
 
 

@@ -358,6 +358,23 @@ def test_backward_scales_by_grad_output() -> None:
     assert_twins_close(grad, 3.0 * base["dh_d"] - 0.5 * base["dh_ge"], reduction=max(h.shape))
 
 
+def test_fp16_h_gradient_keeps_its_precision_under_a_loss_scale() -> None:
+    """Issue 22, finding 15: at a large batch and small head weights, grad_h = u·W/B lies below fp16's normal range
+    (6.1e-5). The kernel keeps B·grad_h and divides by B with the upstream gradient (the loss scale under fp16), so
+    the scaled gradient keeps fp16's relative precision instead of a subnormal's."""
+    case = make_case(3, 4, 64, weights="paper", seed=3)
+    case = {**case, "weight": case["weight"] * 0.05, "inv_batch": 1.0 / 4096}  # B = 4096 rows per class
+    exact = run(
+        lambda **kw: tuple(65536.0 * loss for loss in kway_head_ref(**kw)), {**case, **as_dtype(case, torch.float64)}
+    )
+    out = run(lambda **kw: tuple(65536.0 * loss for loss in triton_fn(**kw)), as_dtype(case, torch.float16))
+    for name in ("dh_d", "dh_ge", "dh_sum"):
+        truth = exact[name]
+        assert truth.abs().max() / 65536 < 6.1e-5  # unscaled, every entry of grad_h is fp16-subnormal
+        err = (out[name].double() - truth).abs().max() / truth.abs().max()
+        assert err < 4e-3, f"{name}: relative error {err:.2g}"  # a few fp16 roundings (eps 9.8e-4)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Values checked by hand and invariants
 # ----------------------------------------------------------------------------------------------------------
