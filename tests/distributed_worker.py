@@ -6,6 +6,8 @@ torchrun --nproc-per-node 2 tests/distributed_worker.py train OUT section.key=va
 torchrun --nproc-per-node 2 tests/distributed_worker.py gradients OUT
     one 2-rank step next to the same step taken alone on each rank's batch, their gradients to
     OUT/gradients-rank<r>.pt;
+torchrun --nproc-per-node 2 tests/distributed_worker.py slow-data OUT section.key=value ...
+    trains with every batch 1 s late (a slow data pipeline on purpose);
 torchrun --nproc-per-node 2 tests/distributed_worker.py infinite-loss OUT
     one 2-rank step in which rank 1's losses alone are infinite (their gradients finite), each rank's skip
     flags and whether its weights moved to OUT/infinite-loss-rank<r>.json.
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from gali.engine.loop import checkpoint as checkpoint_module
+from gali.engine.loop import train as train_module
 from gali.engine.loop.config import load_config
 from gali.engine.loop.train import train
 from gali.engine.method.config import MethodConfig
@@ -103,6 +106,18 @@ def record_gradients(out: Path) -> None:
     dist.destroy_process_group()
 
 
+def train_on_slow_data(overrides: list[str]) -> None:
+    batches_from = train_module._batches_from
+
+    def late(*args):
+        for item in batches_from(*args):
+            time.sleep(1.0)
+            yield item
+
+    train_module._batches_from = late
+    train(load_config("demo", overrides), log=print)
+
+
 def record_infinite_loss(out: Path) -> None:
     rank, nets, args = _two_rank_step_parts()
     if rank == 1:
@@ -129,5 +144,6 @@ if __name__ == "__main__":
         "train": lambda: record_training(folder, sys.argv[3:]),
         "gradients": lambda: record_gradients(folder),
         "infinite-loss": lambda: record_infinite_loss(folder),
+        "slow-data": lambda: train_on_slow_data(sys.argv[3:]),
     }
     modes[mode]()

@@ -113,6 +113,27 @@ def test_one_rank_with_an_infinite_loss_makes_every_rank_skip(tmp_path):
     assert records == [{"skipped_d": 1.0, "skipped_ge": 1.0, "moved": False}] * 2
 
 
+@pytest.mark.parametrize("data", ["synthetic", "slow"])
+def test_every_tick_reports_data_wait_and_step_times_over_the_ranks(data, tmp_path):
+    """Issue 23: data_wait is the tick's fraction of time spent waiting for a batch; step_ms_p50/p95 pool both ranks."""
+    args = [*TINY, "data.backend=synthetic", "run.kimg=0.384", "run.snapshot_kimg=100", f"run.out_dir={tmp_path}"]
+    if data == "slow":  # the digits from the main process, every batch 1 s late
+        done = torchrun(
+            str(WORKER), "slow-data", str(tmp_path), *TINY, "run.kimg=0.384", f"run.out_dir={tmp_path}", cwd=tmp_path
+        )
+    else:
+        done = torchrun("-m", "gali", "train", *args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in next(tmp_path.glob("*/metrics.jsonl")).read_text().splitlines()]
+    ticks = [r for r in records if "event" not in r]
+    assert len(ticks) == 3
+    for tick in ticks:
+        assert 0 <= tick["data_wait"] <= 1 and 0 < tick["step_ms_p50"] <= tick["step_ms_p95"]
+        assert tick["data_wait"] > 0.5 if data == "slow" else tick["data_wait"] < 0.1, tick
+        if data == "slow":
+            assert tick["step_ms_p50"] >= 1000  # a step's wall time includes its wait
+
+
 def test_a_global_batch_the_ranks_cannot_share_is_refused_with_sizes_that_work():
     with pytest.raises(ConfigError, match=r"run\.batch_size.*got 33, which 2 ranks cannot share.*e\.g\. 32, 34"):
         local_batch_size(33, World(size=2))

@@ -2,7 +2,11 @@
 
 Step statistics stay on the device between ticks (:class:`TickStats`); a tick reads their means with
 one host sync and reports them with the images/s of the steps since the last tick (time spent in
-snapshots and checkpoints does not count: :class:`StepClock`).
+snapshots and checkpoints does not count: :class:`StepClock`), and the loop's own timing, kept on the
+host: the fraction of the tick spent waiting for the next batch (``data_wait``), the steps' wall times
+over every rank (``step_ms_p50`` / ``step_ms_p95``; on CUDA the host runs ahead of the device until
+its queue is full, so these are the device's pace once it is) and, on CUDA, the peak device memory of
+the tick over the ranks (``max_memory_gib``).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -106,10 +111,24 @@ class Ticks:
         self.world = world
         self.stats = TickStats()
         self._images, self._seconds = images_seen, clock.seconds()
+        self._step_end, self._step_seconds, self._data_seconds = self._seconds, [], 0.0
         self.bad_ticks = 0  # ticks in a row with skipped (non-finite) steps
 
+    @contextlib.contextmanager
+    def waiting_for_data(self) -> Iterator[None]:
+        """Time inside counts as the loop waiting for its next batch."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._data_seconds += time.perf_counter() - start
+
     def add(self, stats: dict[str, torch.Tensor]) -> None:
+        """One step's statistics; the step's wall time is the training time since the previous step's end."""
         self.stats.add(stats)
+        end = self.clock.seconds()
+        self._step_seconds.append(end - self._step_end)
+        self._step_end = end
 
     def due(self, images_seen: int, step_images: int, done: bool) -> bool:
         return self.cadence.due(images_seen, step_images, done)
@@ -118,7 +137,8 @@ class Ticks:
         """The tick's record: where the run is, the images/s since the last tick, the statistics' means."""
         means = self.stats.read_means(self.world.mean)  # the one host sync (and collective) of the tick
         seconds = self.clock.seconds()
-        speed = (images_seen - self._images) / max(seconds - self._seconds, 1e-9)
+        tick_seconds = max(seconds - self._seconds, 1e-9)
+        speed = (images_seen - self._images) / tick_seconds
         self._images, self._seconds = images_seen, seconds
         self.bad_ticks = self.bad_ticks + 1 if means.get("skipped_d") or means.get("skipped_ge") else 0
         return {
@@ -127,8 +147,26 @@ class Ticks:
             "iteration": iteration,
             "images_per_s": speed,
             "noise_std": noise_std,
+            **self._timing(tick_seconds),
             **means,
         }
+
+    def _timing(self, tick_seconds: float) -> dict[str, float]:
+        """The tick's data wait, step times and peak memory over the ranks (one gather of host values), then reset."""
+        device = self.clock.device
+        memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        ranks = self.world.gather((self._data_seconds / tick_seconds, self._step_seconds, memory))
+        steps_ms = 1000 * np.concatenate([np.asarray(steps, dtype=np.float64) for _, steps, _ in ranks])
+        timing = {
+            "data_wait": float(np.mean([wait for wait, _, _ in ranks])),
+            "step_ms_p50": float(np.percentile(steps_ms, 50)) if steps_ms.size else 0.0,
+            "step_ms_p95": float(np.percentile(steps_ms, 95)) if steps_ms.size else 0.0,
+        }
+        if memory is not None:
+            timing["max_memory_gib"] = max(peak for _, _, peak in ranks)
+            torch.cuda.reset_peak_memory_stats(device)
+        self._step_seconds, self._data_seconds = [], 0.0
+        return timing
 
     def stop_after_bad_ticks(self, max_bad_ticks: int, run_dir: Path) -> None:
         """Stop the run after ``max_bad_ticks`` (``run.max_bad_ticks``; 0 = never) bad ticks in a row."""

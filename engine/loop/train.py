@@ -117,6 +117,10 @@ def _train(
     _check_label_classes(cfg, pipeline)
     if resume_from is not None:
         _check_resume_point(resume_from, cfg, len(pipeline))
+    if device.type == "cuda" and world.is_main:  # the run plan's memory model (gali info --gpus): warn, do not stop
+        from gali.engine.loop.plan import warn_if_batch_will_not_fit
+
+        warn_if_batch_will_not_fit(cfg, world.size, torch.cuda.get_device_properties(device).total_memory, log)
     nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=device)
     step = build_step(
         nets,
@@ -155,7 +159,7 @@ def _train(
     with contextlib.closing(run_log), ranges(cfg.compute.nvtx), _end_status(run_log, progress):
         while progress.images_seen < total_images:
             # Fetch a batch (with its 1-based epoch).
-            with annotate("gali/data"):
+            with annotate("gali/data"), ticks.waiting_for_data():
                 epoch, batch = next(batches)
 
             # Step: one update, from the batch's run.accumulate micro-batches.
