@@ -3,7 +3,7 @@
 ``python3 bench/gpu_setup.py COMMAND``, from the repository root:
 
 - ``requirements``: pyproject.toml's runtime and ``test`` requirements, one a line, less torch and triton (the
-  machine's own are kept), nvidia-dali (no stage needs it; GPU images lack it) and ruff (lint only);
+  machine's own are kept), nvidia-dali and nvtx (no stage needs them; GPU images lack them) and ruff (lint only);
 - ``constraints``: pins for the installed torch and triton, for ``pip install -c``, so that pip cannot replace them;
 - ``missing``: the requirements whose distribution is not installed here;
 - ``gpus``: how many CUDA devices torch sees (fails where torch cannot be imported);
@@ -25,7 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KEPT = ("torch", "triton")  # the machine's builds, matched to its driver and CUDA
-LEFT_OUT = ("nvidia-dali", "ruff")  # name prefixes that no stage needs
+LEFT_OUT = ("nvidia-dali", "ruff", "nvtx")  # name prefixes that no stage needs (nvtx: compute.nvtx only)
 MODULES = {  # distribution -> import name, where they differ by more than '-' and '_'
     "pillow": "PIL",
     "scikit-learn": "sklearn",
