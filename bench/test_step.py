@@ -6,8 +6,10 @@ d_z = 256, batch 100). mode: ``baseline`` (:class:`gali.engine.step.paper.PaperS
 ``fp32`` (the eager step's defaults), ``fp32-nchw`` (NCHW layout), ``fp32-conv`` (full-kernel layers as ``nn.Conv``),
 ``bf16`` (autocast), ``compiled`` (torch.compile of G, E and D's trunk), ``graph``/``bf16-graph`` (CUDA graph replay).
 Each round is one step, CUDA synchronised, after untimed warm-up steps. ``extra_info``: images/s, speed-up over the
-preset's baseline in this run, model FLOPs per step (``gali info``'s ``measure_step_cost``), TFLOP/s and the fraction of
-the device's dense peak where known, and peak memory (CUDA ``max_memory_allocated``; CPU peak RSS).
+preset's baseline in this run, model FLOPs per step (``gali info``'s ``measure_step_cost``), TFLOP/s and ``mfu``: model
+FLOP/s over the GPU's dense bf16 peak from the run plan's table (``gali.engine.loop.plan.GPUS``), in every mode, as
+torchtitan does (None on a CPU or a GPU not in the table: no peak is defined there), and peak memory (CUDA
+``max_memory_allocated``; CPU peak RSS).
 """
 
 import resource
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from gali.engine.loop.plan import GPUS
 from gali.engine.method.config import MethodConfig
 from gali.engine.method.tuple_spec import load_spec
 from gali.engine.nets.config import ModelConfig
@@ -29,13 +32,6 @@ from gali.engine.step.paper import PaperStep
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BATCH, LATENT = 100, 256
-# Dense tensor-core peaks (TFLOP/s) by device name and autocast dtype; fp32 is the non-tensor-core rate.
-PEAK_TFLOPS = {
-    ("H100", torch.bfloat16): 989.0,
-    ("H100", torch.float32): 67.0,
-    ("H200", torch.bfloat16): 989.0,
-    ("H200", torch.float32): 67.0,
-}
 
 
 @dataclass(frozen=True)
@@ -111,6 +107,12 @@ def _runner(preset: Preset, mode: str, compute: ComputeConfig | None):
     return lambda x, noise: runner.step(x, noise)
 
 
+def _peak_tflops(device_name: str) -> float | None:
+    """The table's dense bf16 peak of the GPU named ``device_name`` (e.g. 'NVIDIA A100-SXM4-80GB'), else None."""
+    name = device_name.lower().replace("-", " ")
+    return next((gpu.bf16_tflops for key, gpu in GPUS.items() if all(p in name for p in key.split("-"))), None)
+
+
 def _sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
@@ -165,9 +167,8 @@ def test_step(benchmark, preset_name: str, mode: str) -> None:
     if mode == "baseline":
         _baseline_seconds[preset_name] = seconds
     flops = _model_flops[preset_name]
-    dtype = torch.bfloat16 if compute is not None and compute.precision == "bf16" else torch.float32
     device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
-    peak = next((tflops for (name, kind), tflops in PEAK_TFLOPS.items() if name in device_name and kind == dtype), None)
+    peak = _peak_tflops(device_name) if DEVICE.type == "cuda" else None
     achieved = flops / seconds / 1e12
     benchmark.extra_info.update(
         {
@@ -179,7 +180,7 @@ def test_step(benchmark, preset_name: str, mode: str) -> None:
             else None,
             "model_flops/step": flops,
             "achieved_tflops": achieved,
-            "fraction_of_peak": achieved / peak if peak else None,
+            "mfu": achieved / peak if peak else None,
             "peak_memory_mb": (
                 torch.cuda.max_memory_allocated()
                 if DEVICE.type == "cuda"

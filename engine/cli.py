@@ -67,9 +67,14 @@ def _profile(args: argparse.Namespace) -> None:
 
 def _info(args: argparse.Namespace) -> None:
     from gali.engine.loop.info import describe
+    from gali.engine.loop.plan import GPUS
 
+    if args.gpu is not None and args.gpu not in GPUS:
+        raise GaliError(f"gali info --gpu: got {args.gpu!r}; the plan knows {', '.join(GPUS)}")
+    if args.gpus != 1 and args.gpu is None:
+        raise GaliError("gali info --gpus N plans a run on N GPUs of a kind: name it with --gpu (e.g. --gpu h100)")
     # It reads no image: a preset whose data.root is not set here is sized all the same.
-    print(describe(load_config(args.preset, ["data.backend=synthetic", *args.overrides])))
+    print(describe(load_config(args.preset, ["data.backend=synthetic", *args.overrides]), args.gpus, args.gpu))
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -426,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="parameters per network, FLOPs and activation memory per training image: size a run before starting it",
     )
     info.add_argument("--preset", default="demo", help="preset name or .toml path (default: demo)")
+    info.add_argument("--gpus", type=_positive, default=1, help="GPUs of the run plan (default: 1; needs --gpu)")
+    info.add_argument(
+        "--gpu", help="print a run plan on this GPU (h100, h200, b200, a100-80gb): the batch that fits, the time"
+    )
     info.add_argument("overrides", nargs="*", help="section.key=value overrides")
     info.set_defaults(func=_info)
 

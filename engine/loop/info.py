@@ -1,21 +1,19 @@
-"""``gali info``: what a run of a config costs before it starts: parameters, FLOPs and memory per image.
+"""``gali info``: what a run of a config costs before it starts: parameters, FLOPs and memory per image, a run plan.
 
-The networks are built on the CPU from the config (random weights) and one training step is measured
-by :func:`gali.engine.step.cost.measure_step_cost` on small batches, then scaled to ``run.batch_size``.
+The networks are built with fake tensors (shapes only: :func:`gali.engine.step.cost.fake_networks`) and one
+training step is counted by :func:`gali.engine.step.cost.measure_step_cost` at two small batches, then scaled
+to ``run.batch_size``; with a GPU named, :mod:`gali.engine.loop.plan` adds the run plan.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from gali.engine.loop.config import Config
+from gali.engine.loop.plan import BYTES_PER_TRAINED_PARAMETER, describe_plan, network_sizes
 from gali.engine.method.tuple_spec import load_spec
-from gali.engine.nets.networks import Networks, build_networks
-from gali.engine.step.cost import COST_BATCHES, measure_step_cost
-
-# fp32 weight, its gradient and Adam's two moments
-BYTES_PER_TRAINED_PARAMETER = 16
+from gali.engine.nets.networks import Networks
+from gali.engine.step.cost import COST_BATCHES, fake_networks, measure_step_cost
 
 
 def parameter_counts(nets: Networks) -> dict[str, int]:
@@ -30,14 +28,12 @@ def _count(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-def describe(cfg: Config) -> str:
-    """The table ``gali info`` prints for ``cfg``."""
+def describe(cfg: Config, gpus: int = 1, gpu: str | None = None) -> str:
+    """The table ``gali info`` prints for ``cfg``, and the run plan on ``gpus`` × ``gpu`` where a GPU is named."""
     spec = load_spec(cfg.method.tuples)
-    torch.manual_seed(cfg.run.seed)
-    cpu = torch.device("cpu")
-    nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=cpu)
+    nets = fake_networks(cfg.model, cfg.method, spec, cfg.data.resolution)
     counts = parameter_counts(nets)
-    cost = measure_step_cost(nets, spec, cfg.method, cfg.model.latent_dim, cfg.data.resolution, device=cpu)
+    cost = measure_step_cost(nets, spec, cfg.method, cfg.model.latent_dim, cfg.data.resolution)
     batch = cfg.run.batch_size
     trained = sum(v for k, v in counts.items() if k in ("G", "E", "D"))
     width = max(len(k) for k in counts)
@@ -50,11 +46,20 @@ def describe(cfg: Config) -> str:
     lines += [f"  {name:<{width}}  {count / 1e6:10.3f} M" for name, count in counts.items()]
     lines += [
         f"training step (forward and backward of every chain call and of D over all {spec.num_classes} tuples), "
-        f"measured on the CPU at batches of {COST_BATCHES[0]} and {COST_BATCHES[1]} and scaled:",
+        f"counted from shapes at batches of {COST_BATCHES[0]} and {COST_BATCHES[1]} and scaled:",
         f"  model FLOPs   {cost.flops_per_image / 1e9:10.3f} GFLOP per real image, "
         f"{cost.flops_per_image * batch / 1e12:.3f} TFLOP per step of {batch}",
-        f"  activations   {cost.activation_bytes_per_image / 2**20:10.2f} MiB per real image (fp32), "
-        f"{cost.activation_bytes_per_image * batch / 2**30:.2f} GiB per step of {batch}",
-        f"  weights, gradients and Adam state of G, E and D: {trained * BYTES_PER_TRAINED_PARAMETER / 2**30:.2f} GiB",
+        f"  activations   {cost.activation_bytes_per_image / 2**20:10.2f} MiB per real image (fp32; about half in "
+        f"bf16), {cost.activation_bytes_per_image * batch / 2**30:.2f} GiB per step of {batch}",
     ]
+    if cost.checkpointed_bytes_per_image != cost.activation_bytes_per_image:
+        lines.append(
+            f"                {cost.checkpointed_bytes_per_image / 2**20:10.2f} MiB per real image with "
+            "compute.activation_checkpointing"
+        )
+    lines.append(
+        f"  weights, gradients and Adam state of G, E and D: {trained * BYTES_PER_TRAINED_PARAMETER / 2**30:.2f} GiB"
+    )
+    if gpu is not None:
+        lines += describe_plan(cfg, network_sizes(cfg, nets, cost), gpus, gpu)
     return "\n".join(lines)
