@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from gali.engine.errors import ConfigError
 
@@ -22,6 +24,7 @@ from .torch_files import TorchFilePipeline
 __all__ = [
     "Batch",
     "Pipeline",
+    "SplitBatches",
     "cache_root",
     "check_batch",
     "default_digits_root",
@@ -113,4 +116,72 @@ def make_pipeline(
         augment=cfg.augment,
         masks=masks,
         **common,
+    )
+
+
+LOADER_BATCH_MAX = 256
+
+
+class SplitBatches:
+    """Every image of a split once (the first ``limit`` if given), in batches of ``batch_size``.
+
+    Pipelines deliver static batches and drop the last incomplete one, so the split is read with
+    the largest loader batch (at most :data:`LOADER_BATCH_MAX`) that divides its size, which drops
+    nothing, and re-cut here into ``batch_size`` with a partial last batch. The order is the
+    pipeline's seeded shuffle of epoch 0, the same for any loader batch. ``num_images`` is the
+    number of images an iteration yields. ``masks`` asks the pipeline for each image's masks.
+    """
+
+    def __init__(
+        self,
+        data: DataConfig,
+        split: str,
+        *,
+        batch_size: int,
+        device: torch.device,
+        seed: int,
+        limit: int | None = None,
+        masks: MaskArgs | None = None,
+    ) -> None:
+        pipeline = make_pipeline(data, split=split, batch_size=1, device=device, seed=seed, masks=masks)
+        n = pipeline.num_images
+        loader_batch = max(d for d in range(1, min(n, LOADER_BATCH_MAX) + 1) if n % d == 0)
+        if loader_batch > 1:
+            pipeline = make_pipeline(data, split=split, batch_size=loader_batch, device=device, seed=seed, masks=masks)
+        pipeline.set_epoch(0)
+        self.pipeline = pipeline
+        self.batch_size = batch_size
+        self.num_images = n if limit is None else min(n, limit)
+
+    def __iter__(self) -> Iterator[Batch]:
+        held: list[Batch] = []
+        count = seen = 0
+        for batch in self.pipeline:
+            held.append(batch)
+            count += batch.x.shape[0]
+            while count >= self.batch_size or (count and seen + count >= self.num_images):
+                joined = _join(held)
+                take = min(self.batch_size, count, self.num_images - seen)
+                yield _cut(joined, slice(0, take))
+                seen += take
+                if seen >= self.num_images:
+                    return
+                held, count = [_cut(joined, slice(take, None))], count - take
+
+
+def _join(batches: list[Batch]) -> Batch:
+    """The batches end to end (labels and masks where the batches have them)."""
+
+    def cat(name: str) -> Tensor | None:
+        parts = [getattr(b, name) for b in batches]
+        return None if parts[0] is None else torch.cat(parts)
+
+    return Batch(x=cat("x"), labels=cat("labels"), masks=cat("masks"))
+
+
+def _cut(batch: Batch, rows: slice) -> Batch:
+    return Batch(
+        x=batch.x[rows],
+        labels=None if batch.labels is None else batch.labels[rows],
+        masks=None if batch.masks is None else batch.masks[rows],
     )

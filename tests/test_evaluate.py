@@ -359,13 +359,14 @@ def test_cli_eval_takes_the_checkpoints_whole_config_at_every_resolution(
 
 
 def test_cli_eval_exits_2_naming_a_non_finite_metric_after_writing_it(few_images, tmp_path, capsys):
-    """A NaN in G's moving average: the table and the JSON (null) are written, then exit 2 naming the metric and
-    the checkpoint; the live weights of the same checkpoint are finite and exit 0."""
+    """G's moving average gives NaN (a negative BatchNorm variance: finite, so the checkpoint is read; a NaN weight
+    is refused on reading, tests/test_damaged_checkpoints.py): the table and the JSON (null) are written, then exit
+    2 naming the metric and the checkpoint; the live weights of the same checkpoint are finite and exit 0."""
     checkpoint = _checkpoint_with_averages(
         tmp_path / "run", "demo", [*TINY, "data.source=folder", f"data.root={few_images}"]
     )
     state = torch.load(checkpoint, weights_only=True)
-    state["G_ema"]["net.0.weight"].fill_(float("nan"))  # G's first layer
+    state["G_ema"]["net.1.running_var"].fill_(-1.0)  # G's first BatchNorm: sqrt(-1 + eps) is NaN
     torch.save(state, checkpoint)
     assert main(["eval", str(checkpoint), "--metrics", "pixel-mse", "--batch-size", "2"]) == 2
     out, err = capsys.readouterr()

@@ -1,5 +1,6 @@
 """An interrupted run resumes from its last complete checkpoint and computes what the uninterrupted run did."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -9,10 +10,11 @@ import torch
 
 import gali.engine.loop.checkpoint as checkpoint_module
 from gali.engine.cli import main
+from gali.engine.config import section_names
 from gali.engine.errors import GaliError
-from gali.engine.loop.checkpoint import load_checkpoint, save_checkpoint
+from gali.engine.loop.checkpoint import checkpoint_name, load_checkpoint, save_checkpoint
 from gali.engine.loop.config import load_config
-from gali.engine.loop.train import resume, train
+from gali.engine.loop.train import ResumePoint, _check_resume_point, resume, train
 
 pytestmark = pytest.mark.numerics  # parity of twins: run again under a second CPU kernel path
 
@@ -165,3 +167,103 @@ def test_resume_errors_name_the_path_and_what_to_do(uninterrupted, tmp_path, cap
         resume(reference_dir / "checkpoint-0000000640.pt", ["run.batch_size=16"])
     assert main(["train", "--resume", str(reference_dir), "--preset", "demo"]) == 2
     assert "drop --preset/--dry-run" in capsys.readouterr().err
+
+
+# -- what a resume may change (issue 29, items 5 and 8) ---------------------------------------------------------------
+# A resume keeps every key of the [model] and [method] sections and, mid-epoch, run.seed; every other key may change.
+# The keys are walked from the sections' dataclasses, so a key added there is covered with no change here.
+
+
+def _other_value(value):
+    """A value of the same kind that differs from ``value`` (validity does not matter: the check compares)."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value + 1
+    return "other" if value is None else f"{value}-other"
+
+
+def _resume_point(saved: dict, iteration: int) -> ResumePoint:
+    """A checkpoint ``iteration`` steps of 32 images into a run of 44 batches per epoch, with config ``saved``."""
+    state = {"config": saved, "iteration": iteration, "images_seen": 32 * iteration, "epoch": -(-iteration // 44)}
+    return ResumePoint(Path("runs/00000-demo") / checkpoint_name(32 * iteration), state)
+
+
+def _section_keys(cfg, sections) -> list[tuple[str, str]]:
+    return [(s, f.name) for s in sections for f in dataclasses.fields(getattr(cfg, s))]
+
+
+def test_a_resume_refuses_a_change_of_every_model_and_method_key_by_name():
+    cfg = load_config("demo", ["run.batch_size=32"])
+    keys = _section_keys(cfg, ("model", "method"))
+    assert {"label_classes", "unary_heads", "encoder_block", "latent_dim"} <= {k for s, k in keys if s == "model"}
+    assert {"tuples", "objective", "loss_weights", "feature_model"} <= {k for s, k in keys if s == "method"}
+    for section, key in keys:
+        saved = cfg.to_dict()
+        saved[section][key] = _other_value(saved[section][key])
+        with pytest.raises(
+            GaliError, match=rf"holds networks for other values of {section}\.{key}; a resumed run keeps"
+        ):
+            _check_resume_point(_resume_point(saved, 44), cfg, 44)  # at an epoch boundary too
+    saved = cfg.to_dict()
+    del saved["model"]["encoder_block"], saved["method"]["feature_model"]  # a checkpoint from before these keys
+    _check_resume_point(_resume_point(saved, 20), cfg, 44)  # ... had their defaults
+    cfg.model.encoder_block = "revnet"
+    with pytest.raises(GaliError, match=r"model\.encoder_block: 'bottleneck' in the checkpoint, 'revnet' asked"):
+        _check_resume_point(_resume_point(saved, 20), cfg, 44)
+
+
+def test_a_resume_may_change_every_key_outside_model_and_method_but_the_seed_mid_epoch():
+    cfg = load_config("demo", ["run.batch_size=32"])
+    for section, key in _section_keys(cfg, [s for s in section_names(cfg) if s not in ("model", "method")]):
+        saved = cfg.to_dict()
+        saved[section][key] = _other_value(saved[section][key])
+        if (section, key) != ("run", "seed"):
+            _check_resume_point(_resume_point(saved, 20), cfg, 44)  # run.kimg, optim.lr, compute.*, data.workers ...
+            continue
+        with pytest.raises(GaliError, match=r"mid-epoch \(batch 20 of 44 of epoch 1\) by a run with run.seed=1; run"):
+            _check_resume_point(_resume_point(saved, 20), cfg, 44)
+        _check_resume_point(_resume_point(saved, 44), cfg, 44)  # at an epoch boundary no epoch is split
+        _check_resume_point(_resume_point(saved, 88), cfg, 44)
+
+
+SHORT = [item for item in TINY if not item.startswith(("run.kimg", "run.tick_kimg", "run.snapshot_kimg"))]
+REFUSED = ["model.latent_dim=16", "method.objective=minimax", "method.instance_noise=0.3", "method.mask_fill=-1"]
+
+
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory, cache) -> Path:
+    """A run folder whose one checkpoint is 1 step (of 44) into the first epoch (read only: tests take copies)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GALI_CACHE", str(cache))
+    run_dir = tmp_path_factory.mktemp("one-step") / "run"
+    assert main(["train", *SHORT, "run.kimg=0.032", "run.snapshot_kimg=0.032", f"run.dir={run_dir}"]) == 0
+    mp.undo()
+    return run_dir
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("override", [*REFUSED, "run.seed=5"])
+def test_a_refused_resume_exits_2_naming_the_key_and_writes_nothing(
+    one_step, tmp_path, monkeypatch, capsys, cache, override
+):
+    """Through the CLI, from a checkpoint written mid-epoch: exit 2, the key named, the folder as it was. Before
+    issue 29 only model.latent_dim of these was refused; the others trained on."""
+    monkeypatch.setenv("GALI_CACHE", str(cache))
+    run_dir = shutil.copytree(one_step, tmp_path / "run")
+    before = _contents(run_dir)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "run.kimg=0.064", override]) == 2
+    err = capsys.readouterr().err
+    assert override.split("=")[0] in err and "Traceback" not in err
+    assert _contents(run_dir) == before
+
+
+def test_a_resume_may_change_the_learning_rate_and_the_workers(one_step, tmp_path, monkeypatch, cache):
+    monkeypatch.setenv("GALI_CACHE", str(cache))
+    run_dir = shutil.copytree(one_step, tmp_path / "run")
+    assert main(["train", "--resume", str(run_dir), "run.kimg=0.064", "optim.lr=0.0001", "data.workers=1"]) == 0
+    assert load_checkpoint(run_dir / checkpoint_name(64))[1]["config"]["optim"]["lr"] == 0.0001

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,11 +58,10 @@ from gali.engine.nets.inference import (
     recalibrate_batch_norm,
     reconstruction_chain,
 )
-from gali.pipelines import Batch, cache_root, default_digits_root, make_pipeline
+from gali.pipelines import SplitBatches, cache_root, default_digits_root
 from gali.pipelines.config import DataConfig
 from gali.pipelines.masks import EVAL_MASK_MAX, EVAL_MASK_MIN, EVAL_MASK_RESOLUTION, MaskArgs, MaskSpec
 
-LOADER_BATCH_MAX = 256
 # The metrics of ``gali eval``, with what each measures.
 METRICS: dict[str, str] = {
     "pixel-mse": "reconstruction pixel-MSE in [0, 1] space, z = mu_E(x), mean ± std over batches",
@@ -218,71 +217,6 @@ def evaluation_config(cfg: Config, overrides: Sequence[str], *, origin: str) -> 
     if bad:
         raise GaliError(f"only data.* overrides apply to an evaluation; got {', '.join(bad)}")
     return config_from_dict(cfg.to_dict(), origin=origin, overrides=overrides)
-
-
-class SplitBatches:
-    """Every image of a split once (the first ``limit`` if given), in batches of ``batch_size``.
-
-    Pipelines deliver static batches and drop the last incomplete one, so the split is read with
-    the largest loader batch (at most :data:`LOADER_BATCH_MAX`) that divides its size, which drops
-    nothing, and re-cut here into ``batch_size`` with a partial last batch. The order is the
-    pipeline's seeded shuffle of epoch 0, the same for any loader batch. ``num_images`` is the
-    number of images an iteration yields. ``masks`` asks the pipeline for each image's masks.
-    """
-
-    def __init__(
-        self,
-        data: DataConfig,
-        split: str,
-        *,
-        batch_size: int,
-        device: torch.device,
-        seed: int,
-        limit: int | None = None,
-        masks: MaskArgs | None = None,
-    ) -> None:
-        pipeline = make_pipeline(data, split=split, batch_size=1, device=device, seed=seed, masks=masks)
-        n = pipeline.num_images
-        loader_batch = max(d for d in range(1, min(n, LOADER_BATCH_MAX) + 1) if n % d == 0)
-        if loader_batch > 1:
-            pipeline = make_pipeline(data, split=split, batch_size=loader_batch, device=device, seed=seed, masks=masks)
-        pipeline.set_epoch(0)
-        self.pipeline = pipeline
-        self.batch_size = batch_size
-        self.num_images = n if limit is None else min(n, limit)
-
-    def __iter__(self) -> Iterator[Batch]:
-        held: list[Batch] = []
-        count = seen = 0
-        for batch in self.pipeline:
-            held.append(batch)
-            count += batch.x.shape[0]
-            while count >= self.batch_size or (count and seen + count >= self.num_images):
-                joined = _join(held)
-                take = min(self.batch_size, count, self.num_images - seen)
-                yield _cut(joined, slice(0, take))
-                seen += take
-                if seen >= self.num_images:
-                    return
-                held, count = [_cut(joined, slice(take, None))], count - take
-
-
-def _join(batches: list[Batch]) -> Batch:
-    """The batches end to end (labels and masks where the batches have them)."""
-
-    def cat(name: str) -> Tensor | None:
-        parts = [getattr(b, name) for b in batches]
-        return None if parts[0] is None else torch.cat(parts)
-
-    return Batch(x=cat("x"), labels=cat("labels"), masks=cat("masks"))
-
-
-def _cut(batch: Batch, rows: slice) -> Batch:
-    return Batch(
-        x=batch.x[rows],
-        labels=None if batch.labels is None else batch.labels[rows],
-        masks=None if batch.masks is None else batch.masks[rows],
-    )
 
 
 def _dataset_identity(data: DataConfig) -> dict[str, Any]:

@@ -229,8 +229,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Read a checkpoint; returns its config and the raw state.
 
     A file that is not a whole gali checkpoint (unreadable, not format 1, a key missing, a value of the
-    wrong type: :func:`_check_fields`) is a GaliError naming the file and what is wrong, so that resume
-    skips it by name.
+    wrong type: :func:`_check_fields`) or that holds a NaN or inf in any floating tensor (weights, moving
+    averages, BatchNorm statistics, optimizer moments: :func:`_first_non_finite`) is a GaliError naming
+    the file and what is wrong (the tensor), so that the commands refuse it (exit 2) and resume skips it.
     """
     path = Path(path)
     if not path.is_file():
@@ -245,6 +246,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     problem = _check_fields(state)
     if problem:
         raise GaliError(f"checkpoint {path} is not a whole gali checkpoint: {problem}")
+    bad = _first_non_finite(state)
+    if bad is not None:
+        raise GaliError(
+            f"checkpoint {path} is damaged: {bad} holds non-finite values (NaN or inf), so what is computed "
+            "from it would be NaN; it was cut or corrupted, or written before gali refused non-finite "
+            "checkpoints. Take an earlier checkpoint of the run (gali train --resume RUN_DIR skips this one)"
+        )
     try:
         return config_from_dict(state["config"], origin=str(path)), state
     except (GaliError, TypeError, ValueError) as exc:
@@ -306,6 +314,23 @@ def _check_fields(state: dict[str, Any]) -> str | None:
     return None
 
 
+def _first_non_finite(state: dict[str, Any]) -> str | None:
+    """The dotted name of the first floating tensor of ``state`` holding a NaN or inf, or None if there is none.
+
+    Every floating tensor is read: the networks' weights and BatchNorm statistics, the moving averages,
+    the optimizers' moments. One pass where the tensors lie (the device of ``map_location``): a flag per
+    tensor, stacked, one host sync (a second one, to find which, only when one is not finite).
+    """
+    named = [(name, t) for name, t in _tensors("", state) if t.is_floating_point() or t.is_complex()]
+    if not named:
+        return None
+    flags = [torch.isfinite(tensor).all() for _, tensor in named]
+    finite = torch.stack([flag.to(flags[0].device) for flag in flags])
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0, 0])][0]
+
+
 def _kind(value: Any) -> str:
     """A value's type for a message: 'None', 'a list', 'a dict of int, Tensor' (the types of its values)."""
     if value is None:
@@ -322,7 +347,8 @@ def latest_checkpoint(path: str | Path, *, log: Callable[[str], None] = print) -
 
     In a folder, ``checkpoint-<images>.pt`` files are tried newest first; one that cannot be read
     (cut short by a full disk, say: the atomic write makes a crash mid-write leave only a ``.tmp``)
-    is named through ``log`` and the one before it is taken.
+    or that holds a non-finite tensor (:func:`load_checkpoint`) is named through ``log`` with the
+    reason, and the one before it is taken.
     """
     path = Path(path)
     if path.is_file():
@@ -343,7 +369,9 @@ def load_networks(path: str | Path, device: torch.device, *, ema: bool = True) -
     """The config, the trained networks G, E and D of a checkpoint, and which weights G and E hold.
 
     With ``ema`` (the default) G and E are the checkpoint's moving averages where it has them
-    ('ema'), else the live weights ('live'), for sampling and evaluation.
+    ('ema'), else the live weights ('live'), for sampling and evaluation. The checkpoint is read on
+    ``device`` and checked whole there (:func:`load_checkpoint`): a non-finite tensor anywhere in it is
+    refused by name, the weights not used (``ema`` or not) included.
     """
     cfg, state = load_checkpoint(path, map_location=device)
     spec = load_spec(cfg.method.tuples)

@@ -13,7 +13,7 @@ import errno
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -355,20 +355,48 @@ def _run_folder_error(run_dir: Path, exc: OSError) -> GaliError:
 
 
 def _check_resume_point(resume_from: ResumePoint, cfg: Config, batches_per_epoch: int) -> None:
-    """Refuse a resume whose networks or epoch layout differ from the checkpoint's, naming what changed."""
+    """Refuse a resume that would train other networks, by another method or in another data order, naming the keys.
+
+    The rule: a resumed run goes on with the checkpoint's training, so what decides what is trained stays.
+    - Every key of the ``[model]`` and ``[method]`` sections (the networks; the tuple spec, the objective and its
+      weights, the masks, the instance noise, the feature model), walked from the sections' dataclass fields: a
+      key added to either section is kept with no change here. A key the checkpoint's config lacks (written
+      before the key existed) counts as its default, as the resumed config got it.
+    - ``run.seed`` when the checkpoint was written mid-epoch: an epoch's order depends on (seed, epoch, world
+      size), so the rest of that epoch would come from another order. At an epoch boundary no epoch is split,
+      and the seed may change: the following epochs, and the snapshots' fixed z and boxes, follow the new one.
+    - The epoch layout: data and ``run.batch_size`` that put the checkpoint elsewhere in the epoch's order
+      (:func:`_check_epoch_layout`).
+    Every other key may change on resume: ``run.kimg`` and the run's cadences, outputs and limits,
+    ``optim.*`` (a lower learning rate after a divergence), ``compute.*``, ``data.root``, ``data.workers``
+    and the other data keys that keep the layout; the world size too (the order is the new one's from there).
+    """
     saved = resume_from.state["config"]
-    changed = [
-        f"{section}.{key}"
-        for section in ("model", "method")
-        for key in ("arch", "latent_dim", "width", "tuples", "feature_model", "feature_arch")
-        if key in saved.get(section, {}) and saved[section][key] != getattr(getattr(cfg, section), key)
-    ]
+    changed: dict[str, tuple[Any, Any]] = {}
+    for section in ("model", "method"):
+        values, written = getattr(cfg, section), saved.get(section, {})
+        for spec in fields(values):
+            default = spec.default_factory() if spec.default is MISSING else spec.default
+            was, now = written.get(spec.name, default), getattr(values, spec.name)
+            if was != now:
+                changed[f"{section}.{spec.name}"] = was, now
     if changed:
+        told = "; ".join(f"{key}: {was!r} in the checkpoint, {now!r} asked" for key, (was, now) in changed.items())
         raise GaliError(
-            f"resume: {resume_from.checkpoint} holds networks for other values of {', '.join(changed)}; "
-            "a resumed run keeps them (drop those overrides, or start a new run)"
+            f"resume: {resume_from.checkpoint} holds networks for other values of {', '.join(changed)}; a resumed "
+            f"run keeps every model.* and method.* key it was trained with ({told}). Drop those overrides, or "
+            "start a new run"
         )
     _check_epoch_layout(resume_from, batches_per_epoch, cfg.run.batch_size)
+    state, seed = resume_from.state, saved.get("run", {}).get("seed", cfg.run.seed)
+    epoch, start_batch = divmod(state["iteration"], batches_per_epoch)
+    if start_batch and seed != cfg.run.seed:
+        raise GaliError(
+            f"resume: {resume_from.checkpoint} was written mid-epoch (batch {start_batch} of {batches_per_epoch} "
+            f"of epoch {epoch + 1}) by a run with run.seed={seed}; run.seed={cfg.run.seed} would take the rest of "
+            "that epoch from another order (an epoch's order depends on (seed, epoch, world size)). Drop the "
+            "run.seed override, or resume from a checkpoint written at an epoch boundary"
+        )
 
 
 def _check_epoch_layout(resume_from: ResumePoint, batches_per_epoch: int, batch_size: int) -> None:

@@ -7,11 +7,14 @@ caller gives), each feature standardised with the training set's mean and std.
 - ``accuracy``: its accuracy on those images' reconstructions against the inputs' labels (chance is 1 / classes);
 - ``nearest``: the fraction of reconstructions nearer (Euclidean, in the standardised feature space) to their own input
   than to any other test image.
-Everything here takes arrays the caller has computed, so each number can be checked by hand.
+Everything here takes arrays the caller has computed, so each number can be checked by hand. Features that hold NaN or
+inf (networks that diverged) are never handed to scikit-learn: the figures they would give are NaN, with a
+``RuntimeWarning`` saying why, and the caller reports a NaN figure as such.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -66,18 +69,27 @@ class IdentityClassifier:
                 "the identity metric needs labelled training images of at least two classes; "
                 f"the training split has {self.classes}"
             )
-        self.mean = features.mean(axis=0)
-        self.std = features.std(axis=0)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf features: NaN rows, refused below by name
+            self.mean = features.mean(axis=0)
+            self.std = features.std(axis=0)
         self.std[self.std == 0] = 1.0
-        self.model = LogisticRegression(C=IDENTITY_C, max_iter=IDENTITY_MAX_ITER).fit(
-            self.standardise(features), labels
+        standardised = self.standardise(features)
+        self.model = (  # None: features with NaN or inf, no classifier, every accuracy NaN
+            LogisticRegression(C=IDENTITY_C, max_iter=IDENTITY_MAX_ITER).fit(standardised, labels)
+            if _finite(standardised, "the training images' features")
+            else None
         )
 
     def standardise(self, features: np.ndarray) -> np.ndarray:
-        return (np.asarray(features, dtype=np.float64) - self.mean) / self.std
+        with np.errstate(invalid="ignore", over="ignore"):  # non-finite features stay non-finite, and are named
+            return (np.asarray(features, dtype=np.float64) - self.mean) / self.std
 
-    def accuracy(self, features: np.ndarray, labels: np.ndarray) -> float:
-        return float(np.mean(self.model.predict(self.standardise(features)) == np.asarray(labels)))
+    def accuracy(self, features: np.ndarray, labels: np.ndarray, what: str = "the features") -> float:
+        """The accuracy on ``features``; NaN (with a warning) where they, or the training features, are not finite."""
+        standardised = self.standardise(features)
+        if self.model is None or not _finite(standardised, what):
+            return float("nan")
+        return float(np.mean(self.model.predict(standardised) == np.asarray(labels)))
 
     def score(self, real: np.ndarray, reconstructed: np.ndarray, labels: np.ndarray) -> IdentityResult:
         """The metric on test images ``real``, their reconstructions and the real images' labels."""
@@ -85,13 +97,28 @@ class IdentityClassifier:
             raise ValueError(
                 "IdentityClassifier.score: need at least two test images, one reconstruction and one label for each"
             )
+        real_rows, reconstructed_rows = self.standardise(real), self.standardise(reconstructed)
+        finite = np.isfinite(real_rows).all() and np.isfinite(reconstructed_rows).all()
         return IdentityResult(
-            ceiling=self.accuracy(real, labels),
-            accuracy=self.accuracy(reconstructed, labels),
-            nearest=nearest_own_fraction(self.standardise(real), self.standardise(reconstructed)),
+            ceiling=self.accuracy(real, labels, "the test images' features"),
+            accuracy=self.accuracy(reconstructed, labels, "the reconstructions' features"),
+            nearest=nearest_own_fraction(real_rows, reconstructed_rows) if finite else float("nan"),
             images=len(labels),
             classes=self.classes,
         )
+
+
+def _finite(rows: np.ndarray, what: str) -> bool:
+    """Whether ``rows`` are all finite; if not, a warning naming ``what`` (scikit-learn is not given them)."""
+    if np.isfinite(rows).all():
+        return True
+    warnings.warn(
+        f"recon-identity: {what} hold NaN or inf (networks that give non-finite outputs); the figures measured on "
+        "them are NaN",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
 
 
 def nearest_own_fraction(real: np.ndarray, reconstructed: np.ndarray, chunk: int = 1024) -> float:

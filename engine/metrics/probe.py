@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -89,7 +90,9 @@ def linear_probe(
     probe fits ``draws × len(c_grid)`` SVMs.
 
     Raises :class:`DataError` when there are too few training rows for ``labelled`` plus a
-    validation set, or fewer than two classes.
+    validation set, or fewer than two classes. Features that hold NaN or inf (an encoder that
+    diverged) are not handed to scikit-learn: the result's mean and std are NaN, with no draws, and
+    a ``RuntimeWarning`` says why.
     """
     # float32 kernels: half the time of float64 for SVHN-sized test sets, ample precision for an SVM
     train_features = np.asarray(train_features, dtype=np.float32)
@@ -104,6 +107,17 @@ def linear_probe(
     validation = probe_validation_size(n, labelled, validation)
     if len(np.unique(train_labels)) < 2:
         raise DataError("the linear probe needs labels of at least two classes in the training split; it has one")
+
+    for what, rows in (("training", train_features), ("test", test_features)):
+        if not np.isfinite(rows).all():
+            warnings.warn(
+                f"probe: the {what} images' features hold NaN or inf (an encoder that gives non-finite outputs); "
+                "the probe's error is NaN",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            nan = float("nan")
+            return ProbeResult(nan, nan, [], [], labelled, validation, len(test_labels), tuple(c_grid))
 
     rng = np.random.default_rng(seed)
     order = rng.permutation(n)
