@@ -14,19 +14,63 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import subprocess
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from importlib.util import find_spec
 from pathlib import Path
 
 import torch
 
-from gali.engine.errors import GaliError
-from gali.engine.loop.config import dump_config, load_config, preset_names
+from gali.engine.errors import ConfigError, GaliError
+from gali.engine.loop.config import Config, dump_config, load_config, load_draft_config, preset_names
 from gali.engine.loop.signals import RunStopped
 from gali.engine.method.tuple_spec import spec_names
 
+OUT_HELP = "image path, its extension names the format: .png, .jpg, ... (default: a PNG next to the checkpoint)"
 LIVE_HELP = "use the live weights of G and E, not the moving averages the checkpoint holds (run.ema_kimg > 0)"
+
+
+def _not_a_config(path: str, what: str, instead: str) -> None:
+    """Refuse a config file given where a checkpoint (or a run folder) is read, saying what to pass."""
+    if Path(path).suffix == ".toml":
+        raise GaliError(f"{what}: {path} is a config file, not a checkpoint; {instead}")
+
+
+def _checkpoint_argument(path: str, command: str) -> None:
+    """CHECKPOINT of sample, reconstruct and eval: a config file is named as such, with what to give."""
+    folder = Path(path).parent
+    found = sorted(folder.glob("checkpoint-*.pt"))
+    example = f"e.g. {found[-1]}, the newest in its folder" if found else "a run's checkpoint-*.pt"
+    _not_a_config(path, f"gali {command}", f"give a checkpoint file ({example})")
+
+
+def _check_kernels(cfg: Config) -> None:
+    """compute.kernel_impl=triton where Triton cannot run: refused before any work (no run folder is made)."""
+    if cfg.compute.kernel_impl != "triton":
+        return
+    from gali.engine.loop.runtime import resolve_device
+    from gali.kernels import _launch
+
+    device = resolve_device(cfg.run.device)
+    if _launch.triton is None:
+        raise ConfigError(
+            "compute.kernel_impl",
+            "'triton' needs the triton package (pip install 'gali[triton]'); or set compute.kernel_impl=auto or ref",
+        )
+    if device.type == "cuda":
+        return
+    from gali.kernels import kway_head  # Triton decides interpreted-or-compiled when it is first imported
+
+    if not _launch.interpreted(kway_head._kway_head_fwd_kernel):
+        raise ConfigError(
+            "compute.kernel_impl",
+            f"'triton' runs the fused kernels on CUDA, and this run is on the {device.type.upper()} "
+            f"(run.device={cfg.run.device!r}); set compute.kernel_impl=auto (Triton on CUDA, the reference "
+            "elsewhere) or ref, or TRITON_INTERPRET=1 to run them in Triton's (slow) interpreter",
+        )
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -36,14 +80,24 @@ def _train(args: argparse.Namespace) -> None:
                 "gali train --resume takes the config from the checkpoint: drop --preset/--dry-run "
                 "and give section.key=value overrides only (e.g. run.kimg=200 to train longer)"
             )
+        _not_a_config(
+            args.resume,
+            "gali train --resume",
+            f"give its run folder ({Path(args.resume).parent}: the newest readable checkpoint-*.pt there is "
+            f"taken) or one of its checkpoint-*.pt; a new run from this config is gali train --preset {args.resume}",
+        )
         from gali.engine.loop.train import resume
 
         resume(args.resume, args.overrides)
         return
-    cfg = load_config(args.preset or "demo", args.overrides)
     if args.dry_run:
-        print(dump_config(cfg), end="")
+        cfg, missing = load_draft_config(args.preset or "demo", args.overrides)
+        print(dump_config(cfg, missing), end="")
+        for key, why in missing.items():
+            print(f"gali: {key} is not set (marked MISSING above); training refuses it: {why}", file=sys.stderr)
         return
+    cfg = load_config(args.preset or "demo", args.overrides)
+    _check_kernels(cfg)
     from gali.engine.loop.train import resume, train
 
     if cfg.run.dir and any(Path(cfg.run.dir).glob("checkpoint-*.pt")):  # a restart: the same command line resumes
@@ -56,6 +110,7 @@ def _profile(args: argparse.Namespace) -> None:
     from gali.engine.loop.profile import nsys_command, profile_training
 
     cfg = load_config(args.preset, args.overrides)
+    _check_kernels(cfg)
     images = args.steps * cfg.run.batch_size
     cfg.run.kimg = cfg.run.tick_kimg = cfg.run.snapshot_kimg = images / 1000
     trace = profile_training(cfg)
@@ -77,35 +132,60 @@ def _info(args: argparse.Namespace) -> None:
     print(describe(load_config(args.preset, ["data.backend=synthetic", *args.overrides]), args.gpus, args.gpu))
 
 
+# The image formats --out writes, by extension (those Pillow can write here are offered).
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF"}
+
+
+def _image_out(out: str | None, default: Path) -> tuple[Path, str]:
+    """``--out`` (or ``default``) and the format its extension names; refused before any work when its folder does
+    not exist or the extension names no format written here."""
+    from PIL import Image
+
+    path = Path(out) if out else default
+    Image.init()  # every plugin registered: Image.SAVE lists the formats this Pillow writes
+    formats = {ext: f for ext, f in IMAGE_FORMATS.items() if f in Image.SAVE}
+    if path.suffix.lower() not in formats:
+        raise GaliError(
+            f"--out {path}: the extension names the image format, and {path.suffix or 'no extension'!r} is none "
+            f"written here; use one of {', '.join(formats)}"
+        )
+    if not path.parent.is_dir():
+        raise GaliError(f"--out {path}: folder {path.parent} does not exist; create it or give another path")
+    return path, formats[path.suffix.lower()]
+
+
 def _sample(args: argparse.Namespace) -> None:
     from gali.engine.loop.checkpoint import load_networks
-    from gali.engine.loop.grids import save_grid
+    from gali.engine.loop.grids import save_image, tile
     from gali.engine.loop.runtime import resolve_device
     from gali.engine.nets.inference import sample_images
 
+    _checkpoint_argument(args.checkpoint, "sample")
+    out, image_format = _image_out(args.out, Path(args.checkpoint).with_suffix(".samples.png"))
     device = resolve_device("auto")
     cfg, nets, _ = load_networks(args.checkpoint, device, ema=not args.live)
     z = torch.randn(args.n, cfg.model.latent_dim, generator=torch.Generator().manual_seed(args.seed)).to(device)
-    out = Path(args.out or Path(args.checkpoint).with_suffix(".samples.png"))
     columns = math.ceil(math.sqrt(args.n))
     classes = cfg.model.label_classes  # a class-conditional G draws class i % C in row i
     labels = torch.arange(args.n, device=device) // columns % classes if classes else None
-    save_grid(sample_images(nets.G, z, labels), out, columns=columns)
+    save_image(tile(sample_images(nets.G, z, labels), columns=columns), out, image_format)
     print(f"wrote {args.n} samples to {out}")
 
 
 def _reconstruct(args: argparse.Namespace) -> None:
     from gali.engine.loop.checkpoint import load_networks
-    from gali.engine.loop.grids import save_reconstruction_grid
+    from gali.engine.loop.grids import reconstruction_grid, save_image
     from gali.engine.loop.runtime import resolve_device
     from gali.pipelines import make_pipeline
 
+    _checkpoint_argument(args.checkpoint, "reconstruct")
+    out, image_format = _image_out(args.out, Path(args.checkpoint).with_suffix(".reconstructions.png"))
     device = resolve_device("auto")
     cfg, nets, _ = load_networks(args.checkpoint, device, ema=not args.live)
     pipeline = make_pipeline(cfg.data, split=args.split, batch_size=args.n, device=device, seed=args.seed)
     batch = next(iter(pipeline))
-    out = Path(args.out or Path(args.checkpoint).with_suffix(".reconstructions.png"))
-    save_reconstruction_grid(nets.G, nets.E, batch.x, out, batch.labels if cfg.model.label_classes else None)
+    grid = reconstruction_grid(nets.G, nets.E, batch.x, batch.labels if cfg.model.label_classes else None)
+    save_image(grid, out, image_format)
     print(f"wrote rows x, G(E(x)), G(E(G(E(x)))) of {args.n} {args.split} images to {out}")
 
 
@@ -172,7 +252,8 @@ def _native_build(args: argparse.Namespace) -> None:
 
 def _add_native_commands(commands: argparse._SubParsersAction) -> None:
     native = commands.add_parser("native", help="the native DALI masks operator (pipelines/native)")
-    tools = native.add_subparsers(dest="native_command", required=True)
+    native.set_defaults(func=_usage(native))
+    tools = native.add_subparsers(dest="native_command", title="commands")
     build = tools.add_parser(
         "build",
         help="build the plugin into the cache (CMake, the C++ compiler, nvcc if found) "
@@ -182,9 +263,21 @@ def _add_native_commands(commands: argparse._SubParsersAction) -> None:
     build.set_defaults(func=_native_build)
 
 
+def _usage(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """The command of a group given without a subcommand: its help, which lists the subcommands, and exit 2."""
+
+    def show(args: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        print(f"\n{parser.prog}: error: name one of the commands above", file=sys.stderr)
+        return 2
+
+    return show
+
+
 def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="check, prepare and describe data sets (any source layout)")
-    tools = data.add_subparsers(dest="data_command", required=True)
+    data.set_defaults(func=_usage(data))
+    tools = data.add_subparsers(dest="data_command", title="commands")
     workers = {"type": _positive, "default": None, "help": "decoding threads (default: one per CPU core)"}
 
     check = tools.add_parser("check", help="decode every image fully; list the unreadable ones (exit 1 if any)")
@@ -230,11 +323,38 @@ def _eval_options(args: argparse.Namespace, data_overrides: Sequence[str] = ()):
     )
 
 
+def _check_feature_model(args: argparse.Namespace) -> None:
+    """--feature-model and --feature-arch agree, or are refused naming the options typed."""
+    from gali.engine.nets.feature_models import FEATURE_ARCHS, _is_torchscript
+
+    path = Path(args.feature_model).expanduser() if args.feature_model else None
+    if path is None:
+        if args.feature_arch:
+            raise GaliError(
+                "--feature-arch names the architecture of a state-dict --feature-model; give --feature-model"
+            )
+        return
+    if not path.is_file():
+        return  # evaluate() says so, before any work
+    if _is_torchscript(path) and args.feature_arch:
+        raise GaliError(
+            f"--feature-arch {args.feature_arch}: --feature-model {path} is a TorchScript file, which carries its own "
+            "architecture; drop --feature-arch (it is for a state-dict --feature-model)"
+        )
+    if not _is_torchscript(path) and not args.feature_arch:
+        raise GaliError(
+            f"--feature-model {path} is a state dict, not a TorchScript file, so its architecture must be named: "
+            f"add --feature-arch {' or '.join(FEATURE_ARCHS)}"
+        )
+
+
 def _eval(args: argparse.Namespace) -> None:
     from dataclasses import replace
 
     from gali.engine.eval.protocol import evaluate
 
+    _checkpoint_argument(args.checkpoint, "eval")
+    _check_feature_model(args)
     options = replace(
         _eval_options(args, args.overrides),
         split=args.split,
@@ -271,9 +391,9 @@ def _reproduce(args: argparse.Namespace) -> None:
     print(f"wrote {report.markdown_path} and {report.json_path}")
 
 
-def _add_eval_options(parser: argparse.ArgumentParser) -> None:
+def _add_eval_options(parser: argparse.ArgumentParser, *, batch_help: str) -> None:
     """Options of the evaluation protocol (docs/method.md §4.1) common to eval and reproduce."""
-    parser.add_argument("--batch-size", type=_positive, default=100, help="images per batch; the ± is over batches")
+    parser.add_argument("--batch-size", type=_positive, default=100, help=batch_help)
     parser.add_argument(
         "--seed",
         type=int,
@@ -318,6 +438,8 @@ def _add_eval_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     from gali.engine.eval.protocol import METRICS  # scikit-learn and torchmetrics load only when used
+    from gali.engine.method.losses import OBJECTIVES
+    from gali.engine.nets.feature_models import FEATURE_ARCHS
 
     evaluation = commands.add_parser(
         "eval",
@@ -325,23 +447,26 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
         epilog="metrics: " + "; ".join(f"{name}: {what}" for name, what in METRICS.items()),
     )
     evaluation.add_argument("checkpoint")
-    evaluation.add_argument("--metrics", default="pixel-mse", help=f"comma-separated, of {', '.join(METRICS)}")
+    evaluation.add_argument(
+        "--metrics", default="pixel-mse", help=f"comma-separated, of {', '.join(METRICS)} (default: pixel-mse)"
+    )
     evaluation.add_argument("--split", default="test", choices=("train", "test"))
     evaluation.add_argument(
         "--feature-model", help="frozen feature network for feature-MSE (TorchScript or state dict); never downloaded"
     )
-    evaluation.add_argument("--feature-arch", help="architecture of a state-dict --feature-model: svhn-multidigit")
+    evaluation.add_argument(
+        "--feature-arch",
+        choices=tuple(FEATURE_ARCHS),
+        help="architecture of a state-dict --feature-model (a TorchScript file carries its own)",
+    )
     evaluation.add_argument("--feature-input-size", type=int, default=0, help="resize before it (0 = data resolution)")
     evaluation.add_argument("--feature-resize", choices=("nearest", "bilinear"), default="nearest")
     evaluation.add_argument("--live", action="store_true", help=LIVE_HELP)
     evaluation.add_argument("--kid-subsets", type=_positive, default=100)
     evaluation.add_argument("--kid-subset-size", type=_positive, default=1000)
-    _add_eval_options(evaluation)
+    _add_eval_options(evaluation, batch_help="images per batch; the ± is over batches")
     evaluation.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="data.key=value",
-        help="right after CHECKPOINT, before the options: e.g. a moved data.root",
+        "overrides", nargs="*", metavar="data.key=value", help="data settings of the evaluation: e.g. a moved data.root"
     )
     evaluation.set_defaults(func=_eval)
 
@@ -354,7 +479,12 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
         help="training budget per method (default: gali.engine.eval.reproduce.DEFAULT_KIMG, 8; "
         "the demo preset's own is 80)",
     )
-    repro.add_argument("--methods", default="ali,alice,gali4,gali8,gali-mix", help="comma-separated tuple specs")
+    repro.add_argument(
+        "--methods",
+        default="ali,alice,gali4,gali8,gali-mix",
+        help="comma-separated tuple specs (gali presets lists them), each optionally with +objective "
+        f"({', '.join(OBJECTIVES)}; default product), e.g. gali4+minimax",
+    )
     repro.add_argument(
         "--seeds",
         type=_positive,
@@ -362,7 +492,11 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
         help="train each method from seeds --seed .. --seed+N-1; the table gives mean ± std over them",
     )
     repro.add_argument("--out-dir", default="runs/reproduce", help="run folders and reproduce.md/.json go here")
-    _add_eval_options(repro)
+    _add_eval_options(
+        repro,
+        batch_help="images per batch of the evaluation only (the ± is over batches); each method trains with "
+        "its preset's run.batch_size (an override run.batch_size=N changes it)",
+    )
     repro.add_argument(
         "overrides",
         nargs="*",
@@ -393,6 +527,24 @@ def version_line() -> str:
     return f"gali {release} (commit {commit})"
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command's parser: its options and its ``section.key=value`` overrides may come in any order
+    (``gali train --preset demo run.seed=1 --dry-run run.kimg=2``), as argparse's intermixed parsing reads them.
+    A command with subcommands of its own (``gali data``) is parsed as usual."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        grouped = any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._get_positional_actions())
+        if self._intermixing or grouped:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 class _PrintVersion(argparse.Action):
     """``--version``: asks git for the commit only when given."""
 
@@ -404,7 +556,7 @@ class _PrintVersion(argparse.Action):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gali", description="Train and use GALI models.")
     parser.add_argument("--version", nargs=0, action=_PrintVersion, help="print the version and the commit, and exit")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train from a preset plus section.key=value overrides")
     train.add_argument("--preset", help="preset name (see `gali presets`) or a .toml file (default: demo)")
@@ -440,16 +592,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="a grid of G(z) from a checkpoint")
     sample.add_argument("checkpoint")
-    sample.add_argument("--out", help="PNG path (default: next to the checkpoint)")
-    sample.add_argument("--n", type=int, default=64)
+    sample.add_argument("--out", help=OUT_HELP)
+    sample.add_argument("--n", type=_positive, default=64, help="images (default: 64)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--live", action="store_true", help=LIVE_HELP)
     sample.set_defaults(func=_sample)
 
     recon = commands.add_parser("reconstruct", help="x, G(E(x)), G(E(G(E(x)))) rows from a checkpoint")
     recon.add_argument("checkpoint")
-    recon.add_argument("--out", help="PNG path (default: next to the checkpoint)")
-    recon.add_argument("--n", type=int, default=16)
+    recon.add_argument("--out", help=OUT_HELP)
+    recon.add_argument("--n", type=_positive, default=16, help="images of the split (default: 16)")
     recon.add_argument("--split", default="test", choices=("train", "test"))
     recon.add_argument("--seed", type=int, default=0)
     recon.add_argument("--live", action="store_true", help=LIVE_HELP)
@@ -464,16 +616,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _gali_folders() -> tuple[str, ...]:
+    """The folders of gali's own modules (as installed, or in the checkout of an editable install)."""
+    names = ("gali", "gali.engine", "gali.kernels", "gali.pipelines")
+    return tuple(os.path.join(folder, "") for name in names for folder in find_spec(name).submodule_search_locations)
+
+
+def _warning_formatter(folders: tuple[str, ...], default: Callable[..., str]) -> Callable[..., str]:
+    """``warnings.formatwarning`` for the command: gali's own warnings as ``gali: warning: ...``, without the
+    internal source line; any other module's as Python prints them."""
+
+    def formatwarning(message, category, filename, lineno, line=None) -> str:
+        if os.path.abspath(filename).startswith(folders):
+            return f"gali: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    return formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    default_format = warnings.formatwarning
+    warnings.formatwarning = _warning_formatter(_gali_folders(), default_format)
     try:
-        return args.func(args) or 0
-    except RunStopped as exc:
-        print(f"gali: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except GaliError as exc:
-        print(f"gali: error: {exc}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+        try:
+            return args.func(args) or 0
+        except RunStopped as exc:
+            print(f"gali: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except GaliError as exc:
+            print(f"gali: error: {exc}", file=sys.stderr)
+            return 2
+    finally:
+        warnings.formatwarning = default_format
 
 
 if __name__ == "__main__":

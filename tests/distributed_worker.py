@@ -48,11 +48,11 @@ def record_training(out: Path, overrides: list[str]) -> None:
 
     save = checkpoint_module.Checkpoint.save
 
-    def save_and_dump(self, path):
+    def save_and_dump(self, path, writer=None):
         # the dump first: state_dict() is collective, and after the write it would make rank 1 wait for it
         state = {k: v for k, v in self.state_dict().items() if k not in ("rng", "rng_ranks")}
         torch.save(state, out / f"rank{rank}-{self.progress.images_seen:010d}.pt")
-        return save(self, path)
+        return save(self, path, writer)
 
     eager.average_gradients = counting
     checkpoint_module.Checkpoint.save = save_and_dump

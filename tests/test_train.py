@@ -131,7 +131,8 @@ def test_gali_mix_run_writes_inpainting_grids(tmp_path, monkeypatch, digits_cach
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     ticks = [r for r in records if "loss_d" in r]
     assert [r["kimg"] for r in ticks] == [0.008, 0.016] and all(len(r["p_true"]) == 8 for r in ticks)
-    assert records[-2] == {"event": "snapshot", "kimg": 0.016, **{f"{k}_test": v for k, v in result.held_out.items()}}
+    held_out = {f"{k}_test": v for k, v in result.held_out.items()}
+    assert records[-2] == {"event": "snapshot", "kimg": 0.016, "images_test": 359, **held_out}  # every test image
     assert records[-1]["event"] == "end" and records[-1]["reason"] == "done"
     assert (
         set(result.held_out)

@@ -111,8 +111,12 @@ def section_names(config: Any) -> list[str]:
     return [f.name for f in dataclasses.fields(config) if dataclasses.is_dataclass(getattr(config, f.name))]
 
 
-def set_value(config: Any, key: str, value: Any, *, aliases: Mapping[str, str] = {}) -> None:
-    """Set ``section.name`` of ``config`` to ``value``, type-checked; a deprecated alias warns and is renamed."""
+def set_value(config: Any, key: str, value: Any, *, aliases: Mapping[str, str] = {}, text: str | None = None) -> None:
+    """Set ``section.name`` of ``config`` to ``value``, type-checked; a deprecated alias warns and is renamed.
+
+    ``text`` is an override's value as written: a string key takes it as it stands wherever its TOML reading
+    is not a string (``run.out_dir=2026-12-07`` is a date in TOML, ``data.root=2024`` an integer).
+    """
     if key in aliases:
         warnings.warn(
             f"config key '{key}' is deprecated and will be removed; use '{aliases[key]}'", FutureWarning, stacklevel=3
@@ -127,6 +131,9 @@ def set_value(config: Any, key: str, value: Any, *, aliases: Mapping[str, str] =
     if name not in hints:
         accepted = ", ".join(f"{section_name}.{f.name}" for f in dataclasses.fields(section))
         raise ConfigError(key, f"unknown key; accepted: {accepted}")
+    accepted_types = typing.get_args(hints[name]) or (hints[name],)
+    if text is not None and value is not None and not isinstance(value, str) and str in accepted_types:
+        value = text
     setattr(section, name, _coerce(key, value, hints[name]))
 
 
@@ -151,7 +158,7 @@ def fill_sections(
         for name, value in values.items():
             set_value(config, f"{section_name}.{name}", value, aliases=aliases)
     for text in overrides:
-        set_value(config, *parse_override(text), aliases=aliases)
+        set_value(config, *parse_override(text), aliases=aliases, text=text.partition("=")[2].strip())
 
 
 def _toml_value(value: Any) -> str:

@@ -12,6 +12,7 @@ A checkpoint file is one ``torch.save`` dictionary (format 1), written atomicall
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,18 +112,23 @@ class Checkpoint:
             else:  # another world size: fresh streams from (seed, rank, step), the same on every resume
                 torch.manual_seed(derived_seed(self.config.run.seed, self.world.rank, self.progress.iteration))
 
-    def save(self, path: str | Path) -> Path | None:
+    def save(self, path: str | Path, writer: BackgroundWriter | None = None) -> None:
         """Write :meth:`state_dict` to ``path`` atomically and durably, on rank 0; collective on every rank.
 
         The ranks' networks and optimizer states are checked first (:func:`check_same_state`): a
         non-finite tensor, or one that differs between ranks, stops the run naming it, and nothing is
-        written. A full disk stops the run with a message (:func:`save_checkpoint`).
+        written. A full disk stops the run with a message (:func:`save_checkpoint`). With a ``writer`` the
+        state is copied to host memory and written on the writer's thread while training goes on (after the
+        write before it has ended); without one, here.
         """
         check_same_state(self.world, self._shared_tensors())
         state = self.state_dict()
         if not self.world.is_main:
-            return None
-        return save_checkpoint(path, state)
+            return
+        if writer is None:
+            save_checkpoint(path, state)
+        else:
+            writer.submit(Path(path), _host_copy(state))
 
     def _shared_tensors(self) -> Iterator[tuple[str, Tensor]]:
         """Every tensor the ranks must agree on, by name: the networks' and the optimizers' state."""
@@ -131,6 +137,73 @@ class Checkpoint:
             yield from _tensors("", self.ema.state_dict())
         if self.step is not None:
             yield from _tensors("", self.step.state_dict())
+
+
+class BackgroundWriter:
+    """Writes one checkpoint at a time on a thread of its own, so that a snapshot does not stall the step.
+
+    A thread running :func:`save_checkpoint`, rather than ``torch.distributed.checkpoint``'s async save: DCP
+    writes a folder of shards in its own format, where a gali checkpoint is one file (read by ``gali eval``,
+    ``sample`` and resume alike) whose write is atomic and fsynced and checked for free space first; the thread
+    keeps all of that. A submit waits for the write under way first; :meth:`wait` waits and raises what the
+    write raised (a full disk's message), :meth:`check` raises it without waiting. The thread is not a daemon: a
+    process that ends mid-write (an exception, a second signal's exit) finishes the file first; SIGKILL leaves
+    only the temporary file, which the next resume removes.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, path: Path, state: dict[str, Any]) -> None:
+        self.wait()
+
+        def write() -> None:
+            try:
+                save_checkpoint(path, state)
+            except BaseException as exc:  # raised on the main thread, at the next check or wait
+                self._error = exc
+
+        self._thread = threading.Thread(target=write, name=f"gali-{path.name}")
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Wait for the write under way; raise its error, if it had one."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.check()
+
+    def check(self) -> None:
+        """Raise the error of a write that has ended with one (without waiting for one under way)."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def _host_copy(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with every tensor copied to host memory (pinned, from CUDA: one wait for all the copies), so that
+    training may change the originals while the copy is written."""
+    from_cuda = False
+
+    def copy(value: Any) -> Any:
+        nonlocal from_cuda
+        if isinstance(value, dict):
+            return {key: copy(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(copy(item) for item in value)
+        if not isinstance(value, Tensor):
+            return value
+        if value.device.type != "cuda":
+            return value.detach().clone()
+        from_cuda = True
+        host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        return host.copy_(value.detach(), non_blocking=True)
+
+    copied = copy(state)
+    if from_cuda:
+        torch.cuda.synchronize()
+    return copied
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:

@@ -10,6 +10,7 @@ It is loaded from a preset TOML plus ``section.key=value`` overrides through the
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,9 @@ class RunConfig:
     identity_images: the snapshots' identity metric fits its classifier on at most this many labelled
                    training images (pixels; gali.engine.metrics.identity); 0 turns it off. Unlabelled
                    data skips it.
+    snapshot_images: the snapshots' held-out figures are measured on this many images of the held-out split
+                   (all of it if smaller; the same images at every snapshot, as ``gali eval --images``
+                   reads them); the whole split is for ``gali eval``.
     dir:           the run folder itself ('' = a new numbered folder in out_dir). If it holds a checkpoint,
                    ``gali train`` resumes from its newest readable one with the command line's overrides on
                    top, so one command line starts the run and every restart or requeue of it.
@@ -102,6 +106,7 @@ class RunConfig:
     ema_start_kimg: float = 0.0
     ema_bn_batches: int = 10
     identity_images: int = 5000
+    snapshot_images: int = 1000
     dir: str = ""
     max_time: str = ""
     requeue: str = "auto"
@@ -129,6 +134,7 @@ class RunConfig:
         check_positive("run.keep_checkpoints", self.keep_checkpoints, allow_zero=True)
         check_positive("run.milestone_kimg", self.milestone_kimg, allow_zero=True)
         check_positive("run.identity_images", self.identity_images, allow_zero=True)
+        check_positive("run.snapshot_images", self.snapshot_images)
         check_positive("run.snapshot_bn_recalibrate", self.snapshot_bn_recalibrate, allow_zero=True)
         check_positive("run.ema_bn_batches", self.ema_bn_batches, allow_zero=True)
         for key in ("ema_kimg", "ema_rampup", "ema_start_kimg"):
@@ -238,20 +244,65 @@ def preset_names() -> list[str]:
     return packaged_names("gali.engine.config", "presets")
 
 
-def config_from_dict(table: dict[str, Any], *, origin: str = "dict", overrides: typing.Sequence[str] = ()) -> Config:
-    """Build and validate a config from ``{section: {key: value}}`` (a preset or a checkpoint's copy)."""
+def _filled(table: dict[str, Any], origin: str, overrides: typing.Sequence[str]) -> Config:
     cfg = Config(preset=str(table.get("preset", origin)))
     fill_sections(cfg, table, origin=origin, overrides=overrides, skip=("preset",), aliases=ALIASES)
+    return cfg
+
+
+def config_from_dict(table: dict[str, Any], *, origin: str = "dict", overrides: typing.Sequence[str] = ()) -> Config:
+    """Build and validate a config from ``{section: {key: value}}`` (a preset or a checkpoint's copy)."""
+    cfg = _filled(table, origin, overrides)
     cfg.validate()
     return cfg
 
 
+def _read_preset(preset: str) -> tuple[str, dict[str, Any]]:
+    """A preset's origin and table; a saved config.toml names its own preset (``preset = ...``), so a run
+    started from it keeps that name (its folder is ``NNNNN-demo``, not ``NNNNN-config``)."""
+    origin, table = read_toml(preset, package="gali.engine.config", folder="presets", key="preset")
+    return origin, {"preset": origin, **table}
+
+
 def load_config(preset: str = "demo", overrides: typing.Sequence[str] = ()) -> Config:
     """Build and validate a config from a preset (name or .toml path) and ``key=value`` overrides."""
-    origin, table = read_toml(preset, package="gali.engine.config", folder="presets", key="preset")
-    return config_from_dict({"preset": origin, **table}, origin=origin, overrides=overrides)
+    origin, table = _read_preset(preset)
+    return config_from_dict(table, origin=origin, overrides=overrides)
 
 
-def dump_config(cfg: Config) -> str:
-    """The resolved config as TOML that :func:`load_config` reads back (None values are omitted)."""
-    return dump_sections(cfg, f"# resolved gali config (started from preset {cfg.preset!r})")
+def load_draft_config(preset: str = "demo", overrides: typing.Sequence[str] = ()) -> tuple[Config, dict[str, str]]:
+    """As :func:`load_config`, but a required key left unset (``data.root`` of a preset for image folders, say) is
+    not refused: it comes back in ``{key: message}``, for ``gali train --dry-run`` to mark. Any other error raises.
+    """
+    origin, table = _read_preset(preset)
+    cfg = _filled(table, origin, overrides)
+    missing: dict[str, str] = {}
+    unset: dict[str, Any] = {}
+    while True:
+        try:
+            cfg.validate()
+            break
+        except ConfigError as exc:
+            section_name, _, name = exc.key.partition(".")
+            section = getattr(cfg, section_name) if section_name in section_names(cfg) else None
+            if exc.key in missing or not hasattr(section, name) or getattr(section, name) not in (None, ""):
+                raise
+            missing[exc.key] = str(exc)
+            unset[exc.key] = getattr(section, name)
+            setattr(section, name, f"<{exc.key}>")  # a stand-in, so that the keys after it are checked too
+    for key, value in unset.items():
+        section_name, _, name = key.partition(".")
+        setattr(getattr(cfg, section_name), name, value)
+    return cfg, missing
+
+
+def dump_config(cfg: Config, missing: typing.Mapping[str, str] = {}) -> str:
+    """The resolved config as TOML that :func:`load_config` reads back (None values are omitted), with its
+    preset's name; each key of ``missing`` ({key: why}, :func:`load_draft_config`) is marked in its section."""
+    header = f"# resolved gali config (started from preset {cfg.preset!r})\npreset = {json.dumps(cfg.preset)}"
+    lines = dump_sections(cfg, header).splitlines()
+    for key, why in missing.items():
+        section_name, _, name = key.partition(".")
+        at = lines.index(f"[{section_name}]") + 1
+        lines.insert(at, f"# {name} = ...  <- MISSING, required: {why}")
+    return "\n".join(lines) + "\n"

@@ -236,19 +236,15 @@ def check_same_state(world: World, named: Iterable[tuple[str, Tensor]]) -> None:
     every checkpoint). Every rank decides from the same gathered values, so all of them stop together.
     """
     named = list(named)
+    if world.size == 1:  # finiteness only: one norm per tensor in one foreach call, each exact check only if flagged
+        _check_finite(named)
+        return
     checks = torch.stack([_check_values(tensor) for _, tensor in named]).cpu()
     everyone = world.gather(checks)
     for i, (name, _) in enumerate(named):
         ranks = [rank for rank, other in enumerate(everyone) if not other[i, 0]]
         if ranks:
-            where = f" on rank {', '.join(map(str, ranks))}" if world.size > 1 else ""
-            raise GaliError(
-                f"checkpoint refused: {name} holds non-finite values (NaN or inf){where}; the run has "
-                "diverged. Lower the learning rate (optim.lr) and resume from an earlier checkpoint "
-                "(gali train --resume <run folder>/checkpoint-<images>.pt optim.lr=<lower>)"
-            )
-    if world.size == 1:
-        return
+            raise _diverged(name, f" on rank {', '.join(map(str, ranks))}")
     differing = [i for i in range(len(named)) if any(not torch.equal(other[i], everyone[0][i]) for other in everyone)]
     for i in differing:
         name, tensor = named[i]
@@ -261,6 +257,28 @@ def check_same_state(world: World, named: Iterable[tuple[str, Tensor]]) -> None:
             "checkpoint); the ranks no longer train one model. Check that every rank runs the same "
             "code and config, then resume from the last checkpoint"
         )
+
+
+def _diverged(name: str, where: str = "") -> GaliError:
+    return GaliError(
+        f"checkpoint refused: {name} holds non-finite values (NaN or inf){where}; the run has "
+        "diverged. Lower the learning rate (optim.lr) and resume from an earlier checkpoint "
+        "(gali train --resume <run folder>/checkpoint-<images>.pt optim.lr=<lower>)"
+    )
+
+
+def _check_finite(named: list[tuple[str, Tensor]]) -> None:
+    """Raise naming the first floating tensor that holds a NaN or inf. A non-finite entry makes its tensor's norm
+    non-finite, so the norms flag every such tensor (and, by overflow, perhaps a finite one, checked exactly)."""
+    floating = [(name, tensor.detach()) for name, tensor in named if tensor.is_floating_point()]
+    if not floating:
+        return
+    norms = torch._foreach_norm([tensor for _, tensor in floating])
+    flagged = (~torch.isfinite(torch.stack([norm.float() for norm in norms]))).nonzero().flatten().tolist()
+    for i in flagged:
+        name, tensor = floating[i]
+        if not torch.isfinite(tensor).all():
+            raise _diverged(name)
 
 
 def _check_values(tensor: Tensor) -> Tensor:

@@ -29,26 +29,16 @@ def tile(images: Tensor, *, columns: int) -> np.ndarray:
     return canvas
 
 
-def save_png(canvas: np.ndarray, path: str | Path) -> Path:
-    """Write an (H, W, 3) uint8 array as PNG atomically, so a reader never sees half a file."""
-    return atomic_write(path, lambda tmp: Image.fromarray(canvas).save(tmp, format="PNG"))
-
-
-def save_grid(images: Tensor, path: str | Path, *, columns: int) -> Path:
-    """Tile (N, 3, H, W) images in [-1, 1] into one PNG, ``columns`` per row; written atomically."""
-    return save_png(tile(images, columns=columns), path)
+def save_image(canvas: np.ndarray, path: str | Path, image_format: str = "PNG") -> Path:
+    """Write an (H, W, 3) uint8 array atomically (a reader never sees half a file), in ``image_format`` (a Pillow
+    format name; JPEG at quality 95 without chroma subsampling)."""
+    options = {"quality": 95, "subsampling": 0} if image_format == "JPEG" else {}
+    return atomic_write(path, lambda tmp: Image.fromarray(canvas).save(tmp, format=image_format, **options))
 
 
 def reconstruction_grid(G: nn.Module, E: nn.Module, x: Tensor, labels: Tensor | None = None) -> np.ndarray:
     """Rows x, G(E(x)), G(E(G(E(x)))), one column per image of ``x`` (``labels``: x's, for a conditional G)."""
     return tile(torch.cat(reconstruction_chain(G, E, x, labels=labels)), columns=x.shape[0])
-
-
-def save_reconstruction_grid(
-    G: nn.Module, E: nn.Module, x: Tensor, path: str | Path, labels: Tensor | None = None
-) -> Path:
-    """Rows of x, G(E(x)), G(E(G(E(x)))) for the given images."""
-    return save_png(reconstruction_grid(G, E, x, labels), path)
 
 
 def inpainting_grid(

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from gali.engine.errors import ConfigError
 from gali.engine.files import atomic_write, write_text_atomic
 from gali.engine.loop.config import PROGRESS_MODES, TENSORBOARD_MODES
-from gali.engine.loop.grids import save_png
+from gali.engine.loop.grids import save_image
 
 # Record fields that describe where the run is rather than how it is doing: shown in their own
 # places on the progress line (or not at all), never in the list of losses.
@@ -218,7 +218,7 @@ class RunLog:
         """
         written = {}
         for name, canvas in grids.items():
-            numbered = save_png(canvas, self.run_dir / f"{name}-{images_seen:010d}.png")
+            numbered = save_image(canvas, self.run_dir / f"{name}-{images_seen:010d}.png")
             latest = atomic_write(self.run_dir / f"{name}.png", lambda tmp, src=numbered: shutil.copyfile(src, tmp))
             written[name] = latest
             if self._writer is not None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from gali.engine.errors import ConfigError, DataError
-from gali.engine.loop.checkpoint import Checkpoint, checkpoint_name, prune_checkpoints
+from gali.engine.loop.checkpoint import BackgroundWriter, Checkpoint, checkpoint_name, prune_checkpoints
 from gali.engine.loop.config import Config
 from gali.engine.loop.distributed import World, average_buffers
 from gali.engine.loop.ema import WeightAverage
@@ -42,31 +42,33 @@ from gali.engine.metrics.reconstruction import held_out_metrics
 from gali.engine.nets.feature_models import resize_to
 from gali.engine.nets.inference import evaluation_box_params, recalibrate_batch_norm, sample_images
 from gali.engine.nets.networks import Networks
-from gali.pipelines import Pipeline, make_pipeline
+from gali.pipelines import SplitBatches, make_pipeline
+
+EVAL_BATCH = 100  # the snapshots' evaluation batch, whatever the training batch: gali eval's --batch-size default
 
 
-def held_out_images(cfg: Config, device: torch.device, batch_size: int) -> tuple[str, Pipeline]:
-    """The held-out split when the data has one, else the training split (named in the log)."""
-    kwargs = {
-        "batch_size": batch_size,
-        "device": device,
-        "seed": cfg.run.seed,
-        "channels_last": cfg.compute.channels_last,
-    }
+def held_out_images(cfg: Config, device: torch.device, batch_size: int, limit: int) -> tuple[str, SplitBatches]:
+    """The first ``limit`` images of the held-out split (all of them if fewer, the last batch partial), in its
+    seeded order: the same images at every snapshot. The training split where the data has no held-out one
+    (named in the log)."""
+    kwargs = {"batch_size": batch_size, "device": device, "seed": cfg.run.seed, "limit": limit}
     try:
-        return "test", make_pipeline(cfg.data, split="test", **kwargs)
+        return "test", SplitBatches(cfg.data, "test", **kwargs)
     except DataError:
-        return "train", make_pipeline(cfg.data, split="train", **kwargs)
+        return "train", SplitBatches(cfg.data, "train", **kwargs)
 
 
-def identity_classifier(cfg: Config, pipeline: Pipeline) -> IdentityClassifier | None:
-    """The identity classifier on up to ``run.identity_images`` labelled images of the training split's
-    ``pipeline``; None when it is off or the data has no labels or one class."""
+def identity_classifier(cfg: Config, device: torch.device, batch_size: int) -> IdentityClassifier | None:
+    """The identity classifier on up to ``run.identity_images`` labelled images of the training split (every one
+    of them, the last batch partial); None when it is off or the data has no labels or one class."""
     if not cfg.run.identity_images:
         return None
+    images = SplitBatches(
+        cfg.data, "train", batch_size=batch_size, device=device, seed=cfg.run.seed, limit=cfg.run.identity_images
+    )
     try:
         return fit_identity_classifier(
-            ((b.x, b.labels) for b in pipeline),
+            ((b.x, b.labels) for b in images),
             lambda x: pixel_features(resize_to(x, cfg.model.resolution)),  # as G draws
             cfg.run.identity_images,
         )
@@ -118,6 +120,7 @@ class Snapshots:
     ) -> None:
         self.cadence = Cadence(int(cfg.run.snapshot_kimg * 1000))
         self.nets, self.world = nets, world
+        self.writer = BackgroundWriter()  # rank 0's checkpoint writes, one at a time, while training goes on
         # What the grids and held-out metrics show: the moving averages of G and E when the run keeps them.
         self.shown = (ema.G, ema.E) if ema is not None else (nets.G, nets.E)
         # The averages' BatchNorm statistics, copied from the live networks, belong to other weights: they are
@@ -136,15 +139,15 @@ class Snapshots:
             )
         if not world.is_main:
             return
-        self.batch_size = min(cfg.run.batch_size, 100)
-        self.split, self.pipeline = held_out_images(cfg, device, self.batch_size)
-        self.train_images = make_pipeline(
-            cfg.data, split="train", batch_size=self.batch_size, device=device, seed=cfg.run.seed
+        self.batch_size = EVAL_BATCH  # evaluation batches of their own size, as gali eval's default
+        self.split, self.pipeline = held_out_images(cfg, device, self.batch_size, cfg.run.snapshot_images)
+        self.train_images = make_pipeline(  # BatchNorm recalibration: batches like the training step's
+            cfg.data, split="train", batch_size=min(cfg.run.batch_size, EVAL_BATCH), device=device, seed=cfg.run.seed
         )
-        self.classifier = identity_classifier(cfg, self.train_images)
+        self.classifier = identity_classifier(cfg, device, self.batch_size)
         self.recalibrate_batches = cfg.run.snapshot_bn_recalibrate
         self.inception = load_inception(inception_path).to(device) if self.metric_names else None
-        self.metric_images, self.seed = cfg.run.snapshot_metric_images, cfg.run.seed
+        self.metric_images, self.seed, self.data = cfg.run.snapshot_metric_images, cfg.run.seed, cfg.data
         self.latent_dim, self.label_classes, self.device = cfg.model.latent_dim, cfg.model.label_classes, device
         self.real_features: torch.Tensor | None = None  # the held-out images' features, at the first snapshot
         n = self.grid_size = cfg.run.grid_size
@@ -183,6 +186,7 @@ class Snapshots:
                 {
                     "event": "snapshot",
                     "kimg": kimg,
+                    f"images_{self.split}": self.pipeline.num_images,
                     **{f"{k}_{self.split}": v for k, v in figures.items()},
                     **sample_metrics,
                 }
@@ -202,12 +206,26 @@ class Snapshots:
         return figures
 
     def save_checkpoint(self, checkpoint: Checkpoint, run_log: RunLog | SilentRunLog) -> None:
-        """A checkpoint outside the cadence (a stopped run): collective; rank 0 writes.
+        """A checkpoint outside the cadence (a stopped run): collective; rank 0 waits for the snapshot's write
+        under way, then writes this one before returning.
 
         It reads no data: a stop may come with the whole job's processes being ended, data workers included.
         The averages keep the BatchNorm statistics of their last recalibration; every snapshot redoes it."""
         average_buffers(self.world, self.with_buffers)
-        self._save(checkpoint, run_log)
+        self.writer.wait()
+        self._save(checkpoint, run_log, background=False)
+
+    def check_writes(self) -> None:
+        """Raise the error of a snapshot's checkpoint write that failed (a full disk), without waiting."""
+        self.writer.check()
+
+    def finish(self, run_log: RunLog | SilentRunLog) -> None:
+        """Wait for the last snapshot's checkpoint to be written, then prune (the end of a run)."""
+        self.writer.wait()
+        if self.world.is_main:
+            prune_checkpoints(
+                run_log.run_dir, keep=self.keep, milestone_images=self.milestone_images, log=run_log.message
+            )
 
     def _recalibrate_averages(self) -> None:
         """The averaged G's and E's BatchNorm statistics from real training images (rank 0's, on every rank)."""
@@ -221,10 +239,11 @@ class Snapshots:
         for buffer in (b for net in (G, E) for b in net.buffers()):  # the counters too: ranks compare them
             self.world.broadcast_tensor(buffer)
 
-    def _save(self, checkpoint: Checkpoint, run_log: RunLog | SilentRunLog) -> None:
-        """The checkpoint (collective; rank 0 writes), then the old ones beyond ``run.keep_checkpoints`` pruned."""
+    def _save(self, checkpoint: Checkpoint, run_log: RunLog | SilentRunLog, *, background: bool = True) -> None:
+        """The checkpoint (collective; rank 0 writes it, on the writer's thread unless told not to), then the old
+        ones beyond ``run.keep_checkpoints`` pruned (one written in the background is pruned from the next time)."""
         run_dir = run_log.run_dir
-        checkpoint.save(run_dir / checkpoint_name(checkpoint.progress.images_seen))
+        checkpoint.save(run_dir / checkpoint_name(checkpoint.progress.images_seen), self.writer if background else None)
         if self.world.is_main:
             prune_checkpoints(run_dir, keep=self.keep, milestone_images=self.milestone_images, log=run_log.message)
 
@@ -236,13 +255,11 @@ class Snapshots:
         """
         assert self.inception is not None
         if self.real_features is None:
-            real, count = [], 0
-            for batch in self.pipeline:
-                real.append(self.inception(to_uint8_range(batch.x[: self.metric_images - count])).cpu())
-                count += len(real[-1])
-                if count >= self.metric_images:
-                    break
-            self.real_features = torch.cat(real)
+            real = SplitBatches(
+                self.data, self.split, batch_size=self.batch_size, device=self.device, seed=self.seed,
+                limit=self.metric_images,
+            )  # fmt: skip
+            self.real_features = torch.cat([self.inception(to_uint8_range(b.x)).cpu() for b in real])
         fake = sample_features(
             self.shown[0],
             self.inception,

@@ -181,6 +181,7 @@ def _train(
                     progress.images_seen, epoch=epoch, iteration=progress.iteration, noise_std=noise.value
                 )
                 still_ours()
+                snapshots.check_writes()
                 run_log.tick(last)
                 ticks.stop_after_bad_ticks(cfg.run.max_bad_ticks, run_log.run_dir)
 
@@ -201,7 +202,8 @@ def _train(
                     requeue_job(cfg.run.requeue, run_log.message)
                 raise RunStopped.after(stop, progress.images_seen, run_log.run_dir)
 
-        # Done: the figures, said in the run folder's log too.
+        # Done: the last checkpoint written, the figures said in the run folder's log too.
+        snapshots.finish(run_log)
         result = TrainResult(
             run_dir=run_log.run_dir,
             kimg=progress.images_seen / 1000,
