@@ -174,3 +174,31 @@ def test_an_accumulating_run_counts_real_images_and_resumes_bit_exactly(tmp_path
     parts = _final_state(tmp_path / "parts")
     for key in ("images_seen", "iteration", "G", "E", "D", "opt_d", "opt_ge", "rng"):
         _assert_equal(parts[key], whole[key], key)
+
+
+def test_accumulate_auto_is_one_on_a_cpu_and_the_plans_choice_for_a_gpu_memory():
+    """run.accumulate=auto: 1 without device memory to plan for; for a GPU's memory the smallest divisor N of the
+    per-rank batch whose micro-batch fits by the run plan's memory model (engine/loop/plan.py: no smaller divisor's
+    does), refused by name where not even one image fits."""
+    from gali.engine.loop.plan import count_sizes, resolve_accumulate
+
+    cfg = load_config("imagenet128-gali4", ["run.accumulate=auto", "data.backend=synthetic"])  # bf16 on a GPU
+    assert resolve_accumulate(cfg, 8, None) == 1
+    sizes, per_rank = count_sizes(cfg), cfg.run.batch_size // 8
+
+    def fits(micro_batches: int, memory: float) -> bool:
+        return (
+            sizes.memory_bytes(per_rank // micro_batches, bf16=True, checkpointed=False, extra_gradients=True) <= memory
+        )
+
+    chosen = {}
+    for memory_gib in (24, 40, 80):
+        memory = memory_gib * 2**30
+        n = chosen[memory_gib] = resolve_accumulate(cfg, 8, memory)
+        assert per_rank % n == 0 and fits(n, memory)
+        assert not any(fits(m, memory) for m in range(1, n) if per_rank % m == 0)
+    assert chosen[24] > chosen[80]  # less memory, more micro-batches
+    with pytest.raises(ConfigError, match=r"run\.accumulate.*not even one image"):
+        resolve_accumulate(cfg, 8, 2**30)
+    with pytest.raises(ConfigError, match=r"run\.accumulate.*often"):
+        load_config("demo", ["run.accumulate=often"])

@@ -132,7 +132,8 @@ def set_value(config: Any, key: str, value: Any, *, aliases: Mapping[str, str] =
         accepted = ", ".join(f"{section_name}.{f.name}" for f in dataclasses.fields(section))
         raise ConfigError(key, f"unknown key; accepted: {accepted}")
     accepted_types = typing.get_args(hints[name]) or (hints[name],)
-    if text is not None and value is not None and not isinstance(value, str) and str in accepted_types:
+    text_key = str in accepted_types and set(accepted_types) <= {str, type(None)}  # not int | str ('auto' or a number)
+    if text is not None and value is not None and not isinstance(value, str) and text_key:
         value = text
     setattr(section, name, _coerce(key, value, hints[name]))
 

@@ -80,7 +80,9 @@ class RunConfig:
     requeue:       after a stop, rank 0 requeues the SLURM job (``scontrol requeue $SLURM_JOB_ID``): 'auto'
                    (when SLURM_JOB_ID is set), 'on' or 'off' (the batch script decides).
     accumulate:    gradient accumulation: each update takes the mean gradient of this many micro-batches of
-                   batch_size / (world size x accumulate) images (one all-reduce per side per update).
+                   batch_size / (world size x accumulate) images (one all-reduce per side per update);
+                   'auto': the fewest micro-batches that fit the GPU by the run plan's memory model (gali info
+                   --gpus N --gpu ...), 1 on a CPU; the run's config.toml records the number chosen.
     snapshot_metrics: metrics of ``gali eval`` each snapshot runs on the weights it shows, comma-separated:
                    'fid', 'kid' or 'fid,kid' ('' = none), as StyleGAN3's --metrics; ...
     snapshot_inception: ... with this local TorchScript Inception file (nothing is downloaded) ...
@@ -110,7 +112,7 @@ class RunConfig:
     dir: str = ""
     max_time: str = ""
     requeue: str = "auto"
-    accumulate: int = 1
+    accumulate: int | str = 1
     snapshot_metrics: str = ""
     snapshot_inception: str = ""
     snapshot_metric_images: int = 10_000
@@ -121,7 +123,10 @@ class RunConfig:
         if self.max_time not in ("", "auto"):
             parse_duration(self.max_time, key="run.max_time")
         check_positive("run.batch_size", self.batch_size)
-        check_positive("run.accumulate", self.accumulate)
+        if self.accumulate != "auto":
+            if isinstance(self.accumulate, str):
+                raise ConfigError("run.accumulate", f"got {self.accumulate!r}; a number of micro-batches, or 'auto'")
+            check_positive("run.accumulate", self.accumulate)
         check_positive("run.kimg", self.kimg)
         for key, kimg in (("run.tick_kimg", self.tick_kimg), ("run.snapshot_kimg", self.snapshot_kimg)):
             check_positive(key, kimg)

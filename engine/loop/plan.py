@@ -30,6 +30,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gali.engine.errors import ConfigError
 from gali.engine.loop.config import Config
 from gali.engine.method.tuple_spec import load_spec
 from gali.engine.nets.biggan import CheckpointedBlock
@@ -165,6 +166,24 @@ def recommended_accumulate(sizes: Sizes, cfg: Config, world_size: int, memory_by
     return None
 
 
+def resolve_accumulate(cfg: Config, world_size: int, memory_bytes: float | None) -> int:
+    """``run.accumulate`` as a number: 'auto' is :func:`recommended_accumulate` for ``memory_bytes`` of device memory
+    (1 without a figure: a CPU run); a number stays. Not even one image per micro-batch fitting is refused."""
+    if cfg.run.accumulate != "auto":
+        return cfg.run.accumulate
+    if memory_bytes is None:
+        return 1
+    found = recommended_accumulate(count_sizes(cfg), cfg, world_size, memory_bytes)
+    if found is None:
+        raise ConfigError(
+            "run.accumulate",
+            f"'auto' found no micro-batch of run.batch_size={cfg.run.batch_size} over {world_size} rank(s) that fits "
+            f"{memory_bytes / 2**30:.1f} GiB of device memory, not even one image (gali info --gpus N --gpu ... "
+            "shows the memory model); use more GPUs, compute.activation_checkpointing=true or smaller networks",
+        )
+    return found
+
+
 def warn_if_batch_will_not_fit(
     cfg: Config, world_size: int, memory_bytes: float, log: Callable[[str], None], sizes: Sizes | None = None
 ) -> bool:
@@ -193,7 +212,7 @@ def describe_plan(cfg: Config, sizes: Sizes, gpus: int, gpu: str) -> list[str]:
     memory = card.memory_bytes
     batch = cfg.run.batch_size
     bf16 = _bf16(cfg)
-    extra = gpus > 1 or cfg.run.accumulate > 1
+    extra = gpus > 1 or cfg.run.accumulate != 1  # 'auto' may split: counted as if it does
     lines = [
         f"run plan on {gpus} x {card.name} ({card.bf16_tflops:g} TFLOP/s dense bf16, {card.hbm_tb_per_s:g} TB/s, "
         f"{card.memory_gb:g} GB each; NVIDIA datasheets), per GPU:",

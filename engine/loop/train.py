@@ -25,6 +25,7 @@ from gali.engine.loop.checkpoint import Checkpoint, Progress, latest_checkpoint
 from gali.engine.loop.config import Config, config_from_dict, dump_config
 from gali.engine.loop.distributed import World, init_world, local_batch_size
 from gali.engine.loop.ema import WeightAverage
+from gali.engine.loop.plan import resolve_accumulate, warn_if_batch_will_not_fit
 from gali.engine.loop.run_lock import RunFolderLock, acquire_run_folder
 from gali.engine.loop.run_log import RunLog, SilentRunLog, resolve_tensorboard
 from gali.engine.loop.runtime import create_run_dir, seed_everything
@@ -113,14 +114,16 @@ def _train(
     seed_everything(cfg.run.seed)  # the same on every rank: the networks start equal
     spec = load_spec(cfg.method.tuples)
     batch_size = cfg.run.batch_size
+    memory = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    if cfg.run.accumulate == "auto":  # the run plan's memory model (gali info --gpus): the same on every rank
+        cfg.run.accumulate = resolve_accumulate(cfg, world.size, memory)
+        log(f"run.accumulate=auto: {cfg.run.accumulate} micro-batch(es) per update")
+    if memory is not None and world.is_main:  # the plan says the micro-batch will not fit: warn, do not stop
+        warn_if_batch_will_not_fit(cfg, world.size, memory, log)
     pipeline = _training_pipeline(cfg, world, device, len(spec.mask_indices))
     _check_label_classes(cfg, pipeline)
     if resume_from is not None:
         _check_resume_point(resume_from, cfg, len(pipeline))
-    if device.type == "cuda" and world.is_main:  # the run plan's memory model (gali info --gpus): warn, do not stop
-        from gali.engine.loop.plan import warn_if_batch_will_not_fit
-
-        warn_if_batch_will_not_fit(cfg, world.size, torch.cuda.get_device_properties(device).total_memory, log)
     nets = build_networks(cfg.model, cfg.method, spec, resolution=cfg.data.resolution, device=device)
     step = build_step(
         nets,
