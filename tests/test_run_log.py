@@ -45,8 +45,11 @@ def test_a_tick_line_shows_kimg_speed_losses_and_time_left():
     assert line.startswith("kimg 4.0/10 ( 40%)  100.0 img/s  eta 1m00s  epoch 2")
     for part in ("loss_d 1.2345", "loss_ge 2.5000", "p_true 0.25/0.50"):
         assert part in line
-    assert "noise_std" not in line and "iteration" not in line
+    assert "noise_std 0.0500" in line and "iteration" not in line  # the README lists noise_std in the line
     assert "kimg 0.032/0.064" in format_tick({**TICK, "kimg": 0.032}, total_kimg=0.064)
+    # issue 29 item 17: ticks 0.128 kimg apart stay apart
+    assert "kimg 0.128/1.024" in format_tick({**TICK, "kimg": 0.128}, total_kimg=1.024)
+    assert "kimg 0.256/1.024" in format_tick({**TICK, "kimg": 0.256}, total_kimg=1.024)
     assert "eta ?" in format_tick({**TICK, "images_per_s": 0.0}, total_kimg=10)
 
 

@@ -31,7 +31,7 @@ from gali.engine.loop.grids import save_image
 
 # Record fields that describe where the run is rather than how it is doing: shown in their own
 # places on the progress line (or not at all), never in the list of losses.
-_PROGRESS_FIELDS = frozenset({"kimg", "epoch", "iteration", "images_per_s", "noise_std", "event"})
+_PROGRESS_FIELDS = frozenset({"kimg", "epoch", "iteration", "images_per_s", "event"})
 _BAR_FORMAT = "[{bar:20}] {desc}"  # the bar, then format_tick's line as tqdm's description
 
 
@@ -95,6 +95,12 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+def format_kimg(kimg: float) -> str:
+    """kimg to the image (images are whole: three decimals tell every tick apart), trailing zeros dropped but one."""
+    text = f"{kimg:.3f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
 def format_tick(record: Mapping[str, Any], total_kimg: float) -> str:
     """One tick for people: kimg done of total, images/s, time left, epoch, then every statistic.
 
@@ -104,10 +110,9 @@ def format_tick(record: Mapping[str, Any], total_kimg: float) -> str:
     """
     kimg, speed = record["kimg"], record["images_per_s"]
     percent = 100 * min(kimg / total_kimg, 1.0)
-    digits = 1 if total_kimg >= 1 else 3  # a run shorter than 1 kimg still shows its progress
     eta = (total_kimg - kimg) * 1000 / speed if speed > 0 else math.inf
     parts = [
-        f"kimg {kimg:.{digits}f}/{total_kimg:g} ({percent:3.0f}%)",
+        f"kimg {format_kimg(kimg)}/{total_kimg:g} ({percent:3.0f}%)",
         f"{speed:.1f} img/s",
         f"eta {format_duration(max(eta, 0.0))}",
     ]

@@ -27,7 +27,7 @@ from gali.engine.loop.config import Config
 from gali.engine.loop.distributed import World, average_buffers
 from gali.engine.loop.ema import WeightAverage
 from gali.engine.loop.grids import inpainting_grid, reconstruction_grid, tile
-from gali.engine.loop.run_log import RunLog, SilentRunLog
+from gali.engine.loop.run_log import RunLog, SilentRunLog, format_kimg
 from gali.engine.loop.ticks import Cadence
 from gali.engine.method.tuple_spec import TupleSpec
 from gali.engine.metrics.fid import (
@@ -199,7 +199,7 @@ class Snapshots:
             if "identity_bn_recal" in figures:
                 identity += f", {figures['identity_bn_recal']:.3f} with BatchNorm statistics of real images"
             run_log.message(
-                f"snapshot at {kimg:.1f} kimg on the {self.split} split: reconstruction MSE "
+                f"snapshot at {format_kimg(kimg)} kimg on the {self.split} split: reconstruction MSE "
                 f"{figures['recon_mse']:.5f}{identity}, E sigma {figures['e_sigma']:.3f}, "
                 f"mu spread {figures['e_mu_spread']:.3f}{self._sample_metrics_text(sample_metrics)}"
             )

@@ -27,7 +27,7 @@ from gali.engine.loop.distributed import World, init_world, local_batch_size
 from gali.engine.loop.ema import WeightAverage
 from gali.engine.loop.plan import resolve_accumulate, warn_if_batch_will_not_fit
 from gali.engine.loop.run_lock import RunFolderLock, acquire_run_folder
-from gali.engine.loop.run_log import RunLog, SilentRunLog, resolve_tensorboard
+from gali.engine.loop.run_log import RunLog, SilentRunLog, format_kimg, resolve_tensorboard
 from gali.engine.loop.runtime import create_run_dir, seed_everything
 from gali.engine.loop.signals import RunStopped, StopFlag, requeue_job, run_deadline, stop_on_signals
 from gali.engine.loop.snapshots import Snapshots
@@ -194,10 +194,13 @@ def _train(
                 with clock.paused():
                     held_out = snapshots.take(checkpoint, run_log)
 
-            # Stop: a signal on any rank, or run.max_time before the next step and a checkpoint, agreed at this
-            # step boundary, ends the run with a checkpoint (and, under SLURM, requeues the job).
+            # Stop: a signal on any rank, or run.max_time before the next agreement and a checkpoint, agreed at a
+            # step boundary (every run.stop_check_steps steps; every step in a world of one), ends the run with a
+            # checkpoint (and, under SLURM, requeues the job).
             step_seconds = clock.seconds() / max(progress.iteration - iteration_at_start, 1)
-            if not done and world.any(stop.out_of_time(2 * step_seconds)):
+            every = cfg.run.stop_check_steps if world.size > 1 else 1
+            out_of_time = stop.out_of_time((every + 1) * step_seconds)
+            if not done and world.any(out_of_time, step=progress.iteration, every=every):
                 still_ours()
                 snapshots.save_checkpoint(checkpoint, run_log)
                 world.barrier()  # no rank tears down its process group while rank 0 still writes
@@ -222,7 +225,7 @@ def _train(
         )
         speed = f"{result.images_per_second:.1f} img/s"
         run_log.message(
-            f"done: {result.kimg:.1f} kimg in {clock.seconds():.1f} s of training ({speed}); "
+            f"done: {format_kimg(result.kimg)} kimg in {clock.seconds():.1f} s of training ({speed}); "
             f"reconstruction MSE {result.recon_mse:.5f}{identity}; run folder {result.run_dir}"
         )
 
