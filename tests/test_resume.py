@@ -267,3 +267,20 @@ def test_a_resume_may_change_the_learning_rate_and_the_workers(one_step, tmp_pat
     run_dir = shutil.copytree(one_step, tmp_path / "run")
     assert main(["train", "--resume", str(run_dir), "run.kimg=0.064", "optim.lr=0.0001", "data.workers=1"]) == 0
     assert load_checkpoint(run_dir / checkpoint_name(64))[1]["config"]["optim"]["lr"] == 0.0001
+
+
+def test_a_resume_from_an_older_checkpoint_moves_the_abandoned_records_aside(tmp_path, monkeypatch):
+    """Issue 29 item 4: metrics.jsonl is cut at the resume point, its tail kept in metrics.abandoned-<kimg>.jsonl, so
+    the rerun's records follow once (no kimg logged twice)."""
+    monkeypatch.setenv("GALI_CACHE", str(tmp_path / "cache"))
+    run_dir = tmp_path / "job"
+    tiny = [*TINY, "run.tick_kimg=0.032", "run.snapshot_kimg=0.064", "run.keep_checkpoints=0"]
+    assert main(["train", *tiny, "run.kimg=0.128", f"run.dir={run_dir}"]) == 0
+    before = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert main(["train", "--resume", str(run_dir / "checkpoint-0000000064.pt")]) == 0
+    abandoned = (run_dir / "metrics.abandoned-0.064.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [json.loads(line)["kimg"] for line in abandoned] == [0.096, 0.128, 0.128, 0.128]  # 2 ticks, snapshot, end
+    assert before == [*(run_dir / "metrics.jsonl").read_text().splitlines()[: len(before) - len(abandoned)], *abandoned]
+    ticks = [r["kimg"] for r in records if "loss_d" in r]
+    assert ticks == [0.032, 0.064, 0.096, 0.128]

@@ -95,6 +95,19 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+def _abandon_records_after(path: Path, images: int) -> None:
+    """Cut ``path`` (metrics.jsonl) at its first record past ``images`` (a resumed run's position), moving that
+    tail to ``metrics.abandoned-<kimg>.jsonl`` beside it: the rerun's records then follow the resume point once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    past = next((i for i, line in enumerate(lines) if json.loads(line).get("kimg", 0) * 1000 > images + 0.5), None)
+    if past is None:
+        return
+    write_text_atomic(path.with_name(f"metrics.abandoned-{format_kimg(images / 1000)}.jsonl"), "".join(lines[past:]))
+    write_text_atomic(path, "".join(lines[:past]))
+
+
 def format_kimg(kimg: float) -> str:
     """kimg to the image (images are whole: three decimals tell every tick apart), trailing zeros dropped but one."""
     text = f"{kimg:.3f}".rstrip("0")
@@ -140,8 +153,11 @@ class RunLog:
         tensorboard: bool = False,
         log: Callable[[str], None] = print,
         stream: TextIO | None = None,
+        resume_images: int | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
+        if resume_images is not None:  # a resume from an older checkpoint: its later records are abandoned
+            _abandon_records_after(self.run_dir / "metrics.jsonl", resume_images)
         self.total_kimg = total_kimg
         self._log = log
         self._text = (self.run_dir / "log.txt").open("a")  # every line shown, kept (StyleGAN's log.txt)
@@ -152,7 +168,9 @@ class RunLog:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(self.run_dir))
+            # the steps after the resume point are dropped from the event files (the rerun writes them again)
+            purge = None if resume_images is None else resume_images + 1
+            self._writer = SummaryWriter(log_dir=str(self.run_dir), purge_step=purge)
         self._bar: tqdm | None = None  # made at the first tick, so that it starts at the run's position
 
     @property

@@ -324,7 +324,15 @@ def _open_run_log(
         for path in partial:
             path.unlink()
         write_text_atomic(run_dir / "config.toml", dump_config(cfg))
-        run_log = RunLog(run_dir, total_kimg=cfg.run.kimg, progress=cfg.run.progress, tensorboard=tensorboard, log=log)
+        resume_images = None if resume_from is None else resume_from.state["images_seen"]
+        run_log = RunLog(
+            run_dir,
+            total_kimg=cfg.run.kimg,
+            progress=cfg.run.progress,
+            tensorboard=tensorboard,
+            log=log,
+            resume_images=resume_images,
+        )
     except (OSError, GaliError) as exc:
         world.broadcast(None)  # the other ranks stop too, instead of waiting for a folder
         if isinstance(exc, GaliError):  # the folder is another run's
