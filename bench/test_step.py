@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from gali.engine.loop.plan import GPUS
+from gali.engine.loop.plan import peak_flops
 from gali.engine.method.config import MethodConfig
 from gali.engine.method.tuple_spec import load_spec
 from gali.engine.nets.config import ModelConfig
@@ -107,12 +107,6 @@ def _runner(preset: Preset, mode: str, compute: ComputeConfig | None):
     return lambda x, noise: runner.step(x, noise)
 
 
-def _peak_tflops(device_name: str) -> float | None:
-    """The table's dense bf16 peak of the GPU named ``device_name`` (e.g. 'NVIDIA A100-SXM4-80GB'), else None."""
-    name = device_name.lower().replace("-", " ")
-    return next((gpu.bf16_tflops for key, gpu in GPUS.items() if all(p in name for p in key.split("-"))), None)
-
-
 def _sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
@@ -168,7 +162,8 @@ def test_step(benchmark, preset_name: str, mode: str) -> None:
         _baseline_seconds[preset_name] = seconds
     flops = _model_flops[preset_name]
     device_name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
-    peak = _peak_tflops(device_name) if DEVICE.type == "cuda" else None
+    peak_per_s = peak_flops(DEVICE) if DEVICE.type == "cuda" else None  # no MFU on a CPU in the benchmark
+    peak = peak_per_s / 1e12 if peak_per_s else None
     achieved = flops / seconds / 1e12
     benchmark.extra_info.update(
         {

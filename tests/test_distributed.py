@@ -115,8 +115,10 @@ def test_one_rank_with_an_infinite_loss_makes_every_rank_skip(tmp_path):
 
 @pytest.mark.parametrize("data", ["synthetic", "slow"])
 def test_every_tick_reports_data_wait_and_step_times_over_the_ranks(data, tmp_path):
-    """Issue 23: data_wait is the tick's fraction of time spent waiting for a batch; step_ms_p50/p95 pool both ranks."""
-    args = [*TINY, "data.backend=synthetic", "run.kimg=0.384", "run.snapshot_kimg=100", f"run.out_dir={tmp_path}"]
+    """Issue 23: data_wait is the tick's fraction of time spent waiting for a batch; step_ms_p50/p95 pool both ranks;
+    with run.mfu=on, mfu is the step's model FLOP/s over the ranks' peak (on a CPU, the measured fp32 matmul rate)."""
+    args = [*TINY, "data.backend=synthetic", "run.kimg=0.384", "run.snapshot_kimg=100", "run.mfu=on"]
+    args.append(f"run.out_dir={tmp_path}")
     if data == "slow":  # the digits from the main process, every batch 1 s late
         done = torchrun(
             str(WORKER), "slow-data", str(tmp_path), *TINY, "run.kimg=0.384", f"run.out_dir={tmp_path}", cwd=tmp_path
@@ -129,6 +131,7 @@ def test_every_tick_reports_data_wait_and_step_times_over_the_ranks(data, tmp_pa
     assert len(ticks) == 3
     for tick in ticks:
         assert 0 <= tick["data_wait"] <= 1 and 0 < tick["step_ms_p50"] <= tick["step_ms_p95"]
+        assert (0 < tick["mfu"] < 1) if data == "synthetic" else "mfu" not in tick  # run.mfu=auto: off on a CPU
         assert tick["data_wait"] > 0.5 if data == "slow" else tick["data_wait"] < 0.1, tick
         if data == "slow":
             assert tick["step_ms_p50"] >= 1000  # a step's wall time includes its wait

@@ -34,6 +34,7 @@ from gali.pipelines.config import DataConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 TENSORBOARD_MODES = ("auto", "on", "off")
+MFU_MODES = ("auto", "on", "off")
 PROGRESS_MODES = ("auto", "bar", "lines")
 REQUEUE_MODES = ("auto", "on", "off")
 # The metrics of `gali eval` (gali.engine.eval.protocol.METRICS) a snapshot can run: those of generated samples.
@@ -77,6 +78,8 @@ class RunConfig:
     max_time:      stop (checkpoint, exit 75) before the next step would pass this much wall-clock time
                    since the start: '23h30m', '90s', '1d' ('' = no limit); 'auto' = 5 min before the SLURM
                    job's end (SLURM_JOB_END_TIME), no limit outside SLURM.
+    stop_check_steps: with several ranks, they agree on a stop (a signal, or max_time) every this many steps
+                   (one blocking CPU all-reduce each time, not every step); a single process checks every step.
     requeue:       after a stop, rank 0 requeues the SLURM job (``scontrol requeue $SLURM_JOB_ID``): 'auto'
                    (when SLURM_JOB_ID is set), 'on' or 'off' (the batch script decides).
     accumulate:    gradient accumulation: each update takes the mean gradient of this many micro-batches of
@@ -87,6 +90,10 @@ class RunConfig:
                    'fid', 'kid' or 'fid,kid' ('' = none), as StyleGAN3's --metrics; ...
     snapshot_inception: ... with this local TorchScript Inception file (nothing is downloaded) ...
     snapshot_metric_images: ... on this many generated and at most this many held-out real images.
+    mfu:           each tick's model FLOPs utilisation: gali info's count of the step's FLOPs per real image
+                   (counted once at start-up, a few seconds) times img/s, over the devices' peak (the run
+                   plan's table for a GPU; on a CPU, its fp32 matmul rate measured at start-up): 'auto' (on
+                   CUDA), 'on' or 'off'.
     """
 
     out_dir: str = "runs"
@@ -111,17 +118,20 @@ class RunConfig:
     snapshot_images: int = 1000
     dir: str = ""
     max_time: str = ""
+    stop_check_steps: int = 10
     requeue: str = "auto"
     accumulate: int | str = 1
     snapshot_metrics: str = ""
     snapshot_inception: str = ""
     snapshot_metric_images: int = 10_000
+    mfu: str = "auto"
 
     def validate(self) -> None:
         check_choice("run.device", self.device, DEVICES)
         check_choice("run.requeue", self.requeue, REQUEUE_MODES)
         if self.max_time not in ("", "auto"):
             parse_duration(self.max_time, key="run.max_time")
+        check_positive("run.stop_check_steps", self.stop_check_steps)
         check_positive("run.batch_size", self.batch_size)
         if self.accumulate != "auto":
             if isinstance(self.accumulate, str):
@@ -135,6 +145,7 @@ class RunConfig:
         check_positive("run.grid_size", self.grid_size)
         check_choice("run.tensorboard", self.tensorboard, TENSORBOARD_MODES)
         check_choice("run.progress", self.progress, PROGRESS_MODES)
+        check_choice("run.mfu", self.mfu, MFU_MODES)
         check_positive("run.max_bad_ticks", self.max_bad_ticks, allow_zero=True)
         check_positive("run.keep_checkpoints", self.keep_checkpoints, allow_zero=True)
         check_positive("run.milestone_kimg", self.milestone_kimg, allow_zero=True)

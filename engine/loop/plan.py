@@ -27,8 +27,11 @@ predicted time is an upper bound.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from gali.engine.errors import ConfigError
 from gali.engine.loop.config import Config
@@ -164,6 +167,22 @@ def recommended_accumulate(sizes: Sizes, cfg: Config, world_size: int, memory_by
         if memory <= memory_bytes:
             return n
     return None
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's peak FLOP/s, the denominator of MFU: the table's dense bf16 peak of a CUDA GPU found by name
+    (None for a GPU not in the table); on a CPU, the fp32 matmul rate measured now (512², the threads torch uses;
+    a measured rate, not a datasheet figure)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device).lower().replace("-", " ")
+        card = next((gpu for key, gpu in GPUS.items() if all(part in name for part in key.split("-"))), None)
+        return None if card is None else card.bf16_tflops * 1e12
+    a = torch.randn(512, 512)
+    a @ a  # warm-up
+    start, reps = time.perf_counter(), 20
+    for _ in range(reps):
+        a @ a
+    return 2 * 512**3 * reps / (time.perf_counter() - start)
 
 
 def resolve_accumulate(cfg: Config, world_size: int, memory_bytes: float | None) -> int:

@@ -2,11 +2,12 @@
 
 Step statistics stay on the device between ticks (:class:`TickStats`); a tick reads their means with
 one host sync and reports them with the images/s of the steps since the last tick (time spent in
-snapshots and checkpoints does not count: :class:`StepClock`), and the loop's own timing, kept on the
-host: the fraction of the tick spent waiting for the next batch (``data_wait``), the steps' wall times
-over every rank (``step_ms_p50`` / ``step_ms_p95``; on CUDA the host runs ahead of the device until
-its queue is full, so these are the device's pace once it is) and, on CUDA, the peak device memory of
-the tick over the ranks (``max_memory_gib``).
+snapshots and checkpoints does not count: :class:`StepClock`), where counted the model FLOPs
+utilisation (``mfu``: img/s × FLOPs per real image over the ranks' peak), and the loop's own timing,
+kept on the host: the fraction of the tick spent waiting for the next batch (``data_wait``), the
+steps' wall times over every rank (``step_ms_p50`` / ``step_ms_p95``; on CUDA the host runs ahead
+of the device until its queue is full, so these are the device's pace once it is) and, on CUDA, the
+peak device memory of the tick over the ranks (``max_memory_gib``).
 """
 
 from __future__ import annotations
@@ -66,18 +67,31 @@ class TickStats:
     """The step's device statistics summed since the last tick; read back with one host sync.
 
     Each statistic keeps its own count (under n_dis > 1 a side's gradient norm exists only in the
-    phases that update it). Summing clones the step's tensors first, so a CUDA graph's static
-    outputs can be overwritten by the next replay.
+    phases that update it). A statistic's first value is cloned, so a CUDA graph's static outputs can
+    be overwritten by the next replay; after it, a step's statistics are added into those sums in
+    place, all in one foreach add.
     """
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
+        self._lists: dict[tuple[str, ...], list[torch.Tensor]] = {}  # the sums of a step's names, in its order
 
     def add(self, stats: dict[str, torch.Tensor]) -> None:
-        for name, value in stats.items():
-            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
-            self.counts[name] = self.counts.get(name, 0) + 1
+        names = tuple(stats)
+        sums = self._lists.get(names)
+        if sums is None:
+            for name, value in stats.items():  # this tick's first step with these names
+                if name in self.sums:  # seen in a step with other names (another n_dis phase)
+                    self.sums[name].add_(value)
+                else:
+                    self.sums[name], self.counts[name] = value.clone(), 0
+                self.counts[name] += 1
+            self._lists[names] = [self.sums[name] for name in names]
+            return
+        torch._foreach_add_(sums, list(stats.values()))
+        for name in names:
+            self.counts[name] += 1
 
     def read_means(self, average: Callable[[Tensor], Tensor] | None = None) -> dict[str, float | list[float]]:
         """Means since the last call (scalars as floats, vectors as lists), then reset.
@@ -94,7 +108,7 @@ class TickStats:
         for (name, value), mean in zip(self.sums.items(), means, strict=True):
             out[name] = flat[offset] if value.dim() == 0 else flat[offset : offset + mean.numel()]
             offset += mean.numel()
-        self.sums, self.counts = {}, {}
+        self.sums, self.counts, self._lists = {}, {}, {}
         return out
 
 
@@ -105,8 +119,11 @@ class Ticks:
     counts the images of all ranks (the global batch).
     """
 
-    def __init__(self, every_images: int, clock: StepClock, images_seen: int, world: World) -> None:
+    def __init__(
+        self, every_images: int, clock: StepClock, images_seen: int, world: World, flops_per_peak: float | None = None
+    ) -> None:
         self.cadence = Cadence(every_images)
+        self.flops_per_peak = flops_per_peak  # model FLOPs per real image over the ranks' summed peak FLOP/s
         self.clock = clock
         self.world = world
         self.stats = TickStats()
@@ -147,6 +164,7 @@ class Ticks:
             "iteration": iteration,
             "images_per_s": speed,
             "noise_std": noise_std,
+            **({"mfu": speed * self.flops_per_peak} if self.flops_per_peak else {}),
             **self._timing(tick_seconds),
             **means,
         }

@@ -25,7 +25,7 @@ from gali.engine.loop.checkpoint import Checkpoint, Progress, latest_checkpoint
 from gali.engine.loop.config import Config, config_from_dict, dump_config
 from gali.engine.loop.distributed import World, init_world, local_batch_size
 from gali.engine.loop.ema import WeightAverage
-from gali.engine.loop.plan import resolve_accumulate, warn_if_batch_will_not_fit
+from gali.engine.loop.plan import count_sizes, peak_flops, resolve_accumulate, warn_if_batch_will_not_fit
 from gali.engine.loop.run_lock import RunFolderLock, acquire_run_folder
 from gali.engine.loop.run_log import RunLog, SilentRunLog, format_kimg, resolve_tensorboard
 from gali.engine.loop.runtime import create_run_dir, seed_everything
@@ -156,7 +156,9 @@ def _train(
     total_images = int(cfg.run.kimg * 1000)
     noise = InstanceNoise(cfg.method, math.ceil(total_images / (len(pipeline) * batch_size)), device)
     clock = StepClock(device)
-    ticks = Ticks(int(cfg.run.tick_kimg * 1000), clock, progress.images_seen, world)
+    ticks = Ticks(
+        int(cfg.run.tick_kimg * 1000), clock, progress.images_seen, world, _flops_per_peak(cfg, world, device)
+    )
     batches = _batches_from(pipeline, progress)
     held_out, last = {}, {}
     with contextlib.closing(run_log), ranges(cfg.compute.nvtx), _end_status(run_log, progress):
@@ -224,6 +226,13 @@ def _train(
             else ""
         )
         speed = f"{result.images_per_second:.1f} img/s"
+        if "mfu" in last:
+            speed += f", MFU {last['mfu']:.1%}"
+        if "data_wait" in last:  # the last tick's timing
+            speed += f"; last tick: {last['data_wait']:.0%} waiting for data, steps {last['step_ms_p50']:.1f} ms p50"
+            speed += f" / {last['step_ms_p95']:.1f} ms p95"
+        if "max_memory_gib" in last:
+            speed += f", {last['max_memory_gib']:.1f} GiB peak"
         run_log.message(
             f"done: {format_kimg(result.kimg)} kimg in {clock.seconds():.1f} s of training ({speed}); "
             f"reconstruction MSE {result.recon_mse:.5f}{identity}; run folder {result.run_dir}"
@@ -231,6 +240,15 @@ def _train(
 
     world.barrier()  # every rank waits for rank 0's last writes before any tears down its process group
     return result
+
+
+def _flops_per_peak(cfg: Config, world: World, device: torch.device) -> float | None:
+    """Model FLOPs per real image (gali info's count) over the ranks' summed peak FLOP/s, for each tick's ``mfu``;
+    None where run.mfu leaves it off ('auto': on CUDA) or the GPU is not in the plan's table."""
+    if cfg.run.mfu == "off" or (cfg.run.mfu == "auto" and device.type != "cuda"):
+        return None
+    peak = peak_flops(device)
+    return None if peak is None else count_sizes(cfg).cost.flops_per_image / (peak * world.size)
 
 
 @contextlib.contextmanager
