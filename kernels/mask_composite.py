@@ -7,8 +7,10 @@ Kinds: ``"box"`` int32 (B, 4) ``[top, left, box_h, box_w]``; ``"stroke"`` float3
 (x = column, pixel centres at integers), masked within radius of a segment, bit-exact for :func:`sample_stroke_params`'
 draws up to 2048 pixels a side; ``"dense"`` a given uint8/bool mask (B, [1,] H, W), nonzero = masked.
 Bytes (e per element, N = B·C·H·W): forward (5 + [noise] + 1/C)·N·e (dense: + N·e/C + B·H·W), backward 4·N·e. Limits:
-fp32 math, one rounding; fp32/bf16/fp16, x and y made contiguous; batch <= 65535 on Triton; each S compiles a kernel;
-parameters unchecked (clipped to the image), no gradient; CUDA-graph capturable.
+fp32 math, one rounding; fp32/bf16/fp16; batch <= 65535 on Triton; each S compiles a kernel; parameters unchecked
+(clipped to the image), no gradient; CUDA-graph capturable. Layout: a channels-last x (``compute.channels_last``) is
+read in place and ``masked``/``mix`` are written channels-last (the backward reads and writes its gradients in the
+incoming gradient's layout); an input in another layout than x's, or neither layout, is copied into x's first.
 """
 
 from __future__ import annotations
@@ -166,8 +168,12 @@ if triton is not None:
         HAS_NOISE: tl.constexpr,
         STD_IN_TENSOR: tl.constexpr,
         BLOCK: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr = False,
+        C_BLOCK: tl.constexpr = 1,
     ):
-        """Grid (pixel blocks, B): mask once per block, then every channel of x (and y) read once."""
+        """Grid (pixel blocks, B): mask once per block, then every channel of x (and y) read once: NCHW a channel
+        at a time; channels-last (B, H, W, C) as one (BLOCK pixels, C_BLOCK ≥ C channels) tile, contiguous in
+        memory."""
         b = tl.program_id(1)
         hw = H * W
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -179,15 +185,28 @@ if triton is not None:
         std = std_value
         if STD_IN_TENSOR:
             std = tl.load(std_ptr).to(tl.float32)
-        for c in range(C):
-            at = (b64 * C + c) * hw + offs
-            xv = tl.load(x_ptr + at, mask=inside).to(tl.float32)
-            tl.store(masked_ptr + at, tl.where(m, fill, xv).to(masked_ptr.dtype.element_ty), mask=inside)
+        if CHANNELS_LAST:
+            channels = tl.arange(0, C_BLOCK)
+            tile = inside[:, None] & (channels[None, :] < C)
+            at = (b64 * hw + offs[:, None]) * C + channels[None, :]
+            m2 = m[:, None]
+            xv = tl.load(x_ptr + at, mask=tile).to(tl.float32)
+            tl.store(masked_ptr + at, tl.where(m2, fill, xv).to(masked_ptr.dtype.element_ty), mask=tile)
             if HAS_Y:
-                v = tl.where(m, tl.load(y_ptr + at, mask=inside).to(tl.float32), xv)
+                v = tl.where(m2, tl.load(y_ptr + at, mask=tile).to(tl.float32), xv)
                 if HAS_NOISE:
-                    v += std * tl.load(noise_ptr + at, mask=inside).to(tl.float32)
-                tl.store(mix_ptr + at, v.to(mix_ptr.dtype.element_ty), mask=inside)
+                    v += std * tl.load(noise_ptr + at, mask=tile).to(tl.float32)
+                tl.store(mix_ptr + at, v.to(mix_ptr.dtype.element_ty), mask=tile)
+        else:
+            for c in range(C):
+                at = (b64 * C + c) * hw + offs
+                xv = tl.load(x_ptr + at, mask=inside).to(tl.float32)
+                tl.store(masked_ptr + at, tl.where(m, fill, xv).to(masked_ptr.dtype.element_ty), mask=inside)
+                if HAS_Y:
+                    v = tl.where(m, tl.load(y_ptr + at, mask=inside).to(tl.float32), xv)
+                    if HAS_NOISE:
+                        v += std * tl.load(noise_ptr + at, mask=inside).to(tl.float32)
+                    tl.store(mix_ptr + at, v.to(mix_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _mask_composite_bwd_kernel(
@@ -206,26 +225,45 @@ if triton is not None:
         NEED_X: tl.constexpr,
         NEED_Y: tl.constexpr,
         BLOCK: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr = False,
+        C_BLOCK: tl.constexpr = 1,
     ):
-        """grad_x = (g_masked + g_mix)·(1−m), grad_y = g_mix·m, mask recomputed from the parameters."""
+        """grad_x = (g_masked + g_mix)·(1−m), grad_y = g_mix·m, mask recomputed from the parameters (layouts as
+        the forward's)."""
         b = tl.program_id(1)
         hw = H * W
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = offs < hw
         m = _mask_block(params_ptr, b, offs, inside, W, hw, KIND, NUM_STROKES)
         b64 = b.to(tl.int64)
-        for c in range(C):
-            at = (b64 * C + c) * hw + offs
-            gx = tl.zeros([BLOCK], dtype=tl.float32)
+        if CHANNELS_LAST:
+            channels = tl.arange(0, C_BLOCK)
+            tile = inside[:, None] & (channels[None, :] < C)
+            at = (b64 * hw + offs[:, None]) * C + channels[None, :]
+            m2 = m[:, None]
+            gx = tl.zeros([BLOCK, C_BLOCK], dtype=tl.float32)
             if HAS_G_MASKED:
-                gx += tl.load(g_masked_ptr + at, mask=inside).to(tl.float32)
+                gx += tl.load(g_masked_ptr + at, mask=tile).to(tl.float32)
             if HAS_G_MIX:
-                gm = tl.load(g_mix_ptr + at, mask=inside).to(tl.float32)
+                gm = tl.load(g_mix_ptr + at, mask=tile).to(tl.float32)
                 gx += gm
                 if NEED_Y:
-                    tl.store(grad_y_ptr + at, tl.where(m, gm, 0.0).to(grad_y_ptr.dtype.element_ty), mask=inside)
+                    tl.store(grad_y_ptr + at, tl.where(m2, gm, 0.0).to(grad_y_ptr.dtype.element_ty), mask=tile)
             if NEED_X:
-                tl.store(grad_x_ptr + at, tl.where(m, 0.0, gx).to(grad_x_ptr.dtype.element_ty), mask=inside)
+                tl.store(grad_x_ptr + at, tl.where(m2, 0.0, gx).to(grad_x_ptr.dtype.element_ty), mask=tile)
+        else:
+            for c in range(C):
+                at = (b64 * C + c) * hw + offs
+                gx = tl.zeros([BLOCK], dtype=tl.float32)
+                if HAS_G_MASKED:
+                    gx += tl.load(g_masked_ptr + at, mask=inside).to(tl.float32)
+                if HAS_G_MIX:
+                    gm = tl.load(g_mix_ptr + at, mask=inside).to(tl.float32)
+                    gx += gm
+                    if NEED_Y:
+                        tl.store(grad_y_ptr + at, tl.where(m, gm, 0.0).to(grad_y_ptr.dtype.element_ty), mask=inside)
+                if NEED_X:
+                    tl.store(grad_x_ptr + at, tl.where(m, 0.0, gx).to(grad_x_ptr.dtype.element_ty), mask=inside)
 
 else:  # no kernels without triton: every impl resolves to the reference or an error
     _mask_composite_fwd_kernel = None
@@ -236,14 +274,30 @@ else:  # no kernels without triton: every impl resolves to the reference or an e
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _launch_config(hw: int) -> tuple[int, int]:
+def _launch_config(hw: int, c_block: int = 1) -> tuple[int, int]:
     """(BLOCK, num_warps): large contiguous blocks, 16 elements per thread at 2048 × 4 warps.
 
-    Tuned on an H100: 512-2048 elements per block are within a few % for boxes; 2048 × 4 warps is the
-    best for strokes, whose fp64 products make 8 warps or 4096-element blocks slower.
+    Tuned on an H100 for NCHW (``c_block`` = 1): 512-2048 elements per block are within a few % for boxes; 2048 ×
+    4 warps is the best for strokes, whose fp64 products make 8 warps or 4096-element blocks slower. Channels-last
+    tiles hold ``c_block`` channels per pixel: BLOCK pixels × c_block ≤ 2048 elements, the same per thread (not yet
+    timed on a GPU).
     """
-    block = min(2048, triton.next_power_of_2(hw))
-    return block, 4 if block >= 1024 else 2
+    block = min(max(2048 // c_block, 1), triton.next_power_of_2(hw))
+    return block, 4 if block * c_block >= 1024 else 2
+
+
+def _layout(t: Tensor) -> torch.memory_format:
+    """The layout the kernels read ``t`` in and write its outputs in: channels-last when it is (and not NCHW too,
+    as with C = 1 or 1×1 images, where both are one), else NCHW (a tensor in neither is copied)."""
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _tile(layout: torch.memory_format, channels: int) -> dict[str, int | bool]:
+    """The kernels' layout constexprs."""
+    channels_last = layout == torch.channels_last
+    return {"CHANNELS_LAST": channels_last, "C_BLOCK": triton.next_power_of_2(channels) if channels_last else 1}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,18 +317,21 @@ def _mask_composite_op(
     fill: float,
     noise_std: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Triton forward. Returns (mask, masked, mix); mix is an empty tensor when y is None."""
-    x = x.contiguous()
+    """Triton forward. Returns (mask, masked, mix) (masked and mix in x's layout); mix is an empty tensor when y is
+    None."""
+    layout = _layout(x)
+    x = x.contiguous(memory_format=layout)
     B, C, H, W = x.shape
     mask = torch.empty((B, 1, H, W), dtype=x.dtype, device=x.device)
-    masked = torch.empty_like(x, memory_format=torch.contiguous_format)
+    masked = torch.empty_like(x, memory_format=layout)
     mix = torch.empty_like(masked) if y is not None else x.new_empty(0)
-    block, num_warps = _launch_config(H * W)
+    tile = _tile(layout, C)
+    block, num_warps = _launch_config(H * W, tile["C_BLOCK"])
     with device_guard(x):
         _mask_composite_fwd_kernel[(triton.cdiv(H * W, block), B)](
             x,
-            x if y is None else y.contiguous(),
-            x if noise is None else noise.contiguous(),
+            x if y is None else y.contiguous(memory_format=layout),
+            x if noise is None else noise.contiguous(memory_format=layout),
             x if noise_std_tensor is None else noise_std_tensor,
             params.contiguous(),
             mask,
@@ -291,6 +348,7 @@ def _mask_composite_op(
             HAS_NOISE=y is not None and noise is not None,
             STD_IN_TENSOR=noise_std_tensor is not None,
             BLOCK=block,
+            **tile,
             num_warps=num_warps,
         )
     return mask, masked, mix
@@ -299,7 +357,7 @@ def _mask_composite_op(
 @_mask_composite_op.register_fake
 def _mask_composite_fake(x, params, y, noise, noise_std_tensor, kind, fill, noise_std):
     B, _, H, W = x.shape
-    masked = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    masked = torch.empty_like(x, memory_format=_layout(x))
     mix = torch.empty_like(masked) if y is not None else x.new_empty(0)
     return x.new_empty((B, 1, H, W)), masked, mix
 
@@ -313,16 +371,19 @@ def _mask_composite_backward_op(
     need_x: bool,
     need_y: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Triton backward. Returns (grad_x, grad_y); one not needed is an empty tensor."""
+    """Triton backward. Returns (grad_x, grad_y) in the first given gradient's layout; one not needed is an empty
+    tensor."""
     ref = g_masked if g_masked is not None else g_mix
+    layout = _layout(ref)
     B, C, H, W = ref.shape
-    grad_x = torch.empty(ref.shape, dtype=ref.dtype, device=ref.device) if need_x else ref.new_empty(0)
-    grad_y = torch.empty(ref.shape, dtype=ref.dtype, device=ref.device) if need_y else ref.new_empty(0)
-    block, num_warps = _launch_config(H * W)
+    grad_x = torch.empty_like(ref, memory_format=layout) if need_x else ref.new_empty(0)
+    grad_y = torch.empty_like(ref, memory_format=layout) if need_y else ref.new_empty(0)
+    tile = _tile(layout, C)
+    block, num_warps = _launch_config(H * W, tile["C_BLOCK"])
     with device_guard(ref):
         _mask_composite_bwd_kernel[(triton.cdiv(H * W, block), B)](
-            ref if g_masked is None else g_masked.contiguous(),
-            ref if g_mix is None else g_mix.contiguous(),
+            ref if g_masked is None else g_masked.contiguous(memory_format=layout),
+            ref if g_mix is None else g_mix.contiguous(memory_format=layout),
             params.contiguous(),
             grad_x,
             grad_y,
@@ -336,6 +397,7 @@ def _mask_composite_backward_op(
             NEED_X=need_x,
             NEED_Y=need_y,
             BLOCK=block,
+            **tile,
             num_warps=num_warps,
         )
     return grad_x, grad_y
@@ -344,8 +406,8 @@ def _mask_composite_backward_op(
 @_mask_composite_backward_op.register_fake
 def _mask_composite_backward_fake(g_masked, g_mix, params, kind, need_x, need_y):
     ref = g_masked if g_masked is not None else g_mix
-    grad_x = torch.empty(ref.shape, dtype=ref.dtype, device=ref.device) if need_x else ref.new_empty(0)
-    grad_y = torch.empty(ref.shape, dtype=ref.dtype, device=ref.device) if need_y else ref.new_empty(0)
+    grad_x = torch.empty_like(ref, memory_format=_layout(ref)) if need_x else ref.new_empty(0)
+    grad_y = torch.empty_like(ref, memory_format=_layout(ref)) if need_y else ref.new_empty(0)
     return grad_x, grad_y
 
 

@@ -44,10 +44,14 @@ class World:
         """Rank 0: the one rank that writes logs, grids, metrics and checkpoints."""
         return self.rank == 0
 
-    def any(self, flag: bool) -> bool:
-        """Whether ``flag`` is set on any rank (one small all-reduce on the CPU group; none in a world of one)."""
+    def any(self, flag: bool, *, step: int = 0, every: int = 1) -> bool:
+        """Whether ``flag`` is set on any rank: in a world of one, ``flag`` itself, at once; else agreed (one small
+        all-reduce on the CPU group) at the steps where ``step``, the same count on every rank, is a multiple of
+        ``every``, and False between them, with no collective."""
         if self.size == 1:
             return flag
+        if step % every:
+            return False
         value = torch.tensor([float(flag)])
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.cpu_group)
         return bool(value.item())

@@ -30,6 +30,12 @@ class WeightAverage:
         self.start = start_kimg * 1000
         self.live = {name: getattr(nets, name) for name in AVERAGED}
         self.averaged = {name: copy.deepcopy(net).requires_grad_(False) for name, net in self.live.items()}
+        # flat lists over both networks, built once, for one foreach call each per update: the step updates the live
+        # networks' tensors in place (as its optimizers hold them), and load_state_dict copies into these tensors
+        self._mine = [p for net in self.averaged.values() for p in net.parameters()]
+        self._theirs = [p for net in self.live.values() for p in net.parameters()]
+        self._mine_buffers = [b for net in self.averaged.values() for b in net.buffers()]
+        self._their_buffers = [b for net in self.live.values() for b in net.buffers()]
 
     @property
     def G(self) -> nn.Module:
@@ -48,13 +54,10 @@ class WeightAverage:
 
     @torch.no_grad()
     def update(self, images_seen: int, batch_size: int) -> None:
-        """Move the averages toward the live weights (one foreach lerp per network) and copy the buffers."""
-        weight = 1.0 - self.beta(images_seen, batch_size)
-        for name, live in self.live.items():
-            averaged = self.averaged[name]
-            torch._foreach_lerp_(list(averaged.parameters()), list(live.parameters()), weight)
-            for mine, theirs in zip(averaged.buffers(), live.buffers(), strict=True):
-                mine.copy_(theirs)
+        """Move the averages toward the live weights and copy the buffers: one foreach lerp and one foreach copy."""
+        torch._foreach_lerp_(self._mine, self._theirs, 1.0 - self.beta(images_seen, batch_size))
+        if self._mine_buffers:
+            torch._foreach_copy_(self._mine_buffers, self._their_buffers)
 
     def state_dict(self) -> dict[str, Any]:
         return {f"{name}_ema": net.state_dict() for name, net in self.averaged.items()}

@@ -1,4 +1,5 @@
-"""The graph-ready runner of the step: static input buffers, one CUDA graph per phase, the eager twin on CPU."""
+"""The graph-ready runner of the step: static input buffers, one CUDA graph per phase (one memory pool for all), the
+eager twin on CPU."""
 
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ class GraphedStep:
     fresh noise. The returned tensors are the graph's static outputs: read or accumulate them
     before the next call, which overwrites them. With gradient accumulation (``GaliStep.accumulate`` = N) the static
     buffers hold the update's whole batch and one graph per phase captures all N micro-batches' passes, the single
-    reduction and the optimizer steps: an update is still one replay.
+    reduction and the optimizer steps: an update is still one replay. With n_dis > 1 the phases' graphs share one
+    memory pool: the graphs replay one at a time on one stream, so a phase's activations can reuse the memory of
+    another's (one phase's worth of activation memory, not one per phase). Another phase's replay may therefore
+    overwrite a phase's static outputs too: the same rule, read them before the next call.
 
     On a CPU there is nothing to capture: the same update runs on the same static buffers, which
     makes this class the testable twin of the graphed path.
@@ -43,6 +47,7 @@ class GraphedStep:
         self._eager_calls: dict[str, int] = dict.fromkeys(PHASES, 0)
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[str, dict[str, Tensor]] = {}
+        self._pool: Any = None  # every phase's graph's memory pool (a graph_pool_handle, made at the first capture)
 
     def step(
         self,
@@ -70,9 +75,11 @@ class GraphedStep:
                 torch.cuda.current_stream(self.inner.device).wait_stream(side)
                 return out
             graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
             # thread_local: the DataLoader's pin-memory thread and DALI's threads keep making CUDA calls mid-epoch,
             # which the default "global" mode counts as errors that invalidate the capture
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 self._outputs[phase] = self.inner.update(self._x, self._noise_std, phase, self._masks, self._labels)
             self._graphs[phase] = graph
             graph.replay()  # capture records without running: this replay is the step itself

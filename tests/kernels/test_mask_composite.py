@@ -86,6 +86,58 @@ def test_forward_and_gradients_match_ref(kind, dtype, shape):
         torch.testing.assert_close(got, want, **_tol(dtype))
 
 
+CL = torch.channels_last
+
+
+@pytest.mark.parametrize("kind", ["box", "stroke", "dense"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("shape", "layouts"),
+    [
+        ((3, 3, 7, 9), "all"),  # compute.channels_last: x, y, noise and the gradients channels-last
+        ((2, 4, 5, 6), "all"),  # C a power of two: no padded channel in the tile
+        ((2, 3, 6, 5), "mixed"),  # x channels-last, y, noise and g_mix NCHW: copied into x's (g_masked's) layout
+        ((2, 1, 5, 7), "all"),  # one channel: both layouts are one
+    ],
+    ids=["odd", "c4", "mixed", "c1"],
+)
+def test_channels_last_is_read_and_written_in_place_and_matches_ref(kind, dtype, shape, layouts):
+    x, y, noise = _inputs(shape, dtype)
+    with torch.no_grad():
+        x = x.contiguous(memory_format=CL).requires_grad_()
+        if layouts == "all":
+            y, noise = y.contiguous(memory_format=CL).requires_grad_(), noise.contiguous(memory_format=CL)
+    params = _params(kind, shape[0], shape[2], shape[3])
+    out, ref = _both(x, params, y, kind=kind, noise=noise, noise_std=0.3)
+    for name, value in (("masked", out.masked), ("mix", out.mix)):
+        assert value.is_contiguous(memory_format=CL), (name, value.stride())  # the output keeps x's layout
+    assert torch.equal(out.mask, ref.mask) and torch.equal(out.masked, ref.masked)
+    torch.testing.assert_close(out.mix, ref.mix, **_tol(dtype))
+
+    g_masked = torch.randn_like(x).contiguous(memory_format=CL)
+    g_mix = torch.randn_like(x).contiguous(memory_format=CL if layouts == "all" else torch.contiguous_format)
+    grads = torch.autograd.grad([out.masked, out.mix], [x, y], [g_masked, g_mix])
+    grads_ref = torch.autograd.grad([ref.masked, ref.mix], [x, y], [g_masked, g_mix])
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, **_tol(dtype))
+        assert got.is_contiguous(memory_format=CL), got.stride()  # in the incoming gradient's layout
+
+
+def test_channels_last_tiles_fit_the_nchw_block():
+    """The launcher's channels-last tile holds as many elements as the NCHW block (2048 at most), the channels padded
+    to a power of two."""
+    from gali.kernels.mask_composite import _launch_config, _layout, _tile
+
+    x = torch.zeros(2, 3, 64, 64)
+    assert _layout(x) == torch.contiguous_format and _layout(x.contiguous(memory_format=CL)) == CL
+    assert _layout(torch.zeros(2, 1, 8, 8).contiguous(memory_format=CL)) == torch.contiguous_format  # one channel
+    assert _layout(x[:, :, ::2]) == torch.contiguous_format  # neither layout: copied, as before
+    tile = _tile(CL, 3)
+    assert tile == {"CHANNELS_LAST": True, "C_BLOCK": 4} and _launch_config(64 * 64, 4) == (512, 4)
+    assert _tile(torch.contiguous_format, 3) == {"CHANNELS_LAST": False, "C_BLOCK": 1}
+    assert _launch_config(64 * 64) == (2048, 4) and _launch_config(7 * 9, 4) == (64, 2)
+
+
 @pytest.mark.parametrize("kind", ["box", "stroke"])
 def test_ref_gradients_follow_the_formula(kind):
     x, y, _ = _inputs((2, 3, 6, 5), torch.float32)
