@@ -5,7 +5,7 @@ gali train --resume RUN_DIR|CHECKPOINT [section.key=value ...]
 gali profile|info [--preset NAME|FILE.toml] [--steps 20 (profile only)] [section.key=value ...]
 gali sample|reconstruct CHECKPOINT [--out FILE.png] [--n 64|16] [--seed 0] [--split test (reconstruct only)]
 gali presets;  gali data check|stats ROOT [--workers N]
-gali data prepare SRC DST --resolution R --shards N [--format jpeg|png] [--workers N] [--seed 0]
+gali data prepare SRC DST --resolution R|--preset NAME --shards N [--format jpeg|png] [--workers N] [--seed 0]
 gali eval CHECKPOINT [data.key=value ...] [--metrics pixel-mse,feature-mse,recon-identity,probe,fid,kid,inpaint] ...
 gali reproduce [--preset demo] [--kimg K] [--seeds N] [--methods ali,alice,gali4,gali8,gali-mix] [--inception FILE] ...
 """
@@ -207,17 +207,35 @@ def _data_check(args: argparse.Namespace) -> int:
 def _data_prepare(args: argparse.Namespace) -> None:
     from gali.pipelines.tools import prepare_shards
 
+    resolution = args.resolution
+    if resolution is None:
+        if args.preset is None:
+            raise GaliError("gali data prepare: give --resolution R, or --preset NAME to take the preset's")
+        resolution = load_draft_config(args.preset)[0].data.resolution
     written = prepare_shards(
         args.src,
         args.dst,
-        resolution=args.resolution,
+        resolution=resolution,
         shards=args.shards,
         workers=args.workers,
         image_format=args.format,
         seed=args.seed,
+        progress=True,
     )
     for split, done in written.items():
-        print(f"{split}: {done.images} images in {len(done.shards)} shards under {Path(args.dst) / split}")
+        counts = done.class_counts.values()
+        origin = f" (from {done.source_split}/)" if done.source_split != split else ""
+        print(
+            f"{split}: {done.images} images in {len(done.shards)} shards under {Path(args.dst) / split}{origin}; "
+            f"{len(counts)} classes, {min(counts)} to {max(counts)} images each; {resolution}x{resolution}; "
+            f"{len(done.shards) - done.reused} shards written, {done.reused} already written and verified"
+        )
+        for line in done.rewritten:
+            print(f"  {line}")
+        if done.unreadable:
+            print(f"  {len(done.unreadable)} of {done.source_images} images unreadable, left out:")
+            for name, reason in done.unreadable:
+                print(f"    {name}: {reason}")
 
 
 def _data_stats(args: argparse.Namespace) -> None:
@@ -285,10 +303,19 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
     check.add_argument("--workers", **workers)
     check.set_defaults(func=_data_check)
 
-    prepare = tools.add_parser("prepare", help="resize once and write WebDataset tar shards")
-    prepare.add_argument("src", help="image folder (or any source layout) to read")
-    prepare.add_argument("dst", help="new or empty folder for train/*.tar, test/*.tar and classes.txt")
-    prepare.add_argument("--resolution", type=_positive, required=True, help="shorter side to R, center crop R×R")
+    prepare = tools.add_parser(
+        "prepare", help="resize once and write WebDataset tar shards (resumable; train/ + val/ as ImageNet's)"
+    )
+    prepare.add_argument("src", help="image folder (train/<class>/ + test/ or val/, or any source layout) to read")
+    prepare.add_argument(
+        "dst",
+        help="new or empty folder for train/*.tar, test/*.tar, classes.txt and prepare.json; "
+        "or the folder of an interrupted prepare of the same source and options, which is resumed",
+    )
+    prepare.add_argument(
+        "--resolution", type=_positive, help="center square crop, resized to R×R (antialiased bilinear)"
+    )
+    prepare.add_argument("--preset", help="take the resolution from this preset's data.resolution")
     prepare.add_argument("--shards", type=_positive, required=True, help="shards per split")
     prepare.add_argument("--format", choices=("jpeg", "png"), default="jpeg", help="JPEG (quality 95) or PNG")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the order of images in the shards")
@@ -367,6 +394,8 @@ def _eval(args: argparse.Namespace) -> None:
         ema=not args.live,
     )
     report = evaluate(args.checkpoint, args.metrics, options)
+    if report.rank:  # torchrun -m gali eval: rank 0 alone prints the table and writes the JSON
+        return
     print(report.table)
     print(f"wrote {report.json_path}")
     report.check_finite()  # a NaN or infinite figure: exit 2 with a message, after the table and the JSON

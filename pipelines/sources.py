@@ -393,13 +393,71 @@ def _member_key(name: str) -> tuple[str, str] | None:
     return name[: len(name) - len(base) + dot], base[dot + 1 :].lower()
 
 
+def _end_of_archive_problem(f: BinaryIO, end: int, size: int) -> str | None:
+    """Why the bytes of a tar file from ``end`` (just past its last whole member) to its ``size`` are not the
+    end-of-archive marker (zero blocks, at least one whole), or None if they are."""
+    if end > size:
+        return f"it ends at byte offset {size}, inside the padding of its last member (which runs to byte {end})"
+    if end == size:
+        return (
+            f"it ends at byte offset {size}, right after a member, without the end-of-archive zero blocks "
+            "(cut short at a member boundary?)"
+        )
+    f.seek(end)
+    position = end
+    while chunk := f.read(1 << 20):
+        nonzero = len(chunk) - len(chunk.lstrip(b"\0"))
+        if nonzero < len(chunk):
+            where = position + nonzero
+            if size - end < tarfile.BLOCKSIZE:
+                return f"it ends at byte offset {size}, inside the header of a member that starts at byte {end}"
+            return (
+                f"byte offset {where} holds data that is not a tar header (trailing garbage, or a damaged header), "
+                f"{size - end} bytes after the last whole member at byte {end}"
+            )
+        position += len(chunk)
+    if size - end < tarfile.BLOCKSIZE:
+        return f"it ends at byte offset {size}, inside the end-of-archive block that starts at byte {end}"
+    return None
+
+
+def _truncated(shard: Path, problem: str) -> DataError:
+    return DataError(
+        f"shard {shard} is damaged: {problem}; it was cut short or overwritten (an interrupted copy?): "
+        "copy it again, or rewrite it with `gali data prepare`"
+    )
+
+
 def _scan_shard(shard: Path) -> list[tuple[str, str, int, int, int]]:
-    """The samples of one shard in order: (key, image member name, data offset, size, label value)."""
+    """The samples of one shard in order: (key, image member name, data offset, size, label value).
+
+    The shard is verified, not trusted: every member's data must lie inside the file and the file must end with
+    the tar end-of-archive zero blocks right after its last member. A tar that ends inside a member (its header or
+    its data), at a member boundary, or that holds anything but zeros after its last member raises ``DataError``
+    naming the shard and the byte offset, so that a shard cut short never becomes a smaller data set.
+    """
     images: dict[str, tuple[str, int, int]] = {}
     labels: dict[str, int] = {}
+    at = 0  # where the header being read starts, for messages
     try:
-        with tarfile.open(shard, "r:") as tar:
-            for member in tar:
+        with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            size = os.fstat(f.fileno()).st_size
+            while True:
+                at = tar.offset
+                try:
+                    member = tar.next()
+                except tarfile.ReadError:  # "unexpected end of data": the last member's padding is cut
+                    if tar.offset > size:
+                        raise _truncated(shard, _end_of_archive_problem(f, tar.offset, size)) from None
+                    raise
+                if member is None:
+                    break
+                if member.offset_data + member.size > size:
+                    raise _truncated(
+                        shard,
+                        f"it ends at byte offset {size}, inside the data of member {member.name} "
+                        f"(bytes {member.offset_data} to {member.offset_data + member.size})",
+                    )
                 parsed = _member_key(member.name) if member.isfile() else None
                 if parsed is None:
                     continue
@@ -420,8 +478,14 @@ def _scan_shard(shard: Path) -> list[tuple[str, str, int, int, int]]:
                             "keep one image per key"
                         )
                     images[key] = (member.name, member.offset_data, member.size)
+            problem = _end_of_archive_problem(f, tar.offset, size)
+            if problem is not None:
+                raise _truncated(shard, problem)
     except (tarfile.TarError, OSError) as e:
-        raise DataError(f"cannot read shard {shard}: {type(e).__name__}: {e}; is it a plain (uncompressed) tar?") from e
+        raise DataError(
+            f"cannot read shard {shard}: {type(e).__name__}: {e} (at byte offset {at}); "
+            "is it a plain (uncompressed) tar?"
+        ) from e
     orphans = sorted(labels.keys() - images.keys())
     if orphans:
         raise DataError(
@@ -433,6 +497,11 @@ def _scan_shard(shard: Path) -> list[tuple[str, str, int, int, int]]:
             raise DataError(f"shard {shard}: sample '{key}' ({member}) has no {key}.cls label")
         samples.append((key, member, offset, size, labels[key]))
     return samples
+
+
+def scan_shard(shard: str | Path) -> list[tuple[str, int]]:
+    """The (key, label value) of each sample of ``shard`` in order, after ``_scan_shard``'s verification."""
+    return [(key, label) for key, _, _, _, label in _scan_shard(Path(shard))]
 
 
 def _scan_shards(folder: Path, shards: list[Path]) -> ShardIndex:

@@ -7,7 +7,7 @@ the rank's device (``cuda:LOCAL_RANK``). A plain ``gali train`` is a world of on
 collective anywhere. ``run.batch_size`` stays the global batch; each rank takes ``batch_size / world``.
 
 Everything here runs outside the step, at most once per tick or snapshot, except :meth:`World.any`,
-the stop-flag agreement at each step boundary, which runs on a CPU (gloo) group so that it never waits
+the stop-flag agreement every ``run.stop_check_steps`` steps, which runs on a CPU (gloo) group so that it never waits
 on the GPU.
 """
 

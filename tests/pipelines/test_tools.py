@@ -88,7 +88,8 @@ def test_prepare_is_deterministic_and_refuses_a_non_empty_destination(
     for shard in ("train/shard-00000.tar", "test/shard-00001.tar"):
         assert (tmp_path / "a" / shard).read_bytes() == (tmp_path / "b" / shard).read_bytes()
     before = (tmp_path / "a" / "classes.txt").read_bytes()
-    assert main(["data", "prepare", str(split_folder), str(tmp_path / "a"), "--resolution", "8", "--shards", "2"]) == 2
+    # a rerun with the same settings resumes (tests/pipelines/test_prepare_imagenet.py); other settings are refused
+    assert main(["data", "prepare", str(split_folder), str(tmp_path / "a"), "--resolution", "16", "--shards", "2"]) == 2
     assert "is not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "a" / "classes.txt").read_bytes() == before
 
