@@ -1,8 +1,9 @@
 """Stopping a run on a signal or a time limit: a checkpoint at the next step boundary, then a documented exit code.
 
 SIGTERM (a scheduler's or torchrun's shutdown), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's ``--signal=USR1@120``) only set a
-flag, as does ``run.max_time`` running out (:meth:`StopFlag.out_of_time`). At the next step boundary the ranks agree
-on it (:meth:`gali.engine.loop.distributed.World.any`), the loop writes a checkpoint, requeues a SLURM job
+flag, as does ``run.max_time`` running out (:meth:`StopFlag.out_of_time`). At a step boundary (every
+``run.stop_check_steps`` steps; the next one in a world of one) the ranks agree on it
+(:meth:`gali.engine.loop.distributed.World.any`), the loop writes a checkpoint, requeues a SLURM job
 (:func:`requeue_job`) and raises :class:`RunStopped`. A second signal while stopping exits at once; checkpoints are
 written atomically, so the last complete one is untouched.
 Exit codes of ``gali train``: 0 done; :data:`EXIT_STOPPED` (75, BSD's EX_TEMPFAIL: "try again") stopped after a
