@@ -28,7 +28,7 @@ from gali.pipelines import Batch, SplitBatches
 from gali.pipelines.masks import MaskArgs
 
 if TYPE_CHECKING:
-    from gali.engine.eval.protocol import EvalOptions
+    from gali.engine.eval.options import EvalOptions
 
 
 def evaluation_config(cfg: Config, overrides: tuple[str, ...] | list[str], *, origin: str) -> Config:

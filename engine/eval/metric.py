@@ -20,7 +20,7 @@ from gali.pipelines.masks import MaskArgs
 
 if TYPE_CHECKING:
     from gali.engine.eval.context import EvalContext, SplitItem
-    from gali.engine.eval.protocol import EvalOptions
+    from gali.engine.eval.options import EvalOptions
 
 
 class Part:

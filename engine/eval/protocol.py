@@ -35,12 +35,12 @@ import torch
 from gali.engine.errors import GaliError
 from gali.engine.eval.context import EvalContext, SplitItem, evaluation_config
 from gali.engine.eval.metric import Metric, Part
+from gali.engine.eval.options import EvalOptions
 from gali.engine.eval.ranks import progress, rank_block, read_block
 from gali.engine.eval.reference_cache import default_cache_dir
 from gali.engine.eval.registry import REGISTRY
 from gali.engine.files import write_text_atomic
 from gali.engine.loop.distributed import init_world
-from gali.engine.metrics import INCEPTION_INPUT_SIZE
 from gali.pipelines import SplitBatches
 
 __all__ = [
@@ -57,53 +57,6 @@ __all__ = [
 
 # The metrics of ``gali eval``, with what each measures.
 METRICS: dict[str, str] = {name: metric.about for name, metric in REGISTRY.items()}
-
-
-@dataclass
-class EvalOptions:
-    """Settings of one evaluation (the CLI's options; defaults follow docs/method.md §4.1).
-
-    data_overrides: ``data.key=value`` strings applied on top of the checkpoint's config (e.g. a
-                    moved ``data.root``); keys of other sections are rejected.
-    feature_*:      the frozen feature network of feature-MSE (TorchScript, or a state dict with
-                    ``feature_arch``), its input size (0 = the data resolution) and resize mode.
-                    'nearest' matches the authors' SVHN evaluation code, the paper says bilinear
-                    (docs/method.md §5 item 4).
-    identity_images: the most training images the recon-identity classifier is fitted on.
-    ema:            G and E are the checkpoint's moving averages where it has them (False: the live weights).
-    bn_recalibrate: batches of the training split to recompute E's and G's BatchNorm statistics on
-                    before measuring (0 = the checkpoint's statistics).
-    probe_*:        labelled images per draw, validation images (None = min(10000, (N − labelled)/2)),
-                    number of draws, and the most training images read for the probe.
-    inception*:     the FID/KID network file (see :func:`gali.engine.metrics.fid.load_inception`) and its input size.
-    fid_samples:    generated images; ``fid_reference_images``: the most real images of the split.
-    kid_*:          KID subsets and subset size (capped at the smaller set).
-    cache_dir:      where reference features are cached (default ``$GALI_CACHE/fid``, ``~/.cache/gali/fid``).
-    """
-
-    split: str = "test"
-    batch_size: int = 100
-    seed: int = 0
-    device: str = "auto"
-    data_overrides: Sequence[str] = ()
-    feature_model: str | None = None
-    feature_arch: str | None = None
-    feature_input_size: int = 0
-    feature_resize: str = "nearest"
-    identity_images: int = 20_000
-    bn_recalibrate: int = 0
-    ema: bool = True
-    probe_labelled: int = 1000
-    probe_validation: int | None = None
-    probe_draws: int = 100
-    probe_pool: int = 20_000
-    inception: str | None = None
-    inception_input_size: int = INCEPTION_INPUT_SIZE
-    fid_samples: int = 10_000
-    fid_reference_images: int = 50_000
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    cache_dir: str | None = None
 
 
 @dataclass
