@@ -215,24 +215,25 @@ def _t(dtype: torch.dtype) -> torch.Tensor:
 def head_launches(k: int, groups: int, n: int, f: int, dtype: torch.dtype, shape: str) -> list[Launch]:
     """The forward, the partial reduction and the two h-gradient scalings of one head call (N rows, F features)."""
     n_col = groups * k
-    block_n, block_f, block_c, num_warps, num_stages = kh._launch_config(n, f, n_col, dtype, CUDA)
-    grid = triton.cdiv(n, block_n)
-    cols = n_col * f + n_col + 2
+    cfg = kh._launch_config(n, f, n_col, dtype, CUDA)
     ptrs = (_t(dtype), _t(dtype), _t(dtype), _t(torch.int64), _t(torch.float32), _t(torch.float32))
     fwd = Launch(
         "_kway_head_fwd_kernel",
-        (*ptrs, _t(dtype), _t(dtype), _t(torch.float32), n, f, k, 1.0 / max(1, n // k), cols),
-        {"NUM_GROUPS": groups, "BLOCK_N": block_n, "BLOCK_F": block_f, "BLOCK_C": block_c, "INTERPRET": False},
-        num_warps, num_stages, (grid,), shape, dtype,
-        {rows: (triton.cdiv(rows, kh._launch_config(rows, f, n_col, dtype, CUDA)[0]),) for rows in (400, 8192)},
+        (*ptrs, _t(dtype), _t(dtype), _t(torch.float32), n, f, k, 1.0 / max(1, n // k), cfg.stride_partial,
+         cfg.n_split, cfg.f_per_split),
+        {"NUM_GROUPS": groups, "BLOCK_N": cfg.block_n, "BLOCK_F": cfg.block_f, "BLOCK_C": cfg.block_c,
+         "F_ALIGN": cfg.f_align, "INTERPRET": False},
+        cfg.num_warps, cfg.num_stages, (cfg.grid,), shape, dtype,
+        {rows: (kh._launch_config(rows, f, n_col, dtype, CUDA).grid,) for rows in (400, 8192)},
     )  # fmt: skip
-    block_p, block_cr = kh._reduce_config(grid, CUDA)
+    block_p, block_cr = kh._reduce_config(cfg.row_blocks, CUDA)
     reduce = Launch(
         "_kway_head_reduce_kernel",
-        (_t(torch.float32), _t(dtype), _t(dtype), _t(torch.float32), _t(torch.float32), grid, n_col * f, n_col, cols),
+        (_t(torch.float32), _t(dtype), _t(dtype), _t(torch.float32), _t(torch.float32), cfg.row_blocks, n_col * f,
+         n_col, cfg.stride_partial),
         {"BLOCK_P": block_p, "BLOCK_C": block_cr, "INTERPRET": False},
-        4, 3, (triton.cdiv(cols, block_cr),), shape, dtype,  # Triton's default warps and stages
-        {rows: (triton.cdiv(cols, block_cr),) for rows in (400, 8192)},
+        4, 3, (triton.cdiv(cfg.stride_partial, block_cr),), shape, dtype,  # Triton's default warps and stages
+        {rows: (triton.cdiv(cfg.stride_partial, block_cr),) for rows in (400, 8192)},
     )  # fmt: skip
     block, num_warps = 1024, 4  # _kway_head_scale's CUDA block
     scales = [

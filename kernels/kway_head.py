@@ -1,17 +1,22 @@
 """kway_head: the discriminator's last linear layer fused with GALI's K-way losses and their gradients.
 
 One Triton launch computes the logits h @ W^T + b in fp32, the D loss, the G/E product-of-terms loss and, in the
-same pass, their gradients (docs/method.md §1.3-1.6); a second sums per-program partials in a fixed order (no
-atomics: bit-reproducible); backward only scales the stored gradients. With p the softmax over each group of K
+same pass, their gradients (docs/method.md §1.3-1.6); a second sums per-row-block partials in a fixed order (no
+atomics: bit-reproducible); backward only scales the stored gradients. Small batches split the gradient pass over
+the features so that the programs fill the GPU (see :func:`_launch_config`). With p the softmax over each group of K
 columns, 1/B = ``inv_batch``: loss_d = 1/B Σ_rows w_true[y]·(−log p_y), loss_ge = 1/B Σ_rows,j w_pair[y, j]·(−log p_j).
 Bytes (s per element of h, C = G·K columns, P row blocks): at least 3·N·F·s + 2·C·F·s + 8·N, plus fp32 partials
-P·(C·F + C + 2)·4 written and read back; backward moves 2·N·F·s per loss backpropagated on its own.
+P·(C·F + C + 2)·4 (rows padded to 64 bytes) written and read back, plus L2 re-reads of h where the features are
+split; backward moves 2·N·F·s per loss backpropagated on its own.
 Limits: 2 <= K <= 16, G·K <= 32 (wider raises ValueError), any N, F; fp32/bf16/fp16 (the reference also fp64); fp32
 math (IEEE, no TF32), fp32 losses, gradients in the input dtype. Labels are not checked: Triton gives rows outside
 [0, K) zero weight, the reference raises or asserts. No host sync: CUDA-graph capturable (eager calls are host-bound).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -136,18 +141,28 @@ if triton is not None:
         n_cls,
         inv_batch,
         stride_partial,
+        n_split,
+        f_per_split,
         NUM_GROUPS: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_F: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        F_ALIGN: tl.constexpr,
         INTERPRET: tl.constexpr,
     ):
-        """One program: BLOCK_N rows. Pass 1 over n_feat builds the NUM_GROUPS·n_cls logit columns; the
-        per-group softmax, both losses and both logit gradients follow in registers; pass 2 over n_feat writes
-        grad_h_d, grad_h_ge and this program's partial dW. Column c is class c % n_cls of group c // n_cls.
-        Partial row layout (n_col = NUM_GROUPS·n_cls): [dW (n_col·n_feat) | db (n_col) | loss_d | loss_ge],
-        all fp32."""
+        """Program (row block r, feature split s), pid = r·n_split + s: BLOCK_N rows. Pass 1 over all of
+        n_feat builds the NUM_GROUPS·n_cls logit columns; the per-group softmax, both losses and both logit
+        gradients follow in registers (the n_split programs of a row block compute the same values; they run
+        side by side, so all but the first read their rows from L2); pass 2 over features
+        [s·f_per_split, (s+1)·f_per_split) writes grad_h_d, grad_h_ge and that slice of row block r's partial dW.
+        Column c is class c % n_cls of group c // n_cls. Partial row r (n_col = NUM_GROUPS·n_cls, row stride a
+        multiple of 16): [dW (n_col·n_feat) | db (n_col) | loss_d | loss_ge], all fp32; split 0 writes db and
+        the losses. F_ALIGN: a power of two that divides n_feat (at most 16), so that rows start aligned."""
         pid = tl.program_id(0)
+        pid_f = pid % n_split
+        pid = pid // n_split
+        if F_ALIGN > 1 and F_ALIGN < 16:  # (a multiple of 16 is specialised by Triton itself)
+            n_feat = n_feat // F_ALIGN * F_ALIGN  # the same value, known to the compiler as a multiple of F_ALIGN
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < n_rows
         row_off = rows.to(tl.int64) * n_feat
@@ -210,14 +225,17 @@ if triton is not None:
         u_ge_c = _round_to(u_ge, dtype, INTERPRET).to(dot_dtype)
 
         part = partial_ptr + pid.to(tl.int64) * stride_partial
-        tl.store(part + n_col * n_feat + cs, tl.sum(u_d, axis=0) * inv_batch, mask=c_ok)
-        tl.store(part + n_col * n_feat + n_col, loss_d)
-        tl.store(part + n_col * n_feat + n_col + 1, loss_ge)
+        # Split 0 of the row block writes db and the losses (the masks are vectors: the CPU interpreter rejects a
+        # scalar comparison in a store mask).
+        tl.store(part + n_col * n_feat + cs, tl.sum(u_d, axis=0) * inv_batch, mask=c_ok & (cs * 0 + pid_f == 0))
+        two = tl.arange(0, 2)
+        tl.store(part + n_col * n_feat + n_col + two, tl.where(two == 0, loss_d, loss_ge), mask=two * 0 + pid_f == 0)
 
         # Pass 2: B·grad_h = u @ W for both losses (summing over all groups' columns), stored without the 1/B
         # (the backward applies it with the upstream gradient: under fp16 that is the loss scale, so a small
         # gradient is never rounded to a 16-bit subnormal before it is scaled), and partial dW = u_d^T @ h / B.
-        for f0 in range(0, n_feat, BLOCK_F):
+        f_lo = pid_f * f_per_split
+        for f0 in range(f_lo, tl.minimum(f_lo + f_per_split, n_feat), BLOCK_F):
             f = f0 + fs
             f_ok = f < n_feat
             wv = tl.load(w_ptr + cs[:, None] * n_feat + f[None, :], mask=c_ok[:, None] & f_ok[None, :], other=0.0)
@@ -252,7 +270,7 @@ if triton is not None:
         sums into grad_W (input dtype), grad_b (input dtype) and the two fp32 losses."""
         pid = tl.program_id(0)
         cols = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_ok = cols < n_wf + n_col + 2
+        c_ok = cols < stride_partial  # the padded row: aligned loads; the tail is summed and never stored
         ps = tl.arange(0, BLOCK_P)
         acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for p0 in range(0, n_part, BLOCK_P):
@@ -302,28 +320,88 @@ else:  # no kernels without triton: every impl resolves to the reference or an e
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _launch_config(
-    n: int, f: int, n_col: int, dtype: torch.dtype, device: torch.device
-) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_F, BLOCK_C, num_warps, num_stages). Small tiles for the CPU interpreter, whose cost
-    grows with tile size. On CUDA the best of a sweep on an H100 (BLOCK_N 32-128, BLOCK_F 128-256, 4-8 warps,
-    2-4 stages; N = 8192, F = 1536, K = 4 and 8, G = 1, bf16): 64-row blocks, one wave of programs, won. fp32
-    tiles take half the width, so that four pipeline stages still fit in shared memory; a 32-column W tile
-    (G·K > 16) adds a quarter to each stage, so it gets three (not swept yet)."""
+class _HeadConfig(NamedTuple):
+    """How :func:`_launch_config` launches the fused forward for one shape."""
+
+    block_n: int
+    block_f: int
+    block_c: int
+    num_warps: int
+    num_stages: int
+    f_align: int  # F_ALIGN: the largest power of two (at most 16) that divides F
+    row_blocks: int  # programs along the rows, one partial row each
+    n_split: int  # programs along the features per row block (pass 2 split)
+    f_per_split: int  # features of one split, a multiple of block_f
+    stride_partial: int  # partial row stride: C·F + C + 2 rounded up to a multiple of 16 (64-byte rows)
+
+    @property
+    def grid(self) -> int:
+        return self.row_blocks * self.n_split
+
+
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    """Streaming multiprocessors of CUDA device ``index``; 132 (H100/H200 SXM) where no device can be asked."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(index).multi_processor_count
+    return 132
+
+
+def _launch_config(n: int, f: int, n_col: int, dtype: torch.dtype, device: torch.device) -> _HeadConfig:
+    """The forward's tiles, warps, stages and feature split for N = ``n`` rows of F = ``f`` features.
+
+    CUDA (issue 22 item 3; registers, spills, shared memory and CTAs/SM of each choice from bench/kernel_compile.py
+    for sm_90, in bench/reports/). Roofline: the head is memory-bound at every shape (about 8·G·K FLOP per 6 bytes
+    moved, against a bf16 balance of a few hundred); it moves about 3·N·F·s bytes of h and gradients plus one fp32
+    dW partial row (G·K·F·4 bytes, written and read back) per row block; at N = 400 its floor is the two launches'
+    latency, so what counts there is short programs on every SM.
+    - Rows: 64-row tiles, 8 warps (the best of a sweep on an H100 at N = 8192, F = 1536, bf16; 1 CTA/SM) wherever
+      the 64-row blocks times the feature tiles reach one program per SM; a smaller batch takes 16-row tiles,
+      4 warps (at least 2 CTAs/SM in every compiled configuration), to shorten each program's serial work.
+    - Features: pass 2 is split over the features, in whole BLOCK_F tiles, until the programs fill the resident
+      slots (SMs × CTAs/SM). The split adds only L2 re-reads of h in pass 1, where smaller row tiles would add
+      partial rows; at N = 8192 (128 blocks of 64 rows) there is no split.
+    - BLOCK_F: bf16/fp16 256 (512 bytes of a row), 4 stages (3 with a 32-column W tile, G·K > 16). fp32 (FFMA,
+      no tensor cores) 32, 128 bytes of a row: with 64 or 128 ptxas sits at 255 registers and spills in some
+      specialisations, with 32 no fp32 configuration spills. Rows that do not start 16-byte aligned
+      (F_ALIGN·s < 16, e.g. F = 307) cannot use 16-byte asynchronous copies, and their register-staged loads
+      spill at 256: they take 64 (128 bytes). F_ALIGN tells the compiler how aligned the rows are (F = 1000: 8),
+      so 16-byte aligned rows keep the pipelined, vectorised loads.
+    The CPU interpreter gets small tiles (its cost grows with tile size) and splits over up to 8 programs, so that
+    the twin tests run the split and its ragged last tile.
+    """
     block_c = max(16, triton.next_power_of_2(n_col))
+    f_align = min(16, f & -f)
     if device.type == "cpu":
-        block_f_cap, block_n_cap, num_warps, num_stages = 64, 16, 1, 1
+        block_n, block_f_cap, num_warps, num_stages = 16, 32, 1, 1
+        slots = 8
     else:
-        block_f_cap, block_n_cap, num_warps, num_stages = 512 // dtype.itemsize, 64, 8, (4 if block_c <= 16 else 3)
+        block_f_cap = 256 if dtype.itemsize == 2 else 32
+        if f_align * dtype.itemsize < 16:
+            block_f_cap = min(block_f_cap, 128 // dtype.itemsize)
+        num_stages = 4 if block_c <= 16 else 3
+        n_sm = _sm_count(device.index)
+        f_tiles = triton.cdiv(f, min(block_f_cap, max(16, triton.next_power_of_2(f))))
+        if triton.cdiv(n, 64) * f_tiles >= n_sm:
+            block_n, num_warps, slots = 64, 8, n_sm
+        else:
+            block_n, num_warps, slots = 16, 4, 2 * n_sm
     block_f = min(block_f_cap, max(16, triton.next_power_of_2(f)))
-    block_n = min(block_n_cap, max(16, triton.next_power_of_2(n)))
-    return block_n, block_f, block_c, num_warps, num_stages
+    block_n = min(block_n, max(16, triton.next_power_of_2(n)))
+    row_blocks = triton.cdiv(n, block_n)
+    f_tiles = triton.cdiv(f, block_f)
+    per_split = triton.cdiv(f_tiles, max(1, min(f_tiles, slots // row_blocks)))  # feature tiles per split
+    stride_partial = triton.cdiv(n_col * f + n_col + 2, 16) * 16
+    return _HeadConfig(
+        block_n, block_f, block_c, num_warps, num_stages, f_align, row_blocks,
+        triton.cdiv(f_tiles, per_split), per_split * block_f, stride_partial,
+    )  # fmt: skip
 
 
-def _reduce_config(grid: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_C) of the partial reduction over ``grid`` partial rows: narrow column blocks on CUDA
-    so that enough programs share the read of the (grid, C·F + C + 2) partials."""
-    return min(64, triton.next_power_of_2(grid)), (64 if device.type == "cuda" else 1024)
+def _reduce_config(n_part: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) of the partial reduction over ``n_part`` partial rows: narrow column blocks on CUDA
+    so that enough programs share the read of the (n_part, C·F + C + 2) partials."""
+    return min(64, triton.next_power_of_2(n_part)), (64 if device.type == "cuda" else 1024)
 
 
 def _kway_head_fwd_triton(
@@ -336,32 +414,30 @@ def _kway_head_fwd_triton(
     inv_batch: float,
     num_groups: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Launch the fused forward (one program per BLOCK_N rows) and the partial reduction."""
+    """Launch the fused forward (one program per BLOCK_N rows and feature split) and the partial reduction."""
     h, weight, bias = h.contiguous(), weight.contiguous(), bias.contiguous()
     labels, w_true, w_pair = labels.contiguous(), w_true.contiguous(), w_pair.contiguous()
     n, f = h.shape
     n_col = weight.shape[0]
-    block_n, block_f, block_c, num_warps, num_stages = _launch_config(n, f, n_col, h.dtype, h.device)
-    grid = triton.cdiv(n, block_n)
+    cfg = _launch_config(n, f, n_col, h.dtype, h.device)
     interpret = h.device.type == "cpu"
-    cols = n_col * f + n_col + 2
-    partial = torch.empty((grid, cols), dtype=torch.float32, device=h.device)
+    partial = torch.empty((cfg.row_blocks, cfg.stride_partial), dtype=torch.float32, device=h.device)
     grad_h_d = torch.empty_like(h)
     grad_h_ge = torch.empty_like(h)
     with device_guard(h):
-        _kway_head_fwd_kernel[(grid,)](
+        _kway_head_fwd_kernel[(cfg.grid,)](
             h, weight, bias, labels, w_true, w_pair, grad_h_d, grad_h_ge, partial,
-            n, f, n_col // num_groups, inv_batch, partial.stride(0),
-            NUM_GROUPS=num_groups, BLOCK_N=block_n, BLOCK_F=block_f, BLOCK_C=block_c, INTERPRET=interpret,
-            num_warps=num_warps, num_stages=num_stages,
+            n, f, n_col // num_groups, inv_batch, cfg.stride_partial, cfg.n_split, cfg.f_per_split,
+            NUM_GROUPS=num_groups, BLOCK_N=cfg.block_n, BLOCK_F=cfg.block_f, BLOCK_C=cfg.block_c,
+            F_ALIGN=cfg.f_align, INTERPRET=interpret, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         grad_w = torch.empty_like(weight)
         grad_b = torch.empty_like(bias)
         loss_d = torch.empty((), dtype=torch.float32, device=h.device)
         loss_ge = torch.empty((), dtype=torch.float32, device=h.device)
-        block_p, block_c = _reduce_config(grid, h.device)
-        _kway_head_reduce_kernel[(triton.cdiv(cols, block_c),)](
-            partial, grad_w, grad_b, loss_d, loss_ge, grid, n_col * f, n_col, partial.stride(0),
+        block_p, block_c = _reduce_config(cfg.row_blocks, h.device)
+        _kway_head_reduce_kernel[(triton.cdiv(cfg.stride_partial, block_c),)](
+            partial, grad_w, grad_b, loss_d, loss_ge, cfg.row_blocks, n_col * f, n_col, cfg.stride_partial,
             BLOCK_P=block_p, BLOCK_C=block_c, INTERPRET=interpret,
         )  # fmt: skip
     return loss_d, loss_ge, grad_h_d, grad_h_ge, grad_w, grad_b

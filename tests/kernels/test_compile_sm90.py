@@ -32,20 +32,10 @@ SHARDS = 2  # compiling processes: this machine's cores (2 in CI); one takes abo
 SIXTEEN_BIT = [cid for cid, group in CONFIGS.items() if group[0].dtype.itemsize == 2]
 
 
-def _arg(launch: object, name: str) -> object:
-    """The value ``launch`` passes for the kernel parameter ``name`` (the positional arguments come first)."""
-    names = getattr(kc.kh, launch.kernel).arg_names
-    return dict(zip(names, launch.args, strict=False))[name]
-
-
 def _spills_today(cid: str) -> str | None:
-    """Why a 16-bit configuration spills today (issue 22), or None."""
+    """Why a 16-bit configuration spills today (issue 22), or None. (Finding 7, the kway_head forward at F not a
+    multiple of 16, no longer spills: issue 22 item 3.)"""
     launch = CONFIGS[cid][0]
-    if launch.kernel == "_kway_head_fwd_kernel" and _arg(launch, "n_feat") % 16:
-        return (
-            "issue 22 finding 7: with F not a multiple of 16 (1000; 307 at width 0.3) the kway_head forward loses "
-            "vectorised loads and pipelining and spills about 2.1 KB per thread"
-        )
     c = launch.constexprs
     if launch.kernel == "_mask_composite_fwd_kernel" and c["KIND"] == 0 and c["HAS_Y"] and not c["HAS_NOISE"]:
         return (
