@@ -371,7 +371,7 @@ def test_cli_eval_exits_2_naming_a_non_finite_metric_after_writing_it(few_images
     assert main(["eval", str(checkpoint), "--metrics", "pixel-mse", "--batch-size", "2"]) == 2
     out, err = capsys.readouterr()
     assert "nan ± nan" in out and "eval.json" in out
-    assert f"checkpoint {checkpoint}: pixel-mse.mean, pixel-mse.std came out non-finite" in err
+    assert f"checkpoint {checkpoint}: pixel-mse.mean, pixel-mse.std, pixel-mse.image_mean came out non-finite" in err
     document = json.loads(checkpoint.with_name("checkpoint-0000000002.eval.json").read_text())  # strict JSON: null
     measured = document["metrics"]["pixel-mse"]
     assert measured["mean"] is None and measured["std"] is None and measured["images"] == 4

@@ -52,3 +52,19 @@ def test_a_snapshot_measures_snapshot_images_however_large_the_split(split_image
     overrides = ["data.backend=synthetic", "run.snapshot_images=250", "run.kimg=0.032", "run.identity_images=0"]
     assert main(["train", *TINY, *overrides, f"run.dir={run_dir}"]) == 0
     assert snapshot_record(run_dir)["images_test"] == 250
+
+
+def test_a_snapshot_and_gali_eval_of_its_checkpoint_give_the_same_figures(tmp_path):
+    """Issue 29: over the same images (the digits' 359 test images, the identity classifier on the same training
+    images), a snapshot's held-out figures are gali eval's of the checkpoint it wrote."""
+    run_dir = tmp_path / "run"
+    identity = ["run.identity_images=5000"]  # all 1,438 training digits, as gali eval's default reads them
+    assert main(["train", *TINY, *identity, "run.kimg=0.064", f"run.dir={run_dir}"]) == 0
+    snapshot = snapshot_record(run_dir)
+    checkpoint = run_dir / "checkpoint-0000000064.pt"
+    assert main(["eval", str(checkpoint), "--metrics", "pixel-mse,recon-identity", "--identity-images", "5000"]) == 0
+    results = json.loads(checkpoint.with_suffix(".eval.json").read_text())["metrics"]
+    assert snapshot["images_test"] == results["pixel-mse"]["images"] == 359
+    assert snapshot["recon_mse_test"] == pytest.approx(results["pixel-mse"]["image_mean"], rel=1e-12)
+    assert snapshot["identity_test"] == results["recon-identity"]["accuracy"]
+    assert snapshot["identity_ceiling_test"] == results["recon-identity"]["ceiling"]

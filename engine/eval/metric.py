@@ -93,11 +93,13 @@ def summary_cells(result: dict[str, Any]) -> tuple[str, str]:
 
 
 class BatchMean(Metric):
-    """A figure per evaluation batch (``value``), reported as its mean ± std over the batches, with ``settings``."""
+    """A figure per evaluation batch (``value``), reported as its mean ± std over the batches (the paper's), and as
+    ``image_mean``, the mean over the images (each batch weighted by its images: what a training snapshot logs,
+    the two differ where the last batch is partial), with ``settings``."""
 
     def __init__(self, ctx: EvalContext) -> None:
         super().__init__(ctx)
-        self.values: list[tuple[int, float]] = []
+        self.values: list[tuple[int, tuple[float, int]]] = []
 
     def value(self, item: SplitItem) -> float:
         raise NotImplementedError
@@ -106,12 +108,15 @@ class BatchMean(Metric):
         return {}
 
     def measure(self, item: SplitItem) -> None:
-        self.values.append((item.index, self.value(item)))
+        self.values.append((item.index, (self.value(item), item.batch.x.shape[0])))
 
-    def local(self) -> list[tuple[int, float]]:
+    def local(self) -> list[tuple[int, tuple[float, int]]]:
         return self.values
 
     def combine(self, parts: list[Any]) -> dict[str, Any]:
-        return {**summarize(in_batch_order(parts)).to_dict(), **self.ctx.common(), **self.settings()}
+        values, images = zip(*in_batch_order(parts), strict=True)
+        image_mean = sum(v * n for v, n in zip(values, images, strict=True)) / sum(images)
+        summary = summarize(values).to_dict()
+        return {**summary, "image_mean": image_mean, **self.ctx.common(), **self.settings()}
 
     cells = staticmethod(summary_cells)
