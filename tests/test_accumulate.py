@@ -182,23 +182,17 @@ def test_accumulate_auto_is_one_on_a_cpu_and_the_plans_choice_for_a_gpu_memory()
     does), refused by name where not even one image fits."""
     from gali.engine.loop.plan import count_sizes, resolve_accumulate
 
-    cfg = load_config("imagenet128-gali4", ["run.accumulate=auto", "data.backend=synthetic"])  # bf16 on a GPU
-    assert resolve_accumulate(cfg, 8, None) == 1
-    sizes, per_rank = count_sizes(cfg), cfg.run.batch_size // 8
+    cfg = load_config("demo", ["run.accumulate=auto", "run.batch_size=96"])  # precision 'auto': bf16 on a GPU
+    assert resolve_accumulate(cfg, 2, None) == 1
+    sizes, per_rank = count_sizes(cfg), 48
 
-    def fits(micro_batches: int, memory: float) -> bool:
-        return (
-            sizes.memory_bytes(per_rank // micro_batches, bf16=True, checkpointed=False, extra_gradients=True) <= memory
-        )
+    def need(micro_batches: int) -> float:
+        return sizes.memory_bytes(per_rank // micro_batches, bf16=True, checkpointed=False, extra_gradients=True)
 
-    chosen = {}
-    for memory_gib in (24, 40, 80):
-        memory = memory_gib * 2**30
-        n = chosen[memory_gib] = resolve_accumulate(cfg, 8, memory)
-        assert per_rank % n == 0 and fits(n, memory)
-        assert not any(fits(m, memory) for m in range(1, n) if per_rank % m == 0)
-    assert chosen[24] > chosen[80]  # less memory, more micro-batches
+    for memory, micro_batches in ((need(1), 1), (need(1) - 1, 2), (need(3), 3), (need(3) - 1, 4), (need(48), 48)):
+        assert resolve_accumulate(cfg, 2, memory, sizes) == micro_batches
+    assert resolve_accumulate(cfg, 2, need(2) + 4096) == 2  # its own count (which may differ by a few bytes)
     with pytest.raises(ConfigError, match=r"run\.accumulate.*not even one image"):
-        resolve_accumulate(cfg, 8, 2**30)
+        resolve_accumulate(cfg, 2, need(48) - 1, sizes)
     with pytest.raises(ConfigError, match=r"run\.accumulate.*often"):
         load_config("demo", ["run.accumulate=often"])

@@ -185,14 +185,15 @@ def peak_flops(device: torch.device) -> float | None:
     return 2 * 512**3 * reps / (time.perf_counter() - start)
 
 
-def resolve_accumulate(cfg: Config, world_size: int, memory_bytes: float | None) -> int:
+def resolve_accumulate(cfg: Config, world_size: int, memory_bytes: float | None, sizes: Sizes | None = None) -> int:
     """``run.accumulate`` as a number: 'auto' is :func:`recommended_accumulate` for ``memory_bytes`` of device memory
-    (1 without a figure: a CPU run); a number stays. Not even one image per micro-batch fitting is refused."""
+    (1 without a figure: a CPU run); a number stays. Not even one image per micro-batch fitting is refused.
+    ``sizes`` defaults to a count of ``cfg``'s step (a few seconds)."""
     if cfg.run.accumulate != "auto":
         return cfg.run.accumulate
     if memory_bytes is None:
         return 1
-    found = recommended_accumulate(count_sizes(cfg), cfg, world_size, memory_bytes)
+    found = recommended_accumulate(sizes or count_sizes(cfg), cfg, world_size, memory_bytes)
     if found is None:
         raise ConfigError(
             "run.accumulate",
