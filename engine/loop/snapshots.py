@@ -2,14 +2,16 @@
 
 Grids and metrics come from the moving averages of G and E when the run keeps them (``run.ema_kimg``), their BatchNorm
 statistics first recomputed on ``run.ema_bn_batches`` real training batches, else from the live networks. The held-out
-metrics (:func:`gali.engine.metrics.reconstruction.held_out_metrics`) are the reconstruction MSE, E's mean σ and μ
-spread and, for labelled data, the identity metric with a classifier fitted once per run on up to
-``run.identity_images`` training images. With ``run.snapshot_bn_recalibrate`` = N > 0 each is measured again
-(``*_bn_recal``) on copies of G and E whose BatchNorm statistics were recomputed on N training batches. Grids are drawn
-from inputs fixed at the start of a run (a seeded z, the first held-out images, seeded evaluation boxes), so successive
-snapshots show the same cells. ``run.snapshot_metrics`` adds FID and KID of ``run.snapshot_metric_images`` samples
-against at most as many held-out images (their features computed once per run), drawn as ``gali eval`` draws them
-(:func:`sample_features`), with the Inception file ``run.snapshot_inception``.
+metrics (:func:`gali.engine.metrics.reconstruction.held_out_metrics`), over the first ``run.snapshot_images`` images of
+the held-out split in its seeded order (the same every time, in batches of 100, the last one partial), are the
+reconstruction MSE, E's mean σ and μ spread and, for labelled data, the identity metric with a classifier fitted once
+per run on up to ``run.identity_images`` training images. With ``run.snapshot_bn_recalibrate`` = N > 0 each is measured
+again (``*_bn_recal``) on copies of G and E whose BatchNorm statistics were recomputed on N training batches. Grids are
+drawn from inputs fixed at the start of a run (a seeded z, the first held-out images, seeded evaluation boxes), so
+successive snapshots show the same cells. ``run.snapshot_metrics`` adds FID and KID of ``run.snapshot_metric_images``
+samples against at most as many held-out images (their features computed once per run), drawn as ``gali eval`` draws
+them (:func:`sample_features`), with the Inception file ``run.snapshot_inception``. The checkpoint is written by a
+:class:`BackgroundWriter` from a host copy while training goes on; a stop's and the run's last wait for it.
 """
 
 from __future__ import annotations
