@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from gali.engine.errors import ConfigError, GaliError
-from gali.engine.loop.config import Config, dump_config, load_config, load_draft_config, preset_names
+from gali.engine.errors import GaliError
+from gali.engine.loop.config import dump_config, load_config, load_draft_config, preset_names
 from gali.engine.loop.signals import RunStopped
 from gali.engine.method.tuple_spec import spec_names
 
@@ -45,32 +45,6 @@ def _checkpoint_argument(path: str, command: str) -> None:
     found = sorted(folder.glob("checkpoint-*.pt"))
     example = f"e.g. {found[-1]}, the newest in its folder" if found else "a run's checkpoint-*.pt"
     _not_a_config(path, f"gali {command}", f"give a checkpoint file ({example})")
-
-
-def _check_kernels(cfg: Config) -> None:
-    """compute.kernel_impl=triton where Triton cannot run: refused before any work (no run folder is made)."""
-    if cfg.compute.kernel_impl != "triton":
-        return
-    from gali.engine.loop.runtime import resolve_device
-    from gali.kernels import _launch
-
-    device = resolve_device(cfg.run.device)
-    if _launch.triton is None:
-        raise ConfigError(
-            "compute.kernel_impl",
-            "'triton' needs the triton package (pip install 'gali[triton]'); or set compute.kernel_impl=auto or ref",
-        )
-    if device.type == "cuda":
-        return
-    from gali.kernels import kway_head  # Triton decides interpreted-or-compiled when it is first imported
-
-    if not _launch.interpreted(kway_head._kway_head_fwd_kernel):
-        raise ConfigError(
-            "compute.kernel_impl",
-            f"'triton' runs the fused kernels on CUDA, and this run is on the {device.type.upper()} "
-            f"(run.device={cfg.run.device!r}); set compute.kernel_impl=auto (Triton on CUDA, the reference "
-            "elsewhere) or ref, or TRITON_INTERPRET=1 to run them in Triton's (slow) interpreter",
-        )
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -97,7 +71,6 @@ def _train(args: argparse.Namespace) -> None:
             print(f"gali: {key} is not set (marked MISSING above); training refuses it: {why}", file=sys.stderr)
         return
     cfg = load_config(args.preset or "demo", args.overrides)
-    _check_kernels(cfg)
     from gali.engine.loop.train import resume, train
 
     if cfg.run.dir and any(Path(cfg.run.dir).glob("checkpoint-*.pt")):  # a restart: the same command line resumes
@@ -110,7 +83,6 @@ def _profile(args: argparse.Namespace) -> None:
     from gali.engine.loop.profile import nsys_command, profile_training
 
     cfg = load_config(args.preset, args.overrides)
-    _check_kernels(cfg)
     images = args.steps * cfg.run.batch_size
     cfg.run.kimg = cfg.run.tick_kimg = cfg.run.snapshot_kimg = images / 1000
     trace = profile_training(cfg)

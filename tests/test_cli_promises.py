@@ -95,6 +95,11 @@ def test_triton_kernels_on_a_cpu_are_refused_before_the_run_folder(tmp_path, cap
     err = capsys.readouterr().err
     assert "compute.kernel_impl" in err and "auto" in err and "TRITON_INTERPRET=1" in err
     assert not out.exists()
+    run_dir = tmp_path / "job"  # and a resume that asks for them: refused before it trains or writes
+    assert main(["train", *TINY, "run.kimg=0.032", f"run.dir={run_dir}"]) == 0
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert main(["train", "--resume", str(run_dir), "run.kimg=0.064", "compute.kernel_impl=triton"]) == 2
+    assert "compute.kernel_impl" in capsys.readouterr().err and sorted(p.name for p in run_dir.iterdir()) == before
 
 
 @pytest.mark.parametrize("where", ["file", "under-file", "proc"])

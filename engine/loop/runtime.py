@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from gali.engine.errors import ConfigError, GaliError
+
+if TYPE_CHECKING:
+    from gali.engine.loop.config import Config
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,3 +59,29 @@ def create_run_dir(out_dir: str | Path, name: str) -> Path:
         f"no new run folder in {out}: {tries} numbers in a row were taken by runs starting at the same time; "
         "start again"
     )
+
+
+def check_kernel_impl(cfg: Config) -> None:
+    """compute.kernel_impl=triton where Triton cannot run: refused before any work (no run folder is made), for a new
+    run, a resume and a restart alike."""
+    if cfg.compute.kernel_impl != "triton":
+        return
+    from gali.kernels import _launch
+
+    device = resolve_device(cfg.run.device)
+    if _launch.triton is None:
+        raise ConfigError(
+            "compute.kernel_impl",
+            "'triton' needs the triton package (pip install 'gali[triton]'); or set compute.kernel_impl=auto or ref",
+        )
+    if device.type == "cuda":
+        return
+    from gali.kernels import kway_head  # Triton decides interpreted-or-compiled when it is first imported
+
+    if not _launch.interpreted(kway_head._kway_head_fwd_kernel):
+        raise ConfigError(
+            "compute.kernel_impl",
+            f"'triton' runs the fused kernels on CUDA, and this run is on the {device.type.upper()} "
+            f"(run.device={cfg.run.device!r}); set compute.kernel_impl=auto (Triton on CUDA, the reference "
+            "elsewhere) or ref, or TRITON_INTERPRET=1 to run them in Triton's (slow) interpreter",
+        )

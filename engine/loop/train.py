@@ -28,7 +28,7 @@ from gali.engine.loop.ema import WeightAverage
 from gali.engine.loop.plan import count_sizes, peak_flops, resolve_accumulate, warn_if_batch_will_not_fit
 from gali.engine.loop.run_lock import RunFolderLock, acquire_run_folder
 from gali.engine.loop.run_log import RunLog, SilentRunLog, format_kimg, resolve_tensorboard
-from gali.engine.loop.runtime import create_run_dir, seed_everything
+from gali.engine.loop.runtime import check_kernel_impl, create_run_dir, seed_everything
 from gali.engine.loop.signals import RunStopped, StopFlag, requeue_job, run_deadline, stop_on_signals
 from gali.engine.loop.snapshots import Snapshots
 from gali.engine.loop.ticks import StepClock, Ticks
@@ -92,6 +92,7 @@ def train(cfg: Config, *, log: Callable[[str], None] = print, resume_from: Resum
     meant for people; a progress bar, when drawn, goes to stdout. A stop signal ends the run with a
     checkpoint and :class:`gali.engine.loop.signals.RunStopped`.
     """
+    check_kernel_impl(cfg)
     world, device = init_world(cfg.run.device)
     try:
         with stop_on_signals() as stop, contextlib.ExitStack() as held:  # held: the run folder's lock, rank 0
