@@ -7,7 +7,7 @@ torchrun --nproc-per-node 2 tests/distributed_worker.py gradients OUT
     one 2-rank step next to the same step taken alone on each rank's batch, their gradients to
     OUT/gradients-rank<r>.pt;
 torchrun --nproc-per-node 2 tests/distributed_worker.py slow-data OUT section.key=value ...
-    trains with every batch 1 s late (a slow data pipeline on purpose);
+    trains with every batch 2 s late (a slow data pipeline on purpose);
 torchrun --nproc-per-node 2 tests/distributed_worker.py infinite-loss OUT
     one 2-rank step in which rank 1's losses alone are infinite (their gradients finite), each rank's skip
     flags and whether its weights moved to OUT/infinite-loss-rank<r>.json.
@@ -111,7 +111,7 @@ def train_on_slow_data(overrides: list[str]) -> None:
 
     def late(*args):
         for item in batches_from(*args):
-            time.sleep(1.0)
+            time.sleep(2.0)
             yield item
 
     train_module._batches_from = late

@@ -119,7 +119,7 @@ def test_every_tick_reports_data_wait_and_step_times_over_the_ranks(data, tmp_pa
     with run.mfu=on, mfu is the step's model FLOP/s over the ranks' peak (on a CPU, the measured fp32 matmul rate)."""
     args = [*TINY, "data.backend=synthetic", "run.kimg=0.384", "run.snapshot_kimg=100", "run.mfu=on"]
     args.append(f"run.out_dir={tmp_path}")
-    if data == "slow":  # the digits from the main process, every batch 1 s late
+    if data == "slow":  # the digits from the main process, every batch 2 s late (data_wait above 0.5 even at 2 s steps)
         done = torchrun(
             str(WORKER), "slow-data", str(tmp_path), *TINY, "run.kimg=0.384", f"run.out_dir={tmp_path}", cwd=tmp_path
         )
@@ -134,7 +134,7 @@ def test_every_tick_reports_data_wait_and_step_times_over_the_ranks(data, tmp_pa
         assert (0 < tick["mfu"] < 1) if data == "synthetic" else "mfu" not in tick  # run.mfu=auto: off on a CPU
         assert tick["data_wait"] > 0.5 if data == "slow" else tick["data_wait"] < 0.1, tick
         if data == "slow":
-            assert tick["step_ms_p50"] >= 1000  # a step's wall time includes its wait
+            assert tick["step_ms_p50"] >= 2000  # a step's wall time includes its wait
 
 
 def test_a_global_batch_the_ranks_cannot_share_is_refused_with_sizes_that_work():
