@@ -15,22 +15,9 @@ from PIL import Image
 from gali.engine.cli import build_parser, main
 from gali.engine.loop.config import load_config
 from gali.kernels import _launch
+from tests.test_launch import TINY as LAUNCH_TINY
 
-TINY = [
-    "run.device=cpu",
-    "model.width=0.125",
-    "model.latent_dim=8",
-    "run.batch_size=32",
-    "data.workers=0",
-    "run.tick_kimg=0.032",
-    "run.snapshot_kimg=0.032",
-    "run.grid_size=2",
-    "run.tensorboard=off",
-    "run.progress=lines",
-    "run.identity_images=0",
-    "run.ema_kimg=0",
-    "run.kimg=0.032",
-]
+TINY = [*LAUNCH_TINY, "run.snapshot_kimg=0.032", "run.kimg=0.032"]  # tests/test_launch.py's run, one step
 
 
 @pytest.fixture(scope="module")

@@ -12,24 +12,10 @@ import torch
 from gali.engine.cli import main
 from gali.engine.metrics.identity import IdentityClassifier
 from gali.engine.metrics.probe import linear_probe
+from tests.test_launch import TINY as LAUNCH_TINY
 
 # Two steps of 32 images, a checkpoint after each: checkpoint-0000000032.pt and checkpoint-0000000064.pt.
-TINY = [
-    "run.device=cpu",
-    "model.width=0.125",
-    "model.latent_dim=8",
-    "run.batch_size=32",
-    "data.workers=0",
-    "run.kimg=0.064",
-    "run.tick_kimg=0.032",
-    "run.snapshot_kimg=0.032",
-    "run.grid_size=2",
-    "run.tensorboard=off",
-    "run.progress=lines",
-    "run.identity_images=0",
-    "run.ema_kimg=0.5",
-    "run.ema_bn_batches=0",
-]
+TINY = [*LAUNCH_TINY, "run.kimg=0.064", "run.snapshot_kimg=0.032", "run.ema_kimg=0.5", "run.ema_bn_batches=0"]
 NEWEST = "checkpoint-0000000064.pt"
 
 
