@@ -117,18 +117,18 @@ def test_one_rank_with_an_infinite_loss_makes_every_rank_skip(tmp_path):
 def test_every_tick_reports_data_wait_and_step_times_over_the_ranks(data, tmp_path):
     """Issue 23: data_wait is the tick's fraction of time spent waiting for a batch; step_ms_p50/p95 pool both ranks;
     with run.mfu=on, mfu is the step's model FLOP/s over the ranks' peak (on a CPU, the measured fp32 matmul rate)."""
-    args = [*TINY, "data.backend=synthetic", "run.kimg=0.256", "run.snapshot_kimg=100", "run.mfu=on"]
+    args = [*TINY, "data.backend=synthetic", "run.kimg=0.384", "run.snapshot_kimg=100", "run.mfu=on"]
     args.append(f"run.out_dir={tmp_path}")
     if data == "slow":  # the digits from the main process, every batch 2 s late (data_wait above 0.5 even at 2 s steps)
         done = torchrun(
-            str(WORKER), "slow-data", str(tmp_path), *TINY, "run.kimg=0.256", f"run.out_dir={tmp_path}", cwd=tmp_path
+            str(WORKER), "slow-data", str(tmp_path), *TINY, "run.kimg=0.384", f"run.out_dir={tmp_path}", cwd=tmp_path
         )
     else:
         done = torchrun("-m", "gali", "train", *args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in next(tmp_path.glob("*/metrics.jsonl")).read_text().splitlines()]
     ticks = [r for r in records if "event" not in r]
-    assert len(ticks) == 2
+    assert len(ticks) == 3
     for tick in ticks:
         assert 0 <= tick["data_wait"] <= 1 and 0 < tick["step_ms_p50"] <= tick["step_ms_p95"]
         assert (0 < tick["mfu"] < 1) if data == "synthetic" else "mfu" not in tick  # run.mfu=auto: off on a CPU
