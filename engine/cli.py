@@ -312,6 +312,9 @@ def _eval_options(args: argparse.Namespace, data_overrides: Sequence[str] = ()):
         probe_validation=args.probe_validation,
         probe_draws=args.probe_draws,
         probe_pool=args.probe_pool,
+        probe_logistic_images=args.probe_logistic_images,
+        probe_logistic_validation=args.probe_logistic_validation,
+        probe_logistic_epochs=args.probe_logistic_epochs,
         inception=args.inception,
         inception_input_size=args.inception_input_size,
         fid_samples=args.fid_samples,
@@ -411,6 +414,21 @@ def _add_eval_options(parser: argparse.ArgumentParser, *, batch_help: str) -> No
     parser.add_argument("--probe-draws", type=_positive, default=100, help="random labelled sets (SVMs) averaged")
     parser.add_argument("--probe-pool", type=_positive, default=20_000, help="most training images read for the probe")
     parser.add_argument(
+        "--probe-logistic-images",
+        type=_positive,
+        default=None,
+        help="most training images probe-logistic reads (default: the whole training split)",
+    )
+    parser.add_argument(
+        "--probe-logistic-validation",
+        type=_positive,
+        default=None,
+        help="training images probe-logistic holds out to choose its L2 weight (default min(10000, N / 10))",
+    )
+    parser.add_argument(
+        "--probe-logistic-epochs", type=_positive, default=30, help="SGD epochs of each probe-logistic fit"
+    )
+    parser.add_argument(
         "--identity-images",
         type=_positive,
         default=20_000,
@@ -434,7 +452,10 @@ def _add_eval_options(parser: argparse.ArgumentParser, *, batch_help: str) -> No
     parser.add_argument(
         "--fid-reference-images", type=_positive, default=50_000, help="most real images of the split for FID/KID"
     )
-    parser.add_argument("--fid-cache", help="folder of cached reference features (default $GALI_CACHE/fid)")
+    parser.add_argument(
+        "--fid-cache",
+        help="folder of cached reference features, FID/KID's and probe-logistic's (default $GALI_CACHE/fid)",
+    )
 
 
 def _add_eval_commands(commands: argparse._SubParsersAction) -> None:

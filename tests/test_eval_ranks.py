@@ -9,7 +9,10 @@ per-batch figures and the feature rows in batch order and combines them as one p
   mean (K = 4 batches here), the tolerance asserted; no reordering happens, so the figures come out equal;
 - FID is computed on rank 0 from the gathered, not averaged, Inception rows: the reference rows are compared bit
   for bit (the cache file each run writes), and FID within 1e-9 relative, which covers float64 moments of
-  n ≤ 359 rows summed in another order (n·2⁻⁵² ≈ 8e-14) amplified by the matrix square root of 16×16 covariances.
+  n ≤ 359 rows summed in another order (n·2⁻⁵² ≈ 8e-14) amplified by the matrix square root of 16×16 covariances;
+- probe-logistic's training features are each rank's shards of the cache, rows equal bit for bit to the one
+  process's shard (compared), and the test features are gathered in batch order: rank 0 fits the same rows in the
+  same order with the same seeded minibatches on one thread, so top-1, top-5 and the L2 weight chosen are equal.
 
 The checkpoint is trained for 0.032 kimg with test_launch's tiny overrides; a random conv net in TorchScript stands
 in for Inception. Both sides run their forward passes on one thread (the ranks under OMP_NUM_THREADS=1, the one
@@ -40,7 +43,8 @@ EPS64 = 2.0**-52
 
 def _arguments(checkpoint: Path, root: Path) -> list[str]:
     return [
-        *("eval", str(checkpoint), "--metrics", "pixel-mse,recon-identity,fid"),
+        *("eval", str(checkpoint), "--metrics", "pixel-mse,recon-identity,fid,probe-logistic"),
+        *("--probe-logistic-images", "600", "--probe-logistic-epochs", "10"),
         *("--inception", str(root / "inception.pt"), "--inception-input-size", "64", "--fid-samples", "250"),
         *("--identity-images", "300", "--fid-cache", str(checkpoint.parent / "fid")),
     ]
@@ -102,6 +106,17 @@ def test_two_ranks_gather_fids_inception_features(evaluated):
     caches = [torch.load(next((f / "fid").glob("reference-*.pt")), weights_only=True) for f in folders]
     assert torch.equal(caches[0]["features"], caches[1]["features"])  # the same rows, in the same order
     assert two["fid"]["value"] == pytest.approx(one["fid"]["value"], rel=1e-9, abs=0)
+
+
+def test_two_ranks_extract_and_fit_the_logistic_probe_as_one_process(evaluated):
+    one, two, folders, _ = evaluated
+    for key in ("top1", "top5", "chosen_l2", "validation_top1", "train_images", "validation", "test", "classes"):
+        assert two["probe-logistic"][key] == one["probe-logistic"][key], key
+    assert two["probe-logistic"]["train_images"] == 600 and two["probe-logistic"]["test"] == 359
+    shards = [sorted((f / "fid").glob("probe-logistic-*/features-*.npy")) for f in folders]
+    assert [len(s) for s in shards] == [1, 2]  # one process's block, then each rank's: 3 batches of 100 each
+    rows = [np.concatenate([np.load(path) for path in paths]) for paths in shards]
+    assert rows[0].shape == (600, 8) and np.array_equal(rows[0], rows[1])
 
 
 @pytest.fixture

@@ -2,12 +2,13 @@
 
 Both passes are shared among the ranks in blocks of whole batches (:mod:`gali.engine.eval.ranks`); rank 0 gathers
 the feature rows in batch order, so FID and KID see the rows one process computes. The samples are those of
-``sample_features`` (the training snapshots'): z, then a class-conditional G's labels, per batch from one generator
-seeded by ``--seed``; each rank draws the stream up to its block's end and renders its block's batches only.
+``sample_features`` of ``latent_batches`` (the training snapshots' too), seeded by ``--seed``: each rank draws the
+stream up to its block's end and renders its block's batches only.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from gali.engine.eval.metric import Metric, Part, in_batch_order
 from gali.engine.eval.ranks import progress, rank_block
 from gali.engine.eval.reference_cache import ReferenceCache, dataset_identity
 from gali.engine.metrics import fid_implementation, to_uint8_range
-from gali.engine.nets.inference import sample_images
+from gali.engine.metrics.fid import latent_batches, sample_features
 
 
 class InceptionInputs(Part):
@@ -56,22 +57,16 @@ class InceptionInputs(Part):
     def local(self) -> tuple[list[tuple[int, Tensor]], list[tuple[int, Tensor]]]:
         return self.reference, self.generated()
 
-    @torch.no_grad()
     def generated(self) -> list[tuple[int, Tensor]]:
         """(batch index, Inception features) of this rank's block of the ``--fid-samples`` samples."""
         ctx, o = self.ctx, self.ctx.options
         block = rank_block(o.fid_samples, o.batch_size, ctx.world)
-        generator = torch.Generator().manual_seed(o.seed)
-        latent, classes = ctx.cfg.model.latent_dim, ctx.cfg.model.label_classes
-        features = []
-        for index in progress(range(block.stop), total=block.stop, what="samples", world=ctx.world):
-            n = min(o.batch_size, o.fid_samples - index * o.batch_size)
-            z = torch.randn(n, latent, generator=generator)
-            labels = torch.randint(classes, (n,), generator=generator).to(ctx.device) if classes else None
-            if index >= block.first:
-                images = sample_images(ctx.G, z.to(ctx.device), labels)
-                features.append((index, ctx.inception(to_uint8_range(images)).cpu()))
-        return features
+        model = ctx.cfg.model
+        latents = latent_batches(
+            o.fid_samples, o.batch_size, latent_dim=model.latent_dim, label_classes=model.label_classes, seed=o.seed
+        )
+        latents = progress(itertools.islice(latents, block.stop), total=block.stop, what="samples", world=ctx.world)
+        return sample_features(ctx.G, ctx.inception, latents, first=block.first, device=ctx.device)
 
     def combine(self, parts: list[Any]) -> None:
         ctx, o = self.ctx, self.ctx.options

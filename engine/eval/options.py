@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gali.engine.metrics import INCEPTION_INPUT_SIZE
+from gali.engine.metrics.logistic import LOGISTIC_EPOCHS
 
 
 @dataclass
@@ -24,10 +25,13 @@ class EvalOptions:
                     before measuring (0 = the checkpoint's statistics).
     probe_*:        labelled images per draw, validation images (None = min(10000, (N − labelled)/2)),
                     number of draws, and the most training images read for the probe.
+    probe_logistic_*: probe-logistic's training images (None = the whole split), held-out images for choosing
+                    its L2 weight (None = min(10000, N / 10)) and SGD epochs per fit.
     inception*:     the FID/KID network file (see :func:`gali.engine.metrics.fid.load_inception`) and its input size.
     fid_samples:    generated images; ``fid_reference_images``: the most real images of the split.
     kid_*:          KID subsets and subset size (capped at the smaller set).
-    cache_dir:      where reference features are cached (default ``$GALI_CACHE/fid``, ``~/.cache/gali/fid``).
+    cache_dir:      where reference features (FID/KID's, probe-logistic's training features) are cached
+                    (default ``$GALI_CACHE/fid``, ``~/.cache/gali/fid``).
     """
 
     split: str = "test"
@@ -46,6 +50,9 @@ class EvalOptions:
     probe_validation: int | None = None
     probe_draws: int = 100
     probe_pool: int = 20_000
+    probe_logistic_images: int | None = None
+    probe_logistic_validation: int | None = None
+    probe_logistic_epochs: int = LOGISTIC_EPOCHS
     inception: str | None = None
     inception_input_size: int = INCEPTION_INPUT_SIZE
     fid_samples: int = 10_000

@@ -12,6 +12,7 @@ MODULES = (
     "feature_mse",
     "recon_identity",
     "probe",
+    "probe_logistic",
     "fid",
     "kid",
     "inpainting",

@@ -71,6 +71,15 @@ class World:
         dist.all_gather_object(out, value, group=self.cpu_group)
         return out
 
+    def gather_to_main(self, value: Any) -> list[Any]:
+        """Every rank's ``value`` (a picklable object), in rank order, on rank 0; an empty list on the others (for
+        values that only rank 0 combines: nothing travels to the other ranks)."""
+        if self.size == 1:
+            return [value]
+        out: list[Any] | None = [None] * self.size if self.is_main else None
+        dist.gather_object(value, out, dst=0, group=self.cpu_group)
+        return out or []
+
     def broadcast_tensor(self, tensor: Tensor) -> Tensor:
         """Rank 0's values of ``tensor`` on every rank, in place."""
         if self.size > 1:

@@ -10,8 +10,10 @@ again (``*_bn_recal``) on copies of G and E whose BatchNorm statistics were reco
 drawn from inputs fixed at the start of a run (a seeded z, the first held-out images, seeded evaluation boxes), so
 successive snapshots show the same cells. ``run.snapshot_metrics`` adds FID and KID of ``run.snapshot_metric_images``
 samples against at most as many held-out images (their features computed once per run), drawn as ``gali eval`` draws
-them (:func:`sample_features`), with the Inception file ``run.snapshot_inception``. The checkpoint is written by a
-:class:`BackgroundWriter` from a host copy while training goes on; a stop's and the run's last wait for it.
+them (:func:`gali.engine.metrics.fid.sample_features`), with the Inception file ``run.snapshot_inception``. The
+ranks share each pass in blocks of whole batches; rank 0 combines the figures, fits the classifier and draws. The
+checkpoint is written by a :class:`BackgroundWriter` from a host copy while training goes on; a stop's and the run's
+last wait for it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from gali.engine.errors import ConfigError, DataError
+from gali.engine.eval.ranks import rank_block, read_block
 from gali.engine.loop.checkpoint import BackgroundWriter, Checkpoint, checkpoint_name, prune_checkpoints
 from gali.engine.loop.config import Config
 from gali.engine.loop.distributed import World, average_buffers
@@ -33,14 +36,15 @@ from gali.engine.loop.run_log import RunLog, SilentRunLog, format_kimg
 from gali.engine.loop.ticks import Cadence
 from gali.engine.method.tuple_spec import TupleSpec
 from gali.engine.metrics.fid import (
-    InceptionFeatures,
     frechet_distance,
     kernel_inception_distance,
+    latent_batches,
     load_inception,
+    sample_features,
     to_uint8_range,
 )
 from gali.engine.metrics.identity import IdentityClassifier, fit_identity_classifier, pixel_features
-from gali.engine.metrics.reconstruction import held_out_metrics
+from gali.engine.metrics.reconstruction import combine_held_out, held_out_part
 from gali.engine.nets.feature_models import resize_to
 from gali.engine.nets.inference import evaluation_box_params, recalibrate_batch_norm, sample_images
 from gali.engine.nets.networks import Networks
@@ -78,37 +82,11 @@ def identity_classifier(cfg: Config, device: torch.device, batch_size: int) -> I
         return None
 
 
-@torch.no_grad()
-def sample_features(
-    G: torch.nn.Module,
-    inception: InceptionFeatures,
-    count: int,
-    *,
-    latent_dim: int,
-    label_classes: int,
-    batch_size: int,
-    seed: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """Inception features of ``count`` samples G(z) in eval mode, for FID and KID.
-
-    Per batch, z and then (a class-conditional G) labels uniform over the classes come from one generator seeded by
-    ``seed``: the snapshots and ``gali eval`` draw the same images from the same weights.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    features = []
-    for start in range(0, count, batch_size):
-        n = min(batch_size, count - start)
-        z = torch.randn(n, latent_dim, generator=generator).to(device)
-        labels = torch.randint(label_classes, (n,), generator=generator).to(device) if label_classes else None
-        features.append(inception(to_uint8_range(sample_images(G, z, labels))).cpu())
-    return torch.cat(features)
-
-
 class Snapshots:
     """Every ``run.snapshot_kimg`` (and at the end): grids, held-out metrics, then the checkpoint.
 
-    Rank 0 measures, draws and writes; the other ranks take part in the checkpoint's collectives only.
+    Each rank measures its block of whole evaluation batches (:mod:`gali.engine.eval.ranks`, as ``gali eval``
+    shares its passes) and rank 0 combines them into one process's figures; rank 0 alone draws and writes.
     """
 
     def __init__(
@@ -139,19 +117,20 @@ class Snapshots:
                 f"{inception_path} is not a file; give the path of a local TorchScript Inception "
                 "(clean-fid/StyleGAN3 inception-2015-12-05.pt, downloaded elsewhere); nothing is downloaded",
             )
-        if not world.is_main:
-            return
-        self.batch_size = EVAL_BATCH  # evaluation batches of their own size, as gali eval's default
-        self.split, self.pipeline = held_out_images(cfg, device, self.batch_size, cfg.run.snapshot_images)
-        self.train_images = make_pipeline(  # BatchNorm recalibration: batches like the training step's
-            cfg.data, split="train", batch_size=min(cfg.run.batch_size, EVAL_BATCH), device=device, seed=cfg.run.seed
-        )
-        self.classifier = identity_classifier(cfg, device, self.batch_size)
-        self.recalibrate_batches = cfg.run.snapshot_bn_recalibrate
+        # Every rank measures its block of the held-out images (and of FID's samples); rank 0 combines.
+        self.split, self.pipeline = held_out_images(cfg, device, EVAL_BATCH, cfg.run.snapshot_images)
         self.inception = load_inception(inception_path).to(device) if self.metric_names else None
         self.metric_images, self.seed, self.data = cfg.run.snapshot_metric_images, cfg.run.seed, cfg.data
         self.latent_dim, self.label_classes, self.device = cfg.model.latent_dim, cfg.model.label_classes, device
         self.real_features: torch.Tensor | None = None  # the held-out images' features, at the first snapshot
+        self.recalibrate_batches = cfg.run.snapshot_bn_recalibrate
+        self.classifier = identity_classifier(cfg, device, EVAL_BATCH) if world.is_main else None
+        self.identity = world.broadcast(self.classifier is not None)  # whether the ranks keep its features
+        if not world.is_main:
+            return
+        self.train_images = make_pipeline(  # BatchNorm recalibration: batches like the training step's
+            cfg.data, split="train", batch_size=min(cfg.run.batch_size, EVAL_BATCH), device=device, seed=cfg.run.seed
+        )
         n = self.grid_size = cfg.run.grid_size
         generator = torch.Generator().manual_seed(cfg.run.seed)
         self.grid_z = torch.randn(n * n, cfg.model.latent_dim, generator=generator).to(device)
@@ -171,15 +150,16 @@ class Snapshots:
         return self.cadence.due(images_seen, step_images, done)
 
     def take(self, checkpoint: Checkpoint, run_log: RunLog | SilentRunLog) -> dict[str, float]:
-        """Write the grids and the checkpoint, log the snapshot's record; returns the held-out figures (rank 0).
+        """Write the grids and the checkpoint, log the snapshot's record (collective); returns the held-out figures
+        (rank 0; an empty dict on the others).
 
         The record names each figure with the split it was measured on (``recon_mse_test``, ...).
         """
         images_seen = checkpoint.progress.images_seen
         average_buffers(self.world, self.with_buffers)
         self._recalibrate_averages()
-        figures = self._measure_and_draw(images_seen, run_log) if self.world.is_main else {}
-        sample_metrics = self._sample_metrics() if self.world.is_main and self.metric_names else {}
+        figures = self._measure(images_seen, run_log)
+        sample_metrics = self._sample_metrics() if self.metric_names else {}
         # After the snapshot's own random draws: the checkpoint's RNG state is where training goes on from.
         self._save(checkpoint, run_log)
         if self.world.is_main:
@@ -231,14 +211,15 @@ class Snapshots:
 
     def _recalibrate_averages(self) -> None:
         """The averaged G's and E's BatchNorm statistics from real training images (rank 0's, on every rank)."""
-        if not self.ema_bn_batches:
-            return
-        G, E = self.shown
+        if self.ema_bn_batches:
+            self._recalibrate(*self.shown, self.ema_bn_batches)
+
+    def _recalibrate(self, G: torch.nn.Module, E: torch.nn.Module, batches: int) -> None:
+        """G's and E's BatchNorm statistics from ``batches`` real training batches: rank 0 computes them from its
+        batches and every rank takes them (the counters too: ranks compare them)."""
         if self.world.is_main:
-            recalibrate_batch_norm(
-                G, E, itertools.islice(((b.x, b.labels) for b in self.train_images), self.ema_bn_batches)
-            )
-        for buffer in (b for net in (G, E) for b in net.buffers()):  # the counters too: ranks compare them
+            recalibrate_batch_norm(G, E, itertools.islice(((b.x, b.labels) for b in self.train_images), batches))
+        for buffer in (b for net in (G, E) for b in net.buffers()):
             self.world.broadcast_tensor(buffer)
 
     def _save(self, checkpoint: Checkpoint, run_log: RunLog | SilentRunLog, *, background: bool = True) -> None:
@@ -250,28 +231,31 @@ class Snapshots:
             prune_checkpoints(run_dir, keep=self.keep, milestone_images=self.milestone_images, log=run_log.message)
 
     def _sample_metrics(self) -> dict[str, Any]:
-        """FID and KID (as named by ``run.snapshot_metrics``) of the shown G's samples against held-out images.
+        """FID and KID (as named by ``run.snapshot_metrics``) of the shown G's samples against held-out images
+        (collective: each rank computes the features of its block of both; rank 0 gets the figures).
 
         The real images' features are computed at the first snapshot and kept: every snapshot compares with the
         same set. ``metric_images`` records both counts (the split may hold fewer than asked for).
         """
         assert self.inception is not None
+        inception, world = self.inception, self.world
         if self.real_features is None:
             real = SplitBatches(
-                self.data, self.split, batch_size=self.batch_size, device=self.device, seed=self.seed,
+                self.data, self.split, batch_size=EVAL_BATCH, device=self.device, seed=self.seed,
                 limit=self.metric_images,
             )  # fmt: skip
-            self.real_features = torch.cat([self.inception(to_uint8_range(b.x)).cpu() for b in real])
-        fake = sample_features(
-            self.shown[0],
-            self.inception,
-            self.metric_images,
-            latent_dim=self.latent_dim,
-            label_classes=self.label_classes,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            device=self.device,
+            block = rank_block(real.num_images, EVAL_BATCH, world)
+            features = [inception(to_uint8_range(b.x)).cpu() for _, _, b in read_block(real, block)]
+            self.real_features = _joined(world.gather_to_main(features))
+        block = rank_block(self.metric_images, EVAL_BATCH, world)
+        latents = latent_batches(
+            self.metric_images, EVAL_BATCH, latent_dim=self.latent_dim, label_classes=self.label_classes, seed=self.seed
         )
+        latents = itertools.islice(latents, block.stop)
+        fake = sample_features(self.shown[0], inception, latents, first=block.first, device=self.device)
+        fake = _joined([[f for _, f in rank] for rank in world.gather_to_main(fake)])
+        if not world.is_main:
+            return {}
         found: dict[str, Any] = {
             "metric_images": {"generated": len(fake), "real": len(self.real_features), "split": self.split}
         }
@@ -291,16 +275,28 @@ class Snapshots:
         counts = found["metric_images"]
         return f"{fid}{kid} ({counts['generated']} generated vs {counts['real']} {counts['split']} images)"
 
-    def _measure_and_draw(self, images_seen: int, run_log: RunLog | SilentRunLog) -> dict[str, float]:
+    def _measure(self, images_seen: int, run_log: RunLog | SilentRunLog) -> dict[str, float]:
+        """The held-out figures (collective; rank 0 gets them), then the grids (rank 0)."""
         G, E = self.shown
-        figures = held_out_metrics(G, E, ((b.x, b.labels) for b in self.pipeline), self.classifier)
+        figures = self._held_out(G, E)
         if self.recalibrate_batches:  # the same measures with BatchNorm statistics of real data, on copies
             G_real, E_real = copy.deepcopy(G), copy.deepcopy(E)
-            recalibrate_batch_norm(
-                G_real, E_real, itertools.islice(((b.x, b.labels) for b in self.train_images), self.recalibrate_batches)
-            )
-            recalibrated = held_out_metrics(G_real, E_real, ((b.x, b.labels) for b in self.pipeline), self.classifier)
+            self._recalibrate(G_real, E_real, self.recalibrate_batches)
+            recalibrated = self._held_out(G_real, E_real)
             figures |= {f"{k}_bn_recal": v for k, v in recalibrated.items() if k != "identity_ceiling"}
+        if self.world.is_main:
+            run_log.images(self._grids(G, E), images_seen)
+        return figures
+
+    def _held_out(self, G: torch.nn.Module, E: torch.nn.Module) -> dict[str, float]:
+        """:func:`held_out_metrics` of G and E over the held-out images, each rank over its block of whole evaluation
+        batches; rank 0 combines them in batch order (one process's figures) and the others get an empty dict."""
+        block = rank_block(self.pipeline.num_images, EVAL_BATCH, self.world)
+        batches = ((b.x, b.labels) for _, _, b in read_block(self.pipeline, block))
+        parts = self.world.gather_to_main(held_out_part(G, E, batches, identity=self.identity))
+        return combine_held_out(parts, self.classifier) if self.world.is_main else {}
+
+    def _grids(self, G: torch.nn.Module, E: torch.nn.Module) -> dict[str, torch.Tensor]:
         grids = {
             "samples": tile(sample_images(G, self.grid_z, self.grid_labels), columns=self.grid_size),
             "reconstructions": reconstruction_grid(G, E, self.grid_x, self.grid_x_labels),
@@ -315,5 +311,10 @@ class Snapshots:
                 impl=self.kernel_impl,
                 labels=self.grid_x_labels,
             )
-        run_log.images(grids, images_seen)
-        return figures
+        return grids
+
+
+def _joined(ranks: list[list[torch.Tensor]]) -> torch.Tensor:
+    """The rows of every rank's batches, in rank order (batch order); an empty tensor where nothing was gathered."""
+    rows = [t for rank in ranks for t in rank]
+    return torch.cat(rows) if rows else torch.empty(0)

@@ -9,6 +9,7 @@ so one pass of the network serves both FID and KID.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor, nn
 
 from gali.engine.errors import DataError, GaliError
 from gali.engine.nets.feature_models import resize_images
+from gali.engine.nets.inference import sample_images
 
 INCEPTION_INPUT_SIZE = 299
 
@@ -130,7 +132,9 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
     from torchmetrics.image.fid import FrechetInceptionDistance  # imported here: torchmetrics takes seconds to import
 
     _check_features(real, fake, "FID", 2)
-    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]))
+    # sync_on_compute=False: the features are whole already; under torchrun torchmetrics would otherwise gather its
+    # state over the default process group, a collective the other ranks never join (a hang)
+    metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[1]), sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     return float(metric.compute())
@@ -151,7 +155,9 @@ def kernel_inception_distance(
     size = min(subset_size, len(real), len(fake))
     with warnings.catch_warnings():  # KID keeps every feature; these are already in memory here
         warnings.filterwarnings("ignore", message=".*will save all extracted features")
-        metric = KernelInceptionDistance(feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(
+            feature=_Precomputed(real.shape[1]), subsets=subsets, subset_size=size, sync_on_compute=False
+        )  # whole features: no gather over the ranks (frechet_distance)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng(devices=[]):
@@ -168,3 +174,36 @@ def fid_implementation() -> str:
         f"torchmetrics {torchmetrics.__version__} FrechetInceptionDistance and KernelInceptionDistance "
         "(degree 3, gamma 1/D, coef 1) on precomputed features"
     )
+
+
+def latent_batches(
+    count: int, batch_size: int, *, latent_dim: int, label_classes: int, seed: int
+) -> Iterator[tuple[int, Tensor, Tensor | None]]:
+    """(batch index, z, labels) of the batches of ``count`` samples, on the CPU.
+
+    Per batch, z and then (a class-conditional G) labels uniform over the classes come from one generator seeded by
+    ``seed``: the snapshots and ``gali eval``, on any number of ranks, draw the same images from the same weights.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for index, start in enumerate(range(0, count, batch_size)):
+        n = min(batch_size, count - start)
+        z = torch.randn(n, latent_dim, generator=generator)
+        yield index, z, torch.randint(label_classes, (n,), generator=generator) if label_classes else None
+
+
+@torch.no_grad()
+def sample_features(
+    G: nn.Module,
+    inception: InceptionFeatures,
+    latents: Iterable[tuple[int, Tensor, Tensor | None]],
+    *,
+    first: int,
+    device: torch.device,
+) -> list[tuple[int, Tensor]]:
+    """(batch index, Inception features on the CPU) of G's samples (eval mode) of the :func:`latent_batches` from
+    batch ``first`` on: a rank draws the stream up to its block's end and renders its own batches only."""
+    return [
+        (index, inception(to_uint8_range(sample_images(G, z.to(device), None if y is None else y.to(device)))).cpu())
+        for index, z, y in latents
+        if index >= first
+    ]

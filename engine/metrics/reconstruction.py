@@ -13,7 +13,7 @@ inputs.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -106,6 +106,62 @@ def feature_mse(
     return float((a - b).square().mean())
 
 
+@dataclass
+class HeldOutPart:
+    """One pass's share of :func:`held_out_metrics` (a rank's block of the images), per batch in batch order."""
+
+    weighted_mse: list[float] = field(default_factory=list)  # each batch's pixel-MSE times its images
+    images: list[int] = field(default_factory=list)
+    mus: list[Tensor] = field(default_factory=list)  # on the CPU: parts travel between ranks
+    log_sigmas: list[Tensor] = field(default_factory=list)
+    real: list[np.ndarray] = field(default_factory=list)  # the identity classifier's features, when it scores
+    reconstructed: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+
+
+def held_out_part(
+    G: nn.Module, E: nn.Module, batches: Iterable[tuple[Tensor, Tensor | None]], *, identity: bool
+) -> HeldOutPart:
+    """What :func:`combine_held_out` needs of a stream of ``(x, labels)`` batches; with ``identity`` (and labels),
+    the pixel features of x and its reconstruction too."""
+    part = HeldOutPart()
+    for x, y in batches:
+        mu, log_sigma = encode(E, x)
+        x_hat = sample_images(G, mu, y)  # y: x's labels, for a class-conditional G
+        x = resize_to(x, x_hat.shape[-1])  # compared at G's resolution
+        part.weighted_mse.append(pixel_mse(x, x_hat) * x.shape[0])
+        part.images.append(x.shape[0])
+        part.mus.append(mu.cpu())
+        part.log_sigmas.append(log_sigma.cpu())
+        if identity and y is not None:
+            part.real.append(pixel_features(x))
+            part.reconstructed.append(pixel_features(x_hat))
+            part.labels.append(y.cpu().numpy())
+    return part
+
+
+def combine_held_out(parts: Sequence[HeldOutPart], classifier: IdentityClassifier | None = None) -> dict[str, float]:
+    """The held-out figures of :func:`held_out_metrics` from ``parts`` in batch order (the ranks' blocks in rank
+    order): summed batch by batch and concatenated as one pass over all the batches would, so the figures are one
+    process's to the bit."""
+    total, count = 0.0, 0
+    for part in parts:
+        for weighted, images in zip(part.weighted_mse, part.images, strict=True):
+            total += weighted
+            count += images
+
+    def joined(name: str) -> list:
+        return [a for part in parts for a in getattr(part, name)]
+
+    stats = encoding_stats(torch.cat(joined("mus")), torch.cat(joined("log_sigmas")))
+    figures = {"recon_mse": total / count, **{k: float(v) for k, v in stats.items()}}
+    if classifier is not None and joined("labels"):
+        real, reconstructed, labels = (np.concatenate(joined(n)) for n in ("real", "reconstructed", "labels"))
+        result = classifier.score(real, reconstructed, labels)
+        figures |= {"identity": result.accuracy, "identity_nearest": result.nearest, "identity_ceiling": result.ceiling}
+    return figures
+
+
 def held_out_metrics(
     G: nn.Module,
     E: nn.Module,
@@ -118,26 +174,6 @@ def held_out_metrics(
     ``e_sigma`` / ``e_mu_spread``: :func:`gali.engine.nets.inference.encoding_stats` over all the images;
     with a ``classifier`` (and labels), ``identity`` (its accuracy on the reconstructions),
     ``identity_nearest`` and ``identity_ceiling`` (:class:`gali.engine.metrics.identity.IdentityClassifier`).
+    Over ranks, each computes :func:`held_out_part` of its block and one combines them (:func:`combine_held_out`).
     """
-    total, count = 0.0, 0
-    mus, log_sigmas, real, reconstructed, labels = [], [], [], [], []
-    for x, y in batches:
-        mu, log_sigma = encode(E, x)
-        x_hat = sample_images(G, mu, y)  # y: x's labels, for a class-conditional G
-        x = resize_to(x, x_hat.shape[-1])  # compared at G's resolution
-        total += pixel_mse(x, x_hat) * x.shape[0]  # the batch's mean, weighted by its images
-        count += x.shape[0]
-        mus.append(mu)
-        log_sigmas.append(log_sigma)
-        if classifier is not None and y is not None:
-            real.append(pixel_features(x))
-            reconstructed.append(pixel_features(x_hat))
-            labels.append(y.cpu().numpy())
-    figures = {
-        "recon_mse": total / count,
-        **{k: float(v) for k, v in encoding_stats(torch.cat(mus), torch.cat(log_sigmas)).items()},
-    }
-    if classifier is not None and labels:
-        result = classifier.score(np.concatenate(real), np.concatenate(reconstructed), np.concatenate(labels))
-        figures |= {"identity": result.accuracy, "identity_nearest": result.nearest, "identity_ceiling": result.ceiling}
-    return figures
+    return combine_held_out([held_out_part(G, E, batches, identity=classifier is not None)], classifier)
