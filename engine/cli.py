@@ -7,7 +7,7 @@ gali sample|reconstruct CHECKPOINT [--out FILE.png] [--n 64|16] [--seed 0] [--sp
 gali presets;  gali data check|stats ROOT [--workers N]
 gali data prepare SRC DST --resolution R|--preset NAME --shards N [--format jpeg|png] [--workers N] [--seed 0]
 gali eval CHECKPOINT [data.key=value ...] [--metrics pixel-mse,feature-mse,recon-identity,probe,fid,kid,inpaint] ...
-gali reproduce [--preset demo] [--kimg K] [--seeds N] [--methods ali,alice,gali4,gali8,gali-mix] [--inception FILE] ...
+gali reproduce [--preset demo] [--kimg K] [--at-kimg K1,K2] [--seeds N] [--methods ali,alice,gali4,...] ...
 """
 
 from __future__ import annotations
@@ -233,6 +233,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _kimg_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated kimg such as 20,40; got {text!r}") from None
+
+
 def _native_build(args: argparse.Namespace) -> None:
     from gali.pipelines.native import build
 
@@ -384,6 +391,8 @@ def _reproduce(args: argparse.Namespace) -> None:
         **budget,
         preset=args.preset,
         methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        at_kimg=tuple(args.at_kimg),
+        metrics=tuple(m.strip() for m in args.metrics.split(",") if m.strip()),
         seed=args.seed,
         seeds=args.seeds,
         out_dir=args.out_dir,
@@ -460,6 +469,7 @@ def _add_eval_options(parser: argparse.ArgumentParser, *, batch_help: str) -> No
 
 def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
     from gali.engine.eval.protocol import METRICS  # scikit-learn and torchmetrics load only when used
+    from gali.engine.eval.reproduce import METRICS as REPRODUCE_METRICS
     from gali.engine.method.losses import OBJECTIVES
     from gali.engine.nets.feature_models import FEATURE_ARCHS
 
@@ -500,6 +510,17 @@ def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="training budget per method (default: gali.engine.eval.reproduce.DEFAULT_KIMG, 8; "
         "the demo preset's own is 80)",
+    )
+    repro.add_argument(
+        "--at-kimg",
+        type=_kimg_list,
+        default=(),
+        help="comma-separated budgets below --kimg at which each run is evaluated too, e.g. 20,40 with --kimg 80",
+    )
+    repro.add_argument(
+        "--metrics",
+        default=",".join(REPRODUCE_METRICS),
+        help="comma-separated gali eval metrics of each evaluation (fid is added with --inception)",
     )
     repro.add_argument(
         "--methods",

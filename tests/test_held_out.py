@@ -62,9 +62,11 @@ def test_a_snapshot_and_gali_eval_of_its_checkpoint_give_the_same_figures(tmp_pa
     assert main(["train", *TINY, *identity, "run.kimg=0.064", f"run.dir={run_dir}"]) == 0
     snapshot = snapshot_record(run_dir)
     checkpoint = run_dir / "checkpoint-0000000064.pt"
-    assert main(["eval", str(checkpoint), "--metrics", "pixel-mse,recon-identity", "--identity-images", "5000"]) == 0
+    metrics = ["--metrics", "pixel-mse,recon-sharpness,recon-identity", "--identity-images", "5000"]
+    assert main(["eval", str(checkpoint), *metrics]) == 0
     results = json.loads(checkpoint.with_suffix(".eval.json").read_text())["metrics"]
     assert snapshot["images_test"] == results["pixel-mse"]["images"] == 359
     assert snapshot["recon_mse_test"] == pytest.approx(results["pixel-mse"]["image_mean"], rel=1e-12)
+    assert snapshot["recon_sharpness_test"] == pytest.approx(results["recon-sharpness"]["image_mean"], rel=1e-12)
     assert snapshot["identity_test"] == results["recon-identity"]["accuracy"]
     assert snapshot["identity_ceiling_test"] == results["recon-identity"]["ceiling"]

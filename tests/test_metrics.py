@@ -20,6 +20,27 @@ def test_pixel_mse_is_measured_in_unit_space():
     assert metrics.pixel_mse(a, b) == pytest.approx(float(expected), rel=1e-6)
 
 
+def test_sharpness_is_one_for_the_images_themselves_below_for_blur_above_for_noise():
+    """Issue 27 item 2: a reconstruction as sharp as the real images scores 1, a blurred one below, a noisy one above;
+    checked against a loop over neighbouring pixels."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
+    assert metrics.sharpness(x, x) == 1.0
+    blurred = nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+    noisy = (x + 0.5 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    assert metrics.sharpness(x, blurred) < 0.7 < 1 < metrics.sharpness(x, noisy)
+
+    def edges(images: Tensor) -> float:
+        a = images.double().numpy()
+        horizontal = sum(abs(a[b, c, i, j + 1] - a[b, c, i, j]) for b, c, i, j in np.ndindex(4, 3, 8, 7))
+        vertical = sum(abs(a[b, c, i + 1, j] - a[b, c, i, j]) for b, c, i, j in np.ndindex(4, 3, 7, 8))
+        return (horizontal + vertical) / (4 * 3 * 8 * 7)  # as many pairs each way
+
+    assert metrics.sharpness(x, blurred) == pytest.approx(edges(blurred) / edges(x), rel=1e-12)
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.sharpness(x, x[:, :, :4])
+
+
 def test_summarize_is_mean_and_population_std_over_batches():
     values = [0.1, 0.2, 0.4]
     s = metrics.summarize(values)
@@ -259,6 +280,7 @@ def test_held_out_metrics_give_mse_encoding_spread_and_identity():
     x_hat = x.mean(dim=(1, 2, 3), keepdim=True).expand_as(x)
     figures = metrics.held_out_metrics(Generator(), Encoder(), batches)
     assert figures["recon_mse"] == pytest.approx(float(((x - x_hat) / 2).square().mean()), rel=1e-6)
+    assert figures["recon_sharpness"] == 0  # constant reconstructions: no edges
     assert figures["e_sigma"] == pytest.approx(np.exp(-1.0), rel=1e-6)
     assert figures["e_mu_spread"] == pytest.approx(float(x.mean(dim=(1, 2, 3)).std()), rel=1e-5)
     assert "identity" not in figures  # no classifier given

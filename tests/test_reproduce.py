@@ -23,9 +23,10 @@ TINY = (
 FAST_EVAL = EvalOptions(probe_labelled=200, probe_draws=2, probe_pool=500, identity_images=300)
 
 
-def _run(seed: int, pixel: float, identity: float = 0.5) -> SeedRun:
+def _run(seed: int, pixel: float, identity: float = 0.5, kimg: float = 8.0) -> SeedRun:
     return SeedRun(
         seed=seed,
+        kimg=kimg,
         run_dir=Path("r"),
         checkpoint=Path("c.pt"),
         images_per_second=100.0,
@@ -34,7 +35,7 @@ def _run(seed: int, pixel: float, identity: float = 0.5) -> SeedRun:
         results={
             "pixel-mse": {"mean": pixel, "std": 0.001},
             "probe": {"mean": 0.125, "std": 0.0125},
-            "recon-identity": {"accuracy": identity, "ceiling": 0.9},
+            "recon-identity": {"accuracy": identity, "ceiling": 0.9, "nearest": 0.4},
         },
     )
 
@@ -56,6 +57,18 @@ def test_table_puts_the_papers_numbers_beside_ours():
     assert "SVHN" in lines[2] and "CelebA" in lines[2] and "SVHN 32×32" in table  # which data set the paper's are for
 
 
+def test_budgets_give_rows_and_the_first_budget_at_the_identity_goal():
+    rows = [
+        MethodRow("gali4", 4, [_run(0, 0.03, 0.6, kimg=20), _run(1, 0.03, 0.7, kimg=20)]),
+        MethodRow("gali4", 4, [_run(0, 0.02, 0.78, kimg=40), _run(1, 0.02, 0.84, kimg=40)]),
+        MethodRow("ali", 2, [_run(0, 0.05, 0.5, kimg=20), _run(1, 0.05, 0.5, kimg=20)]),
+        MethodRow("ali", 2, [_run(0, 0.04, 0.79, kimg=40), _run(1, 0.04, 0.8, kimg=40)]),
+    ]
+    table = reproduce_table(rows, header="HEADER")
+    assert "| gali4 | 4 | 40 |" in table and "| ali | 2 | 20 |" in table
+    assert "- gali4: 40 kimg" in table and "- ali: not within 40 kimg" in table  # 0.81 and 0.795 on average
+
+
 def test_several_seeds_give_mean_and_std_over_seeds():
     row = MethodRow(method="gali4", num_classes=4, runs=[_run(0, 0.02, 0.6), _run(1, 0.04, 0.8)])
     assert row.cell("pixel-mse") == "0.0300 ± 0.0100"  # over seeds, not over batches
@@ -71,6 +84,12 @@ def test_several_seeds_give_mean_and_std_over_seeds():
         ({"overrides": ("run.kimg=3",)}, r"run.kimg=3: set by gali reproduce itself"),
         ({"kimg": 0}, r"--kimg must be > 0"),
         ({"seeds": 0}, r"--seeds must be >= 1"),
+        ({"kimg": 80, "at_kimg": (20, 30)}, r"--at-kimg 20,30: .* each \(and --kimg\) a multiple of the smallest"),
+        ({"kimg": 80, "at_kimg": (160,)}, r"--at-kimg 160: give budgets above 0 and at most --kimg 80"),
+        (
+            {"metrics": ("pixel-mse", "sharpness")},
+            r"unknown metric 'sharpness' in --metrics; .*recon-sharp",
+        ),
     ],
 )
 def test_bad_options_are_refused_before_training(tmp_path, options, message):
@@ -104,6 +123,10 @@ def test_reproduce_trains_evaluates_and_repeats_itself(tmp_path, monkeypatch):
             "gali4",
             "--seeds",
             "2",
+            "--at-kimg",
+            "0.05",
+            "--metrics",
+            "recon-identity,recon-sharpness,pixel-mse,probe",
             "--out-dir",
             str(tmp_path / "b"),
             "--probe-labelled",
@@ -118,9 +141,15 @@ def test_reproduce_trains_evaluates_and_repeats_itself(tmp_path, monkeypatch):
         ]
     )
     assert code == 0
-    (again,) = json.loads((tmp_path / "b" / "reproduce.json").read_text())["rows"]
+    halfway, again = json.loads((tmp_path / "b" / "reproduce.json").read_text())["rows"]
     first = next(row for row in report.rows if row.method == "gali4").runs[0].results
     assert again["method"] == "gali4" and [run["seed"] for run in again["runs"]] == [0, 1]
+    # at 0.05 kimg: the checkpoint of the first step past it (batch 32: 64 images), evaluated apart
+    assert [halfway["kimg"], again["kimg"]] == [0.05, 0.1]
+    assert Path(halfway["runs"][0]["checkpoint"]).name == "checkpoint-0000000064.pt"
+    assert halfway["runs"][0]["results"]["pixel-mse"]["mean"] != first["pixel-mse"]["mean"]
+    assert 0 < halfway["runs"][0]["train_seconds"] < again["runs"][0]["train_seconds"]
+    assert again["runs"][0]["results"]["recon-sharpness"]["mean"] > 0
     seed0, seed1 = (run["results"] for run in again["runs"])
     assert seed0["pixel-mse"]["mean"] == first["pixel-mse"]["mean"]
     assert seed0["probe"]["errors"] == first["probe"]["errors"]

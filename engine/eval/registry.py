@@ -9,6 +9,7 @@ from gali.engine.eval.metric import Metric
 
 MODULES = (
     "pixel_mse",
+    "recon_sharpness",
     "feature_mse",
     "recon_identity",
     "probe",

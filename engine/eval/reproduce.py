@@ -8,6 +8,8 @@ and, when Inception weights are given, FID. With one seed a cell's ± is the std
 (the paper's); with ``seeds`` > 1 it is the std over seeds of each seed's figure. The paper's
 numbers (docs/method.md §4.2) stand beside ours for reference; they are for SVHN and CelebA at the
 authors' full budgets, so only the ordering of the methods can be compared.
+With ``at_kimg`` each run is also evaluated at those budgets on the way (its checkpoints there), one table row per
+method and budget, and the table ends with the budget at which each method's identity first reached 0.80.
 Training and evaluation are seeded, so a second run with the same options prints the same table.
 """
 
@@ -24,7 +26,9 @@ import numpy as np
 
 from gali.engine.errors import GaliError
 from gali.engine.eval.protocol import EvalOptions, evaluate
+from gali.engine.eval.registry import REGISTRY
 from gali.engine.files import write_text_atomic
+from gali.engine.loop.checkpoint import checkpoint_images
 from gali.engine.loop.config import Config, load_config
 from gali.engine.loop.train import train
 from gali.engine.method.losses import OBJECTIVES
@@ -37,6 +41,8 @@ METHODS = ("ali", "alice", "gali4", "gali8", "gali-mix")
 DEFAULT_KIMG = 8.0
 # Keys that the command's own options set; an override of one of them would contradict them.
 RESERVED_KEYS = ("method.tuples", "method.objective", "run.kimg", "run.seed", "run.out_dir")
+METRICS = ("recon-identity", "recon-sharpness", "pixel-mse", "probe")  # and fid, with Inception weights
+IDENTITY_GOAL = 0.80  # the identity accuracy whose first budget the table reports (issue 27)
 
 # docs/method.md §4.2: Table 1 (SVHN pixel-MSE), Table 2 (SVHN linear-SVM error, %; ALI is the GALI
 # authors' own baseline run), Table 3 (CelebA FID). GALI-mix was only run on CelebA inpainting.
@@ -63,7 +69,9 @@ class ReproduceOptions:
     preset:    the preset every method starts from (its data, networks, optimiser and batch size).
     kimg:      training budget per method, in thousands of real images.
     methods:   tuple specs to train, in table order.
+    at_kimg:   budgets below ``kimg`` at which each run is evaluated too (multiples of the smallest, as is ``kimg``).
     seed, seeds: each method is trained from seeds ``seed .. seed + seeds − 1``.
+    metrics:   what each evaluation measures (``fid`` is added when ``evaluation`` names Inception weights).
     overrides: ``section.key=value`` applied to every method (e.g. ``data.source=folder data.root=...``);
                the keys in :data:`RESERVED_KEYS` are set by the options above and may not be overridden.
     evaluation: settings of the evaluation (its seed is replaced by ``seed``).
@@ -71,7 +79,9 @@ class ReproduceOptions:
 
     preset: str = "demo"
     kimg: float = DEFAULT_KIMG
+    at_kimg: Sequence[float] = ()
     methods: Sequence[str] = METHODS
+    metrics: Sequence[str] = METRICS
     seed: int = 0
     seeds: int = 1
     out_dir: str = "runs/reproduce"
@@ -81,9 +91,11 @@ class ReproduceOptions:
 
 @dataclass
 class SeedRun:
-    """One method trained from one seed: its training figures and evaluation results."""
+    """One method trained from one seed, evaluated at one budget: its training figures (to that budget: seconds
+    from the ticks' rates) and evaluation results."""
 
     seed: int
+    kimg: float
     run_dir: Path
     checkpoint: Path
     images_per_second: float
@@ -97,11 +109,20 @@ class SeedRun:
 
 @dataclass
 class MethodRow:
-    """One method's line of the table: its runs, one per seed."""
+    """One method's line of the table at one budget: its runs, one per seed."""
 
     method: str
     num_classes: int
     runs: list[SeedRun]
+
+    @property
+    def kimg(self) -> float:
+        return self.runs[0].kimg
+
+    def mean(self, metric: str, key: str) -> float:
+        """``metric``'s ``key`` averaged over the seeds (NaN where not measured)."""
+        values = [run.results[metric][key] for run in self.runs if metric in run.results]
+        return float(np.mean(values)) if values else float("nan")
 
     def cell(self, metric: str, key: str = "mean", *, scale: float = 1.0, digits: int = 4) -> str:
         """``metric``'s ``key`` as mean ± std: over test batches for one seed (where the metric has them), else over
@@ -144,6 +165,24 @@ def _check(options: ReproduceOptions) -> None:
         raise GaliError(f"--kimg must be > 0; got {options.kimg}")
     if options.seeds < 1:
         raise GaliError(f"--seeds must be >= 1; got {options.seeds}")
+    budgets = budgets_of(options)
+    step = round(budgets[0] * 1000)
+    if budgets[0] <= 0 or budgets[-1] > options.kimg or any(round(b * 1000) % step for b in budgets):
+        raise GaliError(
+            f"--at-kimg {','.join(f'{b:g}' for b in options.at_kimg)}: give budgets above 0 and at most --kimg "
+            f"{options.kimg:g}, each (and --kimg) a multiple of the smallest, e.g. --at-kimg 20,40 --kimg 80"
+        )
+    unknown = [m for m in options.metrics if m not in REGISTRY]
+    if unknown or not options.metrics:
+        raise GaliError(
+            f"unknown metric {', '.join(map(repr, unknown)) or '(none given)'} in --metrics; accepted "
+            f"(comma-separated): {', '.join(REGISTRY)}"
+        )
+
+
+def budgets_of(options: ReproduceOptions) -> list[float]:
+    """The budgets each run is evaluated at, in increasing order: ``at_kimg`` and ``kimg``."""
+    return sorted({*options.at_kimg, options.kimg})
 
 
 def split_method(method: str) -> tuple[str, str] | None:
@@ -154,23 +193,40 @@ def split_method(method: str) -> tuple[str, str] | None:
 
 
 def reproduce_table(rows: Sequence[MethodRow], *, header: str) -> str:
-    """A Markdown table of ``rows`` with the paper's numbers beside them, under ``header``."""
+    """A Markdown table of ``rows`` with the paper's numbers beside them, under ``header``; with several budgets,
+    the budget at which each method's identity (mean over seeds) first reached :data:`IDENTITY_GOAL`."""
     lines = [
         header,
         "",
-        "| method | K | train img/s | identity | pixel-MSE | probe error (%) | FID | paper pixel-MSE (SVHN) "
-        "| paper probe error (%) (SVHN) | paper FID (CelebA) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | K | kimg | train s | train img/s | identity | nearest own | pixel-MSE | sharpness "
+        "| probe error (%) | FID | paper pixel-MSE (SVHN) | paper probe error (%) (SVHN) | paper FID (CelebA) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         paper = PAPER.get(row.method, NOT_IN_PAPER)
         speed = np.mean([run.images_per_second for run in row.runs])
+        seconds = np.mean([run.train_seconds for run in row.runs])
         lines.append(
-            f"| {row.method} | {row.num_classes} | {speed:.0f} | {row.cell('recon-identity', 'accuracy', digits=3)} "
-            f"| {row.cell('pixel-mse')} | {row.cell('probe', scale=100, digits=2)} "
-            f"| {row.cell('fid', 'value', digits=2)} | {paper['pixel_mse']} | {paper['probe']} | {paper['fid']} |"
+            f"| {row.method} | {row.num_classes} | {row.kimg:g} | {seconds:.0f} | {speed:.0f} "
+            f"| {row.cell('recon-identity', 'accuracy', digits=3)} | {row.cell('recon-identity', 'nearest', digits=3)} "
+            f"| {row.cell('pixel-mse')} | {row.cell('recon-sharpness', digits=3)} "
+            f"| {row.cell('probe', scale=100, digits=2)} | {row.cell('fid', 'value', digits=2)} "
+            f"| {paper['pixel_mse']} | {paper['probe']} | {paper['fid']} |"
         )
-    return "\n".join([*lines, "", PAPER_NOTE])
+    lines += ["", PAPER_NOTE]
+    if len({row.kimg for row in rows}) > 1:
+        lines += ["", *goal_lines(rows)]
+    return "\n".join(lines)
+
+
+def goal_lines(rows: Sequence[MethodRow]) -> list[str]:
+    """Per method, the first budget whose identity, averaged over the seeds, reached :data:`IDENTITY_GOAL`."""
+    lines = [f"First budget at identity ≥ {IDENTITY_GOAL:.2f} (mean over seeds):", ""]
+    for method in dict.fromkeys(row.method for row in rows):
+        reached = [r.kimg for r in rows if r.method == method and r.mean("recon-identity", "accuracy") >= IDENTITY_GOAL]
+        budgets = [r.kimg for r in rows if r.method == method]
+        lines.append(f"- {method}: " + (f"{min(reached):g} kimg" if reached else f"not within {max(budgets):g} kimg"))
+    return lines
 
 
 def _header(options: ReproduceOptions, data: DataConfig, rows: Sequence[MethodRow]) -> str:
@@ -225,16 +281,18 @@ def reproduce(options: ReproduceOptions | None = None, *, log: Callable[[str], N
     options = options or ReproduceOptions()
     _check(options)
     out = Path(options.out_dir)
-    metrics = ["recon-identity", "pixel-mse", "probe"] + (["fid"] if options.evaluation.inception else [])
+    metrics = [*options.metrics, *(["fid"] if options.evaluation.inception else [])]
+    budgets = budgets_of(options)
     rows: list[MethodRow] = []
     for method in options.methods:
-        runs = []
+        runs: list[list[SeedRun]] = []
         for seed in range(options.seed, options.seed + options.seeds):
             spec, objective = split_method(method)
             cfg = load_config(
                 options.preset,
                 [
-                    f"run.snapshot_kimg={options.kimg}",
+                    f"run.snapshot_kimg={budgets[0]}",
+                    "run.keep_checkpoints=0",  # every budget's checkpoint is evaluated
                     *options.overrides,
                     f"method.tuples={spec}",
                     f"method.objective={objective}",
@@ -243,8 +301,10 @@ def reproduce(options: ReproduceOptions | None = None, *, log: Callable[[str], N
                     f"run.out_dir={out / method / f'seed{seed}'}",
                 ],
             )
-            runs.append(_train_and_evaluate(cfg, method, seed, metrics, replace(options.evaluation, seed=seed), log))
-        rows.append(MethodRow(method=method, num_classes=load_spec(cfg.method.tuples).num_classes, runs=runs))
+            evaluation = replace(options.evaluation, seed=seed)
+            runs.append(_train_and_evaluate(cfg, method, seed, budgets, metrics, evaluation, log))
+        num_classes = load_spec(cfg.method.tuples).num_classes
+        rows += [MethodRow(method, num_classes, [seed_runs[i] for seed_runs in runs]) for i in range(len(budgets))]
     table = reproduce_table(rows, header=_header(options, cfg.data, rows))
     out.mkdir(parents=True, exist_ok=True)
     markdown_path = out / "reproduce.md"
@@ -256,11 +316,17 @@ def reproduce(options: ReproduceOptions | None = None, *, log: Callable[[str], N
             {
                 "preset": options.preset,
                 "kimg": options.kimg,
+                "at_kimg": budgets,
                 "seed": options.seed,
                 "seeds": options.seeds,
                 "overrides": list(options.overrides),
                 "rows": [
-                    {"method": row.method, "num_classes": row.num_classes, "runs": [run.to_dict() for run in row.runs]}
+                    {
+                        "method": row.method,
+                        "num_classes": row.num_classes,
+                        "kimg": row.kimg,
+                        "runs": [run.to_dict() for run in row.runs],
+                    }
                     for row in rows
                 ],
                 "paper": PAPER,
@@ -273,23 +339,48 @@ def reproduce(options: ReproduceOptions | None = None, *, log: Callable[[str], N
 
 
 def _train_and_evaluate(
-    cfg: Config, method: str, seed: int, metrics: Sequence[str], evaluation: EvalOptions, log: Callable[[str], None]
-) -> SeedRun:
-    """Train one method from one seed, then evaluate its last checkpoint."""
+    cfg: Config,
+    method: str,
+    seed: int,
+    budgets: Sequence[float],
+    metrics: Sequence[str],
+    evaluation: EvalOptions,
+    log: Callable[[str], None],
+) -> list[SeedRun]:
+    """Train one method from one seed, then evaluate its checkpoint at each budget."""
     log(f"== {method}, seed {seed}: training {cfg.run.kimg:g} kimg")
-    start = time.perf_counter()
     result = train(cfg, log=log)
-    train_seconds = time.perf_counter() - start
-    checkpoint = sorted(result.run_dir.glob("checkpoint-*.pt"))[-1]
-    log(f"== {method}, seed {seed}: evaluating {checkpoint}")
-    start = time.perf_counter()
-    report = evaluate(checkpoint, metrics, evaluation, log=log)
-    return SeedRun(
-        seed=seed,
-        run_dir=result.run_dir,
-        checkpoint=checkpoint,
-        images_per_second=result.images_per_second,
-        train_seconds=train_seconds,
-        eval_seconds=time.perf_counter() - start,
-        results=report.results,
-    )
+    ticks = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    ticks = [t for t in ticks if "event" not in t]
+    checkpoints = sorted(result.run_dir.glob("checkpoint-*.pt"))
+    runs = []
+    for kimg in budgets:  # the checkpoint of the first step at or past the budget
+        checkpoint = next(p for p in checkpoints if checkpoint_images(p) >= round(kimg * 1000))
+        log(f"== {method}, seed {seed}: evaluating {checkpoint}")
+        start = time.perf_counter()
+        report = evaluate(checkpoint, metrics, evaluation, log=log)
+        seconds = _train_seconds(ticks, checkpoint_images(checkpoint) / 1000)
+        runs.append(
+            SeedRun(
+                seed=seed,
+                kimg=kimg,
+                run_dir=result.run_dir,
+                checkpoint=checkpoint,
+                images_per_second=kimg * 1000 / seconds,
+                train_seconds=seconds,
+                eval_seconds=time.perf_counter() - start,
+                results=report.results,
+            )
+        )
+    return runs
+
+
+def _train_seconds(ticks: list[dict[str, Any]], kimg: float) -> float:
+    """Seconds of training to ``kimg``: each tick's images over its rate (snapshots and evaluations excluded)."""
+    seconds, previous = 0.0, 0.0
+    for tick in ticks:
+        if tick["kimg"] > kimg + 1e-9:
+            break
+        seconds += (tick["kimg"] - previous) * 1000 / tick["images_per_s"]
+        previous = tick["kimg"]
+    return seconds

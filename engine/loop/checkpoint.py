@@ -271,7 +271,7 @@ def prune_checkpoints(run_dir: Path, *, keep: int, milestone_images: int, log: C
     milestones: dict[int, Path] = {}
     if milestone_images:
         for path in checkpoints:
-            milestones.setdefault(_images_of(path) // milestone_images, path)
+            milestones.setdefault(checkpoint_images(path) // milestone_images, path)
     keep_set = set(checkpoints[-keep:]) | set(milestones.values())
     deleted = []
     for path in checkpoints:
@@ -285,7 +285,8 @@ def prune_checkpoints(run_dir: Path, *, keep: int, milestone_images: int, log: C
     return deleted
 
 
-def _images_of(path: Path) -> int:
+def checkpoint_images(path: Path) -> int:
+    """The images seen at the checkpoint named ``path`` (:func:`checkpoint_name`)."""
     return int(path.stem.removeprefix("checkpoint-"))
 
 

@@ -182,7 +182,8 @@ class Snapshots:
                 identity += f", {figures['identity_bn_recal']:.3f} with BatchNorm statistics of real images"
             run_log.message(
                 f"snapshot at {format_kimg(kimg)} kimg on the {self.split} split: reconstruction MSE "
-                f"{figures['recon_mse']:.5f}{identity}, E sigma {figures['e_sigma']:.3f}, "
+                f"{figures['recon_mse']:.5f} (sharpness {figures['recon_sharpness']:.3f}){identity}, "
+                f"E sigma {figures['e_sigma']:.3f}, "
                 f"mu spread {figures['e_mu_spread']:.3f}{self._sample_metrics_text(sample_metrics)}"
             )
         return figures

@@ -30,6 +30,7 @@ from gali.engine.metrics.reconstruction import (
     masked_pixel_mse,
     network_features,
     pixel_mse,
+    sharpness,
     summarize,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "pixel_features",
     "pixel_mse",
     "probe_validation_size",
+    "sharpness",
     "summarize",
     "to_uint8_range",
 ]
