@@ -1,18 +1,22 @@
 """The DALI backend: the batch contract decoded by NVIDIA DALI (nvJPEG on the GPU, DALI's CPU operators without one).
 
 Splits are indexed by ``sources.open_split`` as in the torch backend: the same images, labels, class names and refusals.
-Image files are dealt in ``contract.epoch_order``, the torch backend's order exactly; webdataset shards stream in tar
-order, rank r taking DALI's part ``(r + epoch) % world_size`` through a buffered shuffle (members of no sample are
-skipped, so a rank may fall short). Order and augmentation depend on (seed, epoch, rank) alone; each rank yields
-``contract.batches_per_rank`` full batches, the rest is dropped. Eval (and training without ``augment``): the centered
-square resized to R×R as in the torch backend (EXIF ignored); ``augment``: a random crop (area 8–100 %, aspect 3/4–4/3)
-resized to R×R, then a horizontal flip. uint8 reaches the training device, where ``contract.pixels_to_x`` makes x
-bit-identical to the torch backend's. An unreadable image stops the pass with a ``DataError`` naming it.
+Each rank reads the images of its row of ``contract.epoch_order``, the torch backend's for (seed, epoch, rank): image
+files in that order exactly (DALI's file reader), webdataset shards grouped by shard (``_by_shard``: each shard is read
+in one run, through a DALI index written for the pass that lists those samples only, so DALI indexes nothing and reads
+nothing else). Order and augmentation depend on (seed, epoch, rank) alone; each rank yields
+``contract.batches_per_rank`` full batches, the rest is dropped; labels come from the index, in the list's order. A
+pass resumed at batch k reads its list from batch k on: the images before it are neither read nor decoded. Eval (and
+training without ``augment``): the centered square resized to R×R as in the torch backend (EXIF ignored); ``augment``:
+a random crop (area 8–100 %, aspect 3/4–4/3) resized to R×R, then a horizontal flip. uint8 reaches the training device,
+where ``contract.pixels_to_x`` makes x bit-identical to the torch backend's. An unreadable image stops the pass with a
+``DataError`` naming it.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from gali.engine.errors import ConfigError, DataError
 from .config import DataConfig
 from .contract import Batch, batches_per_rank, check_rank, check_split_size, check_start_batch, epoch_order, pixels_to_x
 from .masks import MaskArgs
-from .sources import IMAGE_EXTENSIONS, FileIndex, ShardIndex, open_split
+from .sources import IMAGE_EXTENSIONS, FileIndex, ShardIndex, dali_index, open_split
 from .torch_files import decode_problem
 
 try:
@@ -42,6 +46,28 @@ READER = "Reader"
 WDS_IMAGE_EXT = ";".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 
 
+def _by_shard(items: np.ndarray, shard_ids: np.ndarray) -> np.ndarray:
+    """``items`` grouped by shard (``shard_ids``: each item's), stably: the shards in the order of their first item."""
+    _, first, inverse = np.unique(shard_ids[items], return_index=True, return_inverse=True)
+    return items[np.argsort(first[inverse], kind="stable")]
+
+
+def _pass_index(index: ShardIndex, items: np.ndarray, folder: Path) -> tuple[list[str], list[str]]:
+    """The shards and the DALI indexes (written into ``folder``) that make DALI's webdataset reader read ``items``,
+    and only those, in order: one index per run of items from one shard (``sources.dali_index``)."""
+    shard_ids = index.shard_ids[items]
+    starts = np.flatnonzero(np.diff(shard_ids, prepend=-1)).tolist()
+    paths, index_paths = [], []
+    for run, (start, stop) in enumerate(zip(starts, [*starts[1:], len(items)], strict=True)):
+        run_items = items[start:stop].tolist()
+        samples = [[(os.fsdecode(index.members[i]), int(index.offsets[i]), int(index.sizes[i]))] for i in run_items]
+        path = folder / f"run-{run:06d}.idx"
+        path.write_text(dali_index(samples), encoding="utf-8")
+        paths.append(index.shards[shard_ids[start]])
+        index_paths.append(str(path))
+    return paths, index_paths
+
+
 @pipeline_def
 def _build_dali_pipeline(
     index: FileIndex | ShardIndex,
@@ -56,12 +82,15 @@ def _build_dali_pipeline(
     decode_device: str,
     layout: str,
     masks_device: str,
+    index_paths: list[str] | None = None,
 ):
-    """The DALI pipeline's operators: read, decode, crop/resize to R×R, (flip), uint8 in ``layout``; plus the
-    labels (image files: each image's index in the split, its label looked up after) and the masks (drawn by the
-    plugin on ``masks_device``: 'gpu' only where it was built with CUDA, else on the CPU and copied over)."""
+    """The DALI pipeline's operators: read DALI's part ``shard_id`` of ``num_shards`` of ``files`` in order (image
+    files, each labelled by its index in the split, ``sample_ids``; or shards, each read through its index in
+    ``index_paths``), decode, crop/resize to R×R, (flip), uint8 in ``layout``; plus the masks of image files (drawn
+    by the plugin from their ids on ``masks_device``: 'gpu' only where it was built with CUDA, else on the CPU and
+    copied over)."""
     if isinstance(index, FileIndex):
-        encoded, labels = fn.readers.file(
+        encoded, ids = fn.readers.file(
             file_root=str(index.base),
             files=files,
             labels=sample_ids,
@@ -71,17 +100,16 @@ def _build_dali_pipeline(
             name=READER,
         )
     else:
-        encoded, cls = fn.readers.webdataset(
-            paths=index.shards,
-            ext=[WDS_IMAGE_EXT, "cls"],
+        encoded = fn.readers.webdataset(
+            paths=files,
+            index_paths=index_paths,
+            ext=[WDS_IMAGE_EXT],
             case_sensitive_extensions=False,
-            missing_component_behavior="skip",
             shard_id=shard_id,
             num_shards=num_shards,
-            random_shuffle=True,
+            random_shuffle=False,
             name=READER,
         )
-        labels = fn.pad(cls, fill_value=0)  # the .cls text, zero-padded to the longest in the batch
     size = [resolution, resolution]
     if augment:
         images = fn.decoders.image_random_crop(
@@ -111,21 +139,12 @@ def _build_dali_pipeline(
         mirror = 0
     images = fn.crop_mirror_normalize(images, dtype=types.UINT8, output_layout=layout, mirror=mirror)
     if masks is None:
-        return images, labels
-    ids = fn.cast(labels, dtype=types.INT64)
+        return images
+    ids = fn.cast(ids, dtype=types.INT64)
     if decode_device == "mixed" and masks_device == "gpu":
-        return images, labels, fn.gali_masks(ids.gpu(), **masks.as_kwargs())
+        return images, fn.gali_masks(ids.gpu(), **masks.as_kwargs())
     pixels = fn.gali_masks(ids, **masks.as_kwargs())  # the plugin's CPU operator
-    return images, labels, pixels.gpu() if decode_device == "mixed" else pixels
-
-
-def _digits_to_int(text: torch.Tensor) -> torch.Tensor:
-    """Parse (B, L) uint8 ASCII rows (digits, whitespace, zero padding) to int64 values."""
-    value = torch.zeros(text.shape[0], dtype=torch.int64)
-    for column in text.to(torch.int64).unbind(1):
-        digit = (column >= 48) & (column <= 57)
-        value = torch.where(digit, value * 10 + (column - 48), value)
-    return value
+    return images, pixels.gpu() if decode_device == "mixed" else pixels
 
 
 def _dali_reason(message: str) -> str:
@@ -195,92 +214,99 @@ class DaliPipeline:
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the next pass's order (and augmentation): a function of (seed, epoch, rank) only.
 
-        The next pass starts at batch ``start_batch`` of that epoch (a resumed run). For image files
-        the reader's list starts there, so the batches hold the same images as an uninterrupted
-        pass (random augmentations are drawn afresh); webdataset shards are read from their start
-        and the first ``start_batch`` batches decoded and dropped.
+        The next pass starts at batch ``start_batch`` of that epoch (a resumed run): the reader's list starts
+        there, so the batches hold the same images as an uninterrupted pass (random augmentations are drawn
+        afresh), and the images before it are not read.
         """
         check_start_batch(start_batch, self.batches_per_rank)
         self.epoch, self.start_batch = epoch, start_batch
 
     def _epoch_order(self) -> np.ndarray:
-        """Image-file indices of this epoch, (world_size, per_rank): row r is rank r's (``contract.epoch_order``)."""
+        """Item indices of this epoch, (world_size, per_rank): row r is rank r's (``contract.epoch_order``)."""
         return epoch_order(
             self.num_images, seed=self.seed, epoch=self.epoch, batch_size=self.batch_size, world_size=self.world_size
         )
 
-    def _build(self) -> DALIGenericIterator:
-        files: list[str] = []
-        sample_ids: list[int] = []
-        if isinstance(self.index, FileIndex):
-            # Every rank's rest of the epoch, rank after rank: DALI's contiguous shard ``rank`` is this rank's.
-            order = self._epoch_order()[:, self.start_batch * self.batch_size :].reshape(-1)
-            files = [os.fsdecode(p) for p in self.index.paths[order]]
-            sample_ids = order.tolist()
+    def _pass_items(self) -> np.ndarray:
+        """The split's items this rank reads in the next pass, in order: its row of ``_epoch_order`` (shards:
+        ``_by_shard``), from batch ``start_batch`` on."""
+        order = self._epoch_order()[self.rank]
+        if isinstance(self.index, ShardIndex):
+            order = _by_shard(order, self.index.shard_ids)
+        return order[self.start_batch * self.batch_size :]
+
+    def _build(self, items: np.ndarray) -> DALIGenericIterator:
+        """The iterator of a pass that reads ``items`` (``_pass_items``)."""
         cuda = self.device.type == "cuda"
         device_id = None
         if cuda:
             device_id = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        pipe = _build_dali_pipeline(
-            self.index,
-            files=files,
-            sample_ids=sample_ids,
-            masks=self.masks,
-            shard_id=self.rank if files else (self.rank + self.epoch) % self.world_size,
-            num_shards=self.world_size,
-            resolution=self.resolution,
-            augment=self.augment,
-            decode_device="mixed" if cuda else "cpu",
-            layout="HWC" if self.channels_last else "CHW",
-            masks_device=self.masks_device,
-            batch_size=self.batch_size,
-            num_threads=self.num_threads,
-            device_id=device_id,
-            seed=int(np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1)[0] >> 1),
-            prefetch_queue_depth=self.prefetch,
-        )
-        outputs = ["x", "labels"] + (["masks"] if self.masks is not None else [])
-        return DALIGenericIterator(
-            [pipe], outputs, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=False
-        )
+        with tempfile.TemporaryDirectory(prefix="gali-dali-") as folder:  # DALI reads the indexes as it builds
+            index_paths = None
+            if isinstance(self.index, FileIndex):
+                # Every rank's rest of the epoch, rank after rank: DALI's contiguous shard ``rank`` is this rank's.
+                order = self._epoch_order()[:, self.start_batch * self.batch_size :].reshape(-1)
+                files = [os.fsdecode(p) for p in self.index.paths[order]]
+                sample_ids, shard_id, num_shards = order.tolist(), self.rank, self.world_size
+            else:
+                files, index_paths = _pass_index(self.index, items, Path(folder))
+                sample_ids, shard_id, num_shards = [], 0, 1
+            pipe = _build_dali_pipeline(
+                self.index,
+                files=files,
+                sample_ids=sample_ids,
+                shard_id=shard_id,
+                num_shards=num_shards,
+                index_paths=index_paths,
+                masks=self.masks,
+                resolution=self.resolution,
+                augment=self.augment,
+                decode_device="mixed" if cuda else "cpu",
+                layout="HWC" if self.channels_last else "CHW",
+                masks_device=self.masks_device,
+                batch_size=self.batch_size,
+                num_threads=self.num_threads,
+                device_id=device_id,
+                seed=int(np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1)[0] >> 1),
+                prefetch_queue_depth=self.prefetch,
+            )
+            outputs = ["x"] + (["masks"] if self.masks is not None else [])
+            return DALIGenericIterator(
+                [pipe], outputs, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=False
+            )
 
     def __iter__(self) -> Iterator[Batch]:
         self._iterator = None  # free the previous pass's pipeline before building the next
-        files = isinstance(self.index, FileIndex)
-        done = self.start_batch if files else 0  # batches of this epoch read so far (files: the list starts there)
+        items = self._pass_items()
+        if len(items) == 0:  # resumed at the end of the epoch
+            return
+        done = 0  # batches of this pass read so far
         try:
-            self._iterator = self._build()
+            self._iterator = self._build(items)
             for (out,) in self._iterator:
+                batch = items[done * self.batch_size : (done + 1) * self.batch_size]
                 done += 1
-                if done <= self.start_batch:  # webdataset: decoded, dropped
-                    continue
                 pixels = out["x"].permute(0, 3, 1, 2) if self.channels_last else out["x"]
                 x = pixels_to_x(pixels, self.device, channels_last=self.channels_last)
                 masks = out["masks"].to(self.device, non_blocking=True) if self.masks is not None else None
-                yield Batch(x=x, labels=self._labels(out["labels"]).to(self.device, non_blocking=True), masks=masks)
-                if done == self.batches_per_rank:
-                    break
+                labels = torch.from_numpy(self.index.labels[batch]).to(self.device, non_blocking=True)
+                yield Batch(x=x, labels=labels, masks=masks)
         except RuntimeError as e:
             self._iterator = None  # DALI invalidates a pipeline that failed
-            raise self._data_error(str(e), done) from e
+            raise self._data_error(str(e), items[done * self.batch_size :]) from e
 
-    def _labels(self, raw: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.index, FileIndex):  # the reader's labels are the images' indices in the split
-            return torch.from_numpy(self.index.labels)[raw.reshape(-1).cpu().to(torch.int64)]
-        return _digits_to_int(raw.reshape(raw.shape[0], -1).cpu())
-
-    def _data_error(self, message: str, done: int) -> DataError:
-        """A ``DataError`` naming the file DALI failed on where it can be found."""
-        culprit = None
-        if isinstance(self.index, FileIndex):
-            start = done * self.batch_size
-            stop = start + (self.prefetch + 2) * self.batch_size  # the batches DALI may have been decoding
-            in_flight = [self.index.name(i) for i in self._epoch_order()[self.rank, start:stop]]
-            culprit = next((p for p in in_flight if p in message), None) or next(
-                (p for p in in_flight if decode_problem(p) is not None), None
-            )
-        else:
-            culprit = next((p for p in self.index.shards if p in message), None)
+    def _data_error(self, message: str, ahead: np.ndarray) -> DataError:
+        """A ``DataError`` naming the image DALI failed on where it can be found among the items ``ahead``."""
+        in_flight = ahead[: (self.prefetch + 2) * self.batch_size]  # the batches DALI may have been decoding
+        names = [self.index.name(i) for i in in_flight]
+        culprit = next((name for name in names if name in message), None) or next(
+            (
+                name
+                for i, name in zip(in_flight, names, strict=True)
+                if decode_problem(self.index.image_file(i)) is not None
+            ),
+            None,
+        )
         what = f"cannot read image {culprit}" if culprit else f"cannot read an image under {self.root}"
         return DataError(
             f"{what} (DALI: {_dali_reason(message)}). Remove or replace the file; `gali data check {self.root}` "

@@ -7,7 +7,8 @@ order. Layouts of ``root``; both splits take the train split's classes:
   symlinks are followed, each real folder once: a loop or a second link to a folder warns and adds nothing;
 - ``filelist``: ``train.txt`` + ``test.txt`` or one ``.txt``; lines ``<path> <label>``, the label last, the path
   relative to the list (it may hold spaces); blank and '#' lines skipped;
-- ``webdataset``: plain tar shards (``train/`` + ``test/`` or not), by name; a sample: ``<key>.<ext>`` + ``<key>.cls``.
+- ``webdataset``: plain tar shards (``train/`` + ``test/`` or not), by name; a sample: ``<key>.<ext>`` + ``<key>.cls``;
+  each shard is verified as it is indexed (``scan_shard``). ``dali_index`` writes DALI's index of a shard's samples.
 Class names of the last two (DALI's rule too): ``classes.txt`` beside lists or shards, else the sorted train labels.
 Images by extension (jpg, jpeg, png, bmp, webp, any case); hidden names skipped; labels are integers >= 0.
 """
@@ -22,7 +23,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 import numpy as np
 
@@ -32,6 +33,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SPLITS = ("train", "test")
 CLASSES_FILE = "classes.txt"
 SOURCES_ON_DISK = ("folder", "filelist", "webdataset")
+DALI_INDEX_VERSION = "v1.2"  # the format of DALI's ``wds2idx`` tool, which ``fn.readers.webdataset`` reads
+
+Member = tuple[str, int, int]  # a tar member: (name, offset of its data, size)
 
 
 class SplitIndex(Protocol):
@@ -428,16 +432,26 @@ def _truncated(shard: Path, problem: str) -> DataError:
     )
 
 
-def _scan_shard(shard: Path) -> list[tuple[str, str, int, int, int]]:
-    """The samples of one shard in order: (key, image member name, data offset, size, label value).
+class ShardSample(NamedTuple):
+    """One sample of a shard: its key, its label value, and its image and label (``.cls``) members."""
+
+    key: str
+    label: int
+    image: Member
+    label_member: Member
+
+
+def scan_shard(shard: str | Path) -> list[ShardSample]:
+    """The samples of one shard in order (by their image members).
 
     The shard is verified, not trusted: every member's data must lie inside the file and the file must end with
     the tar end-of-archive zero blocks right after its last member. A tar that ends inside a member (its header or
     its data), at a member boundary, or that holds anything but zeros after its last member raises ``DataError``
     naming the shard and the byte offset, so that a shard cut short never becomes a smaller data set.
     """
-    images: dict[str, tuple[str, int, int]] = {}
-    labels: dict[str, int] = {}
+    shard = Path(shard)
+    images: dict[str, Member] = {}
+    labels: dict[str, tuple[int, Member]] = {}
     at = 0  # where the header being read starts, for messages
     try:
         with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
@@ -470,7 +484,7 @@ def _scan_shard(shard: Path) -> list[tuple[str, str, int, int, int]]:
                             f"shard {shard}: sample '{key}': {member.name} holds {raw[:20]!r}, "
                             "expected an integer label >= 0"
                         )
-                    labels[key] = int(text)
+                    labels[key] = (int(text), (member.name, member.offset_data, member.size))
                 elif "." + ext in IMAGE_EXTENSIONS:
                     if key in images:
                         raise DataError(
@@ -492,28 +506,46 @@ def _scan_shard(shard: Path) -> list[tuple[str, str, int, int, int]]:
             f"shard {shard}: sample '{orphans[0]}' has a .cls label but no image ({', '.join(IMAGE_EXTENSIONS)})"
         )
     samples = []
-    for key, (member, offset, size) in images.items():
+    for key, image in images.items():
         if key not in labels:
-            raise DataError(f"shard {shard}: sample '{key}' ({member}) has no {key}.cls label")
-        samples.append((key, member, offset, size, labels[key]))
+            raise DataError(f"shard {shard}: sample '{key}' ({image[0]}) has no {key}.cls label")
+        samples.append(ShardSample(key, labels[key][0], image, labels[key][1]))
     return samples
 
 
-def scan_shard(shard: str | Path) -> list[tuple[str, int]]:
-    """The (key, label value) of each sample of ``shard`` in order, after ``_scan_shard``'s verification."""
-    return [(key, label) for key, _, _, _, label in _scan_shard(Path(shard))]
+def dali_index(samples: list[list[Member]]) -> str:
+    """DALI's index of a shard (the format of its ``wds2idx`` tool) that lists ``samples`` in order, each given by
+    its members: a line 'v1.2 <samples>', then per sample '<ext> <data offset> <size> <name>' for each member.
+
+    DALI's ``fn.readers.webdataset`` reads the samples of an index in its order, and only those. A name is
+    DALI's label of the member in messages; whitespace in it (which would end the field) becomes '_'.
+    """
+    lines = [f"{DALI_INDEX_VERSION} {len(samples)}"]
+    for members in samples:
+        fields = []
+        for name, offset, size in members:
+            base = posixpath.basename(name)
+            fields.append(f"{base[base.find('.') + 1 :]} {offset} {size} {'_'.join(name.split())}")
+        lines.append(" ".join(fields))
+    return "\n".join(lines) + "\n"
+
+
+def dali_index_path(shard: str | Path) -> Path:
+    """Where DALI's index of ``shard`` lies: beside it, named as ``wds2idx`` names it (``shard-00000.idx``)."""
+    return Path(shard).with_suffix(".idx")
 
 
 def _scan_shards(folder: Path, shards: list[Path]) -> ShardIndex:
     """Index ``shards`` (the split in ``folder``); ``labels`` holds the raw .cls values."""
     shard_ids, offsets, sizes, members, labels = [], [], [], [], []
     for sid, shard in enumerate(shards):
-        for _, member, offset, size, label in _scan_shard(shard):
+        for sample in scan_shard(shard):
+            member, offset, size = sample.image
             shard_ids.append(sid)
             offsets.append(offset)
             sizes.append(size)
             members.append(os.fsencode(member))
-            labels.append(label)
+            labels.append(sample.label)
     if not members:
         raise DataError(f"the shards in {folder} hold no samples (<key>.<jpg|png|...> + <key>.cls)")
     return ShardIndex(

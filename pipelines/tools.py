@@ -31,8 +31,11 @@ from gali.engine.files import atomic_write, write_text_atomic
 
 from .sources import (
     CLASSES_FILE,
+    ShardSample,
     SplitIndex,
     all_image_files,
+    dali_index,
+    dali_index_path,
     detect_source,
     list_classes,
     open_split,
@@ -264,24 +267,36 @@ def _resumable(dst: Path, manifest: dict) -> bool:
 
 def _verified(
     path: Path, expected: list[tuple[str, int]], missing_ok: Callable[[int], bool]
-) -> tuple[bool, str | None]:
-    """(True, None) if the shard ``path`` reads back whole (``sources.scan_shard``) with the samples ``expected``
-    (key, label) in order, but for positions ``missing_ok`` accepts as left out (unreadable); else (False, why)."""
+) -> tuple[list[ShardSample] | None, str | None]:
+    """(its samples, None) if the shard ``path`` reads back whole (``sources.scan_shard``) with the samples
+    ``expected`` (key, label) in order, but for positions ``missing_ok`` accepts as left out (unreadable); else
+    (None, why)."""
     if not path.exists():
-        return False, None
+        return None, None
     try:
-        found = scan_shard(path)
+        samples = scan_shard(path)
     except DataError as e:
-        return False, str(e)
+        return None, str(e)
+    found = [(s.key, s.label) for s in samples]
     j = 0
     for pos, sample in enumerate(expected):
         if j < len(found) and found[j] == sample:
             j += 1
         elif not missing_ok(pos):
-            return False, f"shard {path} lacks sample '{sample[0]}' (label {sample[1]})"
+            return None, f"shard {path} lacks sample '{sample[0]}' (label {sample[1]})"
     if j != len(found):
-        return False, f"shard {path} holds sample '{found[j][0]}', which it should not"
-    return True, None
+        return None, f"shard {path} holds sample '{found[j][0]}', which it should not"
+    return samples, None
+
+
+def _write_dali_index(shard: Path, samples: list[ShardSample]) -> None:
+    """Write DALI's index of the verified ``shard`` (its ``samples``) beside it, unless it is there already."""
+    text = dali_index([sorted((s.image, s.label_member), key=lambda member: member[1]) for s in samples])
+    path = dali_index_path(shard)
+    with contextlib.suppress(OSError):
+        if path.read_text(encoding="utf-8") == text:
+            return
+    write_text_atomic(path, text)
 
 
 def _prepare_split(
@@ -305,7 +320,7 @@ def _prepare_split(
     parts = [part.tolist() for part in np.array_split(order, min(shards, n))]
     keys = [[(f"{i:0{width}d}", int(index.labels[i])) for i in items] for items in parts]
     done.shards = [folder / f"shard-{j:05d}.tar" for j in range(len(parts))]
-    for tmp in folder.glob("shard-*.tar.tmp"):  # left by a run that was killed while it wrote that shard
+    for tmp in folder.glob("shard-*.tmp"):  # left by a run that was killed while it wrote that shard or index
         tmp.unlink()
     unreadable: dict[int, str] = {}
 
@@ -320,9 +335,10 @@ def _prepare_split(
 
     todo = []
     for j, path in enumerate(done.shards):
-        ok, why = _verified(path, keys[j], left_out(parts[j]))
-        if ok:
+        found, why = _verified(path, keys[j], left_out(parts[j]))
+        if found is not None:
             done.reused += 1
+            _write_dali_index(path, found)
         else:
             todo.append(j)
             if why is not None:
@@ -342,9 +358,10 @@ def _prepare_split(
                     written.append((key, label))
                 bar.update(1)
             _write_shard(done.shards[j], samples, FORMATS[image_format])
-            ok, why = _verified(done.shards[j], written, lambda pos: False)
-            if not ok:
+            found, why = _verified(done.shards[j], written, lambda pos: False)
+            if found is None:
                 raise DataError(f"`gali data prepare` wrote {done.shards[j]}, but it does not read back: {why}")
+            _write_dali_index(done.shards[j], found)
     done.unreadable = [(index.name(i), unreadable[i]) for i in sorted(unreadable)]
     done.images = n - len(unreadable)
     counts = np.bincount(index.labels, minlength=len(index.class_names))
@@ -377,7 +394,8 @@ def prepare_shards(
     positions of the sorted synsets, and ``dst/classes.txt`` names the classes (line i: class i).
 
     An image that cannot be read is left out and named in its split's ``PreparedSplit.unreadable``. Each shard is
-    read back and verified once written (``sources.scan_shard``). Every file is written through
+    read back and verified once written (``sources.scan_shard``), and DALI's index of it written beside it
+    (``shard-00000.idx``: ``sources.dali_index``, what DALI's ``wds2idx`` writes). Every file is written through
     ``gali.engine.files.atomic_write``; the output depends on the inputs and the settings only, not on
     ``workers`` or on interruptions. ``dst`` must not exist, be empty, or hold an unfinished (or finished)
     preparation of the same source and settings (``dst/prepare.json``): that one is resumed, every shard already

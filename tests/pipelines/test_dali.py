@@ -128,7 +128,7 @@ def test_order_is_a_function_of_seed_and_epoch_and_two_ranks_partition_an_epoch(
 
 @pytest.mark.parametrize("kind", SOURCES)
 def test_a_pass_started_mid_epoch_is_the_tail_of_the_full_pass(kind, tmp_path, id_folder):
-    """What a resumed run reads: image files from the reader's list, shards decoded and dropped; every rank."""
+    """What a resumed run reads: the reader's list from the resumed batch on (shards: through the pass's index)."""
     root, _ = make_source(kind, tmp_path, id_folder, n=26)
     cfg = DataConfig(source=kind, root=str(root), resolution=8, backend="dali", workers=1)
     for rank in range(2):

@@ -63,7 +63,8 @@ def test_prepare_round_trips_through_the_webdataset_source(
     assert main([*args, "--format", image_format, "--workers", "2"]) == 0
     out = capsys.readouterr().out
     assert "train: 12 images in 3 shards" in out and "test: 4 images in 3 shards" in out
-    assert sorted(p.name for p in (dst / "train").iterdir()) == [f"shard-0000{j}.tar" for j in range(3)]
+    shards = [f"shard-0000{j}.{ext}" for j in range(3) for ext in ("idx", "tar")]  # each with DALI's index
+    assert sorted(p.name for p in (dst / "train").iterdir()) == shards
     assert (dst / "classes.txt").read_text() == "cat\ndog\n"
     assert not list(dst.rglob(".*"))  # no temporary files left
     for split, n in (("train", 12), ("test", 4)):
