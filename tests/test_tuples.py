@@ -47,11 +47,18 @@ EXPECTED = {
     ],
     "ali-masked": [("x", "E(mask1(x))"), ("G(z)", "z")],
     "alice-masked": [("x", "E(mask1(x))"), ("G(z)", "z")],
+    # The cycle families (docs/method.md §2.6): GALI-4's classes plus a cycle term.
+    **{
+        name: [("x", "E(x)"), ("x", "E(G(E(x)))"), ("G(z)", "z"), ("G(E(G(z)))", "z")]
+        for name in ("gali4-alice", "gali4-alice-mu", "gali4-cycle")
+    },
 }
 RECONSTRUCTION = {
     "alice": ("x", "G(E(x))"),
     "alice-pt": ("M(x)", "M(G(E(x)))"),
     "alice-masked": ("x", "G(E(mask1(x)))"),
+    "gali4-alice": ("x", "G(E(x))"),
+    "gali4-alice-mu": ("x", "G(mu(x))"),
 }
 # Network calls per step, docs/method.md §3.6 (ALICE adds G(E(x)) for its pixel loss).
 CALLS = {
@@ -66,6 +73,9 @@ CALLS = {
     "gali4-masked": (3, 3, 0),
     "ali-masked": (1, 1, 0),
     "alice-masked": (1, 2, 0),
+    "gali4-alice": (3, 3, 0),
+    "gali4-alice-mu": (3, 4, 0),  # mu(x) shares E(x)'s forward
+    "gali4-cycle": (3, 3, 0),
 }
 
 

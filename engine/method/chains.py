@@ -1,6 +1,7 @@
 """The chain evaluator: a tuple spec's chain variables for one batch, each distinct expression once.
 
-``E(...)`` is the stochastic encoder's sample μ + σ·ε with its own ε per call; ``G(...)`` the
+``E(...)`` is the stochastic encoder's sample μ + σ·ε with its own ε per call, ``mu(...)`` its mean μ (one encoder
+forward per distinct input, shared by ``E(img)`` and ``mu(img)``); ``G(...)`` the
 generator; ``M(...)`` the frozen feature model (which resizes its input itself); ``mask<n>(img)`` and
 ``mix<n>(img, fill)`` the fused :func:`gali.kernels.mask_composite.mask_composite` with one box draw
 per sample for each n, shared by every use of that n within the step; or, where the batch brings its
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from gali.engine.method.config import MethodConfig
-from gali.engine.method.tuple_spec import Expr, TupleSpec
+from gali.engine.method.tuple_spec import ENCODER_OPS, Expr, TupleSpec
 from gali.engine.ranges import annotate
 from gali.kernels.mask_composite import mask_composite, sample_box_params
 
@@ -44,6 +45,7 @@ class ChainEvaluator:
         self.encoding: tuple[Tensor, Tensor] | None = None
         self.mask_kind = "box"  # of the masks of the last evaluate: 'box' (drawn here) or 'dense' (the batch's)
         self.labels: Tensor | None = None  # the labels of the last evaluate, for G
+        self._encoded: dict[Expr, tuple[Tensor, Tensor]] = {}  # E's (μ, log σ) by input expression, per evaluate
 
     def evaluate(
         self, spec: TupleSpec, x: Tensor, z: Tensor, masks: Tensor | None = None, labels: Tensor | None = None
@@ -52,6 +54,7 @@ class ChainEvaluator:
         ``labels`` (B,) go to every G call (a class-conditional G's; an unconditional one ignores them)."""
         self.encoding = None
         self.labels = labels
+        self._encoded = {}
         if masks is None:
             side = x.shape[-1]
             self.mask_kind = "box"
@@ -77,6 +80,7 @@ class ChainEvaluator:
         values: dict[Expr, Tensor] = {}
         for node in spec.variables():
             values[node] = self.apply(node, [values[a] for a in node.args], x, z, drawn)
+        self._encoded = {}  # the step's graph is not kept alive past it
         return values
 
     def apply(self, node: Expr, args: list[Tensor], x: Tensor, z: Tensor, masks: dict[int, Tensor]) -> Tensor:
@@ -86,11 +90,9 @@ class ChainEvaluator:
             return x
         if op == "z":
             return z
-        if op == "E":
-            mu, log_sigma = self.nets.E(args[0])
-            if self.encoding is None and all(leaf.op != "z" for leaf in node.args[0].walk()):
-                self.encoding = (mu, log_sigma)
-            return mu + log_sigma.exp() * torch.randn_like(mu)
+        if op in ENCODER_OPS:
+            mu, log_sigma = self._encode(node.args[0], args[0])
+            return mu if op == "mu" else mu + log_sigma.exp() * torch.randn_like(mu)
         if op == "G":
             return self.nets.G(args[0], self.labels)
         if op == "M":
@@ -107,3 +109,11 @@ class ChainEvaluator:
             return mask_composite(
                 args[0], params, y=y, kind=self.mask_kind, fill=self.method.mask_fill, impl=self.kernel_impl
             ).mix
+
+    def _encode(self, expr: Expr, image: Tensor) -> tuple[Tensor, Tensor]:
+        """E's (μ, log σ) of ``image`` (the value of ``expr``): one forward per distinct input within an evaluate."""
+        if expr not in self._encoded:
+            self._encoded[expr] = self.nets.E(image)
+            if self.encoding is None and all(leaf.op != "z" for leaf in expr.walk()):
+                self.encoding = self._encoded[expr]
+        return self._encoded[expr]

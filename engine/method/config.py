@@ -26,6 +26,8 @@ class MethodConfig:
                    rejects (§1.4): 'minimax' (L_GE = −L_D) or 'misclassification' (maximise
                    Σ_k log(1 − D_k(t_k))); see gali.engine.method.losses.
     alice_lambda:  weight of the pixel MSE for specs that name a reconstruction (ALICE).
+    cycle_lambda:  weight of the pair head's K-way losses for specs that name cycle_classes, on both
+                   D's and G/E's loss (the adversarial cycle family, docs/method.md §2.6).
     instance_noise: initial std of the Gaussian noise added to every image slot fed to D.
     noise_schedule: 'linear' (the authors' code: std * (N - epoch) / N, constant within an epoch,
                    epochs counted 1..N) or 'constant'.
@@ -53,6 +55,7 @@ class MethodConfig:
     loss_weights: str = "paper"
     objective: str = "product"
     alice_lambda: float = 1.0
+    cycle_lambda: float = 1.0
     instance_noise: float = 0.1
     noise_schedule: str = "linear"
     mask_fill: float = -2.0
@@ -73,6 +76,7 @@ class MethodConfig:
         check_choice("method.loss_weights", self.loss_weights, LOSS_WEIGHTS)
         check_choice("method.objective", self.objective, OBJECTIVES)
         check_positive("method.alice_lambda", self.alice_lambda, allow_zero=True)
+        check_positive("method.cycle_lambda", self.cycle_lambda, allow_zero=True)
         check_positive("method.instance_noise", self.instance_noise, allow_zero=True)
         check_choice("method.noise_schedule", self.noise_schedule, NOISE_SCHEDULES)
         check_positive("method.mask_min_size", self.mask_min_size)

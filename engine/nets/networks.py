@@ -37,7 +37,8 @@ def build_networks(
     device: torch.device,
     extra_dim: int | None = None,
 ) -> Networks:
-    """G, E, D for ``spec`` (and M when the spec uses M(...)), on ``device``.
+    """G, E, D for ``spec`` (and M when the spec uses M(...)), on ``device``; D has a pair head where the spec
+    names cycle classes.
 
     ``extra_dim`` (the width of M's features) is measured from M when M is loaded; pass it when
     rebuilding from a checkpoint without M.
@@ -58,5 +59,11 @@ def build_networks(
             resize=method.feature_resize,
             name=f"the feature model {method.feature_model}",
         )
-    G, E, D = build_models(model, slot_kinds=spec.slot_kinds, num_classes=spec.num_classes, extra_dim=extra_dim)
+    G, E, D = build_models(
+        model,
+        slot_kinds=spec.slot_kinds,
+        num_classes=spec.num_classes,
+        extra_dim=extra_dim,
+        pair_classes=spec.num_cycle_classes,
+    )
     return Networks(G=G.to(device), E=E.to(device), D=D.to(device), M=feature_model, extra_dim=extra_dim)

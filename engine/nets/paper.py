@@ -22,6 +22,7 @@ from gali.engine.method.tuple_spec import EXTRA, IMAGE, LATENT
 from gali.engine.nets.arch import ARCH_RESOLUTION, arch_spec, scaled
 from gali.engine.nets.config import PAPER_ARCHS, ModelConfig
 from gali.engine.nets.layers import branch_outputs, init_weights, make_conv
+from gali.engine.nets.pair_head import PairHead
 
 __all__ = ["Discriminator", "Encoder", "Generator", "build_models"]
 
@@ -270,9 +271,20 @@ def build_models(
     slot_kinds: Sequence[str],
     num_classes: int,
     extra_dim: int | None = None,
+    pair_classes: int = 0,
 ) -> tuple[nn.Module, nn.Module, nn.Module]:
     """G, E and D for ``cfg``, D laid out for the tuple spec's slots: the paper's networks, or for the
-    biggan archs those of :mod:`gali.engine.nets.biggan`."""
+    biggan archs those of :mod:`gali.engine.nets.biggan`. ``pair_classes`` = K_c > 0 (a spec's cycle classes) gives
+    D a pair head, ``D.pair_head`` (:class:`gali.engine.nets.pair_head.PairHead`)."""
+    G, E, D = _build_models(cfg, slot_kinds=slot_kinds, num_classes=num_classes, extra_dim=extra_dim)
+    if pair_classes:
+        D.pair_head = PairHead(cfg.resolution, pair_classes, cfg.width)
+    return G, E, D
+
+
+def _build_models(
+    cfg: ModelConfig, *, slot_kinds: Sequence[str], num_classes: int, extra_dim: int | None
+) -> tuple[nn.Module, nn.Module, nn.Module]:
     if cfg.arch not in PAPER_ARCHS:
         from gali.engine.nets import biggan
 

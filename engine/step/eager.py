@@ -38,7 +38,7 @@ from gali.engine.step.config import ComputeConfig, OptimConfig
 from gali.engine.step.optim import build_optimizers, trainable_parameters
 from gali.engine.step.precision import fp32_spectral_norm, resolve_precision
 from gali.engine.step.reduce import average_gradients
-from gali.kernels.kway_head import kway_head, kway_head_grouped
+from gali.kernels.kway_head import kway_head, kway_head_grouped, kway_losses
 
 PHASES = ("both", "d", "ge")
 
@@ -50,9 +50,11 @@ class GaliStep:
     ``p_true`` (K,) (D's mean probability for each class's own class), ``e_sigma`` / ``e_mu_spread``
     (E's mean σ and μ spread on the real batch: :func:`gali.engine.nets.inference.encoding_stats`), ``grad_norm_d`` /
     ``grad_norm_ge`` and ``skipped_d`` / ``skipped_ge`` (unscaled norms, and 1.0 where a non-finite
-    loss or gradient skipped that side's update; for the side(s) the phase updates), and for ALICE
-    specs ``recon``. With ``world_size`` > 1 each side's gradients are averaged over the ranks. With ``accumulate``
-    = N, ``x`` (and ``masks``, ``labels``) is split into N equal micro-batches and the statistics are their means.
+    loss or gradient skipped that side's update; for the side(s) the phase updates), for ALICE
+    specs ``recon``, and for specs with cycle classes the pair head's ``cycle_d``, ``cycle_ge`` (unweighted; both
+    losses include ``method.cycle_lambda`` times them) and ``p_true_cycle`` (K_c,). With ``world_size`` > 1 each
+    side's gradients are averaged over the ranks. With ``accumulate`` = N, ``x`` (and ``masks``, ``labels``) is split
+    into N equal micro-batches and the statistics are their means.
 
     Adam is the fused implementation; ``capturable`` (optimizer step counters on the device) is
     set with ``compute.cuda_graph``, on CPU as well, so the CPU twin runs the graph's optimizer.
@@ -100,6 +102,14 @@ class GaliStep:
         self.scaler_ge = torch.amp.GradScaler(self.device.type) if scaled else None
         w_true, w_pair = loss_weights(spec.num_classes, method.loss_weights, method.objective)
         self.w_true, self.w_pair = w_true.to(self.device), w_pair.to(self.device)
+        if spec.cycle_classes:
+            if not hasattr(nets.D, "pair_head"):
+                raise ValueError(
+                    f"tuple spec '{spec.name}' names cycle_classes but D has no pair head; build the networks with "
+                    "build_networks (or build_models(..., pair_classes=spec.num_cycle_classes))"
+                )
+            w_true, w_pair = loss_weights(spec.num_cycle_classes, method.loss_weights, method.objective)
+            self.w_true_cycle, self.w_pair_cycle = w_true.to(self.device), w_pair.to(self.device)
 
     def discriminate(
         self,
@@ -110,7 +120,7 @@ class GaliStep:
         *,
         chains_grad: bool = True,
     ) -> dict[str, Tensor]:
-        """Forward only: chains, tuples, one D call, both losses (graph kept for the updates).
+        """Forward only: chains, tuples, one D call (and one pair-head call), both losses (graph kept for the updates).
 
         ``masks``: the batch's masks (``method.mask_source = "pipeline"``), None to draw boxes in the step;
         ``labels``: the batch's labels for class-conditional networks (``model.label_classes``): every
@@ -125,12 +135,18 @@ class GaliStep:
             slots = []  # each slot as K row blocks, one per class: D groups them by whether they need a gradient
             for position, kind in enumerate(self.spec.slot_kinds):
                 blocks = [values[cls[position]] for cls in self.spec.classes]
-                if kind == IMAGE:  # at D's resolution, with instance noise on every image D sees, fresh per row
-                    blocks = [resize_to(block, self.nets.D.resolution) for block in blocks]
-                    blocks = [block + noise_std * _randn_in_layout(block) for block in blocks]
+                if kind == IMAGE:
+                    blocks = [self._seen_by_d(block, noise_std) for block in blocks]
                 slots.append(blocks)
             with annotate("gali/D"):
                 features = self.nets.D.features(slots, labels)
+            if self.spec.cycle_classes:  # K_c row blocks, each class's images concatenated on channels
+                pairs = [
+                    torch.cat([self._seen_by_d(values[expr], noise_std) for expr in cls], dim=1)
+                    for cls in self.spec.cycle_classes
+                ]
+                with annotate("gali/pair_head"):
+                    pair_logits = self.nets.D.pair_head(torch.cat(pairs))
             # The head's weight is the cached fp32 spectral-normalised one, cast to h's dtype; with unary heads
             # (BigBiGAN's D) it is three K-way heads over [h_x, h_z, h_joint], their losses summed.
             weight, bias, groups = self.nets.D.head_weight()
@@ -167,8 +183,27 @@ class GaliStep:
             target, output = self.spec.reconstruction
             recon = reconstruction_loss(values[target], values[output])
             out["recon"] = recon
-            out["loss_ge"] = loss_ge + self.method.alice_lambda * recon
+            out["loss_ge"] = out["loss_ge"] + self.method.alice_lambda * recon
+        if self.spec.cycle_classes:
+            out |= self._cycle_losses(pair_logits, batch)
+            out["loss_d"] = out["loss_d"] + self.method.cycle_lambda * out["cycle_d"]
+            out["loss_ge"] = out["loss_ge"] + self.method.cycle_lambda * out["cycle_ge"]
         return out
+
+    def _seen_by_d(self, image: Tensor, noise_std: Tensor) -> Tensor:
+        """An image as D sees it: at D's resolution, with instance noise, fresh per row."""
+        image = resize_to(image, self.nets.D.resolution)
+        return image + noise_std * _randn_in_layout(image)
+
+    def _cycle_losses(self, logits: Tensor, batch: int) -> dict[str, Tensor]:
+        """The pair head's K-way losses, by ``method.objective`` as the main head's (docs/method.md §2.6), and its
+        mean true-class probabilities: ``cycle_d``, ``cycle_ge``, ``p_true_cycle`` (K_c,)."""
+        k = self.spec.num_cycle_classes
+        labels = torch.arange(k, device=logits.device).repeat_interleave(batch)
+        loss_d, loss_ge = kway_losses(logits, labels, self.w_true_cycle, self.w_pair_cycle, 1.0 / batch)
+        if self.method.objective == "misclassification":
+            loss_ge = misclassification_loss(logits, labels, k, 1.0 / batch)
+        return {"cycle_d": loss_d, "cycle_ge": loss_ge, "p_true_cycle": true_class_probability(logits, labels, k)}
 
     def step(
         self,

@@ -7,7 +7,8 @@ host); fp32, no CUDA graph, unfused Adam; the networks given it set to their ref
 (``set_layer_impl(..., 'ref')``: every layer an ``nn.Conv2d``/``nn.ConvTranspose2d`` call); two full backward passes,
 ``loss_d.backward(retain_graph=True)`` then ``loss_ge.backward()``, keeping D's gradient from the first and G/E's from
 the second. A measuring stick, not a training path: ``bench/test_step.py`` times it beside the fast step,
-``tests/test_paper_step.py`` checks both compute the same update.
+``tests/test_paper_step.py`` checks both compute the same update. Specs with cycle classes (D's pair head) are
+refused: the authors' code has none.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from gali.engine.errors import ConfigError
 from gali.engine.method.chains import ChainEvaluator
 from gali.engine.method.config import MethodConfig
 from gali.engine.method.losses import loss_weights
@@ -47,6 +49,13 @@ class PaperStep:
     def __init__(
         self, nets: Networks, spec: TupleSpec, method: MethodConfig, optim: OptimConfig, latent_dim: int
     ) -> None:
+        if spec.cycle_classes:
+            raise ConfigError(
+                "method.tuples",
+                f"tuple spec '{spec.name}' names cycle_classes (D's pair head, docs/method.md §2.6), which the "
+                "paper-structured step does not run (the authors' code has no pair head); train it with the eager "
+                "or graphed step (gali.engine.step.build.build_step), or measure a spec without cycle_classes",
+            )
         self.nets = nets
         for net in (nets.G, nets.E, nets.D):
             set_layer_impl(net, "ref")
