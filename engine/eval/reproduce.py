@@ -309,6 +309,12 @@ def reproduce(options: ReproduceOptions | None = None, *, log: Callable[[str], N
     out.mkdir(parents=True, exist_ok=True)
     markdown_path = out / "reproduce.md"
     write_text_atomic(markdown_path, table + "\n")
+    json_path = _write_json(out, options, budgets, rows)
+    return ReproduceReport(rows=rows, table=table, markdown_path=markdown_path, json_path=json_path)
+
+
+def _write_json(out: Path, options: ReproduceOptions, budgets: list[float], rows: Sequence[MethodRow]) -> Path:
+    """``out/reproduce.json``: the options, every row's runs with their full evaluation results, the paper's."""
     json_path = out / "reproduce.json"
     write_text_atomic(
         json_path,
@@ -335,7 +341,7 @@ def reproduce(options: ReproduceOptions | None = None, *, log: Callable[[str], N
         )
         + "\n",
     )
-    return ReproduceReport(rows=rows, table=table, markdown_path=markdown_path, json_path=json_path)
+    return json_path
 
 
 def _train_and_evaluate(
