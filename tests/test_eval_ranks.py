@@ -31,9 +31,9 @@ import torch
 from PIL import Image
 
 from gali.engine.cli import main
-from gali.engine.eval.ranks import rank_block, read_block
 from gali.engine.loop.config import load_config
 from gali.engine.loop.distributed import World
+from gali.engine.loop.ranks import rank_block, read_block
 from gali.pipelines import SplitBatches
 from tests.test_launch import TINY
 from tests.test_snapshot_metrics import InceptionLike

@@ -134,11 +134,8 @@ def test_gali_mix_run_writes_inpainting_grids(tmp_path, monkeypatch, digits_cach
     held_out = {f"{k}_test": v for k, v in result.held_out.items()}
     assert records[-2] == {"event": "snapshot", "kimg": 0.016, "images_test": 359, **held_out}  # every test image
     assert records[-1]["event"] == "end" and records[-1]["reason"] == "done"
-    assert (
-        set(result.held_out)
-        == {"recon_mse", "e_sigma", "e_mu_spread", "identity", "identity_nearest", "identity_ceiling"}
-        and result.held_out["recon_mse"] == result.recon_mse
-    )
+    figures = {"recon_mse", "recon_sharpness", "e_sigma", "e_mu_spread", "identity", "identity_nearest"}
+    assert set(result.held_out) == {*figures, "identity_ceiling"} and result.held_out["recon_mse"] == result.recon_mse
     assert not list(run.glob("events.out.tfevents.*"))  # run.tensorboard=off
     assert sum(line.startswith("kimg ") and "img/s" in line and "eta" in line for line in lines) == 2
 

@@ -1,6 +1,6 @@
 """The Inception features that FID and KID share: the evaluation split's (the reference, cached) and G's samples'.
 
-Both passes are shared among the ranks in blocks of whole batches (:mod:`gali.engine.eval.ranks`); rank 0 gathers
+Both passes are shared among the ranks in blocks of whole batches (:mod:`gali.engine.loop.ranks`); rank 0 gathers
 the feature rows in batch order, so FID and KID see the rows one process computes. The samples are those of
 ``sample_features`` of ``latent_batches`` (the training snapshots' too), seeded by ``--seed``: each rank draws the
 stream up to its block's end and renders its block's batches only.
@@ -17,8 +17,8 @@ from torch import Tensor
 from gali.engine.errors import GaliError
 from gali.engine.eval.context import EvalContext, SplitItem
 from gali.engine.eval.metric import Metric, Part, in_batch_order
-from gali.engine.eval.ranks import progress, rank_block
 from gali.engine.eval.reference_cache import ReferenceCache, dataset_identity
+from gali.engine.loop.ranks import progress, rank_block
 from gali.engine.metrics import fid_implementation, to_uint8_range
 from gali.engine.metrics.fid import latent_batches, sample_features
 

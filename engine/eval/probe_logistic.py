@@ -2,7 +2,7 @@
 
 The features are E's μ, with the pooled trunk features where E has them (BigBiGAN's ``avepool_feat``: the ResNet
 encoders of :mod:`gali.engine.nets.biggan`). The training split's are extracted once over the ranks, each rank its
-block of whole batches (:mod:`gali.engine.eval.ranks`), and cached as .npy shards that rank 0 memory-maps: a folder
+block of whole batches (:mod:`gali.engine.loop.ranks`), and cached as .npy shards that rank 0 memory-maps: a folder
 ``probe-logistic-<digest>`` beside the FID reference cache, its digest that of a key naming the data set, the
 image count, seed and batch size, and the SHA-256 of E's weights as evaluated (moving averages or live, BatchNorm
 statistics recomputed or not). Each rank writes its own shards, so the folder must be one that every rank sees.
@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from gali.engine.errors import GaliError
 from gali.engine.eval.context import EvalContext, SplitItem
 from gali.engine.eval.metric import Metric, in_batch_order, refuse_train_split
-from gali.engine.eval.ranks import progress, rank_block, read_block
 from gali.engine.eval.reference_cache import dataset_identity, default_cache_dir
 from gali.engine.files import atomic_write, write_text_atomic
+from gali.engine.loop.ranks import progress, rank_block, read_block
 from gali.engine.metrics.logistic import LOGISTIC_L2_GRID, logistic_probe, logistic_validation_size
 from gali.engine.nets.biggan import ResNetEncoder
 

@@ -12,7 +12,7 @@ The evaluation split is read whole, last partial batch included, in a seeded ord
 only. FID/KID reference features are cached in a file keyed by the data set, split, resolution, image count, seed
 and the network file's SHA-256 (:mod:`gali.engine.eval.reference_cache`).
 Under ``torchrun -m gali eval`` every rank measures a block of whole batches of the split and of the samples
-(:mod:`gali.engine.eval.ranks`); rank 0 gathers the per-batch figures and feature rows in batch order, combines
+(:mod:`gali.engine.loop.ranks`); rank 0 gathers the per-batch figures and feature rows in batch order, combines
 them as one process would, and alone writes the JSON (see :func:`evaluate`).
 The config is the checkpoint's whole config with the ``data.key=value`` overrides on top (a moved ``data.root``),
 as ``gali train --resume`` applies its overrides. The JSON goes next to the checkpoint (``checkpoint-N.eval.json``)
@@ -36,11 +36,11 @@ from gali.engine.errors import GaliError
 from gali.engine.eval.context import EvalContext, SplitItem, evaluation_config
 from gali.engine.eval.metric import Metric, Part
 from gali.engine.eval.options import EvalOptions
-from gali.engine.eval.ranks import progress, rank_block, read_block
 from gali.engine.eval.reference_cache import default_cache_dir
 from gali.engine.eval.registry import REGISTRY
 from gali.engine.files import write_text_atomic
 from gali.engine.loop.distributed import init_world
+from gali.engine.loop.ranks import progress, rank_block, read_block
 from gali.pipelines import SplitBatches
 
 __all__ = [

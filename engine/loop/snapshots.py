@@ -26,12 +26,12 @@ from typing import Any
 import torch
 
 from gali.engine.errors import ConfigError, DataError
-from gali.engine.eval.ranks import rank_block, read_block
 from gali.engine.loop.checkpoint import BackgroundWriter, Checkpoint, checkpoint_name, prune_checkpoints
 from gali.engine.loop.config import Config
 from gali.engine.loop.distributed import World, average_buffers
 from gali.engine.loop.ema import WeightAverage
 from gali.engine.loop.grids import inpainting_grid, reconstruction_grid, tile
+from gali.engine.loop.ranks import rank_block, read_block
 from gali.engine.loop.run_log import RunLog, SilentRunLog, format_kimg
 from gali.engine.loop.ticks import Cadence
 from gali.engine.method.tuple_spec import TupleSpec
@@ -85,7 +85,7 @@ def identity_classifier(cfg: Config, device: torch.device, batch_size: int) -> I
 class Snapshots:
     """Every ``run.snapshot_kimg`` (and at the end): grids, held-out metrics, then the checkpoint.
 
-    Each rank measures its block of whole evaluation batches (:mod:`gali.engine.eval.ranks`, as ``gali eval``
+    Each rank measures its block of whole evaluation batches (:mod:`gali.engine.loop.ranks`, as ``gali eval``
     shares its passes) and rank 0 combines them into one process's figures; rank 0 alone draws and writes.
     """
 

@@ -1,4 +1,4 @@
-"""How ``torchrun -m gali eval`` shares a pass among the ranks: contiguous blocks of whole evaluation batches.
+"""How ``torchrun -m gali eval`` and the training snapshots share a pass among the ranks: blocks of whole batches.
 
 A pass over ``n`` images (the evaluation split, or ``--fid-samples`` generated ones) in batches of ``batch_size``
 is cut into K = ceil(n / batch_size) batches, the same batches for any number of ranks (the last one partial);
