@@ -66,7 +66,6 @@ def two_rank_run(tmp_path_factory):
     mp.undo()
 
 
-@pytest.mark.xdist_group("two_rank_run")  # one worker: the module fixture is built once
 @pytest.mark.slow
 def test_two_ranks_train_one_model_with_one_reduction_per_side_per_step(two_rank_run):
     out, done = two_rank_run
@@ -94,7 +93,6 @@ def test_two_ranks_train_one_model_with_one_reduction_per_side_per_step(two_rank
     assert records[1]["checkpoints_at_return"][-1] == "checkpoint-0000000512.pt"
 
 
-@pytest.mark.xdist_group("two_rank_run")  # one worker: the module fixture is built once
 @pytest.mark.slow
 def test_two_ranks_share_a_snapshot_and_measure_what_one_process_does(two_rank_run):
     """Issue 23 item 5: each rank measures its block of the snapshot's held-out images and samples; rank 0's
@@ -116,7 +114,6 @@ def test_two_ranks_share_a_snapshot_and_measure_what_one_process_does(two_rank_r
     assert snapshot["metric_images"] == {"generated": 250, "real": 250, "split": "test"}
 
 
-@pytest.mark.xdist_group("two_rank_run")  # one worker: the module fixture is built once
 @pytest.mark.slow
 def test_checkpoints_resume_at_another_world_size(two_rank_run, tmp_path):
     out, _ = two_rank_run

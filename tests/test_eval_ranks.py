@@ -39,7 +39,6 @@ from tests.test_launch import TINY
 from tests.test_snapshot_metrics import InceptionLike
 
 EPS64 = 2.0**-52
-pytestmark = pytest.mark.xdist_group("eval_ranks")  # one worker: the module's evaluations are run once
 
 
 def _arguments(checkpoint: Path, root: Path) -> list[str]:

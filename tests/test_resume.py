@@ -16,10 +16,7 @@ from gali.engine.loop.checkpoint import checkpoint_name, load_checkpoint, save_c
 from gali.engine.loop.config import load_config
 from gali.engine.loop.train import ResumePoint, _check_resume_point, resume, train
 
-pytestmark = [
-    pytest.mark.numerics,  # parity of twins: run again under a second CPU kernel path
-    pytest.mark.xdist_group("resume"),  # one worker: the module's reference runs are built once
-]
+pytestmark = pytest.mark.numerics  # parity of twins: run again under a second CPU kernel path
 
 # The digits hold 1,437 training images: 44 batches of 32 per epoch. Snapshots every 640 images
 # (20 batches) put checkpoints mid-epoch (batch 20 of epoch 1) and after the epoch boundary

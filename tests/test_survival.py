@@ -141,7 +141,6 @@ def uninterrupted(tmp_path_factory) -> dict[int, dict]:
     return states
 
 
-@pytest.mark.xdist_group("survival_uninterrupted")  # one worker: the module fixture is built once
 @pytest.mark.slow
 @pytest.mark.parametrize("launch", list(LAUNCHES))
 def test_sigterm_to_the_process_group_checkpoints_exits_75_and_resumes_to_the_uninterrupted_run(
@@ -494,7 +493,6 @@ def test_a_second_writer_of_a_run_folder_is_refused_naming_the_first(tmp_path, c
     assert kimgs == sorted(kimgs) and len(kimgs) == len(set(kimgs))  # one writer: no record twice
 
 
-@pytest.mark.xdist_group("survival_uninterrupted")  # one worker: the module fixture is built once
 @pytest.mark.slow
 def test_ranks_started_by_srun_alone_stop_on_usr1_requeue_once_and_resume_bit_exactly(uninterrupted, tmp_path):
     """srun simulated: two processes with SLURM's variables and no torchrun, a fake scontrol on PATH."""
@@ -544,7 +542,6 @@ def test_ranks_started_by_srun_alone_stop_on_usr1_requeue_once_and_resume_bit_ex
     assert_same_state(final_state(run_dir), uninterrupted[2])
 
 
-@pytest.mark.xdist_group("survival_uninterrupted")  # one worker: the module fixture is built once
 @pytest.mark.slow
 def test_torchrun_restarts_a_killed_rank_in_the_same_folder_and_ends_as_the_uninterrupted_run(uninterrupted, tmp_path):
     """``torchrun --max-restarts 1 ... run.dir=...``: rank 1 SIGKILLed mid-run; the restarted group resumes from the

@@ -76,7 +76,6 @@ def test_a_short_run_lowers_reconstruction_error_below_a_fresh_model(tmp_path, m
     assert result.recon_mse < 0.9 * fresh_mse, (result.recon_mse, fresh_mse)
 
 
-@pytest.mark.xdist_group("demo_run")  # one worker: the module fixture is built once
 @pytest.mark.slow
 def test_demo_run_folder_holds_config_metrics_checkpoints_and_grids(demo_run):
     cfg, result, lines, _ = demo_run
@@ -150,7 +149,6 @@ def test_tensorboard_on_without_the_package_fails_before_training(tmp_path, monk
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.xdist_group("demo_run")  # one worker: the module fixture is built once
 @pytest.mark.slow
 def test_cli_samples_and_reconstructs_from_the_checkpoint(demo_run, tmp_path, monkeypatch):
     _, result, _, cache = demo_run
